@@ -1,0 +1,22 @@
+//! shmgrpc: gRPC over shared memory for tonic.
+//!
+//! Three layers, each usable on its own (see `ARCHITECTURE.md`):
+//!
+//! 1. [`segment`]: POSIX `shm_open`, sealed `memfd_create` and System V `shmget` segments behind one safe API.
+//! 2. [`pool`]: a size-class allocator of shared-memory buffers, and [`attach`], the receiving side's cache of
+//!    mapped peer segments.
+//! 3. gRPC integration for tonic (to come).
+//!
+//! [`inventory`] lists and garbage-collects this machine's shmgrpc segments (`shmgrpc ls` / `shmgrpc gc`), and
+//! [`fdpass`] moves descriptors between processes.
+
+pub mod attach;
+pub mod error;
+pub mod fdpass;
+pub mod inventory;
+pub mod pool;
+pub mod segment;
+pub use attach::AttachCache;
+pub use error::{Error, Result};
+pub use pool::{Lease, OnExhausted, Pool, PoolConfig, PoolStats};
+pub use segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};

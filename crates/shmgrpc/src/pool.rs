@@ -1,0 +1,684 @@
+//! The pool: a size-class allocator of shared-memory buffers.
+//!
+//! This is the seed's `SharedMemoryAllocator` made safe and fast. Each buffer is one [`Segment`]; buffers are grouped
+//! in size classes (64 KiB to 1 GiB by default, powers of two), each class a free list behind its own short lock.
+//! [`Pool::alloc`] takes the smallest class that fits (best fit), reuses a free buffer or creates one (growth on
+//! demand) as long as the total stays within the byte budget; over budget it first drops idle buffers of other
+//! classes, then waits (async) or fails, as configured. A request above the largest class gets a buffer of its own
+//! size (page-rounded), kept for reuse like the others. Buffers are prefaulted at creation, so a warm buffer writes
+//! at `memcpy` speed.
+//!
+//! A [`Lease`] is exclusive use of one buffer; dropping it (or [`Lease::release`]) returns the buffer. A lease can
+//! instead be lent to a peer ([`Lease::lend`]); the buffer then comes back only through [`Pool::reclaim`] with the
+//! exact id and generation, so a stale or repeated release can never free a buffer that was reused since.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::error::{Error, Result};
+use crate::segment::{Backend, Segment, SegmentHandle, SegmentOptions, page_size};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+const GIB: usize = 1024 * MIB;
+
+/// What [`Pool::alloc`] does when the budget is used up and nothing idle can be dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnExhausted {
+    /// Wait until a lease is released. The default.
+    #[default]
+    Wait,
+    /// Fail at once with [`Error::Exhausted`].
+    Fail,
+}
+
+/// Configuration of a [`Pool`].
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    classes: Vec<usize>,
+    budget: u64,
+    on_exhausted: OnExhausted,
+    segment: SegmentOptions,
+}
+
+impl Default for PoolConfig {
+    /// Classes 64 KiB, 128 KiB, ... 1 GiB; a 4 GiB budget; wait when exhausted; prefaulted memfd segments.
+    fn default() -> Self {
+        PoolConfig {
+            classes: (0..=14).map(|k| (64 * KIB) << k).collect(),
+            budget: 4 * GIB as u64,
+            on_exhausted: OnExhausted::Wait,
+            segment: SegmentOptions::new(Backend::Memfd).prefault(true),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Sets the size classes (bytes). They are rounded up to whole pages, sorted and deduplicated.
+    pub fn classes(mut self, sizes: impl IntoIterator<Item = usize>) -> Self {
+        self.classes = sizes.into_iter().collect();
+        self
+    }
+    /// Sets the most bytes the pool may hold in segments, idle or leased.
+    pub fn budget(mut self, bytes: u64) -> Self {
+        self.budget = bytes;
+        self
+    }
+    /// Sets what `alloc` does when the budget is used up.
+    pub fn on_exhausted(mut self, policy: OnExhausted) -> Self {
+        self.on_exhausted = policy;
+        self
+    }
+    /// Sets the backend of new segments.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.segment = self.segment.with_backend(backend);
+        self
+    }
+    /// Sets the full segment options (backend, prefaulting, huge pages, System V key).
+    pub fn segment_options(mut self, opts: SegmentOptions) -> Self {
+        self.segment = opts;
+        self
+    }
+    /// Prefault new buffers (default on).
+    pub fn prefault(mut self, yes: bool) -> Self {
+        self.segment = self.segment.prefault(yes);
+        self
+    }
+    /// Ask for transparent huge pages on new buffers (default off).
+    pub fn huge_pages(mut self, yes: bool) -> Self {
+        self.segment = self.segment.huge_pages(yes);
+        self
+    }
+    /// The configured budget in bytes.
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget
+    }
+}
+
+/// A buffer of the pool: one segment plus its identity.
+struct Buffer {
+    id: u32,
+    generation: u32,
+    segment: Segment,
+}
+
+/// One size class. `size == None` is the oversize class, whose buffers each have their own size.
+struct Class {
+    size: Option<usize>,
+    state: Mutex<ClassState>,
+}
+
+#[derive(Default)]
+struct ClassState {
+    free: Vec<Buffer>,
+    /// Buffers of this class that exist (free, leased or lent).
+    total: usize,
+    /// Their bytes.
+    bytes: u64,
+    /// Bytes of the buffers currently leased or lent.
+    in_use_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    allocs: AtomicU64,
+    grows: AtomicU64,
+    waits: AtomicU64,
+    exhausted: AtomicU64,
+    evictions: AtomicU64,
+}
+
+/// A buffer lent to a peer, waiting for its generation-checked release.
+struct Lent {
+    class: usize,
+    owner: u64,
+    buffer: Buffer,
+}
+
+struct Inner {
+    config: PoolConfig,
+    classes: Box<[Class]>,
+    /// Bytes of every segment that exists or is being created; never above the budget.
+    reserved: AtomicU64,
+    next_id: AtomicU32,
+    lent: Mutex<HashMap<u32, Lent>>,
+    released: Notify,
+    counters: Counters,
+}
+
+/// A pool of shared-memory buffers. Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short locks leaves consistent data (every update is a single step).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why one allocation attempt did not produce a lease.
+enum Miss {
+    Budget { needed: u64 },
+    Fatal(Error),
+}
+
+impl Pool {
+    /// Creates an empty pool (no segment exists until [`Pool::preallocate`] or [`Pool::alloc`]).
+    pub fn new(mut config: PoolConfig) -> Result<Pool> {
+        let page = page_size();
+        if config.classes.is_empty() {
+            return Err(Error::InvalidArgument("a pool needs at least one size class".into()));
+        }
+        if config.budget == 0 {
+            return Err(Error::InvalidArgument("a pool budget of 0 bytes allows nothing".into()));
+        }
+        for c in &mut config.classes {
+            if *c == 0 {
+                return Err(Error::InvalidArgument("size classes must be above 0 bytes".into()));
+            }
+            *c = c
+                .checked_next_multiple_of(page)
+                .ok_or_else(|| Error::InvalidArgument("size class too large".into()))?;
+        }
+        config.classes.sort_unstable();
+        config.classes.dedup();
+        let classes = config
+            .classes
+            .iter()
+            .map(|&s| Class { size: Some(s), state: Mutex::default() })
+            .chain(std::iter::once(Class { size: None, state: Mutex::default() }))
+            .collect();
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                config,
+                classes,
+                reserved: AtomicU64::new(0),
+                next_id: AtomicU32::new(1),
+                lent: Mutex::default(),
+                released: Notify::new(),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// The configuration in force (classes rounded to pages, sorted).
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.config
+    }
+
+    /// Index of the best-fit class for `size` and the capacity a new buffer of it gets.
+    fn class_for(&self, size: usize) -> Result<(usize, usize)> {
+        let classes = &self.inner.config.classes;
+        match classes.iter().position(|&c| c >= size) {
+            Some(i) => Ok((i, classes[i])),
+            None => {
+                let cap = size
+                    .max(1)
+                    .checked_next_multiple_of(page_size())
+                    .ok_or_else(|| Error::InvalidArgument(format!("allocation of {size} bytes is too large")))?;
+                Ok((classes.len(), cap))
+            }
+        }
+    }
+
+    /// Creates `count` idle buffers of the class that fits `size`, so the first calls find them ready.
+    pub fn preallocate(&self, size: usize, count: usize) -> Result<()> {
+        let (ci, cap) = self.class_for(size)?;
+        for _ in 0..count {
+            if !self.reserve(cap as u64) {
+                return Err(self.exhausted(cap as u64));
+            }
+            let buffer = self.create(cap)?;
+            let mut st = lock(&self.inner.classes[ci].state);
+            st.total += 1;
+            st.bytes += cap as u64;
+            st.free.push(buffer);
+        }
+        Ok(())
+    }
+
+    /// Allocates a buffer of at least `size` bytes; the lease's length is `size`.
+    ///
+    /// Over budget it drops idle buffers of other classes; if that is not enough it waits for a release or fails,
+    /// per [`PoolConfig::on_exhausted`]. A request larger than the whole budget fails at once.
+    pub async fn alloc(&self, size: usize) -> Result<Lease> {
+        self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let released = self.inner.released.notified();
+            let mut released = std::pin::pin!(released);
+            // Register before trying, so a release between the attempt and the await is not missed.
+            released.as_mut().enable();
+            match self.attempt(size) {
+                Ok(lease) => return Ok(lease),
+                Err(Miss::Fatal(e)) => return Err(e),
+                Err(Miss::Budget { needed }) => {
+                    if self.inner.config.on_exhausted == OnExhausted::Fail {
+                        return Err(self.exhausted(needed));
+                    }
+                    self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(size, "pool budget exhausted; waiting for a release");
+                    released.await;
+                }
+            }
+        }
+    }
+
+    /// Allocates without ever waiting: over budget (after dropping idle buffers) it fails with
+    /// [`Error::Exhausted`] whatever the policy.
+    pub fn try_alloc(&self, size: usize) -> Result<Lease> {
+        self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
+        match self.attempt(size) {
+            Ok(lease) => Ok(lease),
+            Err(Miss::Fatal(e)) => Err(e),
+            Err(Miss::Budget { needed }) => Err(self.exhausted(needed)),
+        }
+    }
+
+    fn exhausted(&self, needed: u64) -> Error {
+        self.inner.counters.exhausted.fetch_add(1, Ordering::Relaxed);
+        let in_use = self.inner.classes.iter().map(|c| lock(&c.state).in_use_bytes).sum();
+        Error::Exhausted { requested: needed, in_use, budget: self.inner.config.budget }
+    }
+
+    fn attempt(&self, size: usize) -> std::result::Result<Lease, Miss> {
+        let (ci, cap) = self.class_for(size).map_err(Miss::Fatal)?;
+        if cap as u64 > self.inner.config.budget {
+            return Err(Miss::Fatal(Error::InvalidArgument(format!(
+                "allocation of {size} bytes exceeds the pool budget of {} bytes",
+                self.inner.config.budget
+            ))));
+        }
+        let class = &self.inner.classes[ci];
+        // Reuse an idle buffer: the smallest that fits (only the oversize class has several sizes).
+        {
+            let mut st = lock(&class.state);
+            let pick = if class.size.is_some() {
+                st.free.len().checked_sub(1)
+            } else {
+                // Oversize: best fit among idle buffers no more than twice the request.
+                st.free
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.segment.len() >= size && b.segment.len() / 2 <= size)
+                    .min_by_key(|(_, b)| b.segment.len())
+                    .map(|(i, _)| i)
+            };
+            if let Some(i) = pick {
+                let mut buffer = st.free.swap_remove(i);
+                st.in_use_bytes += buffer.segment.len() as u64;
+                drop(st);
+                buffer.generation = buffer.generation.wrapping_add(1);
+                return Ok(self.lease(buffer, ci, size));
+            }
+        }
+        // Grow: reserve budget, dropping idle buffers if that makes room.
+        if !self.reserve(cap as u64) {
+            self.evict(cap as u64);
+            if !self.reserve(cap as u64) {
+                return Err(Miss::Budget { needed: cap as u64 });
+            }
+        }
+        let buffer = self.create(cap).map_err(Miss::Fatal)?;
+        {
+            let mut st = lock(&class.state);
+            st.total += 1;
+            st.bytes += cap as u64;
+            st.in_use_bytes += cap as u64;
+        }
+        self.inner.counters.grows.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(class = cap, "pool grew by one buffer");
+        Ok(self.lease(buffer, ci, size))
+    }
+
+    fn lease(&self, buffer: Buffer, class: usize, len: usize) -> Lease {
+        Lease { buffer: Some(buffer), class, len, pool: self.clone() }
+    }
+
+    /// Adds `bytes` to the reservation if the budget allows.
+    fn reserve(&self, bytes: u64) -> bool {
+        let budget = self.inner.config.budget;
+        self.inner
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_add(bytes).filter(|&t| t <= budget))
+            .is_ok()
+    }
+
+    /// Creates the segment of a new buffer; on failure gives its reservation back.
+    fn create(&self, cap: usize) -> Result<Buffer> {
+        match Segment::create(cap, &self.inner.config.segment) {
+            Ok(segment) => {
+                Ok(Buffer { id: self.inner.next_id.fetch_add(1, Ordering::Relaxed), generation: 0, segment })
+            }
+            Err(e) => {
+                self.inner.reserved.fetch_sub(cap as u64, Ordering::AcqRel);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops idle buffers, largest classes first, until `needed` bytes would fit in the budget (or none is left).
+    fn evict(&self, needed: u64) {
+        let budget = self.inner.config.budget;
+        for class in self.inner.classes.iter().rev() {
+            loop {
+                if self.inner.reserved.load(Ordering::Acquire) + needed <= budget {
+                    return;
+                }
+                let victim = {
+                    let mut st = lock(&class.state);
+                    let b = st.free.pop();
+                    if let Some(b) = &b {
+                        st.total -= 1;
+                        st.bytes -= b.segment.len() as u64;
+                    }
+                    b
+                };
+                let Some(victim) = victim else { break };
+                let len = victim.segment.len() as u64;
+                drop(victim); // unmapped and removed before the budget is handed on
+                self.inner.reserved.fetch_sub(len, Ordering::AcqRel);
+                self.inner.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drops every idle buffer, returning their memory to the system.
+    pub fn trim(&self) {
+        self.evict(u64::MAX / 2);
+    }
+
+    /// Returns a buffer to its class and wakes waiters.
+    fn put_back(&self, class: usize, buffer: Buffer) {
+        {
+            let mut st = lock(&self.inner.classes[class].state);
+            st.in_use_bytes -= buffer.segment.len() as u64;
+            st.free.push(buffer);
+        }
+        self.inner.released.notify_waiters();
+    }
+
+    /// Returns a buffer lent to `owner`, if `id` is lent to it under exactly `generation`. Anything else (unknown
+    /// id, another owner's buffer, stale or repeated release) is refused and changes nothing.
+    pub fn reclaim(&self, owner: u64, id: u32, generation: u32) -> Result<()> {
+        let entry = {
+            let mut lent = lock(&self.inner.lent);
+            match lent.get(&id) {
+                None => {
+                    return Err(Error::BadRelease { id, generation, reason: "buffer is not lent out" });
+                }
+                Some(l) if l.owner != owner => {
+                    return Err(Error::BadRelease { id, generation, reason: "buffer is lent to another peer" });
+                }
+                Some(l) if l.buffer.generation != generation => {
+                    return Err(Error::BadRelease { id, generation, reason: "stale generation" });
+                }
+                Some(_) => lent.remove(&id).expect("present"),
+            }
+        };
+        self.put_back(entry.class, entry.buffer);
+        Ok(())
+    }
+
+    /// Returns every buffer lent to `owner` (a peer that went away). Returns how many came back.
+    pub fn reclaim_owner(&self, owner: u64) -> usize {
+        let back: Vec<Lent> = {
+            let mut lent = lock(&self.inner.lent);
+            let ids: Vec<u32> = lent.iter().filter(|(_, l)| l.owner == owner).map(|(&id, _)| id).collect();
+            ids.into_iter().filter_map(|id| lent.remove(&id)).collect()
+        };
+        let n = back.len();
+        for l in back {
+            self.put_back(l.class, l.buffer);
+        }
+        n
+    }
+
+    /// A snapshot of the pool's figures (the seed's `MemPoolInfo`). Each class is read under its own lock, so
+    /// figures of different classes may be from slightly different instants while allocations run.
+    pub fn stats(&self) -> PoolStats {
+        let classes: Vec<ClassStats> = self
+            .inner
+            .classes
+            .iter()
+            .map(|c| {
+                let st = lock(&c.state);
+                ClassStats {
+                    size: c.size,
+                    total: st.total,
+                    free: st.free.len(),
+                    in_use: st.total - st.free.len(),
+                    bytes: st.bytes,
+                    in_use_bytes: st.in_use_bytes,
+                }
+            })
+            .collect();
+        let c = &self.inner.counters;
+        PoolStats {
+            budget: self.inner.config.budget,
+            bytes: classes.iter().map(|c| c.bytes).sum(),
+            in_use_bytes: classes.iter().map(|c| c.in_use_bytes).sum(),
+            lent: lock(&self.inner.lent).len(),
+            allocs: c.allocs.load(Ordering::Relaxed),
+            grows: c.grows.load(Ordering::Relaxed),
+            waits: c.waits.load(Ordering::Relaxed),
+            exhausted: c.exhausted.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            classes,
+        }
+    }
+}
+
+/// Exclusive use of one pool buffer. Derefs to its first `len()` bytes; returns to the pool when dropped.
+pub struct Lease {
+    buffer: Option<Buffer>,
+    class: usize,
+    len: usize,
+    pool: Pool,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.id())
+            .field("generation", &self.generation())
+            .field("len", &self.len)
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+impl Lease {
+    fn buf(&self) -> &Buffer {
+        self.buffer.as_ref().expect("a live lease holds its buffer")
+    }
+
+    /// The buffer's id, unique within its pool.
+    pub fn id(&self) -> u32 {
+        self.buf().id
+    }
+
+    /// The buffer's generation: bumped each time the buffer is leased again.
+    pub fn generation(&self) -> u32 {
+        self.buf().generation
+    }
+
+    /// Bytes in use (what was asked for, or set by [`Lease::set_len`]).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether `len()` is 0.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Size of the underlying buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf().segment.len()
+    }
+
+    /// Changes the length within the capacity.
+    pub fn set_len(&mut self, len: usize) -> Result<()> {
+        if len > self.capacity() {
+            return Err(Error::InvalidArgument(format!(
+                "length {len} exceeds the buffer's capacity {}",
+                self.capacity()
+            )));
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// The whole buffer, up to its capacity.
+    pub fn spare_capacity_mut(&mut self) -> &mut [u8] {
+        self.buffer.as_mut().expect("a live lease holds its buffer").segment.as_mut_slice()
+    }
+
+    /// The segment behind the lease (to share it with a peer).
+    pub fn segment(&self) -> &Segment {
+        &self.buf().segment
+    }
+
+    /// A handle a peer can open (see [`Segment::share`]).
+    pub fn share(&self) -> Result<SegmentHandle> {
+        self.buf().segment.share()
+    }
+
+    /// Returns the buffer to the pool now (the same as dropping the lease).
+    pub fn release(self) {}
+
+    /// Lends the buffer to a peer identified by `owner`: it leaves this process's hands and returns only through
+    /// [`Pool::reclaim`] with this id and generation, or [`Pool::reclaim_owner`].
+    pub fn lend(mut self, owner: u64) -> Loan {
+        let buffer = self.buffer.take().expect("a live lease holds its buffer");
+        let loan = Loan { id: buffer.id, generation: buffer.generation, len: self.len };
+        lock(&self.pool.inner.lent).insert(buffer.id, Lent { class: self.class, owner, buffer });
+        loan
+    }
+}
+
+/// What identifies a lent buffer in a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loan {
+    /// Buffer id within the pool.
+    pub id: u32,
+    /// Generation at the time of lending.
+    pub generation: u32,
+    /// Bytes the lease held.
+    pub len: usize,
+}
+
+impl Deref for Lease {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf().segment.as_slice()[..self.len]
+    }
+}
+
+impl DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.spare_capacity_mut()[..len]
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.pool.put_back(self.class, buffer);
+        }
+    }
+}
+
+/// Figures of one size class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassStats {
+    /// Buffer size of the class; `None` for the oversize class (requests above the largest class).
+    pub size: Option<usize>,
+    /// Buffers that exist.
+    pub total: usize,
+    /// Idle buffers.
+    pub free: usize,
+    /// Leased or lent buffers.
+    pub in_use: usize,
+    /// Bytes of all buffers.
+    pub bytes: u64,
+    /// Bytes of leased or lent buffers.
+    pub in_use_bytes: u64,
+}
+
+/// A snapshot of a pool, from [`Pool::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// The configured budget.
+    pub budget: u64,
+    /// Bytes of all buffers (idle and in use).
+    pub bytes: u64,
+    /// Bytes of leased or lent buffers.
+    pub in_use_bytes: u64,
+    /// Buffers lent to peers.
+    pub lent: usize,
+    /// Allocation requests.
+    pub allocs: u64,
+    /// Buffers created on demand.
+    pub grows: u64,
+    /// Times an allocation waited for a release.
+    pub waits: u64,
+    /// Times an allocation or preallocation failed for lack of budget.
+    pub exhausted: u64,
+    /// Idle buffers dropped to make room for another class.
+    pub evictions: u64,
+    /// Per class, smallest first; the last entry is the oversize class.
+    pub classes: Vec<ClassStats>,
+}
+
+impl PoolStats {
+    /// Whether nothing is leased or lent.
+    pub fn is_idle(&self) -> bool {
+        self.in_use_bytes == 0 && self.lent == 0
+    }
+}
+
+impl fmt::Display for PoolStats {
+    /// A table in the spirit of the seed's `MemPoolInfo`: only classes that hold buffers, then the totals.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:>12} {:>7} {:>7} {:>7} {:>14} {:>14}",
+            "class", "total", "free", "in use", "bytes", "in use bytes"
+        )?;
+        for c in self.classes.iter().filter(|c| c.total > 0) {
+            let size = c.size.map_or_else(|| "oversize".to_string(), |s| s.to_string());
+            writeln!(
+                f,
+                "{size:>12} {:>7} {:>7} {:>7} {:>14} {:>14}",
+                c.total, c.free, c.in_use, c.bytes, c.in_use_bytes
+            )?;
+        }
+        write!(
+            f,
+            "total {} of {} budget bytes, {} in use, {} lent; {} allocs, {} grows, {} waits, {} exhausted, {} evictions",
+            self.bytes,
+            self.budget,
+            self.in_use_bytes,
+            self.lent,
+            self.allocs,
+            self.grows,
+            self.waits,
+            self.exhausted,
+            self.evictions
+        )
+    }
+}

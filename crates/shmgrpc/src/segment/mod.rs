@@ -1,0 +1,360 @@
+//! Segments: one safe API over three kinds of shared memory.
+//!
+//! This module owns creating, sharing, opening and mapping shared memory. It knows nothing about pools or gRPC.
+//!
+//! * [`Backend::Memfd`] (default): an anonymous `memfd_create` file, sealed against shrinking and growing (and
+//!   against new writable mappings, so a peer can only map it read-only). It has no name: the descriptor itself is
+//!   handed to the peer (see [`crate::fdpass`]).
+//! * [`Backend::Posix`]: `shm_open` with `O_EXCL` and mode 0600 whatever the umask, under an unguessable name
+//!   `/shmgrpc-<pid>-<64 random bits>`; the owner unlinks it on drop.
+//! * [`Backend::SysV`]: `shmget` with `IPC_PRIVATE` (or `ftok` + `IPC_EXCL` on request), mode 0600. Private
+//!   segments are marked `IPC_RMID` as soon as their creator has attached them (Linux lets peers attach a marked
+//!   segment by id), keyed ones as soon as the peer has attached; either way nothing outlives the processes.
+//!
+//! The owner holds a [`Segment`] (read-write). It gives a peer a [`SegmentHandle`] (a descriptor, a name or an id);
+//! the peer turns it into a [`PeerSegment`] (read-only). Opening always checks the size the peer claims against
+//! the kernel's own record (`fstat`, `IPC_STAT`), and every access is an overflow-checked range: a short segment is
+//! an error, never a SIGBUS.
+
+mod map;
+mod memfd;
+mod name;
+mod posix;
+mod sysv;
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+pub use name::{POSIX_PREFIX, PosixName, SYSV_PROJ_ID};
+pub use sysv::SysVId;
+
+use crate::error::{Error, Result};
+use map::{MapRo, MapRw};
+
+/// Which kind of shared memory backs a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// `memfd_create`, sealed; shared by passing the descriptor. The default.
+    #[default]
+    Memfd,
+    /// POSIX `shm_open`; shared by name.
+    Posix,
+    /// System V `shmget`; shared by id.
+    SysV,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Memfd => "memfd",
+            Backend::Posix => "posix",
+            Backend::SysV => "sysv",
+        })
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "memfd" => Ok(Backend::Memfd),
+            "posix" => Ok(Backend::Posix),
+            "sysv" => Ok(Backend::SysV),
+            _ => Err(Error::InvalidArgument(format!("unknown backend {s:?} (memfd, posix, sysv)"))),
+        }
+    }
+}
+
+/// How a System V segment gets its key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SysVKey {
+    /// `IPC_PRIVATE`: no key at all; peers attach by id. The default.
+    #[default]
+    Private,
+    /// The seed's way: a fresh key file is created in this directory, `ftok(file, SYSV_PROJ_ID)` gives the key,
+    /// `shmget(key, IPC_CREAT | IPC_EXCL)` the segment, and the key file is removed again at once.
+    Ftok(PathBuf),
+}
+
+/// Options for [`Segment::create`].
+#[derive(Debug, Clone, Default)]
+pub struct SegmentOptions {
+    backend: Backend,
+    sysv_key: SysVKey,
+    prefault: bool,
+    huge_pages: bool,
+}
+
+impl SegmentOptions {
+    /// Options for `backend`, no prefaulting, no huge pages.
+    pub fn new(backend: Backend) -> Self {
+        SegmentOptions { backend, ..Default::default() }
+    }
+    /// Use `backend` instead.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+    /// Fault every page in (writable) at creation, so the first real write does not pay for page faults.
+    pub fn prefault(mut self, yes: bool) -> Self {
+        self.prefault = yes;
+        self
+    }
+    /// Ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`); effective only where the kernel's shmem THP
+    /// setting allows it.
+    pub fn huge_pages(mut self, yes: bool) -> Self {
+        self.huge_pages = yes;
+        self
+    }
+    /// How a System V segment is keyed (ignored by the other backends).
+    pub fn sysv_key(mut self, key: SysVKey) -> Self {
+        self.sysv_key = key;
+        self
+    }
+    /// The backend these options create.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+}
+
+/// What a peer needs to open a segment. Produced by [`Segment::share`], consumed by [`PeerSegment::open`].
+#[derive(Debug)]
+pub enum SegmentHandle {
+    /// A memfd descriptor (received with `SCM_RIGHTS`, or a clone of the owner's).
+    Memfd(OwnedFd),
+    /// A POSIX shared-memory name.
+    Posix(PosixName),
+    /// A System V segment id.
+    SysV(SysVId),
+}
+
+impl SegmentHandle {
+    /// The backend this handle refers to.
+    pub fn backend(&self) -> Backend {
+        match self {
+            SegmentHandle::Memfd(_) => Backend::Memfd,
+            SegmentHandle::Posix(_) => Backend::Posix,
+            SegmentHandle::SysV(_) => Backend::SysV,
+        }
+    }
+}
+
+/// The backend-specific resource an owner holds; dropped after the mapping.
+enum Owner {
+    Memfd(OwnedFd),
+    Posix(posix::Owned),
+    SysV(sysv::Owned),
+}
+
+/// A shared-memory segment this process created: mapped read-write, removed from the system on drop.
+pub struct Segment {
+    // Field order matters: the mapping is dropped (munmap / shmdt) before the owner (close, unlink, IPC_RMID).
+    map: MapRw,
+    owner: Owner,
+}
+
+impl fmt::Debug for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Segment").field("backend", &self.backend()).field("len", &self.len()).finish()
+    }
+}
+
+impl Segment {
+    /// Creates a segment of exactly `len` bytes (zero-filled) and maps it read-write.
+    pub fn create(len: usize, opts: &SegmentOptions) -> Result<Segment> {
+        if len == 0 {
+            return Err(Error::InvalidArgument("a segment cannot be empty".into()));
+        }
+        if u64::try_from(len).is_err() || len > isize::MAX as usize {
+            return Err(Error::InvalidArgument(format!("segment size {len} is too large")));
+        }
+        let (map, owner) = match opts.backend {
+            Backend::Memfd => {
+                let (fd, map) = memfd::create(len)?;
+                (map, Owner::Memfd(fd))
+            }
+            Backend::Posix => {
+                let (owned, map) = posix::create(len)?;
+                (map, Owner::Posix(owned))
+            }
+            Backend::SysV => {
+                let (owned, map) = sysv::create(len, &opts.sysv_key)?;
+                (map, Owner::SysV(owned))
+            }
+        };
+        let mut seg = Segment { map, owner };
+        if opts.huge_pages {
+            seg.map.advise_huge_pages();
+        }
+        if opts.prefault {
+            seg.map.prefault().map_err(|e| Error::os("madvise(MADV_POPULATE_WRITE)", opts.backend, e))?;
+        }
+        tracing::trace!(backend = %opts.backend, len, "segment created");
+        Ok(seg)
+    }
+
+    /// The backend of this segment.
+    pub fn backend(&self) -> Backend {
+        match self.owner {
+            Owner::Memfd(_) => Backend::Memfd,
+            Owner::Posix(_) => Backend::Posix,
+            Owner::SysV(_) => Backend::SysV,
+        }
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false: segments are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The whole segment, read-only.
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.as_slice()
+    }
+
+    /// The whole segment, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.map.as_mut_slice()
+    }
+
+    /// A handle a peer can open: a new descriptor for memfd, the name for POSIX, the id for System V.
+    ///
+    /// A memfd handle is sealed against writes through new mappings, so the peer can only map it read-only.
+    pub fn share(&self) -> Result<SegmentHandle> {
+        Ok(match &self.owner {
+            Owner::Memfd(fd) => SegmentHandle::Memfd(fd.try_clone().map_err(|e| Error::os("dup", Backend::Memfd, e))?),
+            Owner::Posix(owned) => SegmentHandle::Posix(owned.name().clone()),
+            Owner::SysV(owned) => SegmentHandle::SysV(owned.id()),
+        })
+    }
+
+    /// The POSIX name, for backends that have one (shown by `shmgrpc ls`; never put it in an error).
+    pub fn posix_name(&self) -> Option<&PosixName> {
+        match &self.owner {
+            Owner::Posix(owned) => Some(owned.name()),
+            _ => None,
+        }
+    }
+
+    /// Start address of the mapping, for the crate's zero-copy paths.
+    #[allow(dead_code)]
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.map.as_slice().as_ptr()
+    }
+}
+
+/// A peer's segment, mapped read-only after its size was checked against the kernel's record.
+pub struct PeerSegment {
+    map: MapRo,
+    backend: Backend,
+    creator_pid: Option<u32>,
+}
+
+impl fmt::Debug for PeerSegment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerSegment")
+            .field("backend", &self.backend)
+            .field("len", &self.len())
+            .field("creator_pid", &self.creator_pid)
+            .finish()
+    }
+}
+
+impl PeerSegment {
+    /// Opens and maps a peer's segment read-only.
+    ///
+    /// `claimed_len` is what the peer says the segment holds; it is checked against `fstat` / `IPC_STAT` and the
+    /// whole real segment is mapped. A memfd must carry the shrink and grow seals (otherwise it could shrink while
+    /// mapped and a read would raise SIGBUS).
+    pub fn open(handle: SegmentHandle, claimed_len: u64) -> Result<PeerSegment> {
+        let backend = handle.backend();
+        let (map, creator_pid) = match handle {
+            SegmentHandle::Memfd(fd) => (memfd::open(&fd, claimed_len)?, None),
+            SegmentHandle::Posix(name) => {
+                let pid = name.creator_pid();
+                (posix::open(&name, claimed_len)?, Some(pid))
+            }
+            SegmentHandle::SysV(id) => {
+                let (map, cpid) = sysv::open(id, claimed_len)?;
+                (map, Some(cpid))
+            }
+        };
+        Ok(PeerSegment { map, backend, creator_pid })
+    }
+
+    /// The backend of this segment.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Real size of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false: empty segments are refused at open.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The pid that created the segment, where the kernel or the name records it (POSIX, System V).
+    pub fn creator_pid(&self) -> Option<u32> {
+        self.creator_pid
+    }
+
+    /// The whole mapping.
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.as_slice()
+    }
+
+    /// `len` bytes from `offset`, overflow-checked against the real size.
+    pub fn range(&self, offset: u64, len: u64) -> Result<&[u8]> {
+        let (start, end) = check_range(self.backend, offset, len, self.map.len())?;
+        Ok(&self.map.as_slice()[start..end])
+    }
+}
+
+/// Checks `offset + len <= size` without overflow and returns the range as `usize`s.
+pub(crate) fn check_range(backend: Backend, offset: u64, len: u64, size: usize) -> Result<(usize, usize)> {
+    let out = || Error::OutOfRange { backend, offset, len, size: size as u64 };
+    let end = offset.checked_add(len).ok_or_else(out)?;
+    if end > size as u64 {
+        return Err(out());
+    }
+    // Both fit in usize because end <= size.
+    Ok((offset as usize, end as usize))
+}
+
+/// The system page size.
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_range_rejects_overflow_and_past_end() {
+        assert_eq!(check_range(Backend::Memfd, 0, 10, 10).unwrap(), (0, 10));
+        assert_eq!(check_range(Backend::Memfd, 10, 0, 10).unwrap(), (10, 10));
+        assert!(check_range(Backend::Memfd, 1, 10, 10).is_err());
+        assert!(check_range(Backend::Memfd, 11, 0, 10).is_err());
+        assert!(check_range(Backend::Memfd, u64::MAX, 2, 10).is_err());
+        assert!(check_range(Backend::Memfd, 2, u64::MAX, 10).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn check_range_matches_wide_arithmetic(offset: u64, len: u64, size in 0usize..1 << 40) {
+            let ok = (offset as u128 + len as u128) <= size as u128;
+            proptest::prop_assert_eq!(check_range(Backend::Posix, offset, len, size).is_ok(), ok);
+        }
+    }
+}
