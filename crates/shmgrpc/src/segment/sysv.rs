@@ -154,10 +154,11 @@ fn ftok_key(dir: &Path) -> Result<(KeyFile, libc::key_t)> {
 }
 
 pub(crate) fn create(len: usize, key: &SysVKey) -> Result<(Owned, MapRw)> {
-    let mut attempts = 0;
+    // Key files that collided stay until we are done, so the next file gets another inode (and so another key):
+    // ftok keeps only 16 bits of the inode, and a just-deleted file's inode is the first to be reused.
+    let mut tried: Vec<KeyFile> = Vec::new();
     let id = loop {
-        // The key file lives only until shmget has run (dropped at the end of this iteration).
-        let (_file, k) = match key {
+        let (file, k) = match key {
             SysVKey::Private => (None, libc::IPC_PRIVATE),
             SysVKey::Ftok(dir) => {
                 let (f, k) = ftok_key(dir)?;
@@ -170,13 +171,13 @@ pub(crate) fn create(len: usize, key: &SysVKey) -> Result<(Owned, MapRw)> {
             break SysVId(id);
         }
         let err = io::Error::last_os_error();
-        // Two key files can share the low 16 bits of their inode numbers: try another file.
-        if err.raw_os_error() == Some(libc::EEXIST) && k != libc::IPC_PRIVATE && attempts < 8 {
-            attempts += 1;
+        if err.raw_os_error() == Some(libc::EEXIST) && k != libc::IPC_PRIVATE && tried.len() < 64 {
+            tried.extend(file);
             continue;
         }
         return Err(Error::os("shmget", SysV, err));
     };
+    drop(tried); // every key file is removed again
     let owned = Owned { id };
     let att = Attachment::attach(id, len, true).map_err(|e| Error::os("shmat", SysV, e))?;
     if matches!(key, SysVKey::Private) {

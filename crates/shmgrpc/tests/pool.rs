@@ -1,0 +1,262 @@
+//! The pool: best fit, growth, budget (wait, fail, eviction), release, lending, exact statistics, concurrency.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use shmgrpc::pool::{ClassStats, OnExhausted};
+use shmgrpc::{Error, Pool, PoolConfig};
+
+const K: usize = 1024;
+
+fn small(budget: u64, policy: OnExhausted) -> Pool {
+    Pool::new(PoolConfig::default().classes([64 * K, 128 * K, 256 * K]).budget(budget).on_exhausted(policy)).unwrap()
+}
+
+fn class(p: &Pool, size: usize) -> ClassStats {
+    p.stats().classes.into_iter().find(|c| c.size == Some(size)).unwrap()
+}
+
+#[test]
+fn defaults_cover_64k_to_1g() {
+    let p = Pool::new(PoolConfig::default()).unwrap();
+    let sizes: Vec<_> = p.stats().classes.iter().map(|c| c.size).collect();
+    assert_eq!(sizes.first(), Some(&Some(64 * K)));
+    assert_eq!(sizes[sizes.len() - 2], Some(1024 * 1024 * K));
+    assert_eq!(sizes.last(), Some(&None), "the last class is the oversize class");
+}
+
+#[test]
+fn best_fit_picks_the_smallest_class_that_fits() {
+    let p = small(1 << 30, OnExhausted::Fail);
+    let a = p.try_alloc(1).unwrap();
+    let b = p.try_alloc(64 * K).unwrap();
+    let c = p.try_alloc(64 * K + 1).unwrap();
+    let d = p.try_alloc(200 * K).unwrap();
+    let e = p.try_alloc(300 * K).unwrap();
+    assert_eq!((a.len(), a.capacity()), (1, 64 * K));
+    assert_eq!(b.capacity(), 64 * K);
+    assert_eq!(c.capacity(), 128 * K);
+    assert_eq!(d.capacity(), 256 * K);
+    assert_eq!(e.capacity(), 300 * K, "above the largest class: a page-rounded buffer of its own");
+    let s = p.stats();
+    assert_eq!(s.classes.last().unwrap().total, 1);
+    assert_eq!(s.in_use_bytes, (64 + 64 + 128 + 256 + 300) as u64 * K as u64);
+}
+
+#[test]
+fn classes_are_rounded_sorted_and_validated() {
+    let p = Pool::new(PoolConfig::default().classes([10_000, 4096, 10_000])).unwrap();
+    let got: Vec<_> = p.stats().classes.iter().map(|c| c.size).collect();
+    assert_eq!(got, vec![Some(4096), Some(12288), None]);
+    assert!(Pool::new(PoolConfig::default().classes([])).is_err());
+    assert!(Pool::new(PoolConfig::default().classes([0])).is_err());
+    assert!(Pool::new(PoolConfig::default().budget(0)).is_err());
+}
+
+#[test]
+fn growth_reuse_and_exact_stats() {
+    let p = small(1 << 30, OnExhausted::Fail);
+    p.preallocate(100 * K, 2).unwrap();
+    assert_eq!(
+        class(&p, 128 * K),
+        ClassStats { size: Some(128 * K), total: 2, free: 2, in_use: 0, bytes: 256 * K as u64, in_use_bytes: 0 }
+    );
+    let a = p.try_alloc(128 * K).unwrap();
+    let b = p.try_alloc(128 * K).unwrap();
+    let c = p.try_alloc(128 * K).unwrap(); // grows
+    assert_eq!(
+        class(&p, 128 * K),
+        ClassStats {
+            size: Some(128 * K),
+            total: 3,
+            free: 0,
+            in_use: 3,
+            bytes: 384 * K as u64,
+            in_use_bytes: 384 * K as u64
+        }
+    );
+    let (id, generation) = (c.id(), c.generation());
+    drop(c);
+    let c2 = p.try_alloc(128 * K).unwrap();
+    assert_eq!(c2.id(), id, "the released buffer is reused");
+    assert_eq!(c2.generation(), generation.wrapping_add(1));
+    drop((a, b, c2));
+    let s = p.stats();
+    assert!(s.is_idle());
+    assert_eq!((s.allocs, s.grows, s.bytes, s.in_use_bytes), (4, 1, 384 * K as u64, 0));
+    assert_eq!(class(&p, 128 * K).free, 3);
+    p.trim();
+    assert_eq!(p.stats().bytes, 0);
+}
+
+#[test]
+fn leases_hold_what_was_written_and_return_on_drop_or_release() {
+    let p = small(1 << 30, OnExhausted::Fail);
+    let mut l = p.try_alloc(100 * K).unwrap();
+    l.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    assert!(l.iter().enumerate().all(|(i, &b)| b == i as u8));
+    l.set_len(128 * K).unwrap();
+    assert!(l.set_len(128 * K + 1).is_err());
+    l.release();
+    assert!(p.stats().is_idle());
+}
+
+#[test]
+fn budget_fail_policy_fails_at_once_and_counts() {
+    let p = small(256 * K as u64, OnExhausted::Fail);
+    let a = p.try_alloc(128 * K).unwrap();
+    let b = p.try_alloc(128 * K).unwrap();
+    match p.try_alloc(64 * K) {
+        Err(Error::Exhausted { requested, in_use, budget }) => {
+            assert_eq!((requested, in_use, budget), (64 * K as u64, 256 * K as u64, 256 * K as u64));
+        }
+        other => panic!("{other:?}"),
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    assert!(matches!(rt.block_on(p.alloc(64 * K)), Err(Error::Exhausted { .. })));
+    assert_eq!(p.stats().exhausted, 2);
+    assert!(p.try_alloc(1 << 30).is_err(), "larger than the whole budget");
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_wait_policy_waits_for_a_release() {
+    let p = small(256 * K as u64, OnExhausted::Wait);
+    let a = p.alloc(128 * K).await.unwrap();
+    let b = p.alloc(128 * K).await.unwrap();
+    let p2 = p.clone();
+    let waiter = tokio::spawn(async move { p2.alloc(128 * K).await.map(|l| l.id()) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "allocation should wait while the budget is used up");
+    let id = a.id();
+    drop(a);
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, id, "the waiter gets the released buffer");
+    assert!(p.stats().waits >= 1);
+    drop(b);
+    assert!(p.stats().is_idle());
+}
+
+#[test]
+fn idle_buffers_of_other_classes_are_evicted_to_make_room() {
+    let p = small(256 * K as u64, OnExhausted::Fail);
+    drop((p.try_alloc(64 * K).unwrap(), p.try_alloc(64 * K).unwrap(), p.try_alloc(128 * K).unwrap()));
+    assert_eq!(p.stats().bytes, 256 * K as u64);
+    let big = p.try_alloc(256 * K).unwrap();
+    let s = p.stats();
+    assert_eq!((s.evictions, s.bytes, s.in_use_bytes), (3, 256 * K as u64, 256 * K as u64));
+    drop(big);
+}
+
+#[test]
+fn lent_buffers_come_back_only_with_the_right_owner_and_generation() {
+    let p = small(1 << 30, OnExhausted::Fail);
+    let loan = p.try_alloc(64 * K).unwrap().lend(7);
+    assert_eq!(p.stats().lent, 1);
+    assert!(!p.stats().is_idle());
+    let bad = |r: shmgrpc::Result<()>| matches!(r, Err(Error::BadRelease { .. }));
+    assert!(bad(p.reclaim(7, loan.id, loan.generation.wrapping_add(1))), "stale generation");
+    assert!(bad(p.reclaim(8, loan.id, loan.generation)), "another owner");
+    assert!(bad(p.reclaim(7, loan.id + 1000, loan.generation)), "unknown id");
+    p.reclaim(7, loan.id, loan.generation).unwrap();
+    assert!(bad(p.reclaim(7, loan.id, loan.generation)), "repeated release");
+    // Reused under a new generation: the old loan can no longer release it.
+    let again = p.try_alloc(64 * K).unwrap();
+    assert_eq!(again.id(), loan.id);
+    let loan2 = again.lend(7);
+    assert!(bad(p.reclaim(7, loan.id, loan.generation)));
+    assert_eq!(p.reclaim_owner(8), 0);
+    assert_eq!(p.reclaim_owner(7), 1);
+    assert!(p.stats().is_idle());
+    let _ = loan2;
+}
+
+#[test]
+fn concurrent_alloc_and_release_keep_contents_and_accounting() {
+    let p = small(2 << 20, OnExhausted::Wait);
+    let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap());
+    let threads: Vec<_> = (0..8u8)
+        .map(|t| {
+            let (p, rt) = (p.clone(), rt.clone());
+            std::thread::spawn(move || {
+                for i in 0..200usize {
+                    let size = [1, 64 * K, 100 * K, 256 * K, 300 * K][(i + t as usize) % 5];
+                    let mut l = rt.block_on(p.alloc(size)).unwrap();
+                    let tag = t.wrapping_mul(37).wrapping_add(i as u8);
+                    l.fill(tag);
+                    std::thread::yield_now();
+                    assert!(l.iter().all(|&b| b == tag), "buffer shared between two leases");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = p.stats();
+    assert!(s.is_idle(), "{s}");
+    assert!(s.bytes <= s.budget);
+    assert_eq!(s.allocs, 1600);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Alloc(usize),
+    Free(usize),
+    Lend(usize),
+    Reclaim(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1usize..400 * K).prop_map(Op::Alloc),
+        any::<usize>().prop_map(Op::Free),
+        any::<usize>().prop_map(Op::Lend),
+        any::<usize>().prop_map(Op::Reclaim),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Against a model: in-use bytes are the live leases' capacities, totals never pass the budget, and
+    /// everything comes back.
+    #[test]
+    fn accounting_matches_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let p = small(1 << 20, OnExhausted::Fail);
+        let mut live = Vec::new();
+        let mut lent = Vec::new();
+        for op in ops {
+            match op {
+                Op::Alloc(n) => match p.try_alloc(n) {
+                    Ok(l) => { prop_assert!(l.capacity() >= n); live.push(l) }
+                    Err(Error::Exhausted { .. } | Error::InvalidArgument(_)) => {}
+                    Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                },
+                Op::Free(i) if !live.is_empty() => { let n = live.len(); live.swap_remove(i % n); }
+                Op::Lend(i) if !live.is_empty() => {
+                    let n = live.len();
+                    let l = live.swap_remove(i % n);
+                    let cap = l.capacity() as u64;
+                    lent.push((l.lend(1), cap));
+                }
+                Op::Reclaim(i) if !lent.is_empty() => {
+                    let n = lent.len();
+                    let (l, _) = lent.swap_remove(i % n);
+                    prop_assert!(p.reclaim(1, l.id, l.generation).is_ok());
+                }
+                _ => {}
+            }
+            let s = p.stats();
+            let want: u64 = live.iter().map(|l| l.capacity() as u64).sum::<u64>() + lent.iter().map(|l| l.1).sum::<u64>();
+            prop_assert_eq!(s.in_use_bytes, want);
+            prop_assert_eq!(s.lent, lent.len());
+            prop_assert!(s.bytes <= s.budget);
+            prop_assert_eq!(s.classes.iter().map(|c| c.in_use).sum::<usize>(), live.len() + lent.len());
+        }
+        drop(live);
+        prop_assert_eq!(p.reclaim_owner(1), lent.len());
+        prop_assert!(p.stats().is_idle());
+    }
+}

@@ -1,0 +1,275 @@
+//! Segments across real processes: share, open, read; refusals instead of SIGBUS; permissions; orphans and `gc`.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use common::{Child, crc, fill, posix_exists, sysv_exists};
+use shmgrpc::segment::{PosixName, SysVId, SysVKey};
+use shmgrpc::{Backend, Error, PeerSegment, Segment, SegmentHandle, SegmentOptions};
+
+/// Entry point of the child processes the other tests start (see `common`). Does nothing when run directly.
+#[test]
+#[ignore = "child process entry point, started by the other tests"]
+fn child_main() {
+    let Ok(role) = std::env::var(common::ROLE) else { return };
+    let sock = common::child_socket();
+    match role.as_str() {
+        "reader" => reader(&sock),
+        "holder" => holder(&sock),
+        "umask0" => umask0(&sock),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn kind(e: &Error) -> &'static str {
+    match e {
+        Error::SizeMismatch { .. } => "size",
+        Error::MissingSeals { .. } => "seals",
+        Error::OutOfRange { .. } => "range",
+        Error::InvalidHandle(_) => "handle",
+        Error::Os { .. } => "os",
+        _ => "other",
+    }
+}
+
+/// Opens what the parent sends and answers with a checksum of the claimed range, or the kind of error.
+/// Requests: `open <backend> <claimed> <name|id|->` (memfd travels as a descriptor), `mapw` (try a writable
+/// mapping of the memfd sent along), `quit`.
+fn reader(sock: &std::os::unix::net::UnixStream) {
+    loop {
+        let (line, mut fds) = common::recv(sock);
+        let words: Vec<&str> = line.split(' ').collect();
+        let reply = match words[0] {
+            "open" => {
+                let claimed: u64 = words[2].parse().unwrap();
+                let handle = match words[1] {
+                    "memfd" => SegmentHandle::Memfd(fds.pop().expect("memfd sent along")),
+                    "posix" => SegmentHandle::Posix(PosixName::parse(words[3]).unwrap()),
+                    "sysv" => SegmentHandle::SysV(SysVId::from_raw(words[3].parse().unwrap())),
+                    b => panic!("backend {b}"),
+                };
+                match PeerSegment::open(handle, claimed) {
+                    Ok(seg) => format!("ok {}", crc(seg.range(0, claimed).unwrap())),
+                    Err(e) => format!("err {}", kind(&e)),
+                }
+            }
+            "mapw" => {
+                let fd = fds.pop().expect("memfd sent along");
+                // SAFETY: a test probe; if the mapping succeeded it would be dropped at once without access.
+                let r = unsafe { memmap2::MmapOptions::new().len(4096).map_mut(&fd) };
+                let w = rustix::io::write(&fd, b"x");
+                match (r, w) {
+                    (Err(_), Err(_)) => "denied".to_string(),
+                    _ => "allowed".to_string(),
+                }
+            }
+            "quit" | "" => return,
+            other => panic!("request {other}"),
+        };
+        common::send(sock, &reply, &[]);
+    }
+}
+
+/// Creates a POSIX and a keyed System V segment, reports them, and waits to be killed.
+fn holder(sock: &std::os::unix::net::UnixStream) {
+    let keydir = std::env::var("KEYDIR").unwrap();
+    let p = Segment::create(1 << 20, &SegmentOptions::new(Backend::Posix)).unwrap();
+    let s =
+        Segment::create(1 << 20, &SegmentOptions::new(Backend::SysV).sysv_key(SysVKey::Ftok(keydir.into()))).unwrap();
+    let SegmentHandle::SysV(id) = s.share().unwrap() else { unreachable!() };
+    common::send(sock, &format!("held {} {}", p.posix_name().unwrap().as_str(), id.as_raw()), &[]);
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+/// Creates segments under umask 0 and reports their modes.
+fn umask0(sock: &std::os::unix::net::UnixStream) {
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let p = Segment::create(4096, &SegmentOptions::new(Backend::Posix)).unwrap();
+    let md = std::fs::metadata(format!("/dev/shm{}", p.posix_name().unwrap().as_str())).unwrap();
+    let s = Segment::create(4096, &SegmentOptions::new(Backend::SysV)).unwrap();
+    let SegmentHandle::SysV(id) = s.share().unwrap() else { unreachable!() };
+    let perms = std::fs::read_to_string("/proc/sysvipc/shm")
+        .unwrap()
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(&id.as_raw().to_string()))
+        .map(|l| l.split_whitespace().nth(2).unwrap().to_string())
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    common::send(sock, &format!("modes {:o} {perms}", md.permissions().mode() & 0o7777), &[]);
+}
+
+/// Sends `seg` to the reader with a claimed length; returns the reply.
+fn open_in_child(child: &Child, seg: &Segment, claimed: u64) -> String {
+    match seg.share().unwrap() {
+        SegmentHandle::Memfd(fd) => child.ask(&format!("open memfd {claimed} -"), &[fd.as_fd()]),
+        SegmentHandle::Posix(n) => child.ask(&format!("open posix {claimed} {}", n.as_str()), &[]),
+        SegmentHandle::SysV(id) => child.ask(&format!("open sysv {claimed} {}", id.as_raw()), &[]),
+    }
+}
+
+fn all_backends() -> Vec<(&'static str, SegmentOptions)> {
+    let keydir = std::env::temp_dir();
+    vec![
+        ("memfd", SegmentOptions::new(Backend::Memfd)),
+        ("posix", SegmentOptions::new(Backend::Posix)),
+        ("sysv private", SegmentOptions::new(Backend::SysV)),
+        ("sysv ftok", SegmentOptions::new(Backend::SysV).sysv_key(SysVKey::Ftok(keydir))),
+        ("memfd prefaulted", SegmentOptions::new(Backend::Memfd).prefault(true).huge_pages(true)),
+    ]
+}
+
+#[test]
+fn each_backend_is_created_shared_opened_and_read_across_processes() {
+    let child = Child::spawn("reader");
+    for (name, opts) in all_backends() {
+        let len = (4 << 20) + 123;
+        let mut seg = Segment::create(len, &opts).unwrap();
+        assert_eq!(seg.len(), len);
+        assert!(seg.as_slice().iter().all(|&b| b == 0), "{name}: fresh segment not zeroed");
+        fill(seg.as_mut_slice(), 7);
+        let want = crc(seg.as_slice());
+        assert_eq!(open_in_child(&child, &seg, len as u64), format!("ok {want}"), "{name}");
+        // A shorter claim reads a prefix.
+        assert_eq!(open_in_child(&child, &seg, 1000), format!("ok {}", crc(&seg.as_slice()[..1000])), "{name}");
+    }
+}
+
+#[test]
+fn claims_past_the_real_size_are_refused_and_the_reader_survives() {
+    let child = Child::spawn("reader");
+    for (name, opts) in all_backends() {
+        let seg = Segment::create(64 << 10, &opts).unwrap();
+        let real = seg.len() as u64;
+        assert_eq!(open_in_child(&child, &seg, real + 1), "err size", "{name}");
+        assert_eq!(open_in_child(&child, &seg, u64::MAX), "err size", "{name}");
+        // Still alive and serving.
+        assert!(open_in_child(&child, &seg, real).starts_with("ok "), "{name}");
+    }
+}
+
+#[test]
+fn a_segment_shorter_than_claimed_is_refused() {
+    // A peer that hands over a memfd it sized smaller than it says (sealed, so otherwise well-formed).
+    let child = Child::spawn("reader");
+    let fd = rustix::fs::memfd_create("shmgrpc", rustix::fs::MemfdFlags::ALLOW_SEALING).unwrap();
+    rustix::fs::ftruncate(&fd, 4096).unwrap();
+    rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW).unwrap();
+    assert_eq!(child.ask("open memfd 8192 -", &[fd.as_fd()]), "err size");
+    assert!(child.ask("open memfd 4096 -", &[fd.as_fd()]).starts_with("ok "));
+}
+
+#[test]
+fn memfds_without_shrink_and_grow_seals_are_refused() {
+    let child = Child::spawn("reader");
+    use rustix::fs::{MemfdFlags, SealFlags};
+    for seals in [SealFlags::empty(), SealFlags::SHRINK, SealFlags::GROW] {
+        let fd = rustix::fs::memfd_create("x", MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&fd, 4096).unwrap();
+        if !seals.is_empty() {
+            rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
+        }
+        assert_eq!(child.ask("open memfd 4096 -", &[fd.as_fd()]), "err seals", "{seals:?}");
+    }
+    // Not a memfd at all: a pipe.
+    let (r, _w) = rustix::pipe::pipe().unwrap();
+    assert!(child.ask("open memfd 1 -", &[r.as_fd()]).starts_with("err "));
+}
+
+#[test]
+fn peers_can_only_map_our_memfds_read_only() {
+    let child = Child::spawn("reader");
+    let seg = Segment::create(1 << 16, &SegmentOptions::new(Backend::Memfd)).unwrap();
+    let SegmentHandle::Memfd(fd) = seg.share().unwrap() else { unreachable!() };
+    assert_eq!(child.ask("mapw", &[fd.as_fd()]), "denied");
+}
+
+#[test]
+fn segments_are_0600_under_umask_0() {
+    let child = Child::spawn("umask0");
+    let (line, _) = common::recv(&child.sock);
+    // POSIX: file mode 600; System V: perms 600, plus 1000 (SHM_DEST) because private segments are marked at once.
+    assert!(line == "modes 600 1600" || line == "modes 600 600", "{line}");
+}
+
+#[test]
+fn dropping_the_owner_removes_posix_and_sysv_segments() {
+    let p = Segment::create(4096, &SegmentOptions::new(Backend::Posix)).unwrap();
+    let name = p.posix_name().unwrap().as_str().to_string();
+    assert!(posix_exists(&name));
+    drop(p);
+    assert!(!posix_exists(&name));
+
+    let keydir = tempfile::tempdir().unwrap();
+    let s = Segment::create(4096, &SegmentOptions::new(Backend::SysV).sysv_key(SysVKey::Ftok(keydir.path().into())))
+        .unwrap();
+    let SegmentHandle::SysV(id) = s.share().unwrap() else { unreachable!() };
+    assert!(sysv_exists(id.as_raw()));
+    // The ftok key file is gone already.
+    assert_eq!(std::fs::read_dir(keydir.path()).unwrap().count(), 0, "ftok key file left behind");
+    drop(s);
+    assert!(!sysv_exists(id.as_raw()));
+}
+
+#[test]
+fn peer_ranges_are_overflow_checked() {
+    let mut seg = Segment::create(10_000, &SegmentOptions::new(Backend::Memfd)).unwrap();
+    fill(seg.as_mut_slice(), 1);
+    let peer = PeerSegment::open(seg.share().unwrap(), 10_000).unwrap();
+    assert_eq!(peer.range(9_000, 1_000).unwrap(), &seg.as_slice()[9_000..]);
+    assert!(matches!(peer.range(9_001, 1_000), Err(Error::OutOfRange { .. })));
+    assert!(matches!(peer.range(u64::MAX, 1), Err(Error::OutOfRange { .. })));
+    assert!(matches!(peer.range(1, u64::MAX), Err(Error::OutOfRange { .. })));
+    assert!(Segment::create(0, &SegmentOptions::default()).is_err());
+}
+
+#[test]
+fn error_messages_never_name_segments() {
+    let seg = Segment::create(4096, &SegmentOptions::new(Backend::Posix)).unwrap();
+    let name = seg.posix_name().unwrap().as_str().to_string();
+    let e = PeerSegment::open(seg.share().unwrap(), 1 << 30).unwrap_err();
+    assert!(!e.to_string().contains(&name[9..]), "{e}");
+    assert!(!format!("{e:?}").contains(&name[9..]), "{e:?}");
+    let missing = PosixName::parse("/shmgrpc-1-0123456789abcdef").unwrap();
+    let e = PeerSegment::open(SegmentHandle::Posix(missing), 1).unwrap_err();
+    assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
+}
+
+#[test]
+fn kill_9_leaves_orphans_that_gc_removes() {
+    let keydir = tempfile::tempdir().unwrap();
+    let mut child = Child::spawn_with("holder", &[("KEYDIR", keydir.path().to_str().unwrap())]);
+    let (line, _) = common::recv(&child.sock);
+    let words: Vec<&str> = line.split(' ').collect();
+    assert_eq!(words[0], "held", "{line}");
+    let (posix, sysv): (String, i32) = (words[1].to_string(), words[2].parse().unwrap());
+    let pid = child.pid();
+    // Whatever happens below, leave nothing behind.
+    struct Cleanup(String, i32);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = rustix::shm::unlink(self.0.as_str());
+            // SAFETY: IPC_RMID takes no buffer.
+            unsafe { libc::shmctl(self.1, libc::IPC_RMID, std::ptr::null_mut()) };
+        }
+    }
+    let _cleanup = Cleanup(posix.clone(), sysv);
+
+    let listed = shmgrpc::inventory::list().unwrap();
+    let mine: Vec<_> = listed.iter().filter(|s| s.pid == Some(pid)).collect();
+    assert!(mine.iter().any(|s| s.backend == Backend::Posix && s.name == posix && s.alive && s.size == 1 << 20));
+    assert!(mine.iter().any(|s| s.backend == Backend::SysV && s.alive && s.attached == Some(1)));
+    // A live creator's segments are not collectable.
+    assert!(shmgrpc::inventory::gc(true).unwrap().iter().all(|s| s.pid != Some(pid)));
+
+    child.kill9();
+    assert!(posix_exists(&posix), "a killed owner cannot unlink: that is what gc is for");
+    assert!(sysv_exists(sysv));
+    let would = shmgrpc::inventory::gc(true).unwrap();
+    assert_eq!(would.iter().filter(|s| s.pid == Some(pid)).count(), 2, "{would:?}");
+    assert!(posix_exists(&posix), "dry run removed something");
+    shmgrpc::inventory::gc(false).unwrap();
+    assert!(!posix_exists(&posix));
+    assert!(!sysv_exists(sysv));
+}
