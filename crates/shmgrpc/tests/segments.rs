@@ -273,3 +273,44 @@ fn kill_9_leaves_orphans_that_gc_removes() {
     assert!(!posix_exists(&posix));
     assert!(!sysv_exists(sysv));
 }
+
+#[test]
+fn attach_cache_maps_once_and_forgets_dead_creators() {
+    let keydir = tempfile::tempdir().unwrap();
+    let mut child = Child::spawn_with("holder", &[("KEYDIR", keydir.path().to_str().unwrap())]);
+    let (line, _) = common::recv(&child.sock);
+    let words: Vec<&str> = line.split(' ').collect();
+    let (posix, sysv): (String, i32) = (words[1].to_string(), words[2].parse().unwrap());
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = rustix::shm::unlink(self.0.as_str());
+        }
+    }
+    let _cleanup = Cleanup(posix.clone());
+
+    let cache = shmgrpc::AttachCache::<String>::new();
+    let open_posix = || Ok(SegmentHandle::Posix(PosixName::parse(&posix).unwrap()));
+    let a = cache.attach(posix.clone(), 1 << 20, open_posix).unwrap();
+    let b = cache.attach(posix.clone(), 4096, || panic!("a cached segment must not be opened again")).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&a, &b));
+    assert!(matches!(cache.attach(posix.clone(), (1 << 20) + 1, open_posix), Err(Error::SizeMismatch { .. })));
+    let s = cache.attach(format!("sysv {sysv}"), 1 << 20, || Ok(SegmentHandle::SysV(SysVId::from_raw(sysv)))).unwrap();
+    assert_eq!(s.creator_pid(), Some(child.pid()));
+    assert_eq!(a.creator_pid(), Some(child.pid()));
+    let st = cache.stats();
+    assert_eq!((st.segments, st.bytes, st.hits, st.misses), (2, 2 << 20, 1, 2));
+
+    child.kill9();
+    assert_eq!(cache.detach_dead_creators(), 2);
+    assert!(cache.is_empty());
+    // Readers still holding a mapping keep it.
+    assert_eq!(a.range(0, 16).unwrap(), &[0u8; 16]);
+    // The keyed System V segment was marked for removal when we attached: it goes with our last attachment.
+    assert!(sysv_exists(sysv));
+    drop(s);
+    assert!(!sysv_exists(sysv), "a keyed segment outlived both processes");
+    drop((a, b));
+    shmgrpc::inventory::gc(false).unwrap();
+    assert!(!posix_exists(&posix));
+}

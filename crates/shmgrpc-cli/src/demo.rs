@@ -1,0 +1,258 @@
+//! `shmgrpc pool-demo`: a payload moved between two real processes through the pool, next to the same payload
+//! pushed through a Unix socket. Each round the parent writes the whole payload and the child checksums all of it.
+//!
+//! Over the pool, only a reference crosses the socket: `seg <buffer id> <len>`, with the segment itself (a memfd
+//! descriptor, a POSIX name or a System V id) sent the first time a buffer is used; the child keeps the mapping in
+//! its attach cache.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytesize::ByteSize;
+use shmgrpc::segment::{PosixName, SysVId};
+use shmgrpc::{AttachCache, Backend, Pool, PoolConfig, SegmentHandle, fdpass};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Payload size (for example 20MiB, 1GiB).
+    #[arg(long, default_value = "20MiB")]
+    size: ByteSize,
+    /// Rounds per transport.
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    /// Segment backend: memfd, posix or sysv.
+    #[arg(long, default_value = "memfd")]
+    backend: Backend,
+}
+
+#[derive(clap::Args)]
+pub struct ChildArgs {
+    #[arg(long)]
+    socket: PathBuf,
+}
+
+fn send_line(sock: &UnixStream, line: &str, fd: Option<std::os::fd::BorrowedFd<'_>>) -> anyhow::Result<()> {
+    let msg = format!("{line}\n");
+    let sent = match fd {
+        Some(fd) => fdpass::send_with_fds(sock, msg.as_bytes(), &[fd])?,
+        None => 0,
+    };
+    (&*sock).write_all(&msg.as_bytes()[sent..])?;
+    Ok(())
+}
+
+fn recv_line(sock: &UnixStream) -> anyhow::Result<(String, Vec<std::os::fd::OwnedFd>)> {
+    let mut out = Vec::new();
+    let mut fds = Vec::new();
+    while !out.ends_with(b"\n") {
+        let mut byte = [0u8; 1];
+        // One byte at a time: the line is short and must not swallow payload bytes that follow it.
+        let (n, got) = fdpass::recv_with_fds(sock, &mut byte)?;
+        if n == 0 {
+            bail!("peer closed the connection");
+        }
+        fds.extend(got);
+        out.push(byte[0]);
+    }
+    out.pop();
+    Ok((String::from_utf8(out)?, fds))
+}
+
+fn fill(buf: &mut [u8], seed: u8) {
+    // Word-at-a-time pattern, so writing is memory-bound like a real payload copy.
+    let (head, words, tail) = {
+        // SAFETY: any bit pattern is a valid u64; align_to_mut only splits the slice at aligned boundaries.
+        unsafe { buf.align_to_mut::<u64>() }
+    };
+    head.fill(seed);
+    let base = u64::from(seed) * 0x0101_0101_0101_0101;
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    tail.fill(seed);
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let size = usize::try_from(a.size.as_u64()).context("size does not fit in memory")?;
+    if size == 0 || a.repeat == 0 {
+        bail!("size and repeat must be above 0");
+    }
+    let pool = Pool::new(PoolConfig::default().backend(a.backend).budget((size as u64 * 2).max(4 << 30)))?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("demo.sock");
+    let listener = UnixListener::bind(&path)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("pool-demo-child")
+        .arg("--socket")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the child process")?;
+    let (sock, _) = listener.accept()?;
+    println!(
+        "pool-demo: {} ({size} bytes), {} rounds, backend {}, parent pid {} -> child pid {}",
+        a.size,
+        a.repeat,
+        a.backend,
+        std::process::id(),
+        child.id()
+    );
+    println!("each round: the parent writes the whole payload, the child checksums all of it (crc32)\n");
+    println!(
+        "{:<6} {:>5} {:>10} {:>10} {:>12} {:>10}  {}",
+        "via", "round", "alloc ms", "write ms", "transfer ms", "e2e ms", "notes"
+    );
+
+    let mut shared = HashSet::new();
+    let (mut shm_t, mut shm_e2e) = (Vec::new(), Vec::new());
+    for round in 0..a.repeat {
+        let grows = pool.stats().grows;
+        let t0 = Instant::now();
+        let mut lease = pool.try_alloc(size)?;
+        let t_alloc = t0.elapsed();
+        let t1 = Instant::now();
+        fill(&mut lease, round as u8);
+        let t_write = t1.elapsed();
+        let want = crc32fast::hash(&lease);
+        let t2 = Instant::now();
+        let first = shared.insert(lease.id());
+        let line = format!("seg {} {size}", lease.id());
+        match (first, lease.share()?) {
+            (true, SegmentHandle::Memfd(fd)) => send_line(&sock, &format!("{line} memfd"), Some(fd.as_fd()))?,
+            (true, SegmentHandle::Posix(n)) => send_line(&sock, &format!("{line} posix {}", n.as_str()), None)?,
+            (true, SegmentHandle::SysV(id)) => send_line(&sock, &format!("{line} sysv {}", id.as_raw()), None)?,
+            (false, _) => send_line(&sock, &line, None)?,
+        }
+        let (reply, _) = recv_line(&sock)?;
+        let t_transfer = t2.elapsed();
+        let words: Vec<&str> = reply.split(' ').collect();
+        if words.first() != Some(&"ok") || words.get(1) != Some(&want.to_string().as_str()) {
+            bail!("child answered {reply:?}, expected checksum {want}");
+        }
+        let note = format!(
+            "crc ok; {} buffer {}; child {}",
+            if pool.stats().grows > grows { "new" } else { "reused" },
+            lease.id(),
+            words[2..].join(" ")
+        );
+        println!(
+            "{:<6} {:>5} {:>10.2} {:>10.2} {:>12.2} {:>10.2}  {note}",
+            "shm",
+            round,
+            ms(t_alloc),
+            ms(t_write),
+            ms(t_transfer),
+            ms(t0.elapsed())
+        );
+        shm_t.push(t_transfer);
+        shm_e2e.push(t0.elapsed());
+    }
+
+    let (mut sock_t, mut sock_e2e) = (Vec::new(), Vec::new());
+    let mut payload = vec![0u8; size];
+    for round in 0..a.repeat {
+        let t0 = Instant::now();
+        fill(&mut payload, round as u8);
+        let t_write = t0.elapsed();
+        let want = crc32fast::hash(&payload);
+        let t2 = Instant::now();
+        send_line(&sock, &format!("raw {size}"), None)?;
+        (&sock).write_all(&payload)?;
+        let (reply, _) = recv_line(&sock)?;
+        let t_transfer = t2.elapsed();
+        if reply != format!("ok {want} copy") {
+            bail!("child answered {reply:?}, expected checksum {want}");
+        }
+        println!(
+            "{:<6} {:>5} {:>10} {:>10.2} {:>12.2} {:>10.2}  crc ok; heap buffer, copied through the kernel",
+            "socket",
+            round,
+            "-",
+            ms(t_write),
+            ms(t_transfer),
+            ms(t0.elapsed())
+        );
+        sock_t.push(t_transfer);
+        sock_e2e.push(t0.elapsed());
+    }
+    send_line(&sock, "quit", None)?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("child failed: {status}");
+    }
+
+    let (s, u) = (median(shm_t), median(sock_t));
+    let (se, ue) = (median(shm_e2e), median(sock_e2e));
+    println!(
+        "\nmedian transfer: shm {:.2} ms, socket {:.2} ms ({:.1}x); end to end: shm {:.2} ms, socket {:.2} ms ({:.1}x)",
+        ms(s),
+        ms(u),
+        u.as_secs_f64() / s.as_secs_f64(),
+        ms(se),
+        ms(ue),
+        ue.as_secs_f64() / se.as_secs_f64()
+    );
+    println!("transfer = reference (or payload) sent -> child has checksummed everything and answered\n");
+    println!("pool after the run:\n{}", pool.stats());
+    drop(pool);
+    let left: Vec<_> = shmgrpc::inventory::list()?
+        .into_iter()
+        .filter(|s| s.pid == Some(std::process::id()) && s.backend != Backend::Memfd)
+        .collect();
+    if !left.is_empty() {
+        bail!("segments left behind: {left:?}");
+    }
+    println!("all segments released");
+    Ok(())
+}
+
+pub fn child(a: ChildArgs) -> anyhow::Result<()> {
+    let sock = UnixStream::connect(&a.socket)?;
+    let cache = AttachCache::<u32>::new();
+    let mut buf = Vec::new();
+    loop {
+        let (line, mut fds) = recv_line(&sock)?;
+        let w: Vec<&str> = line.split(' ').collect();
+        match w[0] {
+            "seg" => {
+                let id: u32 = w[1].parse()?;
+                let len: u64 = w[2].parse()?;
+                let before = cache.stats().misses;
+                let seg = cache.attach(id, len, || match w.get(3).copied() {
+                    Some("memfd") => fds.pop().map(SegmentHandle::Memfd).ok_or(shmgrpc::Error::InvalidHandle("no fd")),
+                    Some("posix") => Ok(SegmentHandle::Posix(PosixName::parse(w[4])?)),
+                    Some("sysv") => Ok(SegmentHandle::SysV(SysVId::from_raw(
+                        w[4].parse().map_err(|_| shmgrpc::Error::InvalidHandle("bad id"))?,
+                    ))),
+                    _ => Err(shmgrpc::Error::InvalidHandle("unknown buffer and no segment sent")),
+                })?;
+                let crc = crc32fast::hash(seg.range(0, len)?);
+                let how = if cache.stats().misses > before { "mapped it" } else { "reused its mapping" };
+                send_line(&sock, &format!("ok {crc} {how}"), None)?;
+            }
+            "raw" => {
+                let len: usize = w[1].parse()?;
+                buf.resize(len, 0);
+                (&sock).read_exact(&mut buf)?;
+                send_line(&sock, &format!("ok {} copy", crc32fast::hash(&buf)), None)?;
+            }
+            "quit" => return Ok(()),
+            other => bail!("unknown request {other:?}"),
+        }
+    }
+}
