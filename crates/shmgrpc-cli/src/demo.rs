@@ -114,8 +114,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     println!("each round: the parent writes the whole payload, the child checksums all of it (crc32)\n");
     println!(
-        "{:<6} {:>5} {:>10} {:>10} {:>12} {:>10}  {}",
-        "via", "round", "alloc ms", "write ms", "transfer ms", "e2e ms", "notes"
+        "{:<6} {:>5} {:>10} {:>10} {:>12} {:>10}  notes",
+        "via", "round", "alloc ms", "write ms", "transfer ms", "e2e ms"
     );
 
     let mut shared = HashSet::new();
