@@ -20,3 +20,8 @@ pub use attach::AttachCache;
 pub use error::{Error, Result};
 pub use pool::{Lease, OnExhausted, Pool, PoolConfig, PoolStats};
 pub use segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
