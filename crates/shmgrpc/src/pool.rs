@@ -542,7 +542,7 @@ impl Lease {
     }
 
     /// The whole buffer, up to its capacity.
-    pub fn spare_capacity_mut(&mut self) -> &mut [u8] {
+    pub fn as_capacity_mut(&mut self) -> &mut [u8] {
         self.buffer.as_mut().expect("a live lease holds its buffer").segment.as_mut_slice()
     }
 
@@ -590,7 +590,7 @@ impl Deref for Lease {
 impl DerefMut for Lease {
     fn deref_mut(&mut self) -> &mut [u8] {
         let len = self.len;
-        &mut self.spare_capacity_mut()[..len]
+        &mut self.as_capacity_mut()[..len]
     }
 }
 

@@ -241,12 +241,6 @@ impl Segment {
             _ => None,
         }
     }
-
-    /// Start address of the mapping, for the crate's zero-copy paths.
-    #[allow(dead_code)]
-    pub(crate) fn as_ptr(&self) -> *const u8 {
-        self.map.as_slice().as_ptr()
-    }
 }
 
 /// A peer's segment, mapped read-only after its size was checked against the kernel's record.
