@@ -236,25 +236,38 @@ fn error_messages_never_name_segments() {
     assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
 }
 
+/// A `holder` child and what it holds. Dropping it kills the child and removes both segments, whatever the test did.
+struct Held {
+    child: Child,
+    posix: String,
+    sysv: i32,
+    _keydir: tempfile::TempDir,
+}
+
+impl Held {
+    fn start() -> Held {
+        let keydir = tempfile::tempdir().unwrap();
+        let child = Child::spawn_with("holder", &[("KEYDIR", keydir.path().to_str().unwrap())]);
+        let (line, _) = common::recv(&child.sock);
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[0], "held", "{line}");
+        Held { child, posix: words[1].to_string(), sysv: words[2].parse().unwrap(), _keydir: keydir }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.child.kill9();
+        let _ = rustix::shm::unlink(self.posix.as_str());
+        // SAFETY: IPC_RMID takes no buffer.
+        unsafe { libc::shmctl(self.sysv, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+}
+
 #[test]
 fn kill_9_leaves_orphans_that_gc_removes() {
-    let keydir = tempfile::tempdir().unwrap();
-    let mut child = Child::spawn_with("holder", &[("KEYDIR", keydir.path().to_str().unwrap())]);
-    let (line, _) = common::recv(&child.sock);
-    let words: Vec<&str> = line.split(' ').collect();
-    assert_eq!(words[0], "held", "{line}");
-    let (posix, sysv): (String, i32) = (words[1].to_string(), words[2].parse().unwrap());
-    let pid = child.pid();
-    // Whatever happens below, leave nothing behind.
-    struct Cleanup(String, i32);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = rustix::shm::unlink(self.0.as_str());
-            // SAFETY: IPC_RMID takes no buffer.
-            unsafe { libc::shmctl(self.1, libc::IPC_RMID, std::ptr::null_mut()) };
-        }
-    }
-    let _cleanup = Cleanup(posix.clone(), sysv);
+    let mut held = Held::start();
+    let (posix, sysv, pid) = (held.posix.clone(), held.sysv, held.child.pid());
 
     let listed = shmgrpc::inventory::list().unwrap();
     let mine: Vec<_> = listed.iter().filter(|s| s.pid == Some(pid)).collect();
@@ -263,7 +276,7 @@ fn kill_9_leaves_orphans_that_gc_removes() {
     // A live creator's segments are not collectable.
     assert!(shmgrpc::inventory::gc(true).unwrap().iter().all(|s| s.pid != Some(pid)));
 
-    child.kill9();
+    held.child.kill9();
     assert!(posix_exists(&posix), "a killed owner cannot unlink: that is what gc is for");
     assert!(sysv_exists(sysv));
     let would = shmgrpc::inventory::gc(true).unwrap();
@@ -276,18 +289,8 @@ fn kill_9_leaves_orphans_that_gc_removes() {
 
 #[test]
 fn attach_cache_maps_once_and_forgets_dead_creators() {
-    let keydir = tempfile::tempdir().unwrap();
-    let mut child = Child::spawn_with("holder", &[("KEYDIR", keydir.path().to_str().unwrap())]);
-    let (line, _) = common::recv(&child.sock);
-    let words: Vec<&str> = line.split(' ').collect();
-    let (posix, sysv): (String, i32) = (words[1].to_string(), words[2].parse().unwrap());
-    struct Cleanup(String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = rustix::shm::unlink(self.0.as_str());
-        }
-    }
-    let _cleanup = Cleanup(posix.clone());
+    let mut held = Held::start();
+    let (posix, sysv) = (held.posix.clone(), held.sysv);
 
     let cache = shmgrpc::AttachCache::<String>::new();
     let open_posix = || Ok(SegmentHandle::Posix(PosixName::parse(&posix).unwrap()));
@@ -296,12 +299,12 @@ fn attach_cache_maps_once_and_forgets_dead_creators() {
     assert!(std::sync::Arc::ptr_eq(&a, &b));
     assert!(matches!(cache.attach(posix.clone(), (1 << 20) + 1, open_posix), Err(Error::SizeMismatch { .. })));
     let s = cache.attach(format!("sysv {sysv}"), 1 << 20, || Ok(SegmentHandle::SysV(SysVId::from_raw(sysv)))).unwrap();
-    assert_eq!(s.creator_pid(), Some(child.pid()));
-    assert_eq!(a.creator_pid(), Some(child.pid()));
+    assert_eq!(s.creator_pid(), Some(held.child.pid()));
+    assert_eq!(a.creator_pid(), Some(held.child.pid()));
     let st = cache.stats();
     assert_eq!((st.segments, st.bytes, st.hits, st.misses), (2, 2 << 20, 1, 2));
 
-    child.kill9();
+    held.child.kill9();
     assert_eq!(cache.detach_dead_creators(), 2);
     assert!(cache.is_empty());
     // Readers still holding a mapping keep it.
