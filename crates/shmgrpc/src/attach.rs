@@ -106,6 +106,15 @@ impl<K: Eq + Hash + Clone> AttachCache<K> {
         self.entries().clear();
     }
 
+    /// Whether `data` lies entirely inside one of the cached mappings.
+    pub fn contains(&self, data: &[u8]) -> bool {
+        let (p, n) = (data.as_ptr() as usize, data.len());
+        self.entries().values().any(|s| {
+            let base = s.as_slice().as_ptr() as usize;
+            p >= base && p + n <= base + s.len()
+        })
+    }
+
     /// Number of cached segments.
     pub fn len(&self) -> usize {
         self.entries().len()

@@ -5,21 +5,34 @@
 //! 1. [`segment`]: POSIX `shm_open`, sealed `memfd_create` and System V `shmget` segments behind one safe API.
 //! 2. [`pool`]: a size-class allocator of shared-memory buffers, and [`attach`], the receiving side's cache of
 //!    mapped peer segments.
-//! 3. gRPC integration for tonic (to come).
+//! 3. gRPC integration for tonic: [`ShmCodec`] (the transparent path), [`ShmChannel`] (client) and [`ShmServer`]
+//!    with its [`ShmLayer`] (server); see [`client`], [`server`] and [`codec`].
 //!
 //! [`inventory`] lists and garbage-collects this machine's shmgrpc segments (`shmgrpc ls` / `shmgrpc gc`), and
 //! [`fdpass`] moves descriptors between processes.
 
 pub mod attach;
+pub mod client;
+pub mod codec;
+pub mod demo;
 pub mod error;
 pub mod fdpass;
 pub mod inventory;
 pub mod pool;
+pub mod proto;
 pub mod segment;
+pub mod server;
+mod session;
+pub mod stats;
+pub mod wire;
 pub use attach::AttachCache;
+pub use client::{ClientConfig, ShmChannel};
+pub use codec::ShmCodec;
 pub use error::{Error, Result};
 pub use pool::{Lease, OnExhausted, Pool, PoolConfig, PoolStats};
 pub use segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
+pub use server::{ServerConfig, ShmLayer, ShmServer};
+pub use session::is_shared;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,0 +1,294 @@
+//! The client side: [`ShmChannel`], a tonic channel that establishes a shmgrpc session with the server when it can.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use shmgrpc::demo::{BlobClient, Payload};
+//! let channel = shmgrpc::ShmChannel::connect("unix:/tmp/blob.sock").await?;
+//! let mut client = BlobClient::new(channel); // generated with .codec_path("shmgrpc::ShmCodec")
+//! # Ok(()) }
+//! ```
+//!
+//! Connecting opens an ordinary tonic channel, then asks the server for its side channel (`shmgrpc.v1.Session/
+//! Hello` on the gRPC connection itself), connects to it, checks the server's uid, and answers a challenge written
+//! in a memfd the server sends: only a peer that shares memory with us can. Whatever fails, the channel still
+//! works: every message then goes inline, and [`ShmChannel::fallback`] says why.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::body::Body;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::codec::SessionBody;
+use crate::pool::{Pool, PoolConfig};
+use crate::proto::v1::session_client::SessionClient;
+use crate::proto::v1::{self, HelloRequest};
+use crate::segment::{PeerSegment, SegmentHandle};
+use crate::session::{PROTOCOL_VERSION, Role, Session, SessionParams};
+use crate::stats::Fallback;
+use crate::wire::{self, Kind};
+
+/// The header that names the session a call belongs to.
+pub const SESSION_HEADER: &str = "shmgrpc-session";
+
+/// Default size from which a message goes through shared memory.
+pub const DEFAULT_THRESHOLD: usize = 64 * 1024;
+
+/// How long the handshake may take before the channel falls back to inline messages.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Client configuration.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pool: Option<Pool>,
+    pool_config: PoolConfig,
+    threshold: usize,
+    shared_memory: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            pool: None,
+            pool_config: PoolConfig::default(),
+            threshold: DEFAULT_THRESHOLD,
+            shared_memory: true,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
+    pub fn threshold(mut self, bytes: usize) -> Self {
+        self.threshold = bytes;
+        self
+    }
+    /// The pool request payloads are written into (default: a new pool with [`PoolConfig::default`]).
+    pub fn pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+    /// Configuration of the pool created when none is given.
+    pub fn pool_config(mut self, config: PoolConfig) -> Self {
+        self.pool_config = config;
+        self
+    }
+    /// Whether to try shared memory at all (default true); false gives a plain channel.
+    pub fn shared_memory(mut self, yes: bool) -> Self {
+        self.shared_memory = yes;
+        self
+    }
+}
+
+/// Errors of [`ShmChannel::connect`]: only the gRPC connection itself can fail; shared memory falls back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The target is not `unix:/path`, `http://host:port` or `host:port`.
+    #[error("invalid target {0:?}: expected unix:/path, http://host:port or host:port")]
+    InvalidTarget(String),
+    /// The gRPC connection failed.
+    #[error("connecting to {target}: {source}")]
+    Transport {
+        /// The target.
+        target: String,
+        /// The transport error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The pool could not be created.
+    #[error(transparent)]
+    Pool(#[from] crate::Error),
+}
+
+/// A gRPC channel that sends large messages through shared memory when the server supports it (see the module
+/// docs). Cheap to clone; clones share the connection and the session.
+#[derive(Clone, Debug)]
+pub struct ShmChannel {
+    inner: Channel,
+    session: Option<Arc<Session>>,
+    fallback: Option<Fallback>,
+}
+
+/// The endpoint settings shmgrpc uses: large HTTP/2 windows and `TCP_NODELAY`, so inline messages are not
+/// throttled by flow control.
+pub fn endpoint(target: &str) -> Result<(Endpoint, Option<PathBuf>), ConnectError> {
+    let bad = || ConnectError::InvalidTarget(target.to_string());
+    let (uri, unix) = if let Some(path) = target.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad());
+        }
+        ("http://localhost".to_string(), Some(PathBuf::from(path)))
+    } else if target.starts_with("http://") || target.starts_with("https://") {
+        (target.to_string(), None)
+    } else {
+        (format!("http://{target}"), None)
+    };
+    let ep = Endpoint::from_shared(uri)
+        .map_err(|_| bad())?
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10));
+    Ok((ep, unix))
+}
+
+impl ShmChannel {
+    /// Connects to `target` (`unix:/path`, `http://host:port` or `host:port`) with the default configuration.
+    pub async fn connect(target: &str) -> Result<ShmChannel, ConnectError> {
+        Self::connect_with(target, ClientConfig::default()).await
+    }
+
+    /// Connects to `target` with `config`.
+    pub async fn connect_with(target: &str, config: ClientConfig) -> Result<ShmChannel, ConnectError> {
+        let (ep, unix) = endpoint(target)?;
+        let transport = |source| ConnectError::Transport { target: target.to_string(), source };
+        let channel = match unix {
+            Some(path) => ep
+                .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                    let path = path.clone();
+                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                }))
+                .await
+                .map_err(transport)?,
+            None => ep.connect().await.map_err(transport)?,
+        };
+        Self::over(channel, config).await
+    }
+
+    /// Establishes a session over an existing channel (for channels built with custom tonic settings).
+    pub async fn over(channel: Channel, config: ClientConfig) -> Result<ShmChannel, ConnectError> {
+        if !config.shared_memory {
+            return Ok(ShmChannel { inner: channel, session: None, fallback: None });
+        }
+        let pool = match config.pool {
+            Some(p) => p,
+            None => Pool::new(config.pool_config)?,
+        };
+        let params = SessionParams { pool, threshold: config.threshold };
+        match establish(&channel, params).await {
+            Ok(session) => Ok(ShmChannel { inner: channel, session: Some(session), fallback: None }),
+            Err(reason) => {
+                tracing::info!(%reason, "shmgrpc: no shared memory with this server; messages go inline");
+                Ok(ShmChannel { inner: channel, session: None, fallback: Some(reason) })
+            }
+        }
+    }
+
+    /// Whether large messages currently go through shared memory.
+    pub fn is_shared_memory(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.is_alive())
+    }
+
+    /// Why this channel sends inline, if it does.
+    pub fn fallback(&self) -> Option<Fallback> {
+        match &self.session {
+            Some(s) if !s.is_alive() => Some(Fallback::SessionClosed),
+            Some(_) => None,
+            None => self.fallback,
+        }
+    }
+
+    /// The pool request payloads are written into, when a session exists.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.session.as_ref().map(|s| s.pool())
+    }
+
+    /// The underlying tonic channel.
+    pub fn channel(&self) -> &Channel {
+        &self.inner
+    }
+}
+
+impl tower_service::Service<http::Request<Body>> for ShmChannel {
+    type Response = http::Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let req = match &self.session {
+            Some(s) if s.is_alive() => {
+                let mut req = req.map(|b| Body::new(SessionBody::new(b, s.clone())));
+                if let Ok(v) = http::HeaderValue::from_str(&s.id_hex()) {
+                    req.headers_mut().insert(SESSION_HEADER, v);
+                }
+                req
+            }
+            _ => req,
+        };
+        self.inner.call(req)
+    }
+}
+
+/// Discovery over gRPC, then the side-channel handshake.
+async fn establish(channel: &Channel, params: SessionParams) -> Result<Arc<Session>, Fallback> {
+    let mut client = SessionClient::new(channel.clone());
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.hello(HelloRequest { version: PROTOCOL_VERSION }))
+        .await
+        .map_err(|_| Fallback::HandshakeFailed)?
+        .map_err(|status| {
+            tracing::debug!(%status, "shmgrpc discovery failed");
+            Fallback::PeerLacksShmgrpc
+        })?
+        .into_inner();
+    if hello.version != PROTOCOL_VERSION {
+        return Err(Fallback::PeerLacksShmgrpc);
+    }
+    let path = PathBuf::from(hello.side_channel);
+    tokio::task::spawn_blocking(move || handshake(&path, &hello.ticket, params))
+        .await
+        .map_err(|_| Fallback::HandshakeFailed)?
+}
+
+/// The client's half of the side-channel handshake (blocking).
+fn handshake(path: &std::path::Path, ticket: &[u8], params: SessionParams) -> Result<Arc<Session>, Fallback> {
+    let sock = UnixStream::connect(path).map_err(|e| {
+        tracing::debug!(error = %e, "shmgrpc side channel unreachable");
+        Fallback::SideChannelUnreachable
+    })?;
+    let failed = |why: &str| {
+        tracing::warn!(why, "shmgrpc handshake failed");
+        Fallback::HandshakeFailed
+    };
+    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|_| failed("socket"))?;
+    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|_| failed("socket"))?;
+    let cred = rustix::net::sockopt::socket_peercred(&sock).map_err(|_| failed("no peer credentials"))?;
+    let server_uid = cred.uid.as_raw();
+    if server_uid != rustix::process::getuid().as_raw() && server_uid != 0 {
+        return Err(failed("server runs under another uid"));
+    }
+    let attach = Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: ticket.to_vec().into() });
+    wire::write_frame(&sock, &wire::frame(attach), None).map_err(|_| failed("write"))?;
+    let (msg, mut fds) = wire::read_frame(&sock).ok().flatten().ok_or_else(|| failed("no challenge"))?;
+    let (Some(Kind::Challenge(ch)), Some(fd), true) = (msg.kind, fds.pop(), fds.is_empty()) else {
+        return Err(failed("expected a challenge with one descriptor"));
+    };
+    if ch.len == 0 || ch.len > 4096 {
+        return Err(failed("challenge of an odd size"));
+    }
+    let seg = PeerSegment::open(SegmentHandle::Memfd(fd), ch.len).map_err(|_| failed("challenge segment"))?;
+    let answer = seg.range(0, ch.len).map_err(|_| failed("challenge range"))?.to_vec();
+    drop(seg);
+    let proof = Kind::Proof(v1::Proof { answer: answer.into() });
+    wire::write_frame(&sock, &wire::frame(proof), None).map_err(|_| failed("write"))?;
+    let (msg, _) = wire::read_frame(&sock).ok().flatten().ok_or_else(|| failed("no welcome"))?;
+    let welcome = match msg.kind {
+        Some(Kind::Welcome(w)) => w,
+        Some(Kind::Refused(r)) => {
+            tracing::warn!(reason = %r.reason, "shmgrpc server refused the session");
+            return Err(Fallback::HandshakeFailed);
+        }
+        _ => return Err(failed("expected welcome")),
+    };
+    let id: [u8; 16] = welcome.session.as_ref().try_into().map_err(|_| failed("bad session id"))?;
+    let pid = cred.pid.as_raw_pid() as u32;
+    Session::start(id, Role::Client, params, sock, pid).map_err(|_| failed("session thread"))
+}

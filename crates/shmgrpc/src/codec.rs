@@ -1,0 +1,186 @@
+//! The transparent path: a tonic codec that sends large messages through shared memory.
+//!
+//! Use it as the `codec_path` of `tonic-prost-build` (`.codec_path("shmgrpc::ShmCodec")`); generated code then
+//! creates it with `Default::default()` for every call, like tonic's own prost codec.
+//!
+//! *Encoding.* tonic gives a codec no connection context, and polls the encoder from the HTTP/2 connection's task.
+//! The shmgrpc channel and server layer therefore wrap each call's outgoing body in [`SessionBody`], which makes
+//! the call's session current on the thread for exactly the duration of each poll; the encoder, which runs inside
+//! that poll, looks it up. A message whose encoded size reaches the session's threshold is encoded straight into a
+//! pool buffer lent to the peer, and only a reference goes on the gRPC stream. Without a session (a plain channel
+//! or server, a plain peer, a failed handshake), the codec is byte for byte tonic's prost codec.
+//!
+//! *Decoding.* A reference names its session (16 secret random bytes); the decoder resolves it through that session
+//! only, to a segment the session's peer registered, with an overflow-checked range, and decodes the message from a
+//! `Bytes` over the mapping: `bytes` fields (built with `.bytes(...)`) point into shared memory, zero-copy. The
+//! buffer goes back to its owner when the last such `Bytes` is dropped. Anything wrong is a gRPC status.
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use prost::Message;
+use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+use crate::session::{Role, Session};
+use crate::stats;
+use crate::wire;
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<Session>>> = const { RefCell::new(None) };
+}
+
+/// The session of the body being polled on this thread, if any.
+fn current() -> Option<Arc<Session>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// A gRPC codec for prost messages that moves large messages through shared memory (see the module docs).
+pub struct ShmCodec<T, U> {
+    _marker: PhantomData<(T, U)>,
+}
+
+impl<T, U> Default for ShmCodec<T, U> {
+    fn default() -> Self {
+        ShmCodec { _marker: PhantomData }
+    }
+}
+
+impl<T, U> Codec for ShmCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ShmEncoder<T>;
+    type Decoder = ShmDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ShmEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ShmDecoder(PhantomData)
+    }
+}
+
+/// The encoder of [`ShmCodec`].
+#[derive(Debug)]
+pub struct ShmEncoder<T>(PhantomData<T>);
+
+impl<T: Message> Encoder for ShmEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        let len = item.encoded_len();
+        if let Some(session) = current()
+            && len >= session.threshold()
+        {
+            let _span = tracing::trace_span!("shmgrpc_send", len).entered();
+            match session.encode_to_shm(&item, len) {
+                Ok(reference) => {
+                    wire::encode_reference(reference, dst);
+                    stats::shm_sent(len);
+                    return Ok(());
+                }
+                Err(reason) => {
+                    tracing::debug!(%reason, len, "sending inline");
+                    stats::fallback(reason);
+                }
+            }
+        }
+        item.encode(dst).map_err(|e| Status::internal(format!("encoding failed: {e}")))?;
+        stats::inline_sent(len);
+        Ok(())
+    }
+}
+
+/// The decoder of [`ShmCodec`].
+#[derive(Debug)]
+pub struct ShmDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default> Decoder for ShmDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        if wire::is_reference(src.chunk()) {
+            let raw = src.copy_to_bytes(src.remaining());
+            let payload = resolve(&raw).inspect_err(|_| stats::bad_reference())?;
+            let len = payload.len();
+            let _span = tracing::trace_span!("shmgrpc_receive", len).entered();
+            let msg = U::decode(payload)
+                .map_err(|e| Status::invalid_argument(format!("message in shared memory does not decode: {e}")))?;
+            stats::shm_received(len);
+            return Ok(Some(msg));
+        }
+        let len = src.remaining();
+        let msg = U::decode(src).map_err(|e| Status::internal(format!("decoding failed: {e}")))?;
+        stats::inline_received(len);
+        Ok(Some(msg))
+    }
+}
+
+/// Turns reference bytes into the payload they name.
+fn resolve(raw: &[u8]) -> Result<Bytes, Status> {
+    let r = wire::decode_reference(raw).map_err(|e| Status::invalid_argument(format!("bad shmgrpc reference: {e}")))?;
+    // A reference names the sender's segments; we hold them in our end of the session.
+    let ours = if r.from_server { Role::Client } else { Role::Server };
+    let session = Session::lookup(&r.session, ours)
+        .ok_or_else(|| Status::failed_precondition("shmgrpc reference to an unknown or closed session"))?;
+    session.resolve(&r)
+}
+
+pin_project_lite::pin_project! {
+    /// A call's body, polled with its session current on the thread (see the module docs).
+    pub(crate) struct SessionBody<B> {
+        #[pin]
+        inner: B,
+        session: Arc<Session>,
+    }
+}
+
+impl<B> SessionBody<B> {
+    pub(crate) fn new(inner: B, session: Arc<Session>) -> Self {
+        SessionBody { inner, session }
+    }
+}
+
+/// Restores the previous current session when dropped (also on panic).
+struct Restore(Option<Arc<Session>>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = prev);
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for SessionBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let prev = CURRENT.with(|c| c.borrow_mut().replace(this.session.clone()));
+        let _restore = Restore(prev);
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
