@@ -4,7 +4,13 @@
 //! large payloads through shared memory under [`crate::ShmServer`] and [`crate::ShmChannel`], and is a plain gRPC
 //! service otherwise.
 
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -13,6 +19,12 @@ use tonic::{Request, Response, Status, Streaming};
 pub use crate::proto::demo::blob_client::BlobClient;
 pub use crate::proto::demo::blob_server::{Blob, BlobServer};
 pub use crate::proto::demo::{Digest, DigestList, DownloadRequest, Payload};
+
+/// The same service with tonic's own prost codec (`tonic_prost::ProstCodec`): a plain gRPC client and server.
+pub mod plain {
+    pub use crate::proto::demo_plain::blob_client::BlobClient;
+    pub use crate::proto::demo_plain::blob_server::{Blob, BlobServer};
+}
 
 /// Largest payload `download` agrees to produce.
 pub const MAX_DOWNLOAD: u64 = 4 << 30;
@@ -112,4 +124,160 @@ impl Blob for BlobService {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// The plain service delegates to the shared-memory one: same behaviour, only the codec differs.
+#[tonic::async_trait]
+impl plain::Blob for BlobService {
+    async fn echo(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
+        Blob::echo(self, request).await
+    }
+    async fn upload(&self, request: Request<Payload>) -> Result<Response<Digest>, Status> {
+        Blob::upload(self, request).await
+    }
+    async fn download(&self, request: Request<DownloadRequest>) -> Result<Response<Payload>, Status> {
+        Blob::download(self, request).await
+    }
+    async fn upload_stream(&self, request: Request<Streaming<Payload>>) -> Result<Response<DigestList>, Status> {
+        Blob::upload_stream(self, request).await
+    }
+    type DownloadStreamStream = BoxStream<Payload>;
+    async fn download_stream(
+        &self,
+        request: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStreamStream>, Status> {
+        Blob::download_stream(self, request).await
+    }
+    type EchoStreamStream = BoxStream<Payload>;
+    async fn echo_stream(
+        &self,
+        request: Request<Streaming<Payload>>,
+    ) -> Result<Response<Self::EchoStreamStream>, Status> {
+        Blob::echo_stream(self, request).await
+    }
+}
+
+/// Where a demo server listens or a client connects: `unix:/path` or `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+impl FromStr for Addr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(Addr::Unix(p.into()));
+        }
+        let hostport = s.strip_prefix("http://").unwrap_or(s);
+        hostport.parse().map(Addr::Tcp).map_err(|_| format!("{s:?} is neither unix:/path nor host:port"))
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// HTTP/2 settings that give plain gRPC a fair chance with large messages: 8 MiB stream and 16 MiB connection
+/// windows, 16 MiB frames, `TCP_NODELAY`.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size((16 << 20) - 1)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+}
+
+/// Serves [`BlobService`] on every address until `shutdown` completes: with shmgrpc when `shm` is given, as a plain
+/// tonic server (tonic's prost codec, no layer) otherwise. Message size limits are lifted, so inline messages of
+/// any size work too. `ready` gets the bound addresses (TCP port 0 resolved) before serving starts.
+pub async fn serve(
+    addrs: &[Addr],
+    shm: Option<crate::ShmLayer>,
+    ready: impl FnOnce(&[Addr]),
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+    enum Bound {
+        Unix(tokio::net::UnixListener),
+        Tcp(tokio::net::TcpListener),
+    }
+    let mut bound = Vec::new();
+    let mut names = Vec::new();
+    for a in addrs {
+        match a {
+            Addr::Unix(p) => {
+                bound.push(Bound::Unix(tokio::net::UnixListener::bind(p)?));
+                names.push(a.clone());
+            }
+            Addr::Tcp(t) => {
+                let l = tokio::net::TcpListener::bind(t).await?;
+                names.push(Addr::Tcp(l.local_addr()?));
+                bound.push(Bound::Tcp(l));
+            }
+        }
+    }
+    ready(&names);
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for b in bound {
+        let mut rx = rx.clone();
+        let stop = async move {
+            let _ = rx.wait_for(|&s| s).await;
+        };
+        let shm = shm.clone();
+        macro_rules! run {
+            ($incoming:expr) => {
+                match shm {
+                    Some(layer) => {
+                        let svc = BlobServer::new(BlobService)
+                            .max_decoding_message_size(usize::MAX)
+                            .max_encoding_message_size(usize::MAX);
+                        tokio::spawn(
+                            server_builder()
+                                .layer(layer)
+                                .add_service(svc)
+                                .serve_with_incoming_shutdown($incoming, stop),
+                        )
+                    }
+                    None => {
+                        let svc = plain::BlobServer::new(BlobService)
+                            .max_decoding_message_size(usize::MAX)
+                            .max_encoding_message_size(usize::MAX);
+                        tokio::spawn(server_builder().add_service(svc).serve_with_incoming_shutdown($incoming, stop))
+                    }
+                }
+            };
+        }
+        tasks.push(match b {
+            Bound::Unix(l) => run!(UnixListenerStream::new(l)),
+            // serve_with_incoming bypasses the builder's TCP settings: set TCP_NODELAY on each connection here.
+            Bound::Tcp(l) => run!(TcpListenerStream::new(l).map(|s| s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            }))),
+        });
+    }
+    shutdown.await;
+    let _ = tx.send(true);
+    for t in tasks {
+        t.await.map_err(std::io::Error::other)?.map_err(std::io::Error::other)?;
+    }
+    for a in addrs {
+        if let Addr::Unix(p) = a {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(())
 }

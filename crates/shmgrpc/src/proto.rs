@@ -12,3 +12,8 @@ pub mod v1 {
 pub mod demo {
     tonic::include_proto!("shmgrpc.demo.v1");
 }
+
+/// The demo blob service generated with tonic's own prost codec: plain gRPC, for baselines and fallback tests.
+pub mod demo_plain {
+    include!(concat!(env!("OUT_DIR"), "/plain/shmgrpc.demo.v1.rs"));
+}

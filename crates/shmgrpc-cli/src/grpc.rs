@@ -1,0 +1,155 @@
+//! `shmgrpc serve` and `shmgrpc call`: the demo blob service and a client that checksums every reply.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytesize::ByteSize;
+use shmgrpc::demo::{self, Addr, BlobClient, DownloadRequest, Payload};
+use shmgrpc::{ShmChannel, ShmServer};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on: unix:/path or host:port (repeat for several; port 0 picks a free port).
+    #[arg(long, required = true)]
+    listen: Vec<Addr>,
+    /// Serve plain gRPC (tonic's own codec, no shmgrpc layer).
+    #[arg(long)]
+    plain: bool,
+}
+
+#[derive(clap::Args)]
+pub struct CallArgs {
+    /// Server address: unix:/path or host:port.
+    #[arg(long)]
+    target: String,
+    /// Payload size.
+    #[arg(long, default_value = "20MiB")]
+    size: ByteSize,
+    /// Number of calls.
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    /// Which method: echo (payload both ways), upload (payload to the server), download (payload from it).
+    #[arg(long, default_value = "echo")]
+    op: Op,
+    /// Use a plain gRPC channel (no shmgrpc session).
+    #[arg(long)]
+    plain: bool,
+}
+
+/// A demo method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Op {
+    Echo,
+    Upload,
+    Download,
+}
+
+pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let shm = if a.plain { None } else { Some(ShmServer::new(shmgrpc::ServerConfig::default())?) };
+    let layer = shm.as_ref().map(|s| s.layer());
+    let side = shm.as_ref().map(|s| s.side_channel_path().display().to_string());
+    let ready = |bound: &[Addr]| {
+        for b in bound {
+            println!("listening {b}");
+        }
+        match &side {
+            Some(p) => println!("side channel unix:{p}"),
+            None => println!("plain gRPC, no shared memory"),
+        }
+        println!("ready");
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    demo::serve(&a.listen, layer, ready, shutdown).await?;
+    drop(shm);
+    Ok(())
+}
+
+/// A demo client over a shmgrpc channel (or a plain one), with message limits lifted.
+pub async fn client(target: &str, plain: bool) -> anyhow::Result<(BlobClient<ShmChannel>, ShmChannel)> {
+    let config = shmgrpc::ClientConfig::default().shared_memory(!plain);
+    let ch = ShmChannel::connect_with(target, config).await.with_context(|| format!("connecting to {target}"))?;
+    let c = BlobClient::new(ch.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    Ok((c, ch))
+}
+
+/// One checked call: the payload is written in full before the call and checksummed in full after.
+pub struct CallResult {
+    /// From the call to the response.
+    pub transport: Duration,
+    /// Including writing the payload and checksumming the reply.
+    pub end_to_end: Duration,
+    /// Messages that went through shared memory (sent, received).
+    pub shm: (u64, u64),
+}
+
+pub async fn call_once(c: &mut BlobClient<ShmChannel>, op: Op, size: usize, seed: u32) -> anyhow::Result<CallResult> {
+    let before = shmgrpc::stats::snapshot();
+    let t0 = Instant::now();
+    let (transport, ok) = match op {
+        Op::Echo | Op::Upload => {
+            let p = demo::payload(size, seed);
+            let want = p.crc32;
+            let t1 = Instant::now();
+            if op == Op::Echo {
+                let r: Payload = c.echo(p).await?.into_inner();
+                let t = t1.elapsed();
+                demo::verify(&r)?;
+                (t, r.crc32 == want && r.data.len() == size)
+            } else {
+                let d = c.upload(p).await?.into_inner();
+                (t1.elapsed(), d.crc32 == want && d.len == size as u64)
+            }
+        }
+        Op::Download => {
+            let t1 = Instant::now();
+            let r = c.download(DownloadRequest { size: size as u64, seed, count: 1 }).await?.into_inner();
+            let t = t1.elapsed();
+            demo::verify(&r)?;
+            (t, r.data.len() == size)
+        }
+    };
+    let end_to_end = t0.elapsed();
+    if !ok {
+        bail!("the reply does not match what was sent");
+    }
+    let after = shmgrpc::stats::snapshot();
+    Ok(CallResult {
+        transport,
+        end_to_end,
+        shm: (after.shm_sent - before.shm_sent, after.shm_received - before.shm_received),
+    })
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub async fn call(a: CallArgs) -> anyhow::Result<()> {
+    let size = usize::try_from(a.size.as_u64())?;
+    let (mut c, ch) = client(&a.target, a.plain).await?;
+    match ch.fallback() {
+        None if ch.is_shared_memory() => println!("connected to {}: shared memory session", a.target),
+        None => println!("connected to {}: plain gRPC (requested)", a.target),
+        Some(why) => println!("connected to {}: inline only ({why})", a.target),
+    }
+    for i in 0..a.repeat {
+        let r = call_once(&mut c, a.op, size, i as u32).await?;
+        let via = |n: u64| if n > 0 { "shm" } else { "inline" };
+        println!(
+            "call {i}: {:?} {} in {:.3} ms (end to end {:.3} ms), request {}, response {}, checksum ok",
+            a.op,
+            a.size,
+            ms(r.transport),
+            ms(r.end_to_end),
+            via(r.shm.0),
+            via(r.shm.1)
+        );
+    }
+    Ok(())
+}
