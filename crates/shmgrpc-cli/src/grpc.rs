@@ -34,6 +34,10 @@ pub struct CallArgs {
     /// Use a plain gRPC channel (no shmgrpc session).
     #[arg(long)]
     plain: bool,
+    /// Keep every reply until the command ends, instead of dropping each after checking it (the server's buffers
+    /// stay lent: exercises the release protocol and reclamation).
+    #[arg(long)]
+    keep: bool,
 }
 
 /// A demo method.
@@ -89,6 +93,17 @@ pub struct CallResult {
 }
 
 pub async fn call_once(c: &mut BlobClient<ShmChannel>, op: Op, size: usize, seed: u32) -> anyhow::Result<CallResult> {
+    call_keep(c, op, size, seed, &mut Vec::new()).await
+}
+
+/// Like [`call_once`], pushing the reply's payload (if any) into `kept`.
+pub async fn call_keep(
+    c: &mut BlobClient<ShmChannel>,
+    op: Op,
+    size: usize,
+    seed: u32,
+    kept: &mut Vec<Payload>,
+) -> anyhow::Result<CallResult> {
     let before = shmgrpc::stats::snapshot();
     let t0 = Instant::now();
     let (transport, ok) = match op {
@@ -100,7 +115,9 @@ pub async fn call_once(c: &mut BlobClient<ShmChannel>, op: Op, size: usize, seed
                 let r: Payload = c.echo(p).await?.into_inner();
                 let t = t1.elapsed();
                 demo::verify(&r)?;
-                (t, r.crc32 == want && r.data.len() == size)
+                let ok = r.crc32 == want && r.data.len() == size;
+                kept.push(r);
+                (t, ok)
             } else {
                 let d = c.upload(p).await?.into_inner();
                 (t1.elapsed(), d.crc32 == want && d.len == size as u64)
@@ -111,7 +128,9 @@ pub async fn call_once(c: &mut BlobClient<ShmChannel>, op: Op, size: usize, seed
             let r = c.download(DownloadRequest { size: size as u64, seed, count: 1 }).await?.into_inner();
             let t = t1.elapsed();
             demo::verify(&r)?;
-            (t, r.data.len() == size)
+            let ok = r.data.len() == size;
+            kept.push(r);
+            (t, ok)
         }
     };
     let end_to_end = t0.elapsed();
@@ -138,8 +157,12 @@ pub async fn call(a: CallArgs) -> anyhow::Result<()> {
         None => println!("connected to {}: plain gRPC (requested)", a.target),
         Some(why) => println!("connected to {}: inline only ({why})", a.target),
     }
+    let mut kept = Vec::new();
     for i in 0..a.repeat {
-        let r = call_once(&mut c, a.op, size, i as u32).await?;
+        let r = call_keep(&mut c, a.op, size, i as u32, &mut kept).await?;
+        if !a.keep {
+            kept.clear();
+        }
         let via = |n: u64| if n > 0 { "shm" } else { "inline" };
         println!(
             "call {i}: {:?} {} in {:.3} ms (end to end {:.3} ms), request {}, response {}, checksum ok",

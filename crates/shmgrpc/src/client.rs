@@ -198,6 +198,13 @@ impl ShmChannel {
         self.session.as_ref().map(|s| s.pool())
     }
 
+    /// The session's secret id, when a session exists. For protocol tests and debugging tools: anyone who knows it
+    /// can send references into this session, so never log it.
+    #[doc(hidden)]
+    pub fn session_id(&self) -> Option<[u8; 16]> {
+        self.session.as_ref().map(|s| s.id())
+    }
+
     /// The underlying tonic channel.
     pub fn channel(&self) -> &Channel {
         &self.inner

@@ -26,6 +26,9 @@ pub mod plain {
     pub use crate::proto::demo_plain::blob_server::{Blob, BlobServer};
 }
 
+/// Request metadata that `echo` copies into its response metadata.
+pub const ECHO_HEADER: &str = "x-shmgrpc-echo";
+
 /// Largest payload `download` agrees to produce.
 pub const MAX_DOWNLOAD: u64 = 4 << 30;
 
@@ -76,9 +79,14 @@ fn download_size(r: &DownloadRequest) -> Result<usize, Status> {
 #[tonic::async_trait]
 impl Blob for BlobService {
     async fn echo(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let echoed = request.metadata().get(ECHO_HEADER).cloned();
         let p = request.into_inner();
         verify(&p)?;
-        Ok(Response::new(p))
+        let mut response = Response::new(p);
+        if let Some(v) = echoed {
+            response.metadata_mut().insert(ECHO_HEADER, v);
+        }
+        Ok(response)
     }
 
     async fn upload(&self, request: Request<Payload>) -> Result<Response<Digest>, Status> {

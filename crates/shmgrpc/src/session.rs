@@ -130,6 +130,10 @@ impl Session {
         self.id.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    pub(crate) fn id(&self) -> SessionId {
+        self.id
+    }
+
     /// Finds a live session of this process by id and role.
     pub(crate) fn lookup(id: &[u8], role: Role) -> Option<Arc<Session>> {
         let id: SessionId = id.try_into().ok()?;

@@ -1,0 +1,495 @@
+//! gRPC over shared memory end to end, with server and client in separate processes wherever the property is about
+//! two processes: every RPC kind in both directions, metadata, deadlines, status codes, interceptors, the fallback
+//! matrix, release and reclamation (also after `kill -9`), hostile references, and 1 GiB messages.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use shmgrpc::demo::{self, Addr, BlobClient, DownloadRequest, Payload};
+use shmgrpc::stats::Fallback;
+use shmgrpc::wire::{self, Reference};
+use shmgrpc::{ClientConfig, Pool, PoolConfig, ServerConfig, ShmChannel, ShmServer};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Request, Status};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shmgrpc");
+
+/// A `shmgrpc serve` process; SIGTERM (then SIGKILL) on drop.
+struct Served {
+    child: Child,
+    unix: String,
+    tcp: String,
+    side: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn serve(extra: &[&str]) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let unix = format!("unix:{}", dir.path().join("grpc.sock").display());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &unix, "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut tcp, mut side) = (None, None);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(a) = line.strip_prefix("listening ")
+            && !a.starts_with("unix:")
+        {
+            tcp = Some(a.to_string());
+        }
+        if let Some(p) = line.strip_prefix("side channel unix:") {
+            side = Some(p.to_string());
+        }
+        if line == "ready" {
+            break;
+        }
+    }
+    Served { child, unix, tcp: tcp.expect("tcp address"), side, _dir: dir }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(ch: &ShmChannel) -> BlobClient<ShmChannel> {
+    BlobClient::new(ch.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
+}
+
+/// Waits until `f` holds (releases travel asynchronously on the side channel).
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_kind_moves_payloads_through_shared_memory_both_ways() {
+    let srv = serve(&[]);
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
+    let mut c = client(&ch);
+    let size = 1 << 20;
+
+    // (The transfer counters are per process and other tests run alongside: check deltas as lower bounds.)
+    let before = shmgrpc::stats::snapshot();
+    let p = demo::payload(size, 1);
+    let r = c.echo(p.clone()).await.unwrap().into_inner();
+    assert_eq!(r.crc32, p.crc32);
+    demo::verify(&r).unwrap();
+    assert!(shmgrpc::is_shared(&r.data), "echo reply not in shared memory");
+    let after = shmgrpc::stats::snapshot();
+    assert!(after.shm_sent > before.shm_sent);
+    assert!(after.shm_received_bytes - before.shm_received_bytes >= size as u64);
+
+    let d = c.upload(demo::payload(size, 2)).await.unwrap().into_inner();
+    assert!(d.via_shm, "the server did not receive the upload through shared memory");
+    assert_eq!(d.len, size as u64);
+
+    let r = c.download(DownloadRequest { size: size as u64, seed: 3, count: 1 }).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+    assert_eq!(r.data.len(), size);
+    assert!(shmgrpc::is_shared(&r.data));
+
+    // Client streaming.
+    let sent: Vec<Payload> = (0..3).map(|i| demo::payload(size / 2 + i, 10 + i as u32)).collect();
+    let list = c.upload_stream(futures_stream(sent.clone())).await.unwrap().into_inner();
+    assert_eq!(list.digests.len(), 3);
+    for (d, p) in list.digests.iter().zip(&sent) {
+        assert_eq!((d.len, d.crc32, d.via_shm), (p.data.len() as u64, p.crc32, true));
+    }
+
+    // Server streaming.
+    let mut s = c.download_stream(DownloadRequest { size: size as u64, seed: 7, count: 4 }).await.unwrap().into_inner();
+    let mut n = 0;
+    while let Some(p) = s.message().await.unwrap() {
+        demo::verify(&p).unwrap();
+        assert!(shmgrpc::is_shared(&p.data));
+        n += 1;
+    }
+    assert_eq!(n, 4);
+
+    // Bidirectional streaming.
+    let mut s = c.echo_stream(futures_stream(sent.clone())).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(p) = s.message().await.unwrap() {
+        assert!(shmgrpc::is_shared(&p.data));
+        got.push(p.crc32);
+    }
+    assert_eq!(got, sent.iter().map(|p| p.crc32).collect::<Vec<_>>());
+
+    // Below the threshold everything stays inline, both ways.
+    let r = c.echo(demo::payload(1024, 5)).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+    assert!(!shmgrpc::is_shared(&r.data));
+    assert!(!c.upload(demo::payload(1024, 6)).await.unwrap().into_inner().via_shm);
+}
+
+fn futures_stream(v: Vec<Payload>) -> impl tokio_stream::Stream<Item = Payload> + Send + 'static {
+    tokio_stream::iter(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_deadlines_status_codes_and_interceptors_keep_working() {
+    let srv = serve(&[]);
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    assert!(ch.is_shared_memory());
+
+    // Metadata both ways, through an interceptor that adds it.
+    let mut c = BlobClient::with_interceptor(ch.clone(), |mut req: Request<()>| {
+        req.metadata_mut().insert(demo::ECHO_HEADER, "from-interceptor".parse().unwrap());
+        Ok(req)
+    });
+    let r = c.echo(demo::payload(256 << 10, 1)).await.unwrap();
+    assert_eq!(r.metadata().get(demo::ECHO_HEADER).unwrap(), "from-interceptor");
+    assert!(shmgrpc::is_shared(&r.get_ref().data));
+
+    // Status codes from the handler pass through unchanged.
+    let mut c = client(&ch);
+    let err = c.download(DownloadRequest { size: u64::MAX, seed: 0, count: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+
+    // A checksum mismatch detected by the server is its own status.
+    let mut p = demo::payload(128 << 10, 2);
+    p.crc32 ^= 1;
+    assert_eq!(c.echo(p).await.unwrap_err().code(), Code::DataLoss);
+
+    // Deadlines: a 1 ms deadline on a large download expires.
+    let mut req = Request::new(DownloadRequest { size: 256 << 20, seed: 0, count: 1 });
+    req.set_timeout(Duration::from_millis(1));
+    let err = c.download(req).await.unwrap_err();
+    assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled), "{err}");
+
+    // The channel is still fine afterwards.
+    let r = c.echo(demo::payload(1 << 20, 3)).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shmgrpc_client_against_a_plain_tonic_server_goes_inline() {
+    let srv = serve(&["--plain"]);
+    for target in [&srv.unix, &srv.tcp] {
+        let ch = ShmChannel::connect(target).await.unwrap();
+        assert!(!ch.is_shared_memory());
+        assert_eq!(ch.fallback(), Some(Fallback::PeerLacksShmgrpc));
+        let mut c = client(&ch);
+        let before = shmgrpc::stats::snapshot();
+        let r = c.echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner();
+        demo::verify(&r).unwrap();
+        let after = shmgrpc::stats::snapshot();
+        assert_eq!(after.shm_sent, before.shm_sent, "a reference was sent to a plain server");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_tonic_client_against_a_shmgrpc_server_works() {
+    let srv = serve(&[]);
+    for target in [&srv.unix, &srv.tcp] {
+        let (ep, unix) = shmgrpc::client::endpoint(target).unwrap();
+        let channel = match unix {
+            Some(path) => ep
+                .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+                .unwrap(),
+            None => ep.connect().await.unwrap(),
+        };
+        let mut c = demo::plain::BlobClient::new(channel).max_decoding_message_size(usize::MAX);
+        let p = demo::payload(1 << 20, 4);
+        let r = c.echo(p.clone()).await.unwrap().into_inner();
+        assert_eq!(r, p);
+        let d = c.upload(demo::payload(1 << 20, 5)).await.unwrap().into_inner();
+        assert!(!d.via_shm);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_side_channel_falls_back_inline() {
+    let srv = serve(&[]);
+    std::fs::remove_file(srv.side.as_ref().unwrap()).unwrap();
+    let ch = ShmChannel::connect(&srv.tcp).await.unwrap();
+    assert_eq!(ch.fallback(), Some(Fallback::SideChannelUnreachable));
+    let r = client(&ch).echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+    assert!(!shmgrpc::is_shared(&r.data));
+}
+
+#[test]
+fn a_client_in_a_private_mount_namespace_falls_back_inline() {
+    let srv = serve(&[]);
+    // A private /tmp (where the side channel lives) and a private /dev/shm, as in a container without --ipc=host.
+    let script = format!(
+        "mount -t tmpfs none /tmp && mount -t tmpfs none /dev/shm && exec {BIN} call --target {} --size 1MiB --repeat 2",
+        srv.tcp
+    );
+    let out = match Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output() {
+        Ok(o) => o,
+        Err(e) => {
+            println!("skipped: unshare is not available here ({e})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && (text.contains("Operation not permitted") || text.contains("unshare failed")) {
+        println!("skipped: this machine does not allow a private mount namespace: {text}");
+        return;
+    }
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("inline only (side channel unreachable)"), "{text}");
+    assert_eq!(text.matches("request inline, response inline, checksum ok").count(), 2, "{text}");
+}
+
+/// Server in this process (so its pool can be inspected), client too: buffers come back by the release protocol
+/// while the session lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_many_calls_both_pools_are_idle_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("g.sock");
+    let shm = ShmServer::new(ServerConfig::default()).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    let pool = Pool::new(PoolConfig::default().budget(256 << 20)).unwrap();
+    let ch = ShmChannel::connect_with(&format!("unix:{}", sock.display()), ClientConfig::default().pool(pool.clone()))
+        .await
+        .unwrap();
+    assert!(ch.is_shared_memory());
+    let mut c = client(&ch);
+    for i in 0..50u32 {
+        let size = [100 << 10, 1 << 20, 3 << 20][i as usize % 3];
+        let r = c.echo(demo::payload(size, i)).await.unwrap().into_inner();
+        demo::verify(&r).unwrap();
+    }
+    eventually("the client's buffers are released", || pool.stats().is_idle()).await;
+    eventually("the server's buffers are released", || shm.pool().stats().is_idle()).await;
+    assert_eq!(shm.sessions(), 1, "idle because of releases, not because the session ended");
+    let s = pool.stats();
+    assert!(s.grows <= 6, "buffers are reused, not created per call: {s}");
+    drop(c);
+    drop(ch);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_client_gives_back_every_buffer_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("g.sock");
+    let shm = ShmServer::new(ServerConfig::default()).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    // The client keeps every reply: the server's buffers stay lent until it dies.
+    let mut child = Command::new(BIN)
+        .args(["call", "--target", &format!("unix:{}", sock.display()), "--op", "download", "--size", "2MiB"])
+        .args(["--repeat", "1000000", "--keep"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("shared memory session"), "{first}");
+    for _ in 0..5 {
+        let l = lines.next().unwrap().unwrap();
+        assert!(l.contains("response shm"), "{l}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let start = Instant::now();
+    while !(shm.sessions() == 0 && shm.pool().stats().is_idle()) {
+        assert!(start.elapsed() < Duration::from_secs(10), "not reclaimed: {}", shm.pool().stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(shm.pool().stats().grows >= 5, "{}", shm.pool().stats());
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// Serves the demo service with shmgrpc in this process; returns once it listens.
+async fn serve_here(
+    sock: std::path::PathBuf,
+    layer: shmgrpc::ShmLayer,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready, is_ready) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        demo::serve(
+            &[Addr::Unix(sock)],
+            Some(layer),
+            move |_| {
+                let _ = ready.send(());
+            },
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+    is_ready.await.unwrap();
+    (stop, handle)
+}
+
+/// Sends raw message bytes, so a test can put any reference on the wire.
+#[derive(Default, Clone)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+async fn raw_echo(ch: &ShmChannel, body: Bytes) -> Result<Bytes, Status> {
+    let mut g = tonic::client::Grpc::new(ch.clone());
+    g.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Echo");
+    g.unary(Request::new(body), path, Raw).await.map(|r| r.into_inner())
+}
+
+fn reference(r: Reference) -> Bytes {
+    let mut b = Vec::new();
+    wire::encode_reference(r, &mut b);
+    b.into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
+    let srv = serve(&[]);
+    // A fresh pool: its first buffer is segment 1.
+    let pool = Pool::new(PoolConfig::default()).unwrap();
+    let ch = ShmChannel::connect_with(&srv.unix, ClientConfig::default().pool(pool)).await.unwrap();
+    assert!(ch.is_shared_memory());
+    let mut good = client(&ch);
+    // Register segment 1 (1 MiB class) with the server by a legitimate call.
+    demo::verify(&good.echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner()).unwrap();
+    let id = ch.session_id().unwrap();
+    let ok =
+        Reference { session: id.to_vec().into(), segment: 1, generation: 0, offset: 0, len: 16, from_server: false };
+
+    let cases: Vec<(&str, Bytes, Code)> = vec![
+        (
+            "unknown session",
+            reference(Reference { session: vec![9; 16].into(), ..ok.clone() }),
+            Code::FailedPrecondition,
+        ),
+        (
+            "short session id",
+            reference(Reference { session: vec![9; 3].into(), ..ok.clone() }),
+            Code::FailedPrecondition,
+        ),
+        ("unregistered segment", reference(Reference { segment: 999, ..ok.clone() }), Code::InvalidArgument),
+        ("offset past the end", reference(Reference { offset: 2 << 20, ..ok.clone() }), Code::OutOfRange),
+        ("length past the end", reference(Reference { len: 1 << 40, ..ok.clone() }), Code::OutOfRange),
+        (
+            "overflowing offset + length",
+            reference(Reference { offset: u64::MAX, len: 2, ..ok.clone() }),
+            Code::OutOfRange,
+        ),
+        (
+            "claims to come from the server",
+            reference(Reference { from_server: true, ..ok.clone() }),
+            Code::FailedPrecondition,
+        ),
+        (
+            "malformed",
+            {
+                let mut b = reference(ok.clone())[..3].to_vec(); // the reference key, then garbage
+                b.extend_from_slice(&[0x05, 0x01]);
+                b.into()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "trailing fields",
+            {
+                let mut b = reference(ok.clone()).to_vec();
+                b.extend_from_slice(&[0x08, 0x01]);
+                b.into()
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    let before = shmgrpc::stats::snapshot();
+    for (what, body, code) in &cases {
+        let err = raw_echo(&ch, body.clone()).await.unwrap_err();
+        assert_eq!(err.code(), *code, "{what}: {err}");
+        // No segment name ever appears in a status.
+        assert!(!err.message().contains("shmgrpc-"), "{what}: {err}");
+    }
+    // A well-formed reference to 16 real bytes of our own segment: they hold the start of a 1 MiB Payload, which
+    // does not decode from 16 bytes. The server says so; it does not crash.
+    let err = raw_echo(&ch, reference(ok.clone())).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    // The server is still up and serves both this client and a fresh one, through shared memory.
+    demo::verify(&good.echo(demo::payload(2 << 20, 2)).await.unwrap().into_inner()).unwrap();
+    let other = ShmChannel::connect(&srv.unix).await.unwrap();
+    assert!(other.is_shared_memory());
+    demo::verify(&client(&other).echo(demo::payload(2 << 20, 3)).await.unwrap().into_inner()).unwrap();
+    let after = shmgrpc::stats::snapshot();
+    assert_eq!(after.bad_references, before.bad_references, "the client itself received no bad reference");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_above_tonic_limits_need_no_settings() {
+    let srv = serve(&[]);
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    // Default tonic limits on this client: 4 MiB to decode.
+    let mut c = BlobClient::new(ch.clone());
+    let r = c.echo(demo::payload(16 << 20, 9)).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+    assert_eq!(r.data.len(), 16 << 20);
+}
+
+#[test]
+fn one_gib_each_way_between_processes() {
+    let srv = serve(&[]);
+    let out =
+        Command::new(BIN).args(["call", "--target", &srv.unix, "--size", "1GiB", "--repeat", "1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("request shm, response shm, checksum ok"), "{text}");
+}
