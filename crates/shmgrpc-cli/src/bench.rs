@@ -16,8 +16,9 @@ pub struct BenchArgs {
     /// Payload sizes.
     #[arg(long, value_delimiter = ',', default_value = "1KiB,64KiB,1MiB,20MiB")]
     sizes: Vec<ByteSize>,
-    /// Transports: tcp (plain tonic, TCP loopback), uds (plain tonic, Unix socket), shm (shmgrpc).
-    #[arg(long, value_delimiter = ',', default_value = "tcp,uds,shm")]
+    /// Transports: tcp (plain tonic, TCP loopback), uds (plain tonic, Unix socket), shm (shmgrpc, transparent),
+    /// loan (shmgrpc, request payloads written into loans).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,uds,shm,loan")]
     transports: Vec<Transport>,
     /// Calls per cell (default: fewer for larger sizes).
     #[arg(long)]
@@ -32,6 +33,7 @@ pub enum Transport {
     Tcp,
     Uds,
     Shm,
+    Loan,
 }
 
 /// A `shmgrpc serve` child process, killed on drop.
@@ -125,19 +127,20 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             let (target, plain_client) = match t {
                 Transport::Tcp => (plain.addrs[0].clone(), true),
                 Transport::Uds => (plain.addrs[1].clone(), true),
-                Transport::Shm => (shm.addrs[0].clone(), false),
+                Transport::Shm | Transport::Loan => (shm.addrs[0].clone(), false),
             };
             let (mut c, ch) = client(&target, plain_client).await?;
-            if t == Transport::Shm && !ch.is_shared_memory() {
+            let loans = (t == Transport::Loan).then_some(&ch);
+            if matches!(t, Transport::Shm | Transport::Loan) && !ch.is_shared_memory() {
                 bail!("no shared-memory session with the shmgrpc server: {:?}", ch.fallback());
             }
             // One warm-up call: connection, first segment, first mapping.
-            call_once(&mut c, a.op, n, 0).await?;
+            call_once(&mut c, loans, a.op, n, 0).await?;
             let mut tr = Vec::with_capacity(iterations);
             let mut e2e = Vec::with_capacity(iterations);
             let mut shm_msgs = 0;
             for i in 0..iterations {
-                let r = call_once(&mut c, a.op, n, i as u32 + 1).await?;
+                let r = call_once(&mut c, loans, a.op, n, i as u32 + 1).await?;
                 tr.push(r.transport);
                 e2e.push(r.end_to_end);
                 shm_msgs += r.shm.0 + r.shm.1;
@@ -166,13 +169,16 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     println!();
     for size in &a.sizes {
         let n = size.as_u64() as usize;
-        if let Some(s) = medians.get(&(Transport::Shm, n)) {
-            let vs = |t| medians.get(&(t, n)).map(|m: &Duration| m.as_secs_f64() / s.as_secs_f64());
-            println!(
-                "{size:>10}: shm speedup {} over tcp, {} over uds (median transport time)",
-                vs(Transport::Tcp).map_or("-".into(), |x| format!("{x:.1}x")),
-                vs(Transport::Uds).map_or("-".into(), |x| format!("{x:.1}x"))
-            );
+        for fast in [Transport::Shm, Transport::Loan] {
+            if let Some(s) = medians.get(&(fast, n)) {
+                let vs = |t| medians.get(&(t, n)).map(|m: &Duration| m.as_secs_f64() / s.as_secs_f64());
+                println!(
+                    "{size:>10}: {} speedup {} over tcp, {} over uds (median transport time)",
+                    format!("{fast:?}").to_lowercase(),
+                    vs(Transport::Tcp).map_or("-".into(), |x| format!("{x:.1}x")),
+                    vs(Transport::Uds).map_or("-".into(), |x| format!("{x:.1}x"))
+                );
+            }
         }
     }
     drop((plain, shm));

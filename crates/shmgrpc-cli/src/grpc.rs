@@ -34,6 +34,9 @@ pub struct CallArgs {
     /// Use a plain gRPC channel (no shmgrpc session).
     #[arg(long)]
     plain: bool,
+    /// Write request payloads into loans (sent without any copy) instead of ordinary memory.
+    #[arg(long)]
+    loan: bool,
     /// Keep every reply until the command ends, instead of dropping each after checking it (the server's buffers
     /// stay lent: exercises the release protocol and reclamation).
     #[arg(long)]
@@ -92,13 +95,34 @@ pub struct CallResult {
     pub shm: (u64, u64),
 }
 
-pub async fn call_once(c: &mut BlobClient<ShmChannel>, op: Op, size: usize, seed: u32) -> anyhow::Result<CallResult> {
-    call_keep(c, op, size, seed, &mut Vec::new()).await
+pub async fn call_once(
+    c: &mut BlobClient<ShmChannel>,
+    loans: Option<&ShmChannel>,
+    op: Op,
+    size: usize,
+    seed: u32,
+) -> anyhow::Result<CallResult> {
+    call_keep(c, loans, op, size, seed, &mut Vec::new()).await
+}
+
+/// The request payload: written in full, into a loan of `loans` when given (sent without a copy), else into
+/// ordinary memory.
+fn request_payload(loans: Option<&ShmChannel>, size: usize, seed: u32) -> Payload {
+    match loans {
+        Some(ch) => {
+            let mut loan = ch.loan(size);
+            demo::fill_pattern(&mut loan, seed);
+            let crc32 = crc32fast::hash(&loan);
+            Payload { data: loan.freeze(), crc32, note: String::new() }
+        }
+        None => demo::payload(size, seed),
+    }
 }
 
 /// Like [`call_once`], pushing the reply's payload (if any) into `kept`.
 pub async fn call_keep(
     c: &mut BlobClient<ShmChannel>,
+    loans: Option<&ShmChannel>,
     op: Op,
     size: usize,
     seed: u32,
@@ -108,7 +132,7 @@ pub async fn call_keep(
     let t0 = Instant::now();
     let (transport, ok) = match op {
         Op::Echo | Op::Upload => {
-            let p = demo::payload(size, seed);
+            let p = request_payload(loans, size, seed);
             let want = p.crc32;
             let t1 = Instant::now();
             if op == Op::Echo {
@@ -159,7 +183,8 @@ pub async fn call(a: CallArgs) -> anyhow::Result<()> {
     }
     let mut kept = Vec::new();
     for i in 0..a.repeat {
-        let r = call_keep(&mut c, a.op, size, i as u32, &mut kept).await?;
+        let loans = a.loan.then_some(&ch);
+        let r = call_keep(&mut c, loans, a.op, size, i as u32, &mut kept).await?;
         if !a.keep {
             kept.clear();
         }

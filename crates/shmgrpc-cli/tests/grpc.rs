@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use shmgrpc::demo::{self, Addr, BlobClient, DownloadRequest, Payload};
+use shmgrpc::proto::v1::{Part, Reference, Region, part};
 use shmgrpc::stats::Fallback;
-use shmgrpc::wire::{self, Reference};
+use shmgrpc::wire;
 use shmgrpc::{ClientConfig, Pool, PoolConfig, ServerConfig, ShmChannel, ShmServer};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Request, Status};
@@ -407,37 +408,37 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
     // Register segment 1 (1 MiB class) with the server by a legitimate call.
     demo::verify(&good.echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner()).unwrap();
     let id = ch.session_id().unwrap();
-    let ok =
-        Reference { session: id.to_vec().into(), segment: 1, generation: 0, offset: 0, len: 16, from_server: false };
+    let reg = Region { segment: 1, generation: 0, offset: 0, len: 16 };
+    let refer = |session: Vec<u8>, from_server: bool, parts: Vec<part::Kind>| {
+        reference(Reference {
+            session: session.into(),
+            from_server,
+            parts: parts.into_iter().map(|k| Part { kind: Some(k) }).collect(),
+        })
+    };
+    let ours = |parts: Vec<part::Kind>| refer(id.to_vec(), false, parts);
+    let sender = |r: Region| vec![part::Kind::Sender(r)];
+    let ok = ours(sender(reg));
 
     let cases: Vec<(&str, Bytes, Code)> = vec![
+        ("unknown session", refer(vec![9; 16], false, sender(reg)), Code::FailedPrecondition),
+        ("short session id", refer(vec![9; 3], false, sender(reg)), Code::FailedPrecondition),
+        ("claims to come from the server", refer(id.to_vec(), true, sender(reg)), Code::FailedPrecondition),
+        ("unregistered segment", ours(sender(Region { segment: 999, ..reg })), Code::InvalidArgument),
+        ("offset past the end", ours(sender(Region { offset: 2 << 20, ..reg })), Code::OutOfRange),
+        ("length past the end", ours(sender(Region { len: 1 << 40, ..reg })), Code::OutOfRange),
+        ("overflowing offset + length", ours(sender(Region { offset: u64::MAX, len: 2, ..reg })), Code::OutOfRange),
+        ("no parts", ours(vec![]), Code::InvalidArgument),
         (
-            "unknown session",
-            reference(Reference { session: vec![9; 16].into(), ..ok.clone() }),
-            Code::FailedPrecondition,
+            "too many parts",
+            ours((0..65).map(|_| part::Kind::Inline(Bytes::from_static(b"x"))).collect()),
+            Code::InvalidArgument,
         ),
-        (
-            "short session id",
-            reference(Reference { session: vec![9; 3].into(), ..ok.clone() }),
-            Code::FailedPrecondition,
-        ),
-        ("unregistered segment", reference(Reference { segment: 999, ..ok.clone() }), Code::InvalidArgument),
-        ("offset past the end", reference(Reference { offset: 2 << 20, ..ok.clone() }), Code::OutOfRange),
-        ("length past the end", reference(Reference { len: 1 << 40, ..ok.clone() }), Code::OutOfRange),
-        (
-            "overflowing offset + length",
-            reference(Reference { offset: u64::MAX, len: 2, ..ok.clone() }),
-            Code::OutOfRange,
-        ),
-        (
-            "claims to come from the server",
-            reference(Reference { from_server: true, ..ok.clone() }),
-            Code::FailedPrecondition,
-        ),
+        ("a buffer of the server's it never lent", ours(vec![part::Kind::Receiver(reg)]), Code::InvalidArgument),
         (
             "malformed",
             {
-                let mut b = reference(ok.clone())[..3].to_vec(); // the reference key, then garbage
+                let mut b = ok[..3].to_vec(); // the reference key, then garbage
                 b.extend_from_slice(&[0x05, 0x01]);
                 b.into()
             },
@@ -446,7 +447,7 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
         (
             "trailing fields",
             {
-                let mut b = reference(ok.clone()).to_vec();
+                let mut b = ok.to_vec();
                 b.extend_from_slice(&[0x08, 0x01]);
                 b.into()
             },
@@ -462,7 +463,7 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
     }
     // A well-formed reference to 16 real bytes of our own segment: they hold the start of a 1 MiB Payload, which
     // does not decode from 16 bytes. The server says so; it does not crash.
-    let err = raw_echo(&ch, reference(ok.clone())).await.unwrap_err();
+    let err = raw_echo(&ch, ok.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     // The server is still up and serves both this client and a fresh one, through shared memory.
     demo::verify(&good.echo(demo::payload(2 << 20, 2)).await.unwrap().into_inner()).unwrap();

@@ -198,6 +198,16 @@ impl ShmChannel {
         self.session.as_ref().map(|s| s.pool())
     }
 
+    /// A buffer to write a request payload into and send without a copy ([`crate::Loan::freeze`] it into a
+    /// `bytes` field). Shared memory when this channel has a session (and the pool has budget), ordinary memory
+    /// otherwise, so the same code works with any server.
+    pub fn loan(&self, len: usize) -> crate::Loan {
+        match &self.session {
+            Some(s) => s.loan(len),
+            None => crate::Loan::heap(len),
+        }
+    }
+
     /// The session's secret id, when a session exists. For protocol tests and debugging tools: anyone who knows it
     /// can send references into this session, so never log it.
     #[doc(hidden)]

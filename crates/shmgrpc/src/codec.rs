@@ -21,11 +21,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
+use crate::parts::PartsBuf;
 use crate::session::{Role, Session};
 use crate::stats;
 use crate::wire;
@@ -113,7 +114,7 @@ impl<U: Message + Default> Decoder for ShmDecoder<U> {
         if wire::is_reference(src.chunk()) {
             let raw = src.copy_to_bytes(src.remaining());
             let payload = resolve(&raw).inspect_err(|_| stats::bad_reference())?;
-            let len = payload.len();
+            let len = payload.remaining();
             let _span = tracing::trace_span!("shmgrpc_receive", len).entered();
             let msg = U::decode(payload)
                 .map_err(|e| Status::invalid_argument(format!("message in shared memory does not decode: {e}")))?;
@@ -127,14 +128,14 @@ impl<U: Message + Default> Decoder for ShmDecoder<U> {
     }
 }
 
-/// Turns reference bytes into the payload they name.
-fn resolve(raw: &[u8]) -> Result<Bytes, Status> {
+/// Turns reference bytes into the message bytes they name.
+fn resolve(raw: &[u8]) -> Result<PartsBuf, Status> {
     let r = wire::decode_reference(raw).map_err(|e| Status::invalid_argument(format!("bad shmgrpc reference: {e}")))?;
-    // A reference names the sender's segments; we hold them in our end of the session.
+    // We are the other end of the session than the sender.
     let ours = if r.from_server { Role::Client } else { Role::Server };
     let session = Session::lookup(&r.session, ours)
         .ok_or_else(|| Status::failed_precondition("shmgrpc reference to an unknown or closed session"))?;
-    session.resolve(&r)
+    Ok(PartsBuf::new(session.resolve(r)?))
 }
 
 pin_project_lite::pin_project! {

@@ -142,6 +142,8 @@ struct Lent {
 
 struct Inner {
     config: PoolConfig,
+    /// Address ranges of every buffer that exists, by id (for [`Pool::contains`]).
+    ranges: Mutex<HashMap<u32, (usize, usize)>>,
     classes: Box<[Class]>,
     /// Bytes of every segment that exists or is being created; never above the budget.
     reserved: AtomicU64,
@@ -203,6 +205,7 @@ impl Pool {
         Ok(Pool {
             inner: Arc::new(Inner {
                 config,
+                ranges: Mutex::default(),
                 classes,
                 reserved: AtomicU64::new(0),
                 next_id: AtomicU32::new(1),
@@ -359,7 +362,10 @@ impl Pool {
     fn create(&self, cap: usize) -> Result<Buffer> {
         match Segment::create(cap, &self.inner.config.segment) {
             Ok(segment) => {
-                Ok(Buffer { id: self.inner.next_id.fetch_add(1, Ordering::Relaxed), generation: 0, segment })
+                let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                let range = (segment.as_slice().as_ptr() as usize, segment.len());
+                lock(&self.inner.ranges).insert(id, range);
+                Ok(Buffer { id, generation: 0, segment })
             }
             Err(e) => {
                 self.inner.reserved.fetch_sub(cap as u64, Ordering::AcqRel);
@@ -387,6 +393,7 @@ impl Pool {
                 };
                 let Some(victim) = victim else { break };
                 let len = victim.segment.len() as u64;
+                lock(&self.inner.ranges).remove(&victim.id);
                 drop(victim); // unmapped and removed before the budget is handed on
                 self.inner.reserved.fetch_sub(len, Ordering::AcqRel);
                 self.inner.counters.evictions.fetch_add(1, Ordering::Relaxed);
@@ -397,6 +404,12 @@ impl Pool {
     /// Drops every idle buffer, returning their memory to the system.
     pub fn trim(&self) {
         self.evict(u64::MAX / 2);
+    }
+
+    /// Whether `data` lies inside one of this pool's buffers.
+    pub fn contains(&self, data: &[u8]) -> bool {
+        let (p, n) = (data.as_ptr() as usize, data.len());
+        lock(&self.inner.ranges).values().any(|&(base, len)| p >= base && p + n <= base + len)
     }
 
     /// Returns a buffer to its class and wakes waiters.

@@ -270,6 +270,19 @@ fn handshake(shared: &Shared, sock: UnixStream) -> std::result::Result<(), &'sta
     Ok(())
 }
 
+/// The session of a call, in the request's extensions (see [`loan`]).
+#[derive(Clone)]
+struct CallSession(Arc<Session>);
+
+/// A buffer to write a response payload into and send without a copy ([`crate::Loan::freeze`] it into a `bytes`
+/// field of the response). Shared memory when the call came through a shmgrpc session, ordinary memory otherwise.
+pub fn loan<T>(request: &tonic::Request<T>, len: usize) -> crate::Loan {
+    match request.extensions().get::<CallSession>() {
+        Some(CallSession(s)) => s.loan(len),
+        None => crate::Loan::heap(len),
+    }
+}
+
 /// Answers discovery.
 struct Hello {
     shared: Arc<Shared>,
@@ -351,6 +364,10 @@ where
             .get(SESSION_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|hex| Session::lookup_hex(hex, Role::Server));
+        let mut req = req;
+        if let Some(s) = &session {
+            req.extensions_mut().insert(CallSession(s.clone()));
+        }
         // The standard tower dance: call the instance that was made ready, keep a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

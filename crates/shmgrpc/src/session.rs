@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -25,8 +25,9 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::attach::AttachCache;
-use crate::pool::Pool;
-use crate::proto::v1;
+use crate::parts::{Piece, SplitBuf};
+use crate::pool::{Lease, Pool};
+use crate::proto::v1::{self, part};
 use crate::segment::{PeerSegment, SegmentHandle};
 use crate::stats::{self, Fallback};
 use crate::wire::{self, Kind, Reference};
@@ -59,8 +60,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
-
 /// Parameters a session is created with.
 #[derive(Clone)]
 pub(crate) struct SessionParams {
@@ -68,12 +67,173 @@ pub(crate) struct SessionParams {
     pub(crate) threshold: usize,
 }
 
+/// Most parts a reference may have, and most bytes its inline parts may carry.
+const MAX_PARTS: usize = 64;
+const MAX_INLINE: usize = 32 * 1024;
+
+/// One of our pool buffers while it serves for sending. It lives as long as any `Bytes` over it (a loan, or a
+/// received echo of it) or any hold for the peer; then the lease returns to the pool.
+pub(crate) struct Outgoing {
+    lease: Lease,
+}
+
+impl Outgoing {
+    fn contains(&self, s: &[u8]) -> Option<usize> {
+        let base = self.lease.as_ptr() as usize;
+        let p = s.as_ptr() as usize;
+        (p >= base && p + s.len() <= base + self.lease.len()).then(|| p - base)
+    }
+}
+
+/// `Bytes` owner over an [`Outgoing`].
+struct OutgoingView(Arc<Outgoing>);
+
+impl AsRef<[u8]> for OutgoingView {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.lease
+    }
+}
+
+/// A region of the peer's memory this process reads: one per `sender` part received. Dropping it sends the
+/// release for that part.
+pub(crate) struct Incoming {
+    seg: Arc<PeerSegment>,
+    segment: u32,
+    generation: u32,
+    start: usize,
+    end: usize,
+    session: Weak<Session>,
+}
+
+impl Incoming {
+    fn contains(&self, s: &[u8]) -> Option<u64> {
+        let base = self.seg.as_slice().as_ptr() as usize;
+        let p = s.as_ptr() as usize;
+        (p >= base + self.start && p + s.len() <= base + self.end).then(|| (p - base) as u64)
+    }
+}
+
+impl AsRef<[u8]> for Incoming {
+    fn as_ref(&self) -> &[u8] {
+        &self.seg.as_slice()[self.start..self.end]
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.upgrade() {
+            s.send_release(self.segment, self.generation);
+        }
+    }
+}
+
+/// `Bytes` owner over an [`Incoming`] (the `Arc` lets the encoder find and keep it for an echo).
+struct IncomingView(Arc<Incoming>);
+
+impl AsRef<[u8]> for IncomingView {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_ref().as_ref()
+    }
+}
+
+/// A slice the encoder found already in shared memory.
+pub(crate) enum Located {
+    /// Inside one of our loans: sent as a `sender` part, without a copy.
+    Ours { buf: Arc<Outgoing>, offset: usize, len: usize },
+    /// Inside a region the peer sent us: sent back as a `receiver` part, without a copy.
+    Theirs { region: Arc<Incoming>, offset: u64, len: u64 },
+}
+
+/// A buffer for a payload that will be sent without a copy: written in place, then frozen into `Bytes` for a
+/// `bytes` field. Backed by a pool buffer of the session when there is one, by ordinary memory otherwise (the
+/// message then simply goes inline), so the same code works with and without shared memory.
+pub struct Loan {
+    inner: LoanInner,
+}
+
+enum LoanInner {
+    Shared { buf: Arc<Outgoing>, session: Weak<Session> },
+    Heap(Vec<u8>),
+}
+
+impl std::fmt::Debug for Loan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loan").field("len", &self.len()).field("shared", &self.is_shared()).finish()
+    }
+}
+
+impl Loan {
+    pub(crate) fn heap(len: usize) -> Loan {
+        Loan { inner: LoanInner::Heap(vec![0; len]) }
+    }
+
+    /// Whether the loan is shared memory (false: ordinary memory, because there is no session or no budget).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.inner, LoanInner::Shared { .. })
+    }
+
+    /// Payload length.
+    pub fn len(&self) -> usize {
+        self.as_ref().len()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Turns the written loan into `Bytes` for a message field. Sending those `Bytes` through the session they
+    /// came from copies nothing; the buffer returns to the pool when every `Bytes` is dropped and the peer has
+    /// released every reference to it.
+    pub fn freeze(self) -> Bytes {
+        match self.inner {
+            LoanInner::Heap(v) => Bytes::from(v),
+            LoanInner::Shared { buf, session } => {
+                if let Some(s) = session.upgrade() {
+                    s.note_loan(&buf);
+                }
+                Bytes::from_owner(OutgoingView(buf))
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Loan {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.inner {
+            LoanInner::Heap(v) => v,
+            LoanInner::Shared { buf, .. } => &buf.lease,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Loan {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match &mut self.inner {
+            LoanInner::Heap(v) => v,
+            LoanInner::Shared { buf, .. } => {
+                // Unique until frozen: nothing else holds this Arc (the session learns of it in `freeze`).
+                &mut Arc::get_mut(buf).expect("an unfrozen loan is unique").lease
+            }
+        }
+    }
+}
+
+/// Holds and returns taken while building one reference, committed only if the whole reference is built.
+#[derive(Default)]
+struct Pending {
+    holds: Vec<Arc<Outgoing>>,
+    returning: Vec<Arc<Incoming>>,
+}
+
+/// Entries by (segment, generation).
+type ByRegion<T> = HashMap<(u32, u32), Vec<T>>;
+
 /// One end of an established session.
 pub(crate) struct Session {
     id: SessionId,
     role: Role,
-    /// The tag under which our buffers are lent to this peer in the pool.
-    owner: u64,
     params: SessionParams,
     peer_pid: u32,
     writer: Mutex<UnixStream>,
@@ -83,6 +243,14 @@ pub(crate) struct Session {
     acks: Mutex<HashMap<u32, SyncSender<Result<(), String>>>>,
     /// The peer's segments we have mapped.
     peer: AttachCache<u32>,
+    /// Our buffers the peer may read: one entry per `sender` part sent and not yet released.
+    holds: Mutex<ByRegion<Arc<Outgoing>>>,
+    /// Live loans made for this session: slices of them are sent without a copy.
+    loans: Mutex<Vec<Weak<Outgoing>>>,
+    /// Live regions of the peer's memory: slices of them are sent back without a copy.
+    regions: Mutex<Vec<Weak<Incoming>>>,
+    /// Regions we sent back to the peer, kept until it answers `Returned`.
+    returning: Mutex<ByRegion<Arc<Incoming>>>,
     alive: AtomicBool,
 }
 
@@ -106,13 +274,16 @@ impl Session {
         let session = Arc::new(Session {
             id,
             role,
-            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
             params,
             peer_pid,
             writer: Mutex::new(stream),
             shared: Mutex::default(),
             acks: Mutex::default(),
             peer: AttachCache::new(),
+            holds: Mutex::default(),
+            loans: Mutex::default(),
+            regions: Mutex::default(),
+            returning: Mutex::default(),
             alive: AtomicBool::new(true),
         });
         lock(&REGISTRY).insert((id, role), Arc::downgrade(&session));
@@ -125,13 +296,13 @@ impl Session {
         Ok(session)
     }
 
+    pub(crate) fn id(&self) -> SessionId {
+        self.id
+    }
+
     /// The session id, as the `shmgrpc-session` header carries it.
     pub(crate) fn id_hex(&self) -> String {
         self.id.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    pub(crate) fn id(&self) -> SessionId {
-        self.id
     }
 
     /// Finds a live session of this process by id and role.
@@ -164,37 +335,141 @@ impl Session {
         &self.params.pool
     }
 
-    /// Whether `data` lies inside one of the peer's segments we have mapped.
+    /// Whether `data` lies inside one of the peer's segments we have mapped or one of our pool's buffers.
     pub(crate) fn maps(&self, data: &[u8]) -> bool {
-        self.peer.contains(data)
+        self.peer.contains(data) || self.params.pool.contains(data)
     }
 
-    fn send(&self, kind: Kind, fd: Option<std::os::fd::BorrowedFd<'_>>) -> std::io::Result<()> {
+    pub(crate) fn send(&self, kind: Kind, fd: Option<std::os::fd::BorrowedFd<'_>>) -> std::io::Result<()> {
         let w = lock(&self.writer);
         wire::write_frame(&w, &wire::frame(kind), fd)
     }
 
-    /// Encodes `item` (of `len` encoded bytes) into a pool buffer lent to the peer, and returns the reference to
-    /// send in its place. Any failure is a reason to send inline instead; nothing is lent then.
-    pub(crate) fn encode_to_shm<M: Message>(&self, item: &M, len: usize) -> Result<Reference, Fallback> {
+    /// A loan of `len` bytes from this session's pool; ordinary memory when the session is closed or the pool is
+    /// out of budget.
+    pub(crate) fn loan(self: &Arc<Self>, len: usize) -> Loan {
+        if !self.is_alive() {
+            return Loan::heap(len);
+        }
+        match self.params.pool.try_alloc(len) {
+            Ok(lease) => {
+                Loan { inner: LoanInner::Shared { buf: Arc::new(Outgoing { lease }), session: Arc::downgrade(self) } }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "loan from ordinary memory");
+                stats::fallback(Fallback::PoolExhausted);
+                Loan::heap(len)
+            }
+        }
+    }
+
+    fn note_loan(&self, buf: &Arc<Outgoing>) {
+        let mut loans = lock(&self.loans);
+        loans.retain(|w| w.strong_count() > 0);
+        loans.push(Arc::downgrade(buf));
+    }
+
+    /// Finds `s` in one of our live loans or one of the peer's live regions.
+    pub(crate) fn locate(&self, s: &[u8]) -> Option<Located> {
+        for buf in lock(&self.loans).iter().filter_map(Weak::upgrade) {
+            if let Some(offset) = buf.contains(s) {
+                return Some(Located::Ours { buf, offset, len: s.len() });
+            }
+        }
+        for region in lock(&self.regions).iter().filter_map(Weak::upgrade) {
+            if let Some(offset) = region.contains(s) {
+                return Some(Located::Theirs { region, offset, len: s.len() as u64 });
+            }
+        }
+        None
+    }
+
+    /// Whether anything the encoder could refer to without a copy is alive.
+    fn has_shared_candidates(&self) -> bool {
+        let mut loans = lock(&self.loans);
+        loans.retain(|w| w.strong_count() > 0);
+        let mut regions = lock(&self.regions);
+        regions.retain(|w| w.strong_count() > 0);
+        !loans.is_empty() || !regions.is_empty()
+    }
+
+    /// Encodes `item` (of `len` encoded bytes) for the peer and returns the reference to send in its place.
+    ///
+    /// Slices that already lie in shared memory (our loans, the peer's regions) are referred to where they are;
+    /// everything else is encoded straight into a pool buffer. Any failure is a reason to send inline instead, and
+    /// then nothing stays held.
+    pub(crate) fn encode_to_shm<M: Message>(self: &Arc<Self>, item: &M, len: usize) -> Result<Reference, Fallback> {
         if !self.is_alive() {
             return Err(Fallback::SessionClosed);
         }
-        let mut lease = self.params.pool.try_alloc(len).map_err(|_| Fallback::PoolExhausted)?;
+        let mut pending = Pending::default();
+        let parts = if self.has_shared_candidates() {
+            let mut buf = SplitBuf::new(self, len.min(MAX_INLINE));
+            item.encode(&mut buf).expect("a growing buffer never runs out");
+            let mut parts = Vec::new();
+            let mut inline_budget = MAX_INLINE;
+            for piece in buf.finish() {
+                parts.push(match piece {
+                    Piece::Inline(v) if v.len() <= inline_budget => {
+                        inline_budget -= v.len();
+                        part::Kind::Inline(v.into())
+                    }
+                    Piece::Inline(v) => {
+                        let mut lease = self.params.pool.try_alloc(v.len()).map_err(|_| Fallback::PoolExhausted)?;
+                        lease.copy_from_slice(&v);
+                        self.lend(Arc::new(Outgoing { lease }), 0, v.len(), &mut pending)?
+                    }
+                    Piece::Shared(Located::Ours { buf, offset, len }) => self.lend(buf, offset, len, &mut pending)?,
+                    Piece::Shared(Located::Theirs { region, offset, len }) => {
+                        let r = v1::Region { segment: region.segment, generation: region.generation, offset, len };
+                        pending.returning.push(region);
+                        part::Kind::Receiver(r)
+                    }
+                });
+            }
+            parts
+        } else {
+            let mut lease = self.params.pool.try_alloc(len).map_err(|_| Fallback::PoolExhausted)?;
+            {
+                let mut dst: &mut [u8] = &mut lease;
+                item.encode(&mut dst).expect("the lease holds exactly encoded_len bytes");
+            }
+            vec![self.lend(Arc::new(Outgoing { lease }), 0, len, &mut pending)?]
+        };
+        // Commit: from here the peer may read and must release.
         {
-            let mut dst: &mut [u8] = &mut lease;
-            item.encode(&mut dst).expect("the lease holds exactly encoded_len bytes");
+            let mut holds = lock(&self.holds);
+            for buf in pending.holds {
+                holds.entry((buf.lease.id(), buf.lease.generation())).or_default().push(buf);
+            }
         }
-        self.ensure_registered(lease.id(), || lease.share(), lease.capacity())?;
-        let loan = lease.lend(self.owner);
+        {
+            let mut returning = lock(&self.returning);
+            for region in pending.returning {
+                returning.entry((region.segment, region.generation)).or_default().push(region);
+            }
+        }
         Ok(Reference {
             session: Bytes::copy_from_slice(&self.id),
-            segment: loan.id,
-            generation: loan.generation,
-            offset: 0,
-            len: len as u64,
             from_server: self.role == Role::Server,
+            parts: parts.into_iter().map(|k| v1::Part { kind: Some(k) }).collect(),
         })
+    }
+
+    /// A `sender` part for `len` bytes at `offset` of `buf`, registering the segment first if the peer lacks it.
+    fn lend(
+        &self,
+        buf: Arc<Outgoing>,
+        offset: usize,
+        len: usize,
+        pending: &mut Pending,
+    ) -> Result<part::Kind, Fallback> {
+        let lease = &buf.lease;
+        self.ensure_registered(lease.id(), || lease.share(), lease.capacity())?;
+        let region =
+            v1::Region { segment: lease.id(), generation: lease.generation(), offset: offset as u64, len: len as u64 };
+        pending.holds.push(buf);
+        Ok(part::Kind::Sender(region))
     }
 
     /// Makes sure the peer has mapped our segment `id` (registering it and waiting for the answer the first time).
@@ -231,26 +506,72 @@ impl Session {
         }
     }
 
-    /// Resolves a reference the peer sent into the bytes it names, zero-copy. Dropping the last `Bytes` over them
-    /// sends the release.
-    pub(crate) fn resolve(self: &Arc<Self>, r: &Reference) -> Result<Bytes, tonic::Status> {
-        let seg = self.peer.get(&r.segment).ok_or_else(|| {
-            tonic::Status::invalid_argument("shmgrpc reference to a segment the peer never registered")
-        })?;
-        let (offset, len) = (r.offset, r.len);
-        let (start, end) = crate::segment::check_range(seg.backend(), offset, len, seg.len())
-            .map_err(|e| tonic::Status::out_of_range(format!("shmgrpc reference out of range: {e}")))?;
-        let region = Region {
-            seg,
-            start,
-            end,
-            release: Release { session: Arc::downgrade(self), segment: r.segment, generation: r.generation },
-        };
-        Ok(Bytes::from_owner(region))
+    /// Resolves a reference the peer sent into the parts of the message, zero-copy: `sender` parts over the peer's
+    /// segments (released when their last `Bytes` is dropped), `receiver` parts over our own buffers.
+    pub(crate) fn resolve(self: &Arc<Self>, r: Reference) -> Result<Vec<Bytes>, tonic::Status> {
+        use tonic::Status;
+        if r.parts.is_empty() || r.parts.len() > MAX_PARTS {
+            return Err(Status::invalid_argument("shmgrpc reference with no parts or too many"));
+        }
+        let mut out = Vec::with_capacity(r.parts.len());
+        let mut returned = Vec::new();
+        for p in r.parts {
+            out.push(match p.kind {
+                None => return Err(Status::invalid_argument("shmgrpc reference part without a kind")),
+                Some(part::Kind::Inline(b)) => b,
+                Some(part::Kind::Sender(reg)) => {
+                    let seg = self.peer.get(&reg.segment).ok_or_else(|| {
+                        Status::invalid_argument("shmgrpc reference to a segment the peer never registered")
+                    })?;
+                    let (start, end) = crate::segment::check_range(seg.backend(), reg.offset, reg.len, seg.len())
+                        .map_err(|e| Status::out_of_range(format!("shmgrpc reference out of range: {e}")))?;
+                    let incoming = Arc::new(Incoming {
+                        seg,
+                        segment: reg.segment,
+                        generation: reg.generation,
+                        start,
+                        end,
+                        session: Arc::downgrade(self),
+                    });
+                    {
+                        let mut regions = lock(&self.regions);
+                        regions.retain(|w| w.strong_count() > 0);
+                        regions.push(Arc::downgrade(&incoming));
+                    }
+                    Bytes::from_owner(IncomingView(incoming))
+                }
+                Some(part::Kind::Receiver(reg)) => {
+                    let buf = lock(&self.holds)
+                        .get(&(reg.segment, reg.generation))
+                        .and_then(|v| v.first().cloned())
+                        .ok_or_else(|| {
+                            Status::invalid_argument(
+                                "shmgrpc reference to a buffer of ours that the peer does not hold",
+                            )
+                        })?;
+                    let (start, end) = crate::segment::check_range(
+                        crate::segment::Backend::Memfd,
+                        reg.offset,
+                        reg.len,
+                        buf.lease.len(),
+                    )
+                    .map_err(|e| Status::out_of_range(format!("shmgrpc reference out of range: {e}")))?;
+                    returned.push((reg.segment, reg.generation));
+                    Bytes::from_owner(OutgoingView(buf)).slice(start..end)
+                }
+            });
+        }
+        // We hold our own buffers again through the Bytes just made: the peer may drop its holds.
+        for (segment, generation) in returned {
+            if let Err(e) = self.send(Kind::Returned(v1::Returned { segment, generation }), None) {
+                tracing::debug!(error = %e, "returned not sent; the session is closing");
+            }
+        }
+        Ok(out)
     }
 
-    /// Sends a release for a buffer of the peer's (best effort: a closed session needs none).
-    fn release(&self, segment: u32, generation: u32) {
+    /// Sends a release for a region of the peer's (best effort: a closed session needs none).
+    fn send_release(&self, segment: u32, generation: u32) {
         if !self.is_alive() {
             return;
         }
@@ -259,7 +580,26 @@ impl Session {
         }
     }
 
-    /// The side-channel reader: registrations, their answers, releases. Ends with the connection.
+    /// Drops one entry of `map` under `key`; false if there was none (a stale, repeated or forged message).
+    fn drop_one<T>(map: &Mutex<ByRegion<T>>, key: (u32, u32)) -> bool {
+        let taken = {
+            let mut m = lock(map);
+            match m.get_mut(&key) {
+                Some(v) => {
+                    let t = v.pop();
+                    if v.is_empty() {
+                        m.remove(&key);
+                    }
+                    t
+                }
+                None => None,
+            }
+        };
+        // Dropped outside the lock: dropping an `Incoming` sends a frame.
+        taken.is_some()
+    }
+
+    /// The side-channel reader: registrations, their answers, releases, returns. Ends with the connection.
     fn read_loop(self: Arc<Self>, sock: UnixStream) {
         let why = loop {
             let (msg, mut fds) = match wire::read_frame(&sock) {
@@ -288,9 +628,15 @@ impl Session {
                     }
                 }
                 Kind::Release(rel) => {
-                    if let Err(e) = self.params.pool.reclaim(self.owner, rel.segment, rel.generation) {
+                    if !Session::drop_one(&self.holds, (rel.segment, rel.generation)) {
                         stats::bad_release();
-                        tracing::warn!(error = %e, "refused a release from the peer");
+                        tracing::warn!(segment = rel.segment, "refused a release of a buffer the peer does not hold");
+                    }
+                }
+                Kind::Returned(ret) => {
+                    if !Session::drop_one(&self.returning, (ret.segment, ret.generation)) {
+                        stats::bad_release();
+                        tracing::warn!(segment = ret.segment, "refused a return of a region we did not send back");
                     }
                 }
                 Kind::Forget(f) => {
@@ -315,7 +661,8 @@ impl Session {
         Ok(())
     }
 
-    /// Ends the session: buffers lent to the peer come back, the peer's mappings go.
+    /// Ends the session: what the peer held comes back, the peer's mappings go (readers keep theirs until they
+    /// drop them).
     pub(crate) fn close(&self) {
         if !self.alive.swap(false, Ordering::AcqRel) {
             return;
@@ -328,7 +675,12 @@ impl Session {
         }
         let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
         lock(&self.acks).clear();
-        let back = self.params.pool.reclaim_owner(self.owner);
+        let holds = std::mem::take(&mut *lock(&self.holds));
+        let returning = std::mem::take(&mut *lock(&self.returning));
+        let back: usize = holds.values().map(Vec::len).sum();
+        drop((holds, returning));
+        lock(&self.loans).clear();
+        lock(&self.regions).clear();
         self.peer.clear();
         tracing::debug!(role = ?self.role, reclaimed = back, "shmgrpc session torn down");
     }
@@ -340,37 +692,8 @@ impl Drop for Session {
     }
 }
 
-/// Sends the release when dropped.
-struct Release {
-    session: Weak<Session>,
-    segment: u32,
-    generation: u32,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        if let Some(s) = self.session.upgrade() {
-            s.release(self.segment, self.generation);
-        }
-    }
-}
-
-/// The owner behind a received `Bytes`: keeps the mapping alive and releases the buffer when dropped.
-struct Region {
-    seg: Arc<PeerSegment>,
-    start: usize,
-    end: usize,
-    release: Release,
-}
-
-impl AsRef<[u8]> for Region {
-    fn as_ref(&self) -> &[u8] {
-        let _ = &self.release;
-        &self.seg.as_slice()[self.start..self.end]
-    }
-}
-
-/// Whether `data` lies in shared memory a peer lent to this process (a payload received through shmgrpc).
+/// Whether `data` lies in shared memory of a live shmgrpc session: a peer's segment or one of our pool buffers (a
+/// payload received through shmgrpc, or echoed back to us without a copy).
 pub fn is_shared(data: &[u8]) -> bool {
     let sessions: Vec<Arc<Session>> = lock(&REGISTRY).values().filter_map(Weak::upgrade).collect();
     sessions.iter().any(|s| s.maps(data))

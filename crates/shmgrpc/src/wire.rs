@@ -27,8 +27,8 @@ const REFERENCE_KEY: [u8; 3] = {
     [(key as u8 & 0x7f) | 0x80, ((key >> 7) as u8 & 0x7f) | 0x80, (key >> 14) as u8]
 };
 
-/// The largest reference we accept (a real one is under 64 bytes).
-pub const MAX_REFERENCE_LEN: usize = 256;
+/// The largest reference we accept (a plain one is under 64 bytes; inline parts around loans add at most 32 KiB).
+pub const MAX_REFERENCE_LEN: usize = 40 * 1024;
 
 /// The largest side-channel frame we accept.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
@@ -120,14 +120,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    use crate::proto::v1::{Part, Region, part};
+
     fn sample() -> Reference {
+        let region = Region { segment: 3, generation: 9, offset: 0, len: 20 << 20 };
         Reference {
             session: vec![7; 16].into(),
-            segment: 3,
-            generation: 9,
-            offset: 0,
-            len: 20 << 20,
             from_server: true,
+            parts: vec![Part { kind: Some(part::Kind::Sender(region)) }],
         }
     }
 
@@ -166,8 +166,15 @@ mod tests {
 
         #[test]
         fn any_reference_round_trips(session in proptest::collection::vec(any::<u8>(), 0..32), segment: u32,
-                                     generation: u32, offset: u64, len: u64, from_server: bool) {
-            let r = Reference { session: session.into(), segment, generation, offset, len, from_server };
+                                     generation: u32, offset: u64, len: u64, from_server: bool,
+                                     inline in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let region = Region { segment, generation, offset, len };
+            let parts = vec![
+                Part { kind: Some(part::Kind::Inline(inline.into())) },
+                Part { kind: Some(part::Kind::Sender(region)) },
+                Part { kind: Some(part::Kind::Receiver(region)) },
+            ];
+            let r = Reference { session: session.into(), from_server, parts };
             let mut buf = Vec::new();
             encode_reference(r.clone(), &mut buf);
             prop_assert_eq!(decode_reference(&buf).unwrap(), r);
