@@ -494,3 +494,68 @@ fn one_gib_each_way_between_processes() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("request shm, response shm, checksum ok"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loans_are_sent_and_echoed_back_without_any_copy() {
+    let srv = serve(&[]);
+    let pool = Pool::new(PoolConfig::default()).unwrap();
+    let ch = ShmChannel::connect_with(&srv.unix, ClientConfig::default().pool(pool.clone())).await.unwrap();
+    let mut c = client(&ch);
+    for round in 0..3u32 {
+        let mut loan = ch.loan(4 << 20);
+        assert!(loan.is_shared());
+        demo::fill_pattern(&mut loan, round);
+        let crc32 = crc32fast::hash(&loan);
+        let data = loan.freeze();
+        let at = data.as_ptr();
+        // Other fields around the loaned one travel inline in the reference.
+        let r = c.echo(Payload { data, crc32, note: format!("round {round}") }).await.unwrap().into_inner();
+        demo::verify(&r).unwrap();
+        assert_eq!(r.note, format!("round {round}"));
+        assert_eq!(r.data.as_ptr(), at, "the reply must be the very memory we loaned: no copy either way");
+    }
+    eventually("the loans are back in the pool", || pool.stats().is_idle()).await;
+    assert!(pool.stats().grows <= 2, "{}", pool.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_payloads_are_forwarded_back_without_a_copy() {
+    let srv = serve(&[]);
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    let mut c = client(&ch);
+    // The server writes downloads into loans of its own.
+    let d = c.download(DownloadRequest { size: 3 << 20, seed: 8, count: 1 }).await.unwrap().into_inner();
+    demo::verify(&d).unwrap();
+    assert!(shmgrpc::is_shared(&d.data));
+    // Sending the server's own bytes back to it: it resolves them in its own buffer.
+    let digest = c.upload(d.clone()).await.unwrap().into_inner();
+    assert_eq!((digest.len, digest.crc32), (3 << 20, d.crc32));
+    assert!(digest.via_shm);
+    // And again after the first reference was answered: holds are counted, not consumed.
+    let digest = c.upload(d.clone()).await.unwrap().into_inner();
+    assert_eq!(digest.crc32, d.crc32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loans_without_a_session_are_ordinary_memory() {
+    let srv = serve(&["--plain"]);
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    let mut loan = ch.loan(1 << 20);
+    assert!(!loan.is_shared());
+    demo::fill_pattern(&mut loan, 1);
+    let crc32 = crc32fast::hash(&loan);
+    let r = client(&ch).echo(Payload { data: loan.freeze(), crc32, note: String::new() }).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+}
+
+#[test]
+fn call_with_loans_between_processes() {
+    let srv = serve(&[]);
+    let out = Command::new(BIN)
+        .args(["call", "--target", &srv.unix, "--size", "8MiB", "--repeat", "3", "--loan"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("request shm, response shm, checksum ok").count(), 3, "{text}");
+}
