@@ -15,6 +15,9 @@ pub struct ServeArgs {
     /// Serve plain gRPC (tonic's own codec, no shmgrpc layer).
     #[arg(long)]
     plain: bool,
+    /// Segment backend of the server's pool: memfd (descriptors over the side channel), posix or sysv (names).
+    #[arg(long, default_value = "memfd")]
+    backend: shmgrpc::Backend,
 }
 
 #[derive(clap::Args)]
@@ -34,6 +37,9 @@ pub struct CallArgs {
     /// Use a plain gRPC channel (no shmgrpc session).
     #[arg(long)]
     plain: bool,
+    /// Segment backend of the client's pool: memfd, posix or sysv.
+    #[arg(long, default_value = "memfd")]
+    backend: shmgrpc::Backend,
     /// Write request payloads into loans (sent without any copy) instead of ordinary memory.
     #[arg(long)]
     loan: bool,
@@ -52,7 +58,8 @@ pub enum Op {
 }
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let shm = if a.plain { None } else { Some(ShmServer::new(shmgrpc::ServerConfig::default())?) };
+    let config = shmgrpc::ServerConfig::default().pool_config(shmgrpc::PoolConfig::default().backend(a.backend));
+    let shm = if a.plain { None } else { Some(ShmServer::new(config)?) };
     let layer = shm.as_ref().map(|s| s.layer());
     let side = shm.as_ref().map(|s| s.side_channel_path().display().to_string());
     let ready = |bound: &[Addr]| {
@@ -79,7 +86,14 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
 
 /// A demo client over a shmgrpc channel (or a plain one), with message limits lifted.
 pub async fn client(target: &str, plain: bool) -> anyhow::Result<(BlobClient<ShmChannel>, ShmChannel)> {
-    let config = shmgrpc::ClientConfig::default().shared_memory(!plain);
+    client_with(target, shmgrpc::ClientConfig::default().shared_memory(!plain)).await
+}
+
+/// [`client`] with a configuration of its own.
+pub async fn client_with(
+    target: &str,
+    config: shmgrpc::ClientConfig,
+) -> anyhow::Result<(BlobClient<ShmChannel>, ShmChannel)> {
     let ch = ShmChannel::connect_with(target, config).await.with_context(|| format!("connecting to {target}"))?;
     let c = BlobClient::new(ch.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
     Ok((c, ch))
@@ -175,7 +189,10 @@ pub fn ms(d: Duration) -> f64 {
 
 pub async fn call(a: CallArgs) -> anyhow::Result<()> {
     let size = usize::try_from(a.size.as_u64())?;
-    let (mut c, ch) = client(&a.target, a.plain).await?;
+    let config = shmgrpc::ClientConfig::default()
+        .shared_memory(!a.plain)
+        .pool_config(shmgrpc::PoolConfig::default().backend(a.backend));
+    let (mut c, ch) = client_with(&a.target, config).await?;
     match ch.fallback() {
         None if ch.is_shared_memory() => println!("connected to {}: shared memory session", a.target),
         None => println!("connected to {}: plain gRPC (requested)", a.target),

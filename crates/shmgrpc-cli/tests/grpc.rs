@@ -559,3 +559,24 @@ fn call_with_loans_between_processes() {
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches("request shm, response shm, checksum ok").count(), 3, "{text}");
 }
+
+#[test]
+fn posix_and_sysv_segments_can_be_exchanged_by_name() {
+    for (server, client) in [("sysv", "posix"), ("posix", "sysv")] {
+        let srv = serve(&["--backend", server]);
+        let out = Command::new(BIN)
+            .args(["call", "--target", &srv.unix, "--size", "2MiB", "--repeat", "3", "--backend", client])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{server}/{client}: {text}");
+        assert_eq!(text.matches("request shm, response shm, checksum ok").count(), 3, "{server}/{client}: {text}");
+        // Downloads come from the server's own (named) segments.
+        let out = Command::new(BIN)
+            .args(["call", "--target", &srv.unix, "--size", "2MiB", "--repeat", "2", "--op", "download"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(text.matches("response shm, checksum ok").count(), 2, "{server}/{client}: {text}");
+    }
+}

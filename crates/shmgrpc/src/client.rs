@@ -110,7 +110,7 @@ pub enum ConnectError {
 #[derive(Clone, Debug)]
 pub struct ShmChannel {
     inner: Channel,
-    session: Option<Arc<Session>>,
+    session: Option<Arc<SessionGuard>>,
     fallback: Option<Fallback>,
 }
 
@@ -171,7 +171,9 @@ impl ShmChannel {
         };
         let params = SessionParams { pool, threshold: config.threshold };
         match establish(&channel, params).await {
-            Ok(session) => Ok(ShmChannel { inner: channel, session: Some(session), fallback: None }),
+            Ok(session) => {
+                Ok(ShmChannel { inner: channel, session: Some(Arc::new(SessionGuard(session))), fallback: None })
+            }
             Err(reason) => {
                 tracing::info!(%reason, "shmgrpc: no shared memory with this server; messages go inline");
                 Ok(ShmChannel { inner: channel, session: None, fallback: Some(reason) })
@@ -233,7 +235,7 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let req = match &self.session {
             Some(s) if s.is_alive() => {
-                let mut req = req.map(|b| Body::new(SessionBody::new(b, s.clone())));
+                let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone())));
                 if let Ok(v) = http::HeaderValue::from_str(&s.id_hex()) {
                     req.headers_mut().insert(SESSION_HEADER, v);
                 }
@@ -242,6 +244,23 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
             _ => req,
         };
         self.inner.call(req)
+    }
+}
+
+/// Ends the session when the last clone of the channel is dropped (its buffers return, its peer's mappings go).
+#[derive(Debug)]
+struct SessionGuard(Arc<Session>);
+
+impl std::ops::Deref for SessionGuard {
+    type Target = Arc<Session>;
+    fn deref(&self) -> &Arc<Session> {
+        &self.0
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 

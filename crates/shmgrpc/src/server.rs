@@ -99,7 +99,8 @@ struct Shared {
     allowed: HashSet<u32>,
     params: SessionParams,
     tickets: Mutex<HashMap<[u8; 32], Instant>>,
-    sessions: Mutex<Vec<std::sync::Weak<Session>>>,
+    /// Sessions opened on the side channel (closed ones are pruned as new ones come).
+    sessions: Mutex<Vec<Arc<Session>>>,
     stop: AtomicBool,
 }
 
@@ -174,7 +175,7 @@ impl ShmServer {
 
     /// Sessions currently open.
     pub fn sessions(&self) -> usize {
-        lock(&self.shared.sessions).iter().filter(|w| w.upgrade().is_some_and(|s| s.is_alive())).count()
+        lock(&self.shared.sessions).iter().filter(|s| s.is_alive()).count()
     }
 }
 
@@ -184,7 +185,7 @@ impl Drop for ShmServer {
         // Wake the accept loop so it sees the flag.
         let _ = UnixStream::connect(&self.shared.path);
         let _ = std::fs::remove_file(&self.shared.path);
-        for s in lock(&self.shared.sessions).drain(..).filter_map(|w| w.upgrade()) {
+        for s in lock(&self.shared.sessions).drain(..) {
             s.close();
         }
     }
@@ -259,13 +260,13 @@ fn handshake(shared: &Shared, sock: UnixStream) -> std::result::Result<(), &'sta
     let session = Session::start(id, Role::Server, shared.params.clone(), sock, pid).map_err(|_| "session thread")?;
     {
         let mut sessions = lock(&shared.sessions);
-        sessions.retain(|w| w.upgrade().is_some_and(|s| s.is_alive()));
-        sessions.push(Arc::downgrade(&session));
+        sessions.retain(|s| s.is_alive());
+        sessions.push(session.clone());
     }
     let welcome = Kind::Welcome(v1::Welcome { session: id.to_vec().into(), threshold: shared.params.threshold as u64 });
     // The session's writer is the same socket; nothing else writes before the client has its welcome.
     wire::write_frame(&welcome_sock, &wire::frame(welcome), None).map_err(|_| "write")?;
-    // The session lives as long as its reader thread holds it; this thread is done.
+    // The server keeps the session until it closes; this thread is done.
     drop(session);
     Ok(())
 }

@@ -28,7 +28,7 @@ use crate::attach::AttachCache;
 use crate::parts::{Piece, SplitBuf};
 use crate::pool::{Lease, Pool};
 use crate::proto::v1::{self, part};
-use crate::segment::{PeerSegment, SegmentHandle};
+use crate::segment::{PeerSegment, PosixName, SegmentHandle, SysVId};
 use crate::stats::{self, Fallback};
 use crate::wire::{self, Kind, Reference};
 
@@ -287,10 +287,12 @@ impl Session {
             alive: AtomicBool::new(true),
         });
         lock(&REGISTRY).insert((id, role), Arc::downgrade(&session));
-        let s = session.clone();
+        // The reader holds the session weakly: the session ends when its owner (the channel, the server) lets go,
+        // not when the thread gets round to noticing.
+        let weak = Arc::downgrade(&session);
         std::thread::Builder::new()
             .name("shmgrpc-side".into())
-            .spawn(move || s.read_loop(reader))
+            .spawn(move || Session::read_loop(weak, reader))
             .inspect_err(|_| session.close())?;
         tracing::debug!(?role, peer_pid, "shmgrpc session established");
         Ok(session)
@@ -482,13 +484,17 @@ impl Session {
         if lock(&self.shared).contains(&id) {
             return Ok(());
         }
-        let Ok(SegmentHandle::Memfd(fd)) = share() else {
-            // Only memfd segments travel over the side channel for now.
-            return Err(Fallback::RegistrationFailed);
-        };
+        let handle = share().map_err(|_| Fallback::RegistrationFailed)?;
         let (tx, rx) = sync_channel(1);
         lock(&self.acks).insert(id, tx);
-        let sent = self.send(Kind::Register(v1::Register { segment: id, len: len as u64 }), Some(fd.as_fd()));
+        let register = |source| Kind::Register(v1::Register { segment: id, len: len as u64, source });
+        let sent = match &handle {
+            SegmentHandle::Memfd(fd) => self.send(register(None), Some(fd.as_fd())),
+            SegmentHandle::Posix(name) => {
+                self.send(register(Some(v1::register::Source::PosixName(name.as_str().to_string()))), None)
+            }
+            SegmentHandle::SysV(sid) => self.send(register(Some(v1::register::Source::SysvId(sid.as_raw()))), None),
+        };
         let answer = match sent {
             Ok(()) => rx.recv_timeout(REGISTER_TIMEOUT).map_err(|_| "no answer".to_string()).and_then(|r| r),
             Err(e) => Err(e.to_string()),
@@ -599,64 +605,78 @@ impl Session {
         taken.is_some()
     }
 
-    /// The side-channel reader: registrations, their answers, releases, returns. Ends with the connection.
-    fn read_loop(self: Arc<Self>, sock: UnixStream) {
+    /// The side-channel reader: registrations, their answers, releases, returns. Ends with the connection or
+    /// with the session.
+    fn read_loop(weak: Weak<Session>, sock: UnixStream) {
         let why = loop {
             let (msg, mut fds) = match wire::read_frame(&sock) {
                 Ok(Some(m)) => m,
                 Ok(None) => break "peer closed the side channel".to_string(),
                 Err(e) => break format!("side channel: {e}"),
             };
+            let Some(this) = weak.upgrade() else { break "session dropped".to_string() };
             match msg.kind.expect("read_frame checks") {
                 Kind::Register(reg) => {
-                    let result = match (fds.pop(), fds.is_empty()) {
-                        (Some(fd), true) => self.accept_segment(reg.segment, reg.len, fd),
-                        _ => Err("a registration must carry exactly one descriptor".to_string()),
+                    let handle = match (fds.pop(), fds.is_empty(), reg.source) {
+                        (Some(fd), true, None) => Ok(SegmentHandle::Memfd(fd)),
+                        (None, _, Some(v1::register::Source::PosixName(name))) => PosixName::parse(&name)
+                            .map(SegmentHandle::Posix)
+                            .map_err(|_| "not a shmgrpc segment name".to_string()),
+                        (None, _, Some(v1::register::Source::SysvId(id))) => {
+                            Ok(SegmentHandle::SysV(SysVId::from_raw(id)))
+                        }
+                        _ => {
+                            Err("a registration carries one descriptor, or a name or id, and nothing else".to_string())
+                        }
                     };
+                    let result = handle.and_then(|h| this.accept_segment(reg.segment, reg.len, h));
                     let error = result.err().unwrap_or_default();
                     if !error.is_empty() {
                         tracing::warn!(%error, "refused a segment from the peer");
                     }
-                    if let Err(e) = self.send(Kind::Registered(v1::Registered { segment: reg.segment, error }), None) {
+                    if let Err(e) = this.send(Kind::Registered(v1::Registered { segment: reg.segment, error }), None) {
                         break format!("side channel: {e}");
                     }
                 }
                 Kind::Registered(ack) => {
                     let answer = if ack.error.is_empty() { Ok(()) } else { Err(ack.error) };
-                    if let Some(tx) = lock(&self.acks).remove(&ack.segment) {
+                    if let Some(tx) = lock(&this.acks).remove(&ack.segment) {
                         let _ = tx.try_send(answer);
                     }
                 }
                 Kind::Release(rel) => {
-                    if !Session::drop_one(&self.holds, (rel.segment, rel.generation)) {
+                    if !Session::drop_one(&this.holds, (rel.segment, rel.generation)) {
                         stats::bad_release();
                         tracing::warn!(segment = rel.segment, "refused a release of a buffer the peer does not hold");
                     }
                 }
                 Kind::Returned(ret) => {
-                    if !Session::drop_one(&self.returning, (ret.segment, ret.generation)) {
+                    if !Session::drop_one(&this.returning, (ret.segment, ret.generation)) {
                         stats::bad_release();
                         tracing::warn!(segment = ret.segment, "refused a return of a region we did not send back");
                     }
                 }
                 Kind::Forget(f) => {
-                    self.peer.detach(&f.segment);
+                    this.peer.detach(&f.segment);
                 }
                 Kind::Refused(r) => break format!("peer refused: {}", r.reason),
                 _ => break "unexpected frame on an established side channel".to_string(),
             }
         };
-        tracing::debug!(role = ?self.role, reason = %why, "shmgrpc session closed");
-        self.close();
+        if let Some(this) = weak.upgrade() {
+            tracing::debug!(role = ?this.role, reason = %why, "shmgrpc session closed");
+            this.close();
+        }
     }
 
-    /// Maps a segment the peer registered, within the per-session limits.
-    fn accept_segment(&self, segment: u32, len: u64, fd: std::os::fd::OwnedFd) -> Result<(), String> {
+    /// Maps a segment the peer registered, within the per-session limits. A named segment (POSIX, System V) must
+    /// have been created by the peer process itself: a name or id alone proves nothing.
+    fn accept_segment(&self, segment: u32, len: u64, handle: SegmentHandle) -> Result<(), String> {
         let st = self.peer.stats();
         if st.segments >= MAX_PEER_SEGMENTS || st.bytes.saturating_add(len) > MAX_PEER_BYTES {
             return Err("too many segments registered".into());
         }
-        let seg = PeerSegment::open(SegmentHandle::Memfd(fd), len).map_err(|e| e.to_string())?;
+        let seg = PeerSegment::open_created_by(handle, len, self.peer_pid).map_err(|e| e.to_string())?;
         self.peer.insert(segment, seg);
         Ok(())
     }

@@ -267,15 +267,30 @@ impl PeerSegment {
     /// whole real segment is mapped. A memfd must carry the shrink and grow seals (otherwise it could shrink while
     /// mapped and a read would raise SIGBUS).
     pub fn open(handle: SegmentHandle, claimed_len: u64) -> Result<PeerSegment> {
+        Self::open_checked(handle, claimed_len, None)
+    }
+
+    /// Like [`PeerSegment::open`], but refuses, before mapping anything, a POSIX or System V segment that process
+    /// `creator` did not create (per its name, or the kernel's `shm_cpid`). A memfd has no creator to check: it
+    /// comes from whoever sent the descriptor.
+    pub fn open_created_by(handle: SegmentHandle, claimed_len: u64, creator: u32) -> Result<PeerSegment> {
+        Self::open_checked(handle, claimed_len, Some(creator))
+    }
+
+    fn open_checked(handle: SegmentHandle, claimed_len: u64, creator: Option<u32>) -> Result<PeerSegment> {
         let backend = handle.backend();
+        let foreign = || Error::InvalidHandle("segment was not created by the expected process");
         let (map, creator_pid) = match handle {
             SegmentHandle::Memfd(fd) => (memfd::open(&fd, claimed_len)?, None),
             SegmentHandle::Posix(name) => {
                 let pid = name.creator_pid();
+                if creator.is_some_and(|c| c != pid) {
+                    return Err(foreign());
+                }
                 (posix::open(&name, claimed_len)?, Some(pid))
             }
             SegmentHandle::SysV(id) => {
-                let (map, cpid) = sysv::open(id, claimed_len)?;
+                let (map, cpid) = sysv::open(id, claimed_len, creator)?;
                 (map, Some(cpid))
             }
         };

@@ -188,8 +188,11 @@ pub(crate) fn create(len: usize, key: &SysVKey) -> Result<(Owned, MapRw)> {
     Ok((owned, MapRw::SysV(att)))
 }
 
-pub(crate) fn open(id: SysVId, claimed_len: u64) -> Result<(MapRo, u32)> {
+pub(crate) fn open(id: SysVId, claimed_len: u64, creator: Option<u32>) -> Result<(MapRo, u32)> {
     let st = stat(id).map_err(|e| Error::os("shmctl(IPC_STAT)", SysV, e))?;
+    if creator.is_some_and(|c| c != st.cpid) {
+        return Err(Error::InvalidHandle("segment was not created by the expected process"));
+    }
     if claimed_len > st.size {
         return Err(Error::SizeMismatch { backend: SysV, claimed: claimed_len, actual: st.size });
     }
