@@ -580,3 +580,51 @@ fn posix_and_sysv_segments_can_be_exchanged_by_name() {
         assert_eq!(text.matches("response shm, checksum ok").count(), 2, "{server}/{client}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holding_buffers_cannot_take_more_than_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("g.sock");
+    // 8 MiB of budget: two 4 MiB-class buffers.
+    let pool = Pool::new(PoolConfig::default().budget(8 << 20)).unwrap();
+    let shm = ShmServer::new(ServerConfig::default().pool(pool.clone())).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    let ch = ShmChannel::connect(&format!("unix:{}", sock.display())).await.unwrap();
+    let mut c = client(&ch);
+    let mut kept = Vec::new();
+    for seed in 0..4 {
+        let d = c.download(DownloadRequest { size: 3 << 20, seed, count: 1 }).await.unwrap().into_inner();
+        demo::verify(&d).unwrap();
+        kept.push(d);
+    }
+    // The first two are the server's loans; the budget is then used up and the rest came inline.
+    let shared: Vec<bool> = kept.iter().map(|d| shmgrpc::is_shared(&d.data)).collect();
+    assert_eq!(shared, [true, true, false, false]);
+    assert!(pool.stats().bytes <= 8 << 20);
+    drop(kept);
+    eventually("the server's buffers come back", || pool.stats().is_idle()).await;
+    // With budget again, shared memory resumes.
+    let d = c.download(DownloadRequest { size: 3 << 20, seed: 9, count: 1 }).await.unwrap().into_inner();
+    assert!(shmgrpc::is_shared(&d.data));
+    drop((d, c, ch));
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_uid_is_not_allowed_is_served_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("g.sock");
+    // Allow only a uid that is not ours (nor root).
+    let shm = ShmServer::new(ServerConfig::default().allowed_uids([4_000_000_000])).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    let ch = ShmChannel::connect(&format!("unix:{}", sock.display())).await.unwrap();
+    assert_eq!(ch.fallback(), Some(Fallback::HandshakeFailed));
+    assert_eq!(shm.sessions(), 0);
+    let r = client(&ch).echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+    assert!(!shmgrpc::is_shared(&r.data));
+    drop(ch);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

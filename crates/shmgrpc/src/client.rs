@@ -47,6 +47,7 @@ pub struct ClientConfig {
     pool: Option<Pool>,
     pool_config: PoolConfig,
     threshold: usize,
+    exhausted_wait: Duration,
     shared_memory: bool,
 }
 
@@ -56,6 +57,7 @@ impl Default for ClientConfig {
             pool: None,
             pool_config: PoolConfig::default(),
             threshold: DEFAULT_THRESHOLD,
+            exhausted_wait: Duration::ZERO,
             shared_memory: true,
         }
     }
@@ -65,6 +67,13 @@ impl ClientConfig {
     /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
     pub fn threshold(mut self, bytes: usize) -> Self {
         self.threshold = bytes;
+        self
+    }
+    /// When the pool's budget is used up (a peer holding many buffers), how long sending a message may wait for a
+    /// buffer before the message goes inline instead (default 0: inline at once). The wait blocks the thread that
+    /// encodes, so keep it short.
+    pub fn exhausted_wait(mut self, wait: Duration) -> Self {
+        self.exhausted_wait = wait;
         self
     }
     /// The pool request payloads are written into (default: a new pool with [`PoolConfig::default`]).
@@ -169,7 +178,7 @@ impl ShmChannel {
             Some(p) => p,
             None => Pool::new(config.pool_config)?,
         };
-        let params = SessionParams { pool, threshold: config.threshold };
+        let params = SessionParams { pool, threshold: config.threshold, exhausted_wait: config.exhausted_wait };
         match establish(&channel, params).await {
             Ok(session) => {
                 Ok(ShmChannel { inner: channel, session: Some(Arc::new(SessionGuard(session))), fallback: None })

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
@@ -150,6 +150,8 @@ struct Inner {
     next_id: AtomicU32,
     lent: Mutex<HashMap<u32, Lent>>,
     released: Notify,
+    /// Release count and condition variable for blocking waits ([`Pool::alloc_blocking`]).
+    released_sync: (Mutex<u64>, Condvar),
     counters: Counters,
 }
 
@@ -211,6 +213,7 @@ impl Pool {
                 next_id: AtomicU32::new(1),
                 lent: Mutex::default(),
                 released: Notify::new(),
+                released_sync: (Mutex::new(0), Condvar::new()),
                 counters: Counters::default(),
             }),
         })
@@ -273,6 +276,33 @@ impl Pool {
                     self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(size, "pool budget exhausted; waiting for a release");
                     released.await;
+                }
+            }
+        }
+    }
+
+    /// Allocates, blocking the thread up to `timeout` for a release when the budget is used up (whatever the
+    /// policy). For synchronous code such as a codec; async code uses [`Pool::alloc`].
+    pub fn alloc_blocking(&self, size: usize, timeout: std::time::Duration) -> Result<Lease> {
+        self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + timeout;
+        let (count, cv) = &self.inner.released_sync;
+        loop {
+            let seen = *lock(count);
+            match self.attempt(size) {
+                Ok(lease) => return Ok(lease),
+                Err(Miss::Fatal(e)) => return Err(e),
+                Err(Miss::Budget { needed }) => {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        return Err(self.exhausted(needed));
+                    }
+                    self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
+                    let guard = lock(count);
+                    // A release between the attempt and here bumped the count: try again at once.
+                    if *guard == seen {
+                        let _ = cv.wait_timeout(guard, deadline - now).unwrap_or_else(|p| p.into_inner());
+                    }
                 }
             }
         }
@@ -420,6 +450,9 @@ impl Pool {
             st.free.push(buffer);
         }
         self.inner.released.notify_waiters();
+        let (count, cv) = &self.inner.released_sync;
+        *lock(count) += 1;
+        cv.notify_all();
     }
 
     /// Returns a buffer lent to `owner`, if `id` is lent to it under exactly `generation`. Anything else (unknown

@@ -52,6 +52,7 @@ pub struct ServerConfig {
     pool: Option<Pool>,
     pool_config: PoolConfig,
     threshold: usize,
+    exhausted_wait: Duration,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +63,7 @@ impl Default for ServerConfig {
             pool: None,
             pool_config: PoolConfig::default(),
             threshold: DEFAULT_THRESHOLD,
+            exhausted_wait: Duration::ZERO,
         }
     }
 }
@@ -90,6 +92,13 @@ impl ServerConfig {
     /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
     pub fn threshold(mut self, bytes: usize) -> Self {
         self.threshold = bytes;
+        self
+    }
+    /// When the pool's budget is used up (a peer holding many buffers), how long sending a message may wait for a
+    /// buffer before the message goes inline instead (default 0: inline at once). The wait blocks the thread that
+    /// encodes, so keep it short.
+    pub fn exhausted_wait(mut self, wait: Duration) -> Self {
+        self.exhausted_wait = wait;
         self
     }
 }
@@ -145,7 +154,7 @@ impl ShmServer {
         let shared = Arc::new(Shared {
             path,
             allowed,
-            params: SessionParams { pool, threshold: config.threshold },
+            params: SessionParams { pool, threshold: config.threshold, exhausted_wait: config.exhausted_wait },
             tickets: Mutex::default(),
             sessions: Mutex::default(),
             stop: AtomicBool::new(false),

@@ -65,6 +65,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct SessionParams {
     pub(crate) pool: Pool,
     pub(crate) threshold: usize,
+    /// How long the encoder may block for a pool buffer before sending inline.
+    pub(crate) exhausted_wait: Duration,
 }
 
 /// Most parts a reference may have, and most bytes its inline parts may carry.
@@ -417,7 +419,7 @@ impl Session {
                         part::Kind::Inline(v.into())
                     }
                     Piece::Inline(v) => {
-                        let mut lease = self.params.pool.try_alloc(v.len()).map_err(|_| Fallback::PoolExhausted)?;
+                        let mut lease = self.alloc(v.len())?;
                         lease.copy_from_slice(&v);
                         self.lend(Arc::new(Outgoing { lease }), 0, v.len(), &mut pending)?
                     }
@@ -431,7 +433,7 @@ impl Session {
             }
             parts
         } else {
-            let mut lease = self.params.pool.try_alloc(len).map_err(|_| Fallback::PoolExhausted)?;
+            let mut lease = self.alloc(len)?;
             {
                 let mut dst: &mut [u8] = &mut lease;
                 item.encode(&mut dst).expect("the lease holds exactly encoded_len bytes");
@@ -456,6 +458,16 @@ impl Session {
             from_server: self.role == Role::Server,
             parts: parts.into_iter().map(|k| v1::Part { kind: Some(k) }).collect(),
         })
+    }
+
+    /// A pool buffer for sending, waiting up to the configured time when the budget is used up.
+    fn alloc(&self, len: usize) -> Result<Lease, Fallback> {
+        let r = if self.params.exhausted_wait.is_zero() {
+            self.params.pool.try_alloc(len)
+        } else {
+            self.params.pool.alloc_blocking(len, self.params.exhausted_wait)
+        };
+        r.map_err(|_| Fallback::PoolExhausted)
     }
 
     /// A `sender` part for `len` bytes at `offset` of `buf`, registering the segment first if the peer lacks it.

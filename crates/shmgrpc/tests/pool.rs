@@ -260,3 +260,22 @@ proptest! {
         prop_assert!(p.stats().is_idle());
     }
 }
+
+#[test]
+fn alloc_blocking_waits_for_a_release_and_times_out_without_one() {
+    let p = small(128 * K as u64, OnExhausted::Fail);
+    let held = p.try_alloc(128 * K).unwrap();
+    let t = std::time::Instant::now();
+    assert!(matches!(p.alloc_blocking(64 * K, Duration::from_millis(50)), Err(Error::Exhausted { .. })));
+    assert!(t.elapsed() >= Duration::from_millis(50));
+    let p2 = p.clone();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        drop(held);
+        p2
+    });
+    let got = p.alloc_blocking(64 * K, Duration::from_secs(10)).unwrap();
+    assert_eq!(got.capacity(), 64 * K, "the idle 128 KiB buffer was evicted to make room");
+    releaser.join().unwrap();
+    assert!(p.stats().waits >= 2);
+}
