@@ -18,6 +18,9 @@ pub struct ServeArgs {
     /// Segment backend of the server's pool: memfd (descriptors over the side channel), posix or sysv (names).
     #[arg(long, default_value = "memfd")]
     backend: shmgrpc::Backend,
+    /// Path of the side-channel socket (default: a fresh path in the temporary directory).
+    #[arg(long)]
+    side_channel: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -58,7 +61,10 @@ pub enum Op {
 }
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let config = shmgrpc::ServerConfig::default().pool_config(shmgrpc::PoolConfig::default().backend(a.backend));
+    let mut config = shmgrpc::ServerConfig::default().pool_config(shmgrpc::PoolConfig::default().backend(a.backend));
+    if let Some(path) = a.side_channel {
+        config = config.side_channel(path);
+    }
     let shm = if a.plain { None } else { Some(ShmServer::new(config)?) };
     let layer = shm.as_ref().map(|s| s.layer());
     let side = shm.as_ref().map(|s| s.side_channel_path().display().to_string());

@@ -241,10 +241,13 @@ async fn unreachable_side_channel_falls_back_inline() {
 
 #[test]
 fn a_client_in_a_private_mount_namespace_falls_back_inline() {
-    let srv = serve(&[]);
-    // A private /tmp (where the side channel lives) and a private /dev/shm, as in a container without --ipc=host.
+    let side_dir = tempfile::tempdir().unwrap();
+    let side = side_dir.path().join("side.sock");
+    let srv = serve(&["--side-channel", side.to_str().unwrap()]);
+    // A private view of the side channel's directory and of /dev/shm, as in a container without --ipc=host.
     let script = format!(
-        "mount -t tmpfs none /tmp && mount -t tmpfs none /dev/shm && exec {BIN} call --target {} --size 1MiB --repeat 2",
+        "mount -t tmpfs none {} && mount -t tmpfs none /dev/shm && exec {BIN} call --target {} --size 1MiB --repeat 2",
+        side_dir.path().display(),
         srv.tcp
     );
     let out = match Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output() {
