@@ -631,3 +631,30 @@ async fn a_client_whose_uid_is_not_allowed_is_served_inline() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffers_the_pool_drops_are_forgotten_by_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("g.sock");
+    let shm = ShmServer::new(ServerConfig::default()).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    // 8 MiB of client budget: a 4 MiB buffer, then an 8 MiB one that needs the 4 MiB one dropped.
+    let pool = Pool::new(PoolConfig::default().budget(8 << 20)).unwrap();
+    let ch = ShmChannel::connect_with(&format!("unix:{}", sock.display()), ClientConfig::default().pool(pool.clone()))
+        .await
+        .unwrap();
+    let mut c = client(&ch);
+    assert!(c.upload(demo::payload(3 << 20, 1)).await.unwrap().into_inner().via_shm);
+    eventually("the server maps one segment of ours", || shm.session_stats().peer_segments == 1).await;
+    assert_eq!(ch.session_stats().shared_segments, 1);
+    eventually("the first buffer is idle", || pool.stats().is_idle()).await;
+    let d = c.upload(demo::payload(6 << 20, 2)).await.unwrap().into_inner();
+    assert!(d.via_shm);
+    assert_eq!(pool.stats().evictions, 1);
+    eventually("the server forgets the dropped segment", || shm.session_stats().peer_segments == 1).await;
+    assert_eq!(shm.session_stats().peer_bytes, 8 << 20);
+    assert_eq!(ch.session_stats().shared_segments, 1);
+    drop((c, ch));
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

@@ -195,6 +195,11 @@ impl ShmChannel {
         self.session.as_ref().is_some_and(|s| s.is_alive())
     }
 
+    /// Figures of the session (all zero without one).
+    pub fn session_stats(&self) -> crate::SessionStats {
+        self.session.as_ref().map(|s| s.stats()).unwrap_or_default()
+    }
+
     /// Why this channel sends inline, if it does.
     pub fn fallback(&self) -> Option<Fallback> {
         match &self.session {

@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use pool::{Lease, OnExhausted, Pool, PoolConfig, PoolStats};
 pub use segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
 pub use server::{ServerConfig, ShmLayer, ShmServer};
-pub use session::{Loan, is_shared};
+pub use session::{Loan, SessionStats, is_shared};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -436,6 +436,16 @@ impl Pool {
         self.evict(u64::MAX / 2);
     }
 
+    /// Whether buffer `id` still exists (idle or in use); false once it was dropped to make room.
+    pub fn exists(&self, id: u32) -> bool {
+        lock(&self.inner.ranges).contains_key(&id)
+    }
+
+    /// How many idle buffers were dropped so far (to make room, or by [`Pool::trim`]).
+    pub fn evictions(&self) -> u64 {
+        self.inner.counters.evictions.load(Ordering::Relaxed)
+    }
+
     /// Whether `data` lies inside one of this pool's buffers.
     pub fn contains(&self, data: &[u8]) -> bool {
         let (p, n) = (data.as_ptr() as usize, data.len());

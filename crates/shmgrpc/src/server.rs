@@ -182,6 +182,11 @@ impl ShmServer {
         &self.shared.params.pool
     }
 
+    /// Figures summed over the open sessions.
+    pub fn session_stats(&self) -> crate::SessionStats {
+        lock(&self.shared.sessions).iter().map(|s| s.stats()).fold(Default::default(), |a, b| a + b)
+    }
+
     /// Sessions currently open.
     pub fn sessions(&self) -> usize {
         lock(&self.shared.sessions).iter().filter(|s| s.is_alive()).count()

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -229,6 +229,37 @@ struct Pending {
     returning: Vec<Arc<Incoming>>,
 }
 
+/// Figures of one session (or the sum over a server's sessions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Live sessions counted.
+    pub sessions: usize,
+    /// The peer's segments mapped here.
+    pub peer_segments: usize,
+    /// Their bytes.
+    pub peer_bytes: u64,
+    /// Our segments the peer has mapped.
+    pub shared_segments: usize,
+    /// Holds the peer has on our buffers (one per `sender` part not yet released).
+    pub holds: usize,
+    /// Regions of the peer's we sent back and keep until it answers `Returned`.
+    pub returning: usize,
+}
+
+impl std::ops::Add for SessionStats {
+    type Output = SessionStats;
+    fn add(self, o: SessionStats) -> SessionStats {
+        SessionStats {
+            sessions: self.sessions + o.sessions,
+            peer_segments: self.peer_segments + o.peer_segments,
+            peer_bytes: self.peer_bytes + o.peer_bytes,
+            shared_segments: self.shared_segments + o.shared_segments,
+            holds: self.holds + o.holds,
+            returning: self.returning + o.returning,
+        }
+    }
+}
+
 /// Entries by (segment, generation).
 type ByRegion<T> = HashMap<(u32, u32), Vec<T>>;
 
@@ -254,6 +285,8 @@ pub(crate) struct Session {
     /// Regions we sent back to the peer, kept until it answers `Returned`.
     returning: Mutex<ByRegion<Arc<Incoming>>>,
     alive: AtomicBool,
+    /// The pool's eviction count when we last looked for dropped buffers the peer still maps.
+    seen_evictions: AtomicU64,
 }
 
 impl std::fmt::Debug for Session {
@@ -273,6 +306,7 @@ impl Session {
     ) -> std::io::Result<Arc<Session>> {
         stream.set_read_timeout(None)?;
         let reader = stream.try_clone()?;
+        let params_evictions = params.pool.evictions();
         let session = Arc::new(Session {
             id,
             role,
@@ -287,6 +321,7 @@ impl Session {
             regions: Mutex::default(),
             returning: Mutex::default(),
             alive: AtomicBool::new(true),
+            seen_evictions: AtomicU64::new(params_evictions),
         });
         lock(&REGISTRY).insert((id, role), Arc::downgrade(&session));
         // The reader holds the session weakly: the session ends when its owner (the channel, the server) lets go,
@@ -325,6 +360,21 @@ impl Session {
             *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
         }
         Session::lookup(&id, role)
+    }
+
+    pub(crate) fn stats(&self) -> SessionStats {
+        if !self.is_alive() {
+            return SessionStats::default();
+        }
+        let peer = self.peer.stats();
+        SessionStats {
+            sessions: 1,
+            peer_segments: peer.segments,
+            peer_bytes: peer.bytes,
+            shared_segments: lock(&self.shared).len(),
+            holds: lock(&self.holds).values().map(Vec::len).sum(),
+            returning: lock(&self.returning).values().map(Vec::len).sum(),
+        }
     }
 
     pub(crate) fn is_alive(&self) -> bool {
@@ -486,6 +536,28 @@ impl Session {
         Ok(part::Kind::Sender(region))
     }
 
+    /// Tells the peer to drop its mappings of our buffers that the pool has since dropped (otherwise the peer's
+    /// mapping would keep their memory alive). Runs only when the pool's eviction count moved.
+    fn forget_evicted(&self) {
+        let evictions = self.params.pool.evictions();
+        if self.seen_evictions.swap(evictions, Ordering::Relaxed) == evictions {
+            return;
+        }
+        let gone: Vec<u32> = {
+            let mut shared = lock(&self.shared);
+            let gone: Vec<u32> = shared.iter().copied().filter(|&id| !self.params.pool.exists(id)).collect();
+            for id in &gone {
+                shared.remove(id);
+            }
+            gone
+        };
+        for segment in gone {
+            if let Err(e) = self.send(Kind::Forget(v1::Forget { segment }), None) {
+                tracing::debug!(error = %e, "forget not sent; the session is closing");
+            }
+        }
+    }
+
     /// Makes sure the peer has mapped our segment `id` (registering it and waiting for the answer the first time).
     fn ensure_registered(
         &self,
@@ -493,6 +565,7 @@ impl Session {
         share: impl FnOnce() -> crate::Result<SegmentHandle>,
         len: usize,
     ) -> Result<(), Fallback> {
+        self.forget_evicted();
         if lock(&self.shared).contains(&id) {
             return Ok(());
         }
