@@ -4,6 +4,7 @@
 
 mod bench;
 mod grpc;
+mod plot;
 mod pool_demo;
 mod segments;
 

@@ -33,3 +33,56 @@ fn bad_arguments_are_refused() {
     assert!(!shmgrpc(&["pool-demo", "--size", "0B"]).0);
     assert!(!shmgrpc(&["pool-demo", "--backend", "nope"]).0);
 }
+
+#[test]
+fn bench_reports_every_cell_in_json_and_draws_a_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let svg = dir.path().join("bench.svg");
+    let (ok, out) = shmgrpc(&[
+        "bench",
+        "--sizes",
+        "4KiB,256KiB",
+        "--iterations",
+        "3",
+        "--clients",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("memcpy") && out.contains("speedup"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2 * 2 * 4, "sizes x ops x transports");
+    for r in results {
+        for key in [
+            "transport",
+            "op",
+            "size",
+            "clients",
+            "iterations",
+            "median_ns",
+            "p99_ns",
+            "e2e_median_ns",
+            "bytes_per_sec",
+            "client_cpu_s",
+            "server_cpu_s",
+            "client_peak_rss_bytes",
+            "server_peak_rss_bytes",
+        ] {
+            assert!(!r[key].is_null(), "{key} missing in {r}");
+        }
+        assert_eq!(r["clients"], 2);
+        assert!(r["median_ns"].as_u64().unwrap() > 0);
+        let shared = matches!(r["transport"].as_str().unwrap(), "shm" | "loan");
+        if r["size"] == 262144 {
+            assert_eq!(r["shm_messages"].as_u64().unwrap() > 0, shared, "{r}");
+        }
+    }
+    assert_eq!(v["memcpy"].as_array().unwrap().len(), 2);
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+}

@@ -171,7 +171,7 @@ async fn metadata_deadlines_status_codes_and_interceptors_keep_working() {
     // A checksum mismatch detected by the server is its own status.
     let mut p = demo::payload(128 << 10, 2);
     p.crc32 ^= 1;
-    assert_eq!(c.echo(p).await.unwrap_err().code(), Code::DataLoss);
+    assert_eq!(c.upload(p).await.unwrap_err().code(), Code::DataLoss);
 
     // Deadlines: a 1 ms deadline on a large download expires.
     let mut req = Request::new(DownloadRequest { size: 256 << 20, seed: 0, count: 1 });
