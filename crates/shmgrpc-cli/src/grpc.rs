@@ -46,6 +46,9 @@ pub struct CallArgs {
     /// Write request payloads into loans (sent without any copy) instead of ordinary memory.
     #[arg(long)]
     loan: bool,
+    /// Print only the last call.
+    #[arg(long)]
+    quiet: bool,
     /// Keep every reply until the command ends, instead of dropping each after checking it (the server's buffers
     /// stay lent: exercises the release protocol and reclamation).
     #[arg(long)]
@@ -212,6 +215,9 @@ pub async fn call(a: CallArgs) -> anyhow::Result<()> {
             kept.clear();
         }
         let via = |n: u64| if n > 0 { "shm" } else { "inline" };
+        if a.quiet && i + 1 < a.repeat {
+            continue;
+        }
         println!(
             "call {i}: {:?} {} in {:.3} ms (end to end {:.3} ms), request {}, response {}, checksum ok",
             a.op,
@@ -221,6 +227,10 @@ pub async fn call(a: CallArgs) -> anyhow::Result<()> {
             via(r.shm.0),
             via(r.shm.1)
         );
+    }
+    drop(kept);
+    if let Some(pool) = ch.pool() {
+        println!("client pool: {}", pool.stats().to_string().lines().last().unwrap_or_default());
     }
     Ok(())
 }
