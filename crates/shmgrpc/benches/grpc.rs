@@ -62,9 +62,7 @@ fn decode(c: &mut Criterion) {
         })
     });
     let heap = BytesMut::from(&encoded[..]);
-    g.bench_function("from_heap_buffer", |b| {
-        b.iter(|| black_box(Payload::decode(heap.clone().freeze()).unwrap()))
-    });
+    g.bench_function("from_heap_buffer", |b| b.iter(|| black_box(Payload::decode(heap.clone().freeze()).unwrap())));
     g.finish();
 }
 
