@@ -3,84 +3,20 @@
 //! matrix, release and reclamation (also after `kill -9`), hostile references, and 1 GiB messages.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
-use shmgrpc::demo::{self, Addr, BlobClient, DownloadRequest, Payload};
+use bytes::Bytes;
+use shmgrpc::demo::{self, BlobClient, DownloadRequest, Payload};
 use shmgrpc::proto::v1::{Part, Reference, Region, part};
 use shmgrpc::stats::Fallback;
 use shmgrpc::wire;
 use shmgrpc::{ClientConfig, Pool, PoolConfig, ServerConfig, ShmChannel, ShmServer};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Request, Status};
 
-const BIN: &str = env!("CARGO_BIN_EXE_shmgrpc");
+mod common;
 
-/// A `shmgrpc serve` process; SIGTERM (then SIGKILL) on drop.
-struct Served {
-    child: Child,
-    unix: String,
-    tcp: String,
-    side: Option<String>,
-    _dir: tempfile::TempDir,
-}
-
-fn serve(extra: &[&str]) -> Served {
-    let dir = tempfile::tempdir().unwrap();
-    let unix = format!("unix:{}", dir.path().join("grpc.sock").display());
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", &unix, "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (mut tcp, mut side) = (None, None);
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if let Some(a) = line.strip_prefix("listening ")
-            && !a.starts_with("unix:")
-        {
-            tcp = Some(a.to_string());
-        }
-        if let Some(p) = line.strip_prefix("side channel unix:") {
-            side = Some(p.to_string());
-        }
-        if line == "ready" {
-            break;
-        }
-    }
-    Served { child, unix, tcp: tcp.expect("tcp address"), side, _dir: dir }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn client(ch: &ShmChannel) -> BlobClient<ShmChannel> {
-    BlobClient::new(ch.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
-}
-
-/// Waits until `f` holds (releases travel asynchronously on the side channel).
-async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use common::{BIN, client, eventually, serve, serve_here};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_kind_moves_payloads_through_shared_memory_both_ways() {
@@ -204,21 +140,7 @@ async fn shmgrpc_client_against_a_plain_tonic_server_goes_inline() {
 async fn plain_tonic_client_against_a_shmgrpc_server_works() {
     let srv = serve(&[]);
     for target in [&srv.unix, &srv.tcp] {
-        let (ep, unix) = shmgrpc::client::endpoint(target).unwrap();
-        let channel = match unix {
-            Some(path) => ep
-                .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await
-                .unwrap(),
-            None => ep.connect().await.unwrap(),
-        };
+        let channel = common::plain_channel(target).await;
         let mut c = demo::plain::BlobClient::new(channel).max_decoding_message_size(usize::MAX);
         let p = demo::payload(1 << 20, 4);
         let r = c.echo(p.clone()).await.unwrap().into_inner();
@@ -329,69 +251,11 @@ async fn a_killed_client_gives_back_every_buffer_it_held() {
     server.await.unwrap().unwrap();
 }
 
-/// Serves the demo service with shmgrpc in this process; returns once it listens.
-async fn serve_here(
-    sock: std::path::PathBuf,
-    layer: shmgrpc::ShmLayer,
-) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ready, is_ready) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        demo::serve(
-            &[Addr::Unix(sock)],
-            Some(layer),
-            move |_| {
-                let _ = ready.send(());
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-    });
-    is_ready.await.unwrap();
-    (stop, handle)
-}
-
-/// Sends raw message bytes, so a test can put any reference on the wire.
-#[derive(Default, Clone)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
 async fn raw_echo(ch: &ShmChannel, body: Bytes) -> Result<Bytes, Status> {
     let mut g = tonic::client::Grpc::new(ch.clone());
     g.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
     let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Echo");
-    g.unary(Request::new(body), path, Raw).await.map(|r| r.into_inner())
+    g.unary(Request::new(body), path, common::Raw).await.map(|r| r.into_inner())
 }
 
 fn reference(r: Reference) -> Bytes {

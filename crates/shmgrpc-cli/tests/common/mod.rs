@@ -1,0 +1,152 @@
+//! Helpers shared by the gRPC test binaries: server processes, clients, waiting.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shmgrpc::ShmChannel;
+use shmgrpc::demo::{self, Addr, BlobClient};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shmgrpc");
+
+/// A `shmgrpc serve` process; SIGTERM (then SIGKILL) on drop.
+pub struct Served {
+    pub child: Child,
+    pub unix: String,
+    pub tcp: String,
+    pub side: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn serve(extra: &[&str]) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let unix = format!("unix:{}", dir.path().join("grpc.sock").display());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &unix, "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut tcp, mut side) = (None, None);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(a) = line.strip_prefix("listening ")
+            && !a.starts_with("unix:")
+        {
+            tcp = Some(a.to_string());
+        }
+        if let Some(p) = line.strip_prefix("side channel unix:") {
+            side = Some(p.to_string());
+        }
+        if line == "ready" {
+            break;
+        }
+    }
+    Served { child, unix, tcp: tcp.expect("tcp address"), side, _dir: dir }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client(ch: &ShmChannel) -> BlobClient<ShmChannel> {
+    BlobClient::new(ch.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
+}
+
+/// Waits until `f` holds (releases travel asynchronously on the side channel).
+pub async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Serves the demo service with shmgrpc in this process; returns once it listens.
+pub async fn serve_here(
+    sock: std::path::PathBuf,
+    layer: shmgrpc::ShmLayer,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready, is_ready) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        demo::serve(
+            &[Addr::Unix(sock)],
+            Some(layer),
+            move |_| {
+                let _ = ready.send(());
+            },
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+    is_ready.await.unwrap();
+    (stop, handle)
+}
+
+/// A plain tonic channel (no shmgrpc session) to `unix:/path` or `host:port`.
+pub async fn plain_channel(target: &str) -> tonic::transport::Channel {
+    let (ep, unix) = shmgrpc::client::endpoint(target).unwrap();
+    match unix {
+        Some(path) => ep
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                }
+            }))
+            .await
+            .unwrap(),
+        None => ep.connect().await.unwrap(),
+    }
+}
+
+/// Sends raw message bytes, so a test can put any reference on the wire.
+#[derive(Default, Clone)]
+pub struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: bytes::Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n)))
+    }
+}

@@ -1,0 +1,219 @@
+//! Hostile peers on the side channel: garbage and truncated handshakes, bad registrations, floods of releases, and
+//! references to another session's buffers. The server answers each with a refusal or a status, never crashes, and
+//! keeps serving a well-behaved client.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Served, client, serve};
+use prost::Message;
+use shmgrpc::proto::v1::{self, HelloRequest, session_client::SessionClient};
+use shmgrpc::wire::{self, Kind};
+use shmgrpc::{PeerSegment, SegmentHandle, ShmChannel, demo};
+
+async fn ticket(srv: &Served) -> Vec<u8> {
+    let mut c = SessionClient::new(common::plain_channel(&srv.unix).await);
+    c.hello(HelloRequest { version: 1 }).await.unwrap().into_inner().ticket.to_vec()
+}
+
+fn side(srv: &Served) -> UnixStream {
+    let s = UnixStream::connect(srv.side.as_ref().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Reads until the server closes the connection; returns the refusal reason if it sent one.
+fn closed(s: &UnixStream) -> Option<String> {
+    let mut reason = None;
+    loop {
+        match wire::read_frame(s) {
+            Ok(Some((m, _))) => {
+                if let Some(Kind::Refused(r)) = m.kind {
+                    reason = Some(r.reason);
+                }
+            }
+            Ok(None) | Err(_) => return reason,
+        }
+    }
+}
+
+fn send(s: &UnixStream, kind: Kind) {
+    wire::write_frame(s, &wire::frame(kind), None).unwrap();
+}
+
+/// A complete, correct handshake by hand; returns the socket and the session id.
+async fn handshake(srv: &Served) -> (UnixStream, Vec<u8>) {
+    let t = ticket(srv).await;
+    let s = side(srv);
+    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: t.into() }));
+    let (m, mut fds) = wire::read_frame(&s).unwrap().unwrap();
+    let Some(Kind::Challenge(ch)) = m.kind else { panic!("expected a challenge, got {m:?}") };
+    let seg = PeerSegment::open(SegmentHandle::Memfd(fds.pop().unwrap()), ch.len).unwrap();
+    send(&s, Kind::Proof(v1::Proof { answer: seg.range(0, ch.len).unwrap().to_vec().into() }));
+    let (m, _) = wire::read_frame(&s).unwrap().unwrap();
+    let Some(Kind::Welcome(w)) = m.kind else { panic!("expected welcome, got {m:?}") };
+    (s, w.session.to_vec())
+}
+
+async fn still_serves(srv: &Served) {
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
+    let r = client(&ch).echo(demo::payload(1 << 20, 7)).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+    assert!(shmgrpc::is_shared(&r.data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_truncated_handshakes_are_refused() {
+    let srv = serve(&[]);
+    // Random bytes.
+    let mut s = side(&srv);
+    s.write_all(&[0x17, 0x03, 0x03, 0x00, 0x45, 0xde, 0xad, 0xbe, 0xef]).unwrap();
+    closed(&s);
+    // A length far beyond the frame limit.
+    let mut s = side(&srv);
+    s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    closed(&s);
+    // A frame cut short.
+    let mut s = side(&srv);
+    s.write_all(&100u32.to_le_bytes()).unwrap();
+    s.write_all(&[0u8; 10]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    closed(&s);
+    // A well-formed frame of the wrong kind.
+    let s = side(&srv);
+    send(&s, Kind::Proof(v1::Proof { answer: Bytes::from_static(b"early") }));
+    assert_eq!(closed(&s).as_deref(), Some("expected attach"));
+    // Unknown ticket, wrong version.
+    let s = side(&srv);
+    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: vec![0; 32].into() }));
+    assert_eq!(closed(&s).as_deref(), Some("unknown or expired ticket"));
+    let s = side(&srv);
+    send(&s, Kind::Attach(v1::Attach { version: 2, ticket: ticket(&srv).await.into() }));
+    assert_eq!(closed(&s).as_deref(), Some("unsupported protocol version"));
+    // A ticket is good once.
+    let t = ticket(&srv).await;
+    let s = side(&srv);
+    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: t.clone().into() }));
+    let _ = wire::read_frame(&s).unwrap();
+    send(&s, Kind::Proof(v1::Proof { answer: vec![0; 32].into() }));
+    assert_eq!(closed(&s).as_deref(), Some("wrong answer to the challenge"));
+    let s = side(&srv);
+    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: t.into() }));
+    assert_eq!(closed(&s).as_deref(), Some("unknown or expired ticket"));
+    // Hanging up in the middle of the handshake.
+    let s = side(&srv);
+    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: ticket(&srv).await.into() }));
+    drop(s);
+    // A protobuf that is no SideMessage kind at all.
+    let mut s = side(&srv);
+    let junk = v1::HelloResponse { version: 9, side_channel: "x".into(), ticket: Bytes::new() }.encode_to_vec();
+    s.write_all(&(junk.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(&junk).unwrap();
+    closed(&s);
+    still_serves(&srv).await;
+}
+
+fn register(
+    s: &UnixStream,
+    segment: u32,
+    len: u64,
+    source: Option<v1::register::Source>,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> String {
+    wire::write_frame(s, &wire::frame(Kind::Register(v1::Register { segment, len, source })), fd).unwrap();
+    loop {
+        let (m, _) = wire::read_frame(s).unwrap().expect("the server keeps the session open");
+        if let Some(Kind::Registered(r)) = m.kind {
+            assert_eq!(r.segment, segment);
+            return r.error;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_registrations_are_refused_and_floods_of_releases_are_ignored() {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let srv = serve(&[]);
+    let (s, _id) = handshake(&srv).await;
+
+    // A memfd without seals: it could shrink under the server's mapping.
+    let fd = rustix::fs::memfd_create("x", MemfdFlags::ALLOW_SEALING).unwrap();
+    rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
+    assert!(register(&s, 1, 1 << 20, None, Some(fd.as_fd())).contains("seals"));
+    // Sealed, but smaller than claimed.
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+    assert!(!register(&s, 2, 2 << 20, None, Some(fd.as_fd())).is_empty());
+    // Neither a descriptor nor a name.
+    assert!(!register(&s, 3, 4096, None, None).is_empty());
+    // A descriptor and a name at once.
+    let name = Some(v1::register::Source::PosixName("/shmgrpc-1-0123456789abcdef".into()));
+    assert!(!register(&s, 4, 4096, name.clone(), Some(fd.as_fd())).is_empty());
+    // A POSIX name that is not ours, and one of another process (pid 1).
+    let other = Some(v1::register::Source::PosixName("/etc/passwd".into()));
+    assert!(!register(&s, 5, 4096, other, None).is_empty());
+    assert!(register(&s, 6, 4096, name, None).contains("not created by the expected process"));
+    // A System V id that does not exist, or is not the peer's.
+    assert!(!register(&s, 7, 4096, Some(v1::register::Source::SysvId(i32::MAX)), None).is_empty());
+    // A pipe instead of a memfd.
+    let (r, _w) = rustix::pipe::pipe().unwrap();
+    assert!(!register(&s, 8, 1, None, Some(r.as_fd())).is_empty());
+    // The session is still up: a proper registration works.
+    assert_eq!(register(&s, 9, 1 << 20, None, Some(fd.as_fd())), "");
+
+    // Floods of releases and returns of buffers this peer never held.
+    for i in 0..20_000u32 {
+        send(
+            &s,
+            if i % 2 == 0 {
+                Kind::Release(v1::Release { segment: i, generation: i })
+            } else {
+                Kind::Returned(v1::Returned { segment: i, generation: 0 })
+            },
+        );
+    }
+    assert_eq!(register(&s, 10, 1 << 20, None, Some(fd.as_fd())), "", "the session survives the flood");
+    still_serves(&srv).await;
+    // An unexpected frame kind ends only this session.
+    send(&s, Kind::Welcome(v1::Welcome { session: vec![0; 16].into(), threshold: 0 }));
+    closed(&s);
+    still_serves(&srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_cannot_reach_another_sessions_buffers() {
+    let srv = serve(&[]);
+    let a = ShmChannel::connect(&srv.unix).await.unwrap();
+    let b = ShmChannel::connect(&srv.unix).await.unwrap();
+    // A registers its segment 1 and holds a server buffer (a download it keeps).
+    let mut ca = client(&a);
+    let kept = ca.download(demo::DownloadRequest { size: 1 << 20, seed: 1, count: 1 }).await.unwrap().into_inner();
+    ca.upload(demo::payload(1 << 20, 2)).await.unwrap();
+    // B names A's segment 1 and the server buffer A holds, under B's own session: both refused.
+    let b_id = b.session_id().unwrap();
+    let region = v1::Region { segment: 1, generation: 0, offset: 0, len: 16 };
+    for (what, part) in [
+        ("another session's segment", v1::part::Kind::Sender(region)),
+        ("a buffer lent to another session", v1::part::Kind::Receiver(region)),
+    ] {
+        let r = v1::Reference {
+            session: b_id.to_vec().into(),
+            from_server: false,
+            parts: vec![v1::Part { kind: Some(part) }],
+        };
+        let mut body = Vec::new();
+        wire::encode_reference(r, &mut body);
+        let mut g = tonic::client::Grpc::new(b.clone());
+        g.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Upload");
+        let err = g.unary(tonic::Request::new(Bytes::from(body)), path, common::Raw).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
+    }
+    demo::verify(&kept).unwrap();
+    still_serves(&srv).await;
+}
