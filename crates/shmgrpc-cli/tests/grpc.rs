@@ -522,3 +522,75 @@ async fn buffers_the_pool_drops_are_forgotten_by_the_peer() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_carry_on_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grpc.sock");
+    let unix = format!("unix:{}", path.display());
+    let keep = tempfile::tempdir().unwrap(); // the servers get their own (empty) temp dirs
+    let mut srv = common::serve_in(tempfile::tempdir_in(keep.path()).unwrap(), unix.clone(), &[]);
+    let ch = ShmChannel::connect(&unix).await.unwrap();
+    let mut c = client(&ch);
+    demo::verify(&c.echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner()).unwrap();
+    assert!(ch.is_shared_memory());
+    for round in 0..3u32 {
+        // kill -9: no cleanup at all on the server's side.
+        let _ = srv.child.kill();
+        let _ = srv.child.wait();
+        srv = common::serve_in(tempfile::tempdir_in(keep.path()).unwrap(), unix.clone(), &[]);
+        // The channel reconnects (tonic) and reopens its session (shmgrpc); calls in between may fail once.
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(20), "round {round}: no shared memory again");
+            if let Ok(r) = c.echo(demo::payload(1 << 20, round)).await {
+                let r = r.into_inner();
+                demo::verify(&r).unwrap();
+                if shmgrpc::is_shared(&r.data) && ch.is_shared_memory() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    drop((c, ch, srv, dir));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_clients_mid_transfer_never_hurts_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("g.sock");
+    let target = format!("unix:{}", sock.display());
+    let shm = ShmServer::new(ServerConfig::default()).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    let bystander = ShmChannel::connect(&target).await.unwrap();
+    let mut b = client(&bystander);
+    let mut seed = 0x9e37_79b9u32;
+    for i in 0..25u32 {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let (op, size) = [("echo", "8MiB"), ("download", "16MiB"), ("upload", "12MiB")][i as usize % 3];
+        let mut child = Command::new(BIN)
+            .args(["call", "--target", &target, "--op", op, "--size", size, "--repeat", "1000000", "--quiet"])
+            .args(if i % 2 == 0 { &["--keep"][..] } else { &["--loan"][..] })
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20 + u64::from(seed % 150)));
+        let _ = child.kill();
+        let _ = child.wait();
+        // The bystander is served all along, through shared memory.
+        let r = b.echo(demo::payload(2 << 20, i)).await.unwrap().into_inner();
+        demo::verify(&r).unwrap();
+        assert!(shmgrpc::is_shared(&r.data));
+    }
+    drop(b);
+    drop(bystander);
+    eventually("every killed client's buffers came back", || {
+        shm.sessions() == 0 && shm.pool().stats().is_idle() && shm.session_stats() == Default::default()
+    })
+    .await;
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

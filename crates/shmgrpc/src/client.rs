@@ -15,9 +15,9 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use tonic::body::Body;
@@ -116,12 +116,28 @@ pub enum ConnectError {
 
 /// A gRPC channel that sends large messages through shared memory when the server supports it (see the module
 /// docs). Cheap to clone; clones share the connection and the session.
+///
+/// If the session ends (the server restarted, the side channel broke), calls go on inline at once, and the channel
+/// tries to open a new session in the background, at most once a second.
 #[derive(Clone, Debug)]
 pub struct ShmChannel {
     inner: Channel,
-    session: Option<Arc<SessionGuard>>,
-    fallback: Option<Fallback>,
+    state: Arc<State>,
 }
+
+/// What clones of a channel share.
+#[derive(Debug)]
+struct State {
+    /// Session parameters; `None` when shared memory is switched off.
+    params: Option<SessionParams>,
+    session: RwLock<Option<Arc<SessionGuard>>>,
+    fallback: Mutex<Option<Fallback>>,
+    /// When a new session was last tried, and whether a try is running.
+    retry: Mutex<(Option<Instant>, bool)>,
+}
+
+/// Smallest pause between two attempts to reopen a session.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The endpoint settings shmgrpc uses: large HTTP/2 windows and `TCP_NODELAY`, so inline messages are not
 /// throttled by flow control.
@@ -171,54 +187,60 @@ impl ShmChannel {
 
     /// Establishes a session over an existing channel (for channels built with custom tonic settings).
     pub async fn over(channel: Channel, config: ClientConfig) -> Result<ShmChannel, ConnectError> {
-        if !config.shared_memory {
-            return Ok(ShmChannel { inner: channel, session: None, fallback: None });
-        }
-        let pool = match config.pool {
-            Some(p) => p,
-            None => Pool::new(config.pool_config)?,
+        let params = if config.shared_memory {
+            let pool = match config.pool {
+                Some(p) => p,
+                None => Pool::new(config.pool_config)?,
+            };
+            Some(SessionParams { pool, threshold: config.threshold, exhausted_wait: config.exhausted_wait })
+        } else {
+            None
         };
-        let params = SessionParams { pool, threshold: config.threshold, exhausted_wait: config.exhausted_wait };
-        match establish(&channel, params).await {
-            Ok(session) => {
-                Ok(ShmChannel { inner: channel, session: Some(Arc::new(SessionGuard(session))), fallback: None })
-            }
-            Err(reason) => {
-                tracing::info!(%reason, "shmgrpc: no shared memory with this server; messages go inline");
-                Ok(ShmChannel { inner: channel, session: None, fallback: Some(reason) })
-            }
+        let state = Arc::new(State {
+            params,
+            session: RwLock::new(None),
+            fallback: Mutex::new(None),
+            retry: Mutex::new((Some(Instant::now()), false)),
+        });
+        if let Some(params) = &state.params {
+            state.settle(establish(&channel, params.clone()).await);
         }
+        Ok(ShmChannel { inner: channel, state })
+    }
+
+    fn session(&self) -> Option<Arc<SessionGuard>> {
+        read(&self.state.session).clone()
     }
 
     /// Whether large messages currently go through shared memory.
     pub fn is_shared_memory(&self) -> bool {
-        self.session.as_ref().is_some_and(|s| s.is_alive())
+        self.session().is_some_and(|s| s.is_alive())
     }
 
     /// Figures of the session (all zero without one).
     pub fn session_stats(&self) -> crate::SessionStats {
-        self.session.as_ref().map(|s| s.stats()).unwrap_or_default()
+        self.session().map(|s| s.stats()).unwrap_or_default()
     }
 
     /// Why this channel sends inline, if it does.
     pub fn fallback(&self) -> Option<Fallback> {
-        match &self.session {
+        match self.session() {
             Some(s) if !s.is_alive() => Some(Fallback::SessionClosed),
             Some(_) => None,
-            None => self.fallback,
+            None => *lock(&self.state.fallback),
         }
     }
 
-    /// The pool request payloads are written into, when a session exists.
+    /// The pool request payloads are written into (`None` when shared memory is switched off).
     pub fn pool(&self) -> Option<&Pool> {
-        self.session.as_ref().map(|s| s.pool())
+        self.state.params.as_ref().map(|p| &p.pool)
     }
 
     /// A buffer to write a request payload into and send without a copy ([`crate::Loan::freeze`] it into a
     /// `bytes` field). Shared memory when this channel has a session (and the pool has budget), ordinary memory
     /// otherwise, so the same code works with any server.
     pub fn loan(&self, len: usize) -> crate::Loan {
-        match &self.session {
+        match self.session() {
             Some(s) => s.loan(len),
             None => crate::Loan::heap(len),
         }
@@ -228,13 +250,70 @@ impl ShmChannel {
     /// can send references into this session, so never log it.
     #[doc(hidden)]
     pub fn session_id(&self) -> Option<[u8; 16]> {
-        self.session.as_ref().map(|s| s.id())
+        self.session().map(|s| s.id())
     }
 
     /// The underlying tonic channel.
     pub fn channel(&self) -> &Channel {
         &self.inner
     }
+
+    /// Starts a background attempt to open a new session, if the last one ended and none was tried lately.
+    fn maybe_reopen(&self) {
+        let Some(params) = self.state.params.clone() else { return };
+        if matches!(*lock(&self.state.fallback), Some(Fallback::PeerLacksShmgrpc)) {
+            return; // a plain server: nothing to reopen
+        }
+        {
+            let mut retry = lock(&self.state.retry);
+            if retry.1 || retry.0.is_some_and(|t| t.elapsed() < RETRY_INTERVAL) {
+                return;
+            }
+            *retry = (Some(Instant::now()), true);
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            lock(&self.state.retry).1 = false;
+            return;
+        };
+        let (channel, state) = (self.inner.clone(), self.state.clone());
+        rt.spawn(async move {
+            let result = establish(&channel, params).await;
+            if result.is_ok() {
+                tracing::info!("shmgrpc: session reopened");
+            }
+            state.settle(result);
+            lock(&state.retry).1 = false;
+        });
+    }
+}
+
+impl State {
+    /// Records the outcome of an attempt to open a session.
+    fn settle(&self, result: Result<Arc<Session>, Fallback>) {
+        match result {
+            Ok(session) => {
+                *write(&self.session) = Some(Arc::new(SessionGuard(session)));
+                *lock(&self.fallback) = None;
+            }
+            Err(reason) => {
+                tracing::info!(%reason, "shmgrpc: no shared memory with this server; messages go inline");
+                *write(&self.session) = None;
+                *lock(&self.fallback) = Some(reason);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 impl tower_service::Service<http::Request<Body>> for ShmChannel {
@@ -247,7 +326,11 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let req = match &self.session {
+        let session = self.session();
+        if self.state.params.is_some() && !session.as_ref().is_some_and(|s| s.is_alive()) {
+            self.maybe_reopen();
+        }
+        let req = match &session {
             Some(s) if s.is_alive() => {
                 let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone())));
                 if let Ok(v) = http::HeaderValue::from_str(&s.id_hex()) {

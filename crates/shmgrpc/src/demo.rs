@@ -200,6 +200,27 @@ impl fmt::Display for Addr {
     }
 }
 
+/// Binds a Unix socket, replacing a stale one (a socket file nobody listens on, left by a killed server); a live
+/// socket or any other file is an error.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    match tokio::net::UnixListener::bind(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            use std::os::unix::fs::FileTypeExt;
+            let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            let refused = matches!(
+                std::os::unix::net::UnixStream::connect(path),
+                Err(ref c) if c.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+            if !(is_socket && refused) {
+                return Err(e);
+            }
+            std::fs::remove_file(path)?;
+            tokio::net::UnixListener::bind(path)
+        }
+        other => other,
+    }
+}
+
 /// HTTP/2 settings that give plain gRPC a fair chance with large messages: 8 MiB stream and 16 MiB connection
 /// windows, 16 MiB frames, `TCP_NODELAY`.
 pub fn server_builder() -> tonic::transport::Server {
@@ -230,7 +251,7 @@ pub async fn serve(
     for a in addrs {
         match a {
             Addr::Unix(p) => {
-                bound.push(Bound::Unix(tokio::net::UnixListener::bind(p)?));
+                bound.push(Bound::Unix(bind_unix(p)?));
                 names.push(a.clone());
             }
             Addr::Tcp(t) => {

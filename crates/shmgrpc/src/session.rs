@@ -61,7 +61,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Parameters a session is created with.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct SessionParams {
     pub(crate) pool: Pool,
     pub(crate) threshold: usize,
@@ -383,10 +383,6 @@ impl Session {
 
     pub(crate) fn threshold(&self) -> usize {
         self.params.threshold
-    }
-
-    pub(crate) fn pool(&self) -> &Pool {
-        &self.params.pool
     }
 
     /// Whether `data` lies inside one of the peer's segments we have mapped or one of our pool's buffers.

@@ -22,6 +22,11 @@ pub struct Served {
 pub fn serve(extra: &[&str]) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let unix = format!("unix:{}", dir.path().join("grpc.sock").display());
+    serve_in(dir, unix, extra)
+}
+
+/// Like [`serve`], at `unix` (inside `dir`, which the returned value keeps).
+pub fn serve_in(dir: tempfile::TempDir, unix: String, extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", &unix, "--listen", "127.0.0.1:0"])
         .args(extra)
