@@ -217,3 +217,35 @@ async fn one_session_cannot_reach_another_sessions_buffers() {
     demo::verify(&kept).unwrap();
     still_serves(&srv).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posix_segment_shrunk_after_sharing_is_data_loss_not_sigbus() {
+    let srv = serve(&[]);
+    let (s, id) = handshake(&srv).await;
+    // Our POSIX segment (this process created it, as the server checks) holding a valid 1 MiB Payload.
+    let body = demo::payload(1 << 20, 5).encode_to_vec();
+    let mut seg = shmgrpc::Segment::create(2 << 20, &shmgrpc::SegmentOptions::new(shmgrpc::Backend::Posix)).unwrap();
+    seg.as_mut_slice()[..body.len()].copy_from_slice(&body);
+    let name = seg.posix_name().unwrap().as_str().to_string();
+    let source = Some(v1::register::Source::PosixName(name.clone()));
+    assert_eq!(register(&s, 1, 2 << 20, source, None), "");
+    // Shrink it after the server mapped it: its reads past 4 KiB would raise SIGBUS.
+    let fd = rustix::shm::open(name.as_str(), rustix::shm::OFlags::RDWR, rustix::fs::Mode::empty()).unwrap();
+    rustix::fs::ftruncate(&fd, 4096).unwrap();
+    let region = v1::Region { segment: 1, generation: 0, offset: 0, len: body.len() as u64 };
+    let r = v1::Reference {
+        session: id.into(),
+        from_server: false,
+        parts: vec![v1::Part { kind: Some(v1::part::Kind::Sender(region)) }],
+    };
+    let mut msg = Vec::new();
+    wire::encode_reference(r, &mut msg);
+    let mut g = tonic::client::Grpc::new(common::plain_channel(&srv.unix).await);
+    g.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Upload");
+    let err = g.unary(tonic::Request::new(Bytes::from(msg)), path, common::Raw).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
+    assert!(!err.message().contains(&name[9..]), "{err}");
+    still_serves(&srv).await;
+    drop(seg); // never read again by us: our own mapping is short now too
+}

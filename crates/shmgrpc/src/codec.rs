@@ -27,7 +27,7 @@ use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::parts::PartsBuf;
-use crate::session::{Role, Session};
+use crate::session::{Resolved, Role, Session};
 use crate::stats;
 use crate::wire;
 
@@ -113,11 +113,17 @@ impl<U: Message + Default> Decoder for ShmDecoder<U> {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         if wire::is_reference(src.chunk()) {
             let raw = src.copy_to_bytes(src.remaining());
-            let payload = resolve(&raw).inspect_err(|_| stats::bad_reference())?;
+            let resolved = resolve(&raw).inspect_err(|_| stats::bad_reference())?;
+            let payload = PartsBuf::new(resolved.parts.clone());
             let len = payload.remaining();
             let _span = tracing::trace_span!("shmgrpc_receive", len).entered();
-            let msg = U::decode(payload)
-                .map_err(|e| Status::invalid_argument(format!("message in shared memory does not decode: {e}")))?;
+            let msg = U::decode(payload);
+            if resolved.poisoned() {
+                stats::bad_reference();
+                return Err(Status::data_loss("the peer shrank a shared segment while the message was read"));
+            }
+            let msg =
+                msg.map_err(|e| Status::invalid_argument(format!("message in shared memory does not decode: {e}")))?;
             stats::shm_received(len);
             return Ok(Some(msg));
         }
@@ -128,14 +134,14 @@ impl<U: Message + Default> Decoder for ShmDecoder<U> {
     }
 }
 
-/// Turns reference bytes into the message bytes they name.
-fn resolve(raw: &[u8]) -> Result<PartsBuf, Status> {
+/// Turns reference bytes into the message parts they name.
+fn resolve(raw: &[u8]) -> Result<Resolved, Status> {
     let r = wire::decode_reference(raw).map_err(|e| Status::invalid_argument(format!("bad shmgrpc reference: {e}")))?;
     // We are the other end of the session than the sender.
     let ours = if r.from_server { Role::Client } else { Role::Server };
     let session = Session::lookup(&r.session, ours)
         .ok_or_else(|| Status::failed_precondition("shmgrpc reference to an unknown or closed session"))?;
-    Ok(PartsBuf::new(session.resolve(r)?))
+    session.resolve(r)
 }
 
 pin_project_lite::pin_project! {

@@ -260,6 +260,20 @@ impl std::ops::Add for SessionStats {
     }
 }
 
+/// A resolved reference: the message's parts, and the peer segments they lie in (to check afterwards that none
+/// was shrunk under the reader).
+pub(crate) struct Resolved {
+    pub(crate) parts: Vec<Bytes>,
+    pub(crate) segments: Vec<Arc<PeerSegment>>,
+}
+
+impl Resolved {
+    /// Whether a peer segment of this message was found shrunk while it was read.
+    pub(crate) fn poisoned(&self) -> bool {
+        self.segments.iter().any(|s| s.is_poisoned())
+    }
+}
+
 /// Entries by (segment, generation).
 type ByRegion<T> = HashMap<(u32, u32), Vec<T>>;
 
@@ -595,12 +609,13 @@ impl Session {
 
     /// Resolves a reference the peer sent into the parts of the message, zero-copy: `sender` parts over the peer's
     /// segments (released when their last `Bytes` is dropped), `receiver` parts over our own buffers.
-    pub(crate) fn resolve(self: &Arc<Self>, r: Reference) -> Result<Vec<Bytes>, tonic::Status> {
+    pub(crate) fn resolve(self: &Arc<Self>, r: Reference) -> Result<Resolved, tonic::Status> {
         use tonic::Status;
         if r.parts.is_empty() || r.parts.len() > MAX_PARTS {
             return Err(Status::invalid_argument("shmgrpc reference with no parts or too many"));
         }
         let mut out = Vec::with_capacity(r.parts.len());
+        let mut segments = Vec::new();
         let mut returned = Vec::new();
         for p in r.parts {
             out.push(match p.kind {
@@ -612,6 +627,7 @@ impl Session {
                     })?;
                     let (start, end) = crate::segment::check_range(seg.backend(), reg.offset, reg.len, seg.len())
                         .map_err(|e| Status::out_of_range(format!("shmgrpc reference out of range: {e}")))?;
+                    segments.push(seg.clone());
                     let incoming = Arc::new(Incoming {
                         seg,
                         segment: reg.segment,
@@ -654,7 +670,7 @@ impl Session {
                 tracing::debug!(error = %e, "returned not sent; the session is closing");
             }
         }
-        Ok(out)
+        Ok(Resolved { parts: out, segments })
     }
 
     /// Sends a release for a region of the peer's (best effort: a closed session needs none).

@@ -317,3 +317,27 @@ fn attach_cache_maps_once_and_forgets_dead_creators() {
     shmgrpc::inventory::gc(false).unwrap();
     assert!(!posix_exists(&posix));
 }
+
+#[test]
+fn a_posix_segment_shrunk_under_its_reader_reads_as_zeros_instead_of_sigbus() {
+    let mut seg = Segment::create(1 << 20, &SegmentOptions::new(Backend::Posix)).unwrap();
+    fill(seg.as_mut_slice(), 3);
+    let head: Vec<u8> = seg.as_slice()[..64].to_vec();
+    let peer = PeerSegment::open(seg.share().unwrap(), 1 << 20).unwrap();
+    assert!(!peer.is_poisoned());
+    assert_eq!(peer.range(0, 64).unwrap(), &head[..]);
+    // The owner (a hostile one would do this from its own process) shrinks the file under the mapping.
+    let fd =
+        rustix::shm::open(seg.posix_name().unwrap().as_str(), rustix::shm::OFlags::RDWR, rustix::fs::Mode::empty())
+            .unwrap();
+    rustix::fs::ftruncate(&fd, 4096).unwrap();
+    // Reading past the new end would raise SIGBUS; the guard turns it into zeros and a poisoned flag.
+    let tail = peer.range((1 << 20) - 4096, 4096).unwrap();
+    let sum: u64 = tail.iter().map(|&b| u64::from(std::hint::black_box(b))).sum();
+    assert_eq!(sum, 0);
+    assert!(peer.is_poisoned());
+    // What is still inside the file reads as before.
+    assert_eq!(peer.range(0, 64).unwrap(), &head[..]);
+    drop(peer);
+    drop(seg); // the owner never reads its own (now short) mapping again
+}

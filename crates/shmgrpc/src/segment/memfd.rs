@@ -59,8 +59,8 @@ pub(crate) fn map_checked(fd: &OwnedFd, claimed_len: u64, actual: u64, backend: 
     }
     let len = usize::try_from(actual).map_err(|_| Error::InvalidHandle("segment larger than the address space"))?;
     // SAFETY: the mapping is read-only and covers exactly the size the kernel reported. For memfd the seals
-    // checked by the caller make that size permanent; for POSIX segments a hostile owner could still truncate the
-    // file later, a limit documented in `docs/security.md` (see `posix::open`).
+    // checked by the caller make that size permanent; a POSIX segment's owner could still truncate the file later,
+    // which is why `PeerSegment::open` registers POSIX mappings with the SIGBUS guard (`guard.rs`).
     let map = unsafe { MmapOptions::new().len(len).map(fd) }.map_err(|e| Error::os("mmap", backend, e))?;
     Ok(MapRo::Mmap(map))
 }

@@ -16,6 +16,7 @@
 //! the kernel's own record (`fstat`, `IPC_STAT`), and every access is an overflow-checked range: a short segment is
 //! an error, never a SIGBUS.
 
+mod guard;
 mod map;
 mod memfd;
 mod name;
@@ -245,6 +246,8 @@ impl Segment {
 
 /// A peer's segment, mapped read-only after its size was checked against the kernel's record.
 pub struct PeerSegment {
+    // Field order matters: the SIGBUS guard is unregistered before the mapping goes.
+    guard: Option<guard::Guard>,
     map: MapRo,
     backend: Backend,
     creator_pid: Option<u32>,
@@ -294,7 +297,15 @@ impl PeerSegment {
                 (map, Some(cpid))
             }
         };
-        Ok(PeerSegment { map, backend, creator_pid })
+        // A POSIX segment cannot be sealed: guard reads against its owner shrinking it (see `guard`).
+        let guard = match backend {
+            Backend::Posix => Some(
+                guard::protect(map.as_slice().as_ptr(), map.len())
+                    .ok_or(Error::InvalidArgument("too many unsealed peer segments mapped at once".into()))?,
+            ),
+            _ => None,
+        };
+        Ok(PeerSegment { guard, map, backend, creator_pid })
     }
 
     /// The backend of this segment.
@@ -315,6 +326,12 @@ impl PeerSegment {
     /// The pid that created the segment, where the kernel or the name records it (POSIX, System V).
     pub fn creator_pid(&self) -> Option<u32> {
         self.creator_pid
+    }
+
+    /// Whether a read found the segment shrunk by its owner since it was mapped (possible only for POSIX
+    /// segments, which cannot be sealed). The pages past the new end then read as zeros instead of raising SIGBUS.
+    pub fn is_poisoned(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.poisoned())
     }
 
     /// The whole mapping.
