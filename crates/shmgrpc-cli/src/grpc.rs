@@ -21,6 +21,9 @@ pub struct ServeArgs {
     /// Path of the side-channel socket (default: a fresh path in the temporary directory).
     #[arg(long)]
     side_channel: Option<std::path::PathBuf>,
+    /// Also accept sessions from this uid (the server's own uid and root always are). Repeat for several.
+    #[arg(long)]
+    allow_uid: Vec<u32>,
 }
 
 #[derive(clap::Args)]
@@ -67,6 +70,10 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut config = shmgrpc::ServerConfig::default().pool_config(shmgrpc::PoolConfig::default().backend(a.backend));
     if let Some(path) = a.side_channel {
         config = config.side_channel(path);
+    }
+    if !a.allow_uid.is_empty() {
+        let me = rustix::process::getuid().as_raw();
+        config = config.allowed_uids(a.allow_uid.iter().copied().chain([me, 0]));
     }
     let shm = if a.plain { None } else { Some(ShmServer::new(config)?) };
     let layer = shm.as_ref().map(|s| s.layer());
