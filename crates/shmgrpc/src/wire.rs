@@ -102,12 +102,20 @@ pub fn read_frame(sock: &UnixStream) -> io::Result<Option<(SideMessage, Vec<Owne
     }
     let mut body = vec![0u8; len];
     (&*sock).read_exact(&mut body)?;
-    let msg = SideMessage::decode(body.as_slice())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "malformed side-channel frame"))?;
-    if msg.kind.is_none() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "side-channel frame without a kind"));
-    }
+    let msg = decode_frame(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(Some((msg, fds)))
+}
+
+/// Decodes the body of a side-channel frame (after its length): a `SideMessage` with its kind set.
+pub fn decode_frame(body: &[u8]) -> Result<SideMessage, &'static str> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err("side-channel frame too long");
+    }
+    let msg = SideMessage::decode(body).map_err(|_| "malformed side-channel frame")?;
+    if msg.kind.is_none() {
+        return Err("side-channel frame without a kind");
+    }
+    Ok(msg)
 }
 
 /// Wraps a kind into a frame.
@@ -156,6 +164,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn decode_frame_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(m) = decode_frame(&bytes) {
+                prop_assert!(m.kind.is_some());
+            }
+        }
+
         #[test]
         fn decode_reference_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode_reference(&bytes);
