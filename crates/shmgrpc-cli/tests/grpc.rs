@@ -609,7 +609,7 @@ async fn killing_clients_mid_transfer_never_hurts_the_server() {
     let bystander = ShmChannel::connect(&target).await.unwrap();
     let mut b = client(&bystander);
     let mut seed = 0x9e37_79b9u32;
-    for i in 0..25u32 {
+    for i in 0..40u32 {
         seed ^= seed << 13;
         seed ^= seed >> 17;
         seed ^= seed << 5;
