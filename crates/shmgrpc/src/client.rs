@@ -28,15 +28,14 @@ use crate::pool::{Pool, PoolConfig};
 use crate::proto::v1::session_client::SessionClient;
 use crate::proto::v1::{self, HelloRequest};
 use crate::segment::{PeerSegment, SegmentHandle};
-use crate::session::{PROTOCOL_VERSION, Role, Session, SessionParams};
+use crate::session::{PROTOCOL_VERSION, Role, SendConfig, Session, SessionParams};
 use crate::stats::Fallback;
 use crate::wire::{self, Kind};
 
 /// The header that names the session a call belongs to.
 pub const SESSION_HEADER: &str = "shmgrpc-session";
 
-/// Default size from which a message goes through shared memory.
-pub const DEFAULT_THRESHOLD: usize = 64 * 1024;
+pub use crate::session::DEFAULT_THRESHOLD;
 
 /// How long the handshake may take before the channel falls back to inline messages.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,46 +43,37 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Client configuration.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    pool: Option<Pool>,
-    pool_config: PoolConfig,
-    threshold: usize,
-    exhausted_wait: Duration,
+    send: SendConfig,
     shared_memory: bool,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig {
-            pool: None,
-            pool_config: PoolConfig::default(),
-            threshold: DEFAULT_THRESHOLD,
-            exhausted_wait: Duration::ZERO,
-            shared_memory: true,
-        }
+        ClientConfig { send: SendConfig::default(), shared_memory: true }
     }
 }
 
 impl ClientConfig {
     /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
     pub fn threshold(mut self, bytes: usize) -> Self {
-        self.threshold = bytes;
+        self.send.threshold = bytes;
         self
     }
     /// When the pool's budget is used up (a peer holding many buffers), how long sending a message may wait for a
     /// buffer before the message goes inline instead (default 0: inline at once). The wait blocks the thread that
     /// encodes, so keep it short.
     pub fn exhausted_wait(mut self, wait: Duration) -> Self {
-        self.exhausted_wait = wait;
+        self.send.exhausted_wait = wait;
         self
     }
     /// The pool request payloads are written into (default: a new pool with [`PoolConfig::default`]).
     pub fn pool(mut self, pool: Pool) -> Self {
-        self.pool = Some(pool);
+        self.send.pool = Some(pool);
         self
     }
     /// Configuration of the pool created when none is given.
     pub fn pool_config(mut self, config: PoolConfig) -> Self {
-        self.pool_config = config;
+        self.send.pool_config = config;
         self
     }
     /// Whether to try shared memory at all (default true); false gives a plain channel.
@@ -187,15 +177,7 @@ impl ShmChannel {
 
     /// Establishes a session over an existing channel (for channels built with custom tonic settings).
     pub async fn over(channel: Channel, config: ClientConfig) -> Result<ShmChannel, ConnectError> {
-        let params = if config.shared_memory {
-            let pool = match config.pool {
-                Some(p) => p,
-                None => Pool::new(config.pool_config)?,
-            };
-            Some(SessionParams { pool, threshold: config.threshold, exhausted_wait: config.exhausted_wait })
-        } else {
-            None
-        };
+        let params = if config.shared_memory { Some(config.send.into_params()?) } else { None };
         let state = Arc::new(State {
             params,
             session: RwLock::new(None),

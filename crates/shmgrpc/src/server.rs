@@ -29,14 +29,14 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use tonic::body::Body;
 
-use crate::client::{DEFAULT_THRESHOLD, SESSION_HEADER};
+use crate::client::SESSION_HEADER;
 use crate::codec::SessionBody;
 use crate::error::{Error, Result};
 use crate::pool::{Pool, PoolConfig};
 use crate::proto::v1::session_server::{Session as SessionRpc, SessionServer};
 use crate::proto::v1::{self, HelloRequest, HelloResponse};
 use crate::segment::{Backend, Segment, SegmentHandle, SegmentOptions};
-use crate::session::{PROTOCOL_VERSION, Role, Session, SessionParams};
+use crate::session::{PROTOCOL_VERSION, Role, SendConfig, Session, SessionParams};
 use crate::wire::{self, Kind};
 
 const HELLO_PATH: &str = "/shmgrpc.v1.Session/Hello";
@@ -45,27 +45,11 @@ const MAX_TICKETS: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Server configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ServerConfig {
     side_channel: Option<PathBuf>,
     allowed_uids: Option<HashSet<u32>>,
-    pool: Option<Pool>,
-    pool_config: PoolConfig,
-    threshold: usize,
-    exhausted_wait: Duration,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            side_channel: None,
-            allowed_uids: None,
-            pool: None,
-            pool_config: PoolConfig::default(),
-            threshold: DEFAULT_THRESHOLD,
-            exhausted_wait: Duration::ZERO,
-        }
-    }
+    send: SendConfig,
 }
 
 impl ServerConfig {
@@ -81,24 +65,24 @@ impl ServerConfig {
     }
     /// The pool response payloads are written into (default: a new pool with [`PoolConfig::default`]).
     pub fn pool(mut self, pool: Pool) -> Self {
-        self.pool = Some(pool);
+        self.send.pool = Some(pool);
         self
     }
     /// Configuration of the pool created when none is given.
     pub fn pool_config(mut self, config: PoolConfig) -> Self {
-        self.pool_config = config;
+        self.send.pool_config = config;
         self
     }
     /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
     pub fn threshold(mut self, bytes: usize) -> Self {
-        self.threshold = bytes;
+        self.send.threshold = bytes;
         self
     }
     /// When the pool's budget is used up (a peer holding many buffers), how long sending a message may wait for a
     /// buffer before the message goes inline instead (default 0: inline at once). The wait blocks the thread that
     /// encodes, so keep it short.
     pub fn exhausted_wait(mut self, wait: Duration) -> Self {
-        self.exhausted_wait = wait;
+        self.send.exhausted_wait = wait;
         self
     }
 }
@@ -132,10 +116,7 @@ impl std::fmt::Debug for ShmServer {
 impl ShmServer {
     /// Binds the side channel and starts accepting sessions.
     pub fn new(config: ServerConfig) -> Result<ShmServer> {
-        let pool = match config.pool {
-            Some(p) => p,
-            None => Pool::new(config.pool_config)?,
-        };
+        let params = config.send.into_params()?;
         let me = rustix::process::getuid().as_raw();
         let allowed = config.allowed_uids.unwrap_or_else(|| [me, 0].into_iter().collect());
         let path = match config.side_channel {
@@ -154,7 +135,7 @@ impl ShmServer {
         let shared = Arc::new(Shared {
             path,
             allowed,
-            params: SessionParams { pool, threshold: config.threshold, exhausted_wait: config.exhausted_wait },
+            params,
             tickets: Mutex::default(),
             sessions: Mutex::default(),
             stop: AtomicBool::new(false),

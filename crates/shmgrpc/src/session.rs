@@ -26,7 +26,7 @@ use prost::Message;
 
 use crate::attach::AttachCache;
 use crate::parts::{Piece, SplitBuf};
-use crate::pool::{Lease, Pool};
+use crate::pool::{Lease, Pool, PoolConfig};
 use crate::proto::v1::{self, part};
 use crate::segment::{PeerSegment, PosixName, SegmentHandle, SysVId};
 use crate::stats::{self, Fallback};
@@ -59,6 +59,40 @@ static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// How a side sends (shared by the client and server configurations).
+#[derive(Debug, Clone)]
+pub(crate) struct SendConfig {
+    pub(crate) pool: Option<Pool>,
+    pub(crate) pool_config: PoolConfig,
+    pub(crate) threshold: usize,
+    pub(crate) exhausted_wait: Duration,
+}
+
+impl Default for SendConfig {
+    fn default() -> Self {
+        SendConfig {
+            pool: None,
+            pool_config: PoolConfig::default(),
+            threshold: DEFAULT_THRESHOLD,
+            exhausted_wait: Duration::ZERO,
+        }
+    }
+}
+
+impl SendConfig {
+    /// The session parameters: the given pool, or a new one of `pool_config`.
+    pub(crate) fn into_params(self) -> crate::Result<SessionParams> {
+        let pool = match self.pool {
+            Some(p) => p,
+            None => Pool::new(self.pool_config)?,
+        };
+        Ok(SessionParams { pool, threshold: self.threshold, exhausted_wait: self.exhausted_wait })
+    }
+}
+
+/// Default size from which a message goes through shared memory.
+pub const DEFAULT_THRESHOLD: usize = 64 * 1024;
 
 /// Parameters a session is created with.
 #[derive(Clone, Debug)]
