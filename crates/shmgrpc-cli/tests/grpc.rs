@@ -590,6 +590,9 @@ async fn clients_carry_on_across_server_crashes_mid_transfer() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = busy.await.unwrap();
     assert!(ok > 0, "the busy client never got through ({failed} failures)");
+    // What the killed servers held of the client's buffers came back when their side channels closed.
+    let pool = ch.pool().unwrap().clone();
+    eventually("the client's pool is idle", || pool.stats().is_idle()).await;
     drop((ch, srv));
     // Killed servers cannot unlink their POSIX segments: that is what gc is for. Afterwards none is left.
     shmgrpc::inventory::gc(false).unwrap();
