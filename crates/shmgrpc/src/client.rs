@@ -315,9 +315,7 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
         let req = match &session {
             Some(s) if s.is_alive() => {
                 let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone())));
-                if let Ok(v) = http::HeaderValue::from_str(&s.id_hex()) {
-                    req.headers_mut().insert(SESSION_HEADER, v);
-                }
+                req.headers_mut().insert(SESSION_HEADER, s.header().clone());
                 req
             }
             _ => req,

@@ -333,6 +333,7 @@ pub(crate) struct Session {
     /// Regions we sent back to the peer, kept until it answers `Returned`.
     returning: Mutex<ByRegion<Arc<Incoming>>>,
     alive: AtomicBool,
+    header: http::HeaderValue,
     /// The pool's eviction count when we last looked for dropped buffers the peer still maps.
     seen_evictions: AtomicU64,
 }
@@ -369,6 +370,8 @@ impl Session {
             regions: Mutex::default(),
             returning: Mutex::default(),
             alive: AtomicBool::new(true),
+            header: http::HeaderValue::from_str(&id.iter().map(|b| format!("{b:02x}")).collect::<String>())
+                .expect("hex is a valid header value"),
             seen_evictions: AtomicU64::new(params_evictions),
         });
         lock(&REGISTRY).insert((id, role), Arc::downgrade(&session));
@@ -387,9 +390,9 @@ impl Session {
         self.id
     }
 
-    /// The session id, as the `shmgrpc-session` header carries it.
-    pub(crate) fn id_hex(&self) -> String {
-        self.id.iter().map(|b| format!("{b:02x}")).collect()
+    /// The `shmgrpc-session` header value: the id in lowercase hex (made once per session, sent with every call).
+    pub(crate) fn header(&self) -> &http::HeaderValue {
+        &self.header
     }
 
     /// Finds a live session of this process by id and role.
