@@ -640,3 +640,25 @@ async fn killing_clients_mid_transfer_never_hurts_the_server() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_fields_beside_live_regions_still_go_through_shared_memory() {
+    let srv = serve(&[]);
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    let mut c = client(&ch);
+    // Holding a received payload keeps a region of the server's alive, so the encoder looks for slices it could
+    // send back without a copy; a fresh heap payload is not one of them and is copied once into a pool buffer.
+    let held = c.download(DownloadRequest { size: 2 << 20, seed: 1, count: 1 }).await.unwrap().into_inner();
+    assert!(shmgrpc::is_shared(&held.data));
+    for seed in 0..5 {
+        let p = demo::payload((3 << 20) + seed as usize, seed);
+        let r = c.echo(Payload { note: "beside a live region".into(), ..p.clone() }).await.unwrap().into_inner();
+        demo::verify(&r).unwrap();
+        assert_eq!(r.note, "beside a live region");
+        assert!(shmgrpc::is_shared(&r.data));
+        // And the held region itself, sent back, is not copied either.
+        let d = c.upload(held.clone()).await.unwrap().into_inner();
+        assert_eq!(d.crc32, held.crc32);
+    }
+    demo::verify(&held).unwrap();
+}

@@ -6,10 +6,15 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::pool::Lease;
 use crate::session::{Located, Session};
 
 /// Slices shorter than this are never looked up as loans or peer regions: a copy is cheaper.
 const MIN_LOCATE: usize = 4096;
+
+/// A slice at least this long that is not in shared memory yet is copied straight into a pool buffer of its own
+/// (one copy), rather than into the inline bytes (which would need a second copy into shared memory).
+const MIN_OWN: usize = 64 * 1024;
 
 /// One piece of an encoded message.
 pub(crate) enum Piece {
@@ -17,6 +22,8 @@ pub(crate) enum Piece {
     Inline(Vec<u8>),
     /// A slice that already lies in shared memory (one of our loans, or a region of the peer's).
     Shared(Located),
+    /// A large slice copied into a pool buffer of its own.
+    Owned(Lease),
 }
 
 /// A `BufMut` that writes like a `Vec<u8>`, except that a slice lying in shared memory this session can refer to
@@ -32,20 +39,28 @@ impl<'a> SplitBuf<'a> {
         SplitBuf { session, current: Vec::with_capacity(capacity), pieces: Vec::new() }
     }
 
+    /// Takes `s` as a piece of its own if it is large: referred to where it is if it already lies in shared
+    /// memory, else copied once into a pool buffer. False: the caller copies it into the inline bytes.
     fn try_share(&mut self, s: &[u8]) -> bool {
         if s.len() < MIN_LOCATE {
             return false;
         }
-        match self.session.locate(s) {
-            Some(loc) => {
-                if !self.current.is_empty() {
-                    self.pieces.push(Piece::Inline(std::mem::take(&mut self.current)));
+        let piece = match self.session.locate(s) {
+            Some(loc) => Piece::Shared(loc),
+            None if s.len() >= MIN_OWN => match self.session.alloc(s.len()) {
+                Ok(mut lease) => {
+                    lease.copy_from_slice(s);
+                    Piece::Owned(lease)
                 }
-                self.pieces.push(Piece::Shared(loc));
-                true
-            }
-            None => false,
+                Err(_) => return false,
+            },
+            None => return false,
+        };
+        if !self.current.is_empty() {
+            self.pieces.push(Piece::Inline(std::mem::take(&mut self.current)));
         }
+        self.pieces.push(piece);
+        true
     }
 
     /// The pieces, in order.

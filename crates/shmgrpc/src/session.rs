@@ -520,6 +520,10 @@ impl Session {
                         lease.copy_from_slice(&v);
                         self.lend(Arc::new(Outgoing { lease }), 0, v.len(), &mut pending)?
                     }
+                    Piece::Owned(lease) => {
+                        let n = lease.len();
+                        self.lend(Arc::new(Outgoing { lease }), 0, n, &mut pending)?
+                    }
                     Piece::Shared(Located::Ours { buf, offset, len }) => self.lend(buf, offset, len, &mut pending)?,
                     Piece::Shared(Located::Theirs { region, offset, len }) => {
                         let r = v1::Region { segment: region.segment, generation: region.generation, offset, len };
@@ -558,7 +562,7 @@ impl Session {
     }
 
     /// A pool buffer for sending, waiting up to the configured time when the budget is used up.
-    fn alloc(&self, len: usize) -> Result<Lease, Fallback> {
+    pub(crate) fn alloc(&self, len: usize) -> Result<Lease, Fallback> {
         let r = if self.params.exhausted_wait.is_zero() {
             self.params.pool.try_alloc(len)
         } else {
