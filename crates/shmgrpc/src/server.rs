@@ -105,6 +105,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// socket and ends every session.
 pub struct ShmServer {
     shared: Arc<Shared>,
+    accept: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ShmServer {
@@ -141,11 +142,11 @@ impl ShmServer {
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
-        std::thread::Builder::new()
+        let accept = std::thread::Builder::new()
             .name("shmgrpc-accept".into())
             .spawn(move || accept_loop(s, listener))
             .map_err(|e| os("spawn", e))?;
-        Ok(ShmServer { shared })
+        Ok(ShmServer { shared, accept: Some(accept) })
     }
 
     /// The tower layer to add to a tonic server (`Server::builder().layer(shm.layer())`).
@@ -175,14 +176,20 @@ impl ShmServer {
 }
 
 impl Drop for ShmServer {
+    /// Stops accepting, ends every session, and frees the pool's idle buffers, all before returning: a process
+    /// that exits right after dropping its server leaves nothing behind (POSIX names included).
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        // Wake the accept loop so it sees the flag.
+        // Wake the accept loop so it sees the flag, and wait for it.
         let _ = UnixStream::connect(&self.shared.path);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_file(&self.shared.path);
         for s in lock(&self.shared.sessions).drain(..) {
             s.close();
         }
+        self.shared.params.pool.trim();
     }
 }
 
@@ -251,7 +258,6 @@ fn handshake(shared: &Shared, sock: UnixStream) -> std::result::Result<(), &'sta
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|_| "randomness")?;
     let pid = cred.pid.as_raw_pid() as u32;
-    let welcome_sock = sock.try_clone().map_err(|_| "socket")?;
     let session = Session::start(id, Role::Server, shared.params.clone(), sock, pid).map_err(|_| "session thread")?;
     {
         let mut sessions = lock(&shared.sessions);
@@ -259,8 +265,8 @@ fn handshake(shared: &Shared, sock: UnixStream) -> std::result::Result<(), &'sta
         sessions.push(session.clone());
     }
     let welcome = Kind::Welcome(v1::Welcome { session: id.to_vec().into(), threshold: shared.params.threshold as u64 });
-    // The session's writer is the same socket; nothing else writes before the client has its welcome.
-    wire::write_frame(&welcome_sock, &wire::frame(welcome), None).map_err(|_| "write")?;
+    // The first frame through the session's writer: nothing else is sent before the client has its welcome.
+    session.send(welcome, None).map_err(|_| "write")?;
     // The server keeps the session until it closes; this thread is done.
     drop(session);
     Ok(())

@@ -14,10 +14,10 @@
 //! The exchange is specified in `docs/protocol.md`.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -31,6 +31,19 @@ use crate::proto::v1::{self, part};
 use crate::segment::{PeerSegment, PosixName, SegmentHandle, SysVId};
 use crate::stats::{self, Fallback};
 use crate::wire::{self, Kind, Reference};
+
+/// A frame waiting for the writer thread, with the descriptor it carries.
+struct Outbound {
+    msg: wire::SideMessage,
+    fd: Option<OwnedFd>,
+}
+
+/// Frames that may wait for the writer; a peer that lets this many pile up is not reading.
+const QUEUE: usize = 65_536;
+/// Bytes of small frames gathered into one write.
+const COALESCE: usize = 64 * 1024;
+/// How long one side-channel write may block the writer thread.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Protocol version spoken on the side channel and in discovery.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -317,7 +330,10 @@ pub(crate) struct Session {
     role: Role,
     params: SessionParams,
     peer_pid: u32,
-    writer: Mutex<UnixStream>,
+    /// Frames for the writer thread; `None` once the session is closed.
+    queue: Mutex<Option<SyncSender<Outbound>>>,
+    /// A handle on the side channel, to shut it down when the session closes.
+    socket: UnixStream,
     /// Our segments the peer has mapped.
     shared: Mutex<HashSet<u32>>,
     /// Registrations waiting for the peer's answer.
@@ -354,14 +370,18 @@ impl Session {
         peer_pid: u32,
     ) -> std::io::Result<Arc<Session>> {
         stream.set_read_timeout(None)?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let reader = stream.try_clone()?;
+        let writer = stream.try_clone()?;
+        let (tx, rx) = sync_channel(QUEUE);
         let params_evictions = params.pool.evictions();
         let session = Arc::new(Session {
             id,
             role,
             params,
             peer_pid,
-            writer: Mutex::new(stream),
+            queue: Mutex::new(Some(tx)),
+            socket: stream,
             shared: Mutex::default(),
             acks: Mutex::default(),
             peer: AttachCache::new(),
@@ -378,9 +398,14 @@ impl Session {
         // The reader holds the session weakly: the session ends when its owner (the channel, the server) lets go,
         // not when the thread gets round to noticing.
         let weak = Arc::downgrade(&session);
+        let weak_writer = weak.clone();
         std::thread::Builder::new()
             .name("shmgrpc-side".into())
             .spawn(move || Session::read_loop(weak, reader))
+            .inspect_err(|_| session.close())?;
+        std::thread::Builder::new()
+            .name("shmgrpc-side-w".into())
+            .spawn(move || Session::write_loop(weak_writer, writer, rx))
             .inspect_err(|_| session.close())?;
         tracing::debug!(?role, peer_pid, "shmgrpc session established");
         Ok(session)
@@ -441,9 +466,62 @@ impl Session {
         self.peer.contains(data) || self.params.pool.contains(data)
     }
 
-    pub(crate) fn send(&self, kind: Kind, fd: Option<std::os::fd::BorrowedFd<'_>>) -> std::io::Result<()> {
-        let w = lock(&self.writer);
-        wire::write_frame(&w, &wire::frame(kind), fd)
+    /// Queues a frame for the peer (never blocks). A peer that lets the queue fill up is not reading its side
+    /// channel: the session is closed rather than let it stall whoever sends.
+    pub(crate) fn send(&self, kind: Kind, fd: Option<OwnedFd>) -> std::io::Result<()> {
+        let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "session closed");
+        let full = {
+            let queue = lock(&self.queue);
+            let tx = queue.as_ref().ok_or_else(closed)?;
+            match tx.try_send(Outbound { msg: wire::frame(kind), fd }) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Disconnected(_)) => return Err(closed()),
+                Err(TrySendError::Full(_)) => true,
+            }
+        };
+        if full {
+            tracing::warn!(role = ?self.role, "the peer does not read its side channel; closing the session");
+            self.close();
+        }
+        Err(closed())
+    }
+
+    /// The writer thread: sends queued frames, several in one write when they pile up. Ends when the session
+    /// closes or a write fails (then it closes the session).
+    fn write_loop(weak: Weak<Session>, sock: UnixStream, rx: Receiver<Outbound>) {
+        let mut buf = Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            let mut result = Ok(());
+            while let Some(out) = next.take() {
+                result = match out.fd {
+                    // A descriptor rides with the first byte of its frame: flush what is pending, then send it.
+                    Some(fd) => {
+                        wire::flush(&sock, &mut buf).and_then(|()| wire::write_frame(&sock, &out.msg, Some(fd.as_fd())))
+                    }
+                    None => {
+                        wire::encode_frame(&out.msg, &mut buf);
+                        Ok(())
+                    }
+                };
+                if result.is_err() {
+                    break;
+                }
+                if buf.len() < COALESCE {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if result.is_ok() {
+                result = wire::flush(&sock, &mut buf);
+            }
+            if let Err(e) = result {
+                if let Some(s) = weak.upgrade() {
+                    tracing::debug!(error = %e, "side-channel write failed; closing the session");
+                    s.close();
+                }
+                return;
+            }
+        }
     }
 
     /// A loan of `len` bytes from this session's pool; ordinary memory when the session is closed or the pool is
@@ -624,8 +702,8 @@ impl Session {
         let (tx, rx) = sync_channel(1);
         lock(&self.acks).insert(id, tx);
         let register = |source| Kind::Register(v1::Register { segment: id, len: len as u64, source });
-        let sent = match &handle {
-            SegmentHandle::Memfd(fd) => self.send(register(None), Some(fd.as_fd())),
+        let sent = match handle {
+            SegmentHandle::Memfd(fd) => self.send(register(None), Some(fd)),
             SegmentHandle::Posix(name) => {
                 self.send(register(Some(v1::register::Source::PosixName(name.as_str().to_string()))), None)
             }
@@ -831,7 +909,8 @@ impl Session {
                 reg.remove(&(self.id, self.role));
             }
         }
-        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        lock(&self.queue).take();
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
         lock(&self.acks).clear();
         let holds = std::mem::take(&mut *lock(&self.holds));
         let returning = std::mem::take(&mut *lock(&self.returning));

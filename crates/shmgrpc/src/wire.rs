@@ -66,12 +66,27 @@ pub fn decode_reference(src: &[u8]) -> Result<Reference, &'static str> {
     env.reference.ok_or("empty reference")
 }
 
+/// Appends one side-channel frame (length, then message) to `buf`.
+pub fn encode_frame(msg: &SideMessage, buf: &mut Vec<u8>) {
+    let len = msg.encoded_len();
+    buf.reserve(4 + len);
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    msg.encode(buf).expect("Vec grows");
+}
+
+/// Writes out and clears `buf` (frames gathered with [`encode_frame`]).
+pub fn flush(sock: &UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
+    if !buf.is_empty() {
+        (&*sock).write_all(buf)?;
+        buf.clear();
+    }
+    Ok(())
+}
+
 /// Writes one side-channel frame, with `fd` attached if given.
 pub fn write_frame(sock: &UnixStream, msg: &SideMessage, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-    let len = msg.encoded_len();
-    let mut buf = Vec::with_capacity(4 + len);
-    buf.extend_from_slice(&(len as u32).to_le_bytes());
-    msg.encode(&mut buf).expect("Vec grows");
+    let mut buf = Vec::new();
+    encode_frame(msg, &mut buf);
     let sent = match fd {
         Some(fd) => crate::fdpass::send_with_fds(sock.as_fd(), &buf, &[fd])?,
         None => 0,
