@@ -249,3 +249,31 @@ async fn a_posix_segment_shrunk_after_sharing_is_data_loss_not_sigbus() {
     still_serves(&srv).await;
     drop(seg); // never read again by us: our own mapping is short now too
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_its_side_channel_loses_its_session() {
+    let srv = serve(&[]);
+    let (s, _id) = handshake(&srv).await;
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Every Register asks for an answer; never reading them fills the socket, then the server's queue.
+    let mut sent = 0;
+    for i in 0..200_000u32 {
+        let frame = wire::frame(Kind::Register(v1::Register { segment: i, len: 1, source: None }));
+        if wire::write_frame(&s, &frame, None).is_err() {
+            break; // the server closed the session
+        }
+        sent += 1;
+    }
+    assert!(sent > 1000, "only {sent} frames went out");
+    // The session is gone: after the answers already sent, the stream ends.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut answers = 0;
+    while let Ok(Some(_)) = wire::read_frame(&s) {
+        answers += 1;
+    }
+    assert!(
+        answers < sent,
+        "the server answered everything ({answers}) instead of giving up on a peer that does not read"
+    );
+    still_serves(&srv).await;
+}
