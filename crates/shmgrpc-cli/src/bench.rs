@@ -12,6 +12,9 @@ use bytesize::ByteSize;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use shmgrpc::ShmChannel;
+use shmgrpc::demo::BlobClient;
+
 use crate::grpc::{Op, call_once, client};
 
 #[derive(clap::Args)]
@@ -239,11 +242,71 @@ fn memcpy_median(size: usize, iterations: usize) -> u64 {
     percentile(&t, 0.5)
 }
 
-struct Cell {
-    transport: Transport,
+/// One (size, op) row group: every transport is measured for it, interleaved.
+struct Group {
     op: Op,
     size: usize,
     iterations: usize,
+}
+
+/// One transport's clients and what was measured for it so far in a group.
+struct Lane {
+    transport: Transport,
+    server_pid: u32,
+    clients: Vec<(BlobClient<ShmChannel>, Option<ShmChannel>)>,
+    acc: Acc,
+}
+
+#[derive(Default)]
+struct Acc {
+    tr: Vec<u64>,
+    e2e: Vec<u64>,
+    client_cpu: f64,
+    server_cpu: f64,
+    client_rss: u64,
+    server_rss: u64,
+    shm_messages: u64,
+}
+
+/// Runs `n` calls on every client of `lane` at once, adding times, CPU, peak RSS and shm messages to its figures.
+/// (Only one lane runs at a time, so the process-wide figures belong to it.)
+async fn measure_block(lane: &mut Lane, g: &Group, n: usize, block: usize, bar: &ProgressBar) -> anyhow::Result<()> {
+    let me = std::process::id();
+    reset_peak_rss(me);
+    reset_peak_rss(lane.server_pid);
+    let (cpu_c0, cpu_s0) = (cpu_seconds(me), cpu_seconds(lane.server_pid));
+    let before = shmgrpc::stats::snapshot();
+    let tasks: Vec<_> = std::mem::take(&mut lane.clients)
+        .into_iter()
+        .map(|(mut c, loans)| {
+            let (op, size, bar) = (g.op, g.size, bar.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::with_capacity(n);
+                for i in 0..n {
+                    let seed = (block * 100_000 + i + 1) as u32;
+                    let r = call_once(&mut c, loans.as_ref(), op, size, seed).await?;
+                    out.push((r.transport.as_nanos() as u64, r.end_to_end.as_nanos() as u64));
+                    bar.inc(1);
+                }
+                anyhow::Ok((c, loans, out))
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (c, loans, out) = t.await??;
+        lane.clients.push((c, loans));
+        for (a, b) in out {
+            lane.acc.tr.push(a);
+            lane.acc.e2e.push(b);
+        }
+    }
+    let after = shmgrpc::stats::snapshot();
+    lane.acc.client_cpu += cpu_seconds(me) - cpu_c0;
+    lane.acc.server_cpu += cpu_seconds(lane.server_pid) - cpu_s0;
+    lane.acc.client_rss = lane.acc.client_rss.max(peak_rss_bytes(me));
+    lane.acc.server_rss = lane.acc.server_rss.max(peak_rss_bytes(lane.server_pid));
+    lane.acc.shm_messages += (after.shm_sent - before.shm_sent) + (after.shm_received - before.shm_received);
+    Ok(())
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -271,7 +334,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         shm.as_ref().map_or("-".into(), |s| s.pid().to_string())
     );
 
-    let mut cells = Vec::new();
+    let mut groups = Vec::new();
     for size in &a.sizes {
         let size = usize::try_from(size.as_u64())?;
         let iterations = a.iterations.unwrap_or_else(|| default_iterations(size as u64));
@@ -279,87 +342,72 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             if op == Op::Download {
                 bail!("bench measures echo and upload");
             }
-            for &transport in &a.transports {
-                cells.push(Cell { transport, op, size, iterations });
-            }
+            groups.push(Group { op, size, iterations });
         }
     }
-    let total: u64 = cells.iter().map(|c| (c.iterations * a.clients) as u64).sum();
+    let total: u64 = groups.iter().map(|g| (g.iterations * a.clients * a.transports.len()) as u64).sum();
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} calls  {msg}")
             .expect("valid template"),
     );
 
-    let me = std::process::id();
     let mut results = Vec::new();
-    for cell in &cells {
-        let (server, target, plain_client) = match cell.transport {
-            Transport::Tcp => (plain.as_ref().expect("started"), 0, true),
-            Transport::Uds => (plain.as_ref().expect("started"), 1, true),
-            Transport::Shm | Transport::Loan => (shm.as_ref().expect("started"), 0, false),
-        };
-        let target = server.addrs[target].clone();
-        bar.set_message(format!("{} {} {}", cell.transport.name(), op_name(cell.op), ByteSize(cell.size as u64)));
-        // Connect and warm up every client (connection, first segment, first mapping) before measuring.
-        let mut clients = Vec::new();
-        for _ in 0..a.clients {
-            let (mut c, ch) = client(&target, plain_client).await?;
-            if !plain_client && !ch.is_shared_memory() {
-                bail!("no shared-memory session with the shmgrpc server: {:?}", ch.fallback());
+    for g in &groups {
+        bar.set_message(format!("{} {}", op_name(g.op), ByteSize(g.size as u64)));
+        // Every transport of the group is connected and warmed up (connection, first segment, first mapping),
+        // then measured in interleaved blocks, so drifts of a shared machine hit them all alike.
+        let mut lanes = Vec::new();
+        for &transport in &a.transports {
+            let (server, target, plain_client) = match transport {
+                Transport::Tcp => (plain.as_ref().expect("started"), 0, true),
+                Transport::Uds => (plain.as_ref().expect("started"), 1, true),
+                Transport::Shm | Transport::Loan => (shm.as_ref().expect("started"), 0, false),
+            };
+            let mut clients = Vec::new();
+            for _ in 0..a.clients {
+                let (mut c, ch) = client(&server.addrs[target], plain_client).await?;
+                if !plain_client && !ch.is_shared_memory() {
+                    bail!("no shared-memory session with the shmgrpc server: {:?}", ch.fallback());
+                }
+                let loans = (transport == Transport::Loan).then_some(ch.clone());
+                call_once(&mut c, loans.as_ref(), g.op, g.size, 0).await?;
+                clients.push((c, loans));
             }
-            let loans = (cell.transport == Transport::Loan).then_some(ch.clone());
-            call_once(&mut c, loans.as_ref(), cell.op, cell.size, 0).await?;
-            clients.push((c, loans));
+            lanes.push(Lane { transport, server_pid: server.pid(), clients, acc: Acc::default() });
         }
-        reset_peak_rss(me);
-        reset_peak_rss(server.pid());
-        let (cpu_c0, cpu_s0) = (cpu_seconds(me), cpu_seconds(server.pid()));
-        let before = shmgrpc::stats::snapshot();
-        let tasks: Vec<_> = clients
-            .into_iter()
-            .map(|(mut c, loans)| {
-                let (op, size, n, bar) = (cell.op, cell.size, cell.iterations, bar.clone());
-                tokio::spawn(async move {
-                    let mut out = Vec::with_capacity(n);
-                    for i in 0..n {
-                        let r = call_once(&mut c, loans.as_ref(), op, size, i as u32 + 1).await?;
-                        out.push((r.transport.as_nanos() as u64, r.end_to_end.as_nanos() as u64));
-                        bar.inc(1);
-                    }
-                    anyhow::Ok(out)
-                })
-            })
-            .collect();
-        let mut tr = Vec::new();
-        let mut e2e = Vec::new();
-        for t in tasks {
-            for (a, b) in t.await?? {
-                tr.push(a);
-                e2e.push(b);
+        let blocks = g.iterations.clamp(1, 5);
+        for block in 0..blocks {
+            let n = g.iterations / blocks + usize::from(block < g.iterations % blocks);
+            let k = lanes.len();
+            for j in 0..k {
+                let lane = &mut lanes[(j + block) % k];
+                measure_block(lane, g, n, block, &bar).await?;
             }
         }
-        let after = shmgrpc::stats::snapshot();
-        tr.sort_unstable();
-        e2e.sort_unstable();
-        let median = percentile(&tr, 0.5);
-        let moved = if cell.op == Op::Echo { 2 * cell.size } else { cell.size } as f64;
-        results.push(CellResult {
-            transport: cell.transport,
-            op: op_name(cell.op),
-            size: cell.size as u64,
-            clients: a.clients,
-            iterations: cell.iterations,
-            median_ns: median,
-            p99_ns: percentile(&tr, 0.99),
-            e2e_median_ns: percentile(&e2e, 0.5),
-            bytes_per_sec: moved * a.clients as f64 / (median as f64 / 1e9),
-            client_cpu_s: cpu_seconds(me) - cpu_c0,
-            server_cpu_s: cpu_seconds(server.pid()) - cpu_s0,
-            client_peak_rss_bytes: peak_rss_bytes(me),
-            server_peak_rss_bytes: peak_rss_bytes(server.pid()),
-            shm_messages: (after.shm_sent - before.shm_sent) + (after.shm_received - before.shm_received),
-        });
+        for lane in lanes {
+            let Acc { mut tr, mut e2e, client_cpu, server_cpu, client_rss, server_rss, shm_messages } = lane.acc;
+            tr.sort_unstable();
+            e2e.sort_unstable();
+            let median = percentile(&tr, 0.5);
+            let moved = if g.op == Op::Echo { 2 * g.size } else { g.size } as f64;
+            results.push(CellResult {
+                transport: lane.transport,
+                op: op_name(g.op),
+                size: g.size as u64,
+                clients: a.clients,
+                iterations: g.iterations,
+                median_ns: median,
+                p99_ns: percentile(&tr, 0.99),
+                e2e_median_ns: percentile(&e2e, 0.5),
+                bytes_per_sec: moved * a.clients as f64 / (median as f64 / 1e9),
+                client_cpu_s: client_cpu,
+                server_cpu_s: server_cpu,
+                client_peak_rss_bytes: client_rss,
+                server_peak_rss_bytes: server_rss,
+                shm_messages,
+            });
+        }
     }
     bar.finish_and_clear();
     let memcpy: Vec<MemcpyResult> = a

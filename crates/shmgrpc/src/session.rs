@@ -16,8 +16,8 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -331,7 +331,9 @@ pub(crate) struct Session {
     params: SessionParams,
     peer_pid: u32,
     /// Frames for the writer thread; `None` once the session is closed.
-    queue: Mutex<Option<SyncSender<Outbound>>>,
+    queue: Mutex<Option<Sender<Outbound>>>,
+    /// Frames queued and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
     /// A handle on the side channel, to shut it down when the session closes.
     socket: UnixStream,
     /// Our segments the peer has mapped.
@@ -373,7 +375,10 @@ impl Session {
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let reader = stream.try_clone()?;
         let writer = stream.try_clone()?;
-        let (tx, rx) = sync_channel(QUEUE);
+        // Unbounded channel (allocates as it goes), bounded by the `queued` count instead.
+        let (tx, rx) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer_queued = queued.clone();
         let params_evictions = params.pool.evictions();
         let session = Arc::new(Session {
             id,
@@ -381,6 +386,7 @@ impl Session {
             params,
             peer_pid,
             queue: Mutex::new(Some(tx)),
+            queued,
             socket: stream,
             shared: Mutex::default(),
             acks: Mutex::default(),
@@ -405,7 +411,7 @@ impl Session {
             .inspect_err(|_| session.close())?;
         std::thread::Builder::new()
             .name("shmgrpc-side-w".into())
-            .spawn(move || Session::write_loop(weak_writer, writer, rx))
+            .spawn(move || Session::write_loop(weak_writer, writer, rx, writer_queued))
             .inspect_err(|_| session.close())?;
         tracing::debug!(?role, peer_pid, "shmgrpc session established");
         Ok(session)
@@ -470,30 +476,32 @@ impl Session {
     /// channel: the session is closed rather than let it stall whoever sends.
     pub(crate) fn send(&self, kind: Kind, fd: Option<OwnedFd>) -> std::io::Result<()> {
         let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "session closed");
-        let full = {
+        {
             let queue = lock(&self.queue);
             let tx = queue.as_ref().ok_or_else(closed)?;
-            match tx.try_send(Outbound { msg: wire::frame(kind), fd }) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Disconnected(_)) => return Err(closed()),
-                Err(TrySendError::Full(_)) => true,
+            // Counted before it is sent, so the writer's decrement can never run ahead of it.
+            if self.queued.fetch_add(1, Ordering::AcqRel) < QUEUE {
+                return tx.send(Outbound { msg: wire::frame(kind), fd }).map_err(|_| {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    closed()
+                });
             }
-        };
-        if full {
-            tracing::warn!(role = ?self.role, "the peer does not read its side channel; closing the session");
-            self.close();
+            self.queued.fetch_sub(1, Ordering::AcqRel);
         }
+        tracing::warn!(role = ?self.role, "the peer does not read its side channel; closing the session");
+        self.close();
         Err(closed())
     }
 
     /// The writer thread: sends queued frames, several in one write when they pile up. Ends when the session
     /// closes or a write fails (then it closes the session).
-    fn write_loop(weak: Weak<Session>, sock: UnixStream, rx: Receiver<Outbound>) {
+    fn write_loop(weak: Weak<Session>, sock: UnixStream, rx: Receiver<Outbound>, queued: Arc<AtomicUsize>) {
         let mut buf = Vec::new();
         while let Ok(first) = rx.recv() {
             let mut next = Some(first);
             let mut result = Ok(());
             while let Some(out) = next.take() {
+                queued.fetch_sub(1, Ordering::AcqRel);
                 result = match out.fd {
                     // A descriptor rides with the first byte of its frame: flush what is pending, then send it.
                     Some(fd) => {
