@@ -64,20 +64,6 @@ fn recv_line(sock: &UnixStream) -> anyhow::Result<(String, Vec<std::os::fd::Owne
     Ok((String::from_utf8(out)?, fds))
 }
 
-fn fill(buf: &mut [u8], seed: u8) {
-    // Word-at-a-time pattern, so writing is memory-bound like a real payload copy.
-    let (head, words, tail) = {
-        // SAFETY: any bit pattern is a valid u64; align_to_mut only splits the slice at aligned boundaries.
-        unsafe { buf.align_to_mut::<u64>() }
-    };
-    head.fill(seed);
-    let base = u64::from(seed) * 0x0101_0101_0101_0101;
-    for (i, w) in words.iter_mut().enumerate() {
-        *w = base ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-    tail.fill(seed);
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -129,7 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mut lease = pool.try_alloc(size)?;
         let t_alloc = t0.elapsed();
         let t1 = Instant::now();
-        fill(&mut lease, round as u8);
+        shmgrpc::demo::fill_pattern(&mut lease, round as u32);
         let t_write = t1.elapsed();
         let want = crc32fast::hash(&lease);
         let t2 = Instant::now();
@@ -170,7 +156,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut payload = vec![0u8; size];
     for round in 0..a.repeat {
         let t0 = Instant::now();
-        fill(&mut payload, round as u8);
+        shmgrpc::demo::fill_pattern(&mut payload, round as u32);
         let t_write = t0.elapsed();
         let want = crc32fast::hash(&payload);
         let t2 = Instant::now();

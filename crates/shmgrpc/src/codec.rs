@@ -113,12 +113,12 @@ impl<U: Message + Default> Decoder for ShmDecoder<U> {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         if wire::is_reference(src.chunk()) {
             let raw = src.copy_to_bytes(src.remaining());
-            let resolved = resolve(&raw).inspect_err(|_| stats::bad_reference())?;
-            let payload = PartsBuf::new(resolved.parts.clone());
+            let Resolved { parts, segments } = resolve(&raw).inspect_err(|_| stats::bad_reference())?;
+            let payload = PartsBuf::new(parts);
             let len = payload.remaining();
             let _span = tracing::trace_span!("shmgrpc_receive", len).entered();
             let msg = U::decode(payload);
-            if resolved.poisoned() {
+            if segments.iter().any(|s| s.is_poisoned()) {
                 stats::bad_reference();
                 return Err(Status::data_loss("the peer shrank a shared segment while the message was read"));
             }

@@ -314,13 +314,6 @@ pub(crate) struct Resolved {
     pub(crate) segments: Vec<Arc<PeerSegment>>,
 }
 
-impl Resolved {
-    /// Whether a peer segment of this message was found shrunk while it was read.
-    pub(crate) fn poisoned(&self) -> bool {
-        self.segments.iter().any(|s| s.is_poisoned())
-    }
-}
-
 /// Entries by (segment, generation).
 type ByRegion<T> = HashMap<(u32, u32), Vec<T>>;
 
