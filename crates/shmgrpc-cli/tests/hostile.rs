@@ -13,12 +13,13 @@ use bytes::Bytes;
 use common::{Served, client, serve};
 use prost::Message;
 use shmgrpc::proto::v1::{self, HelloRequest, session_client::SessionClient};
+use shmgrpc::protocol::PROTOCOL_VERSION;
 use shmgrpc::wire::{self, Kind};
 use shmgrpc::{PeerSegment, SegmentHandle, ShmChannel, demo};
 
 async fn ticket(srv: &Served) -> Vec<u8> {
     let mut c = SessionClient::new(common::plain_channel(&srv.unix).await);
-    c.hello(HelloRequest { version: 1 }).await.unwrap().into_inner().ticket.to_vec()
+    c.hello(HelloRequest { version: PROTOCOL_VERSION }).await.unwrap().into_inner().ticket.to_vec()
 }
 
 fn side(srv: &Served) -> UnixStream {
@@ -50,7 +51,7 @@ fn send(s: &UnixStream, kind: Kind) {
 async fn handshake(srv: &Served) -> (UnixStream, Vec<u8>) {
     let t = ticket(srv).await;
     let s = side(srv);
-    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: t.into() }));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.into() }));
     let (m, mut fds) = wire::read_frame(&s).unwrap().unwrap();
     let Some(Kind::Challenge(ch)) = m.kind else { panic!("expected a challenge, got {m:?}") };
     let seg = PeerSegment::open(SegmentHandle::Memfd(fds.pop().unwrap()), ch.len).unwrap();
@@ -91,24 +92,24 @@ async fn garbage_and_truncated_handshakes_are_refused() {
     assert_eq!(closed(&s).as_deref(), Some("expected attach"));
     // Unknown ticket, wrong version.
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: vec![0; 32].into() }));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: vec![0; 32].into() }));
     assert_eq!(closed(&s).as_deref(), Some("unknown or expired ticket"));
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: 2, ticket: ticket(&srv).await.into() }));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION + 1, ticket: ticket(&srv).await.into() }));
     assert_eq!(closed(&s).as_deref(), Some("unsupported protocol version"));
     // A ticket is good once.
     let t = ticket(&srv).await;
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: t.clone().into() }));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.clone().into() }));
     let _ = wire::read_frame(&s).unwrap();
     send(&s, Kind::Proof(v1::Proof { answer: vec![0; 32].into() }));
     assert_eq!(closed(&s).as_deref(), Some("wrong answer to the challenge"));
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: t.into() }));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.into() }));
     assert_eq!(closed(&s).as_deref(), Some("unknown or expired ticket"));
     // Hanging up in the middle of the handshake.
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: 1, ticket: ticket(&srv).await.into() }));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: ticket(&srv).await.into() }));
     drop(s);
     // A protobuf that is no SideMessage kind at all.
     let mut s = side(&srv);

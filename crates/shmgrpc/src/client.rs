@@ -13,32 +13,26 @@
 //! in a memfd the server sends: only a peer that shares memory with us can. Whatever fails, the channel still
 //! works: every message then goes inline, and [`ShmChannel::fallback`] says why.
 
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::codec::SessionBody;
+use crate::body::{HoldBack, SessionBody};
+use crate::handshake;
 use crate::pool::{Pool, PoolConfig};
+use crate::proto::v1::HelloRequest;
 use crate::proto::v1::session_client::SessionClient;
-use crate::proto::v1::{self, HelloRequest};
-use crate::segment::{PeerSegment, SegmentHandle};
-use crate::session::{PROTOCOL_VERSION, Role, SendConfig, Session, SessionParams};
+use crate::protocol::{HANDSHAKE_TIMEOUT, PROTOCOL_VERSION};
+use crate::session::{Role, SendConfig, Session, SessionParams};
 use crate::stats::Fallback;
-use crate::wire::{self, Kind};
 
-/// The header that names the session a call belongs to.
-pub const SESSION_HEADER: &str = "shmgrpc-session";
-
-pub use crate::session::DEFAULT_THRESHOLD;
-
-/// How long the handshake may take before the channel falls back to inline messages.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::protocol::{DEFAULT_THRESHOLD, SESSION_HEADER};
 
 /// Client configuration.
 #[derive(Debug, Clone)]
@@ -64,6 +58,17 @@ impl ClientConfig {
     /// encodes, so keep it short.
     pub fn exhausted_wait(mut self, wait: Duration) -> Self {
         self.send.exhausted_wait = wait;
+        self
+    }
+    /// The in-flight window: bytes of the client's buffers the server may hold before a call waits for releases
+    /// (default 512 MiB; see [`crate::protocol::DEFAULT_WINDOW`]).
+    pub fn window(mut self, bytes: u64) -> Self {
+        self.send.window = bytes;
+        self
+    }
+    /// How long a call waits for the window to open before its messages go inline (default 1 s).
+    pub fn window_wait(mut self, wait: Duration) -> Self {
+        self.send.window_wait = wait;
         self
     }
     /// The pool request payloads are written into (default: a new pool with [`PoolConfig::default`]).
@@ -301,7 +306,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl tower_service::Service<http::Request<Body>> for ShmChannel {
     type Response = http::Response<Body>;
     type Error = tonic::transport::Error;
-    type Future = tonic::transport::channel::ResponseFuture;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, tonic::transport::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         tower_service::Service::poll_ready(&mut self.inner, cx)
@@ -312,15 +317,16 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
         if self.state.params.is_some() && !session.as_ref().is_some_and(|s| s.is_alive()) {
             self.maybe_reopen();
         }
-        let req = match &session {
+        match &session {
             Some(s) if s.is_alive() => {
                 let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone())));
                 req.headers_mut().insert(SESSION_HEADER, s.header().clone());
-                req
+                let fut = self.inner.call(req);
+                // References in the response may overtake their segments' registrations: hold them back until in.
+                Box::pin(async move { Ok(fut.await?.map(|b| Body::new(HoldBack::new(b, Role::Client)))) })
             }
-            _ => req,
-        };
-        self.inner.call(req)
+            _ => Box::pin(self.inner.call(req)),
+        }
     }
 }
 
@@ -341,67 +347,32 @@ impl Drop for SessionGuard {
     }
 }
 
-/// Discovery over gRPC, then the side-channel handshake.
+/// Discovery over gRPC, then the side-channel handshake on the I/O runtime.
 async fn establish(channel: &Channel, params: SessionParams) -> Result<Arc<Session>, Fallback> {
     let mut client = SessionClient::new(channel.clone());
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.hello(HelloRequest { version: PROTOCOL_VERSION }))
         .await
-        .map_err(|_| Fallback::HandshakeFailed)?
+        .map_err(|_| Fallback::DiscoveryFailed)?
         .map_err(|status| {
             tracing::debug!(%status, "shmgrpc discovery failed");
-            Fallback::PeerLacksShmgrpc
+            match status.code() {
+                tonic::Code::Unimplemented => Fallback::PeerLacksShmgrpc,
+                tonic::Code::FailedPrecondition => Fallback::UnsupportedVersion,
+                _ => Fallback::DiscoveryFailed,
+            }
         })?
         .into_inner();
-    if hello.version != PROTOCOL_VERSION {
-        return Err(Fallback::PeerLacksShmgrpc);
+    if !handshake::supported(hello.version) {
+        return Err(Fallback::UnsupportedVersion);
     }
     let path = PathBuf::from(hello.side_channel);
-    tokio::task::spawn_blocking(move || handshake(&path, &hello.ticket, params))
-        .await
+    let version = hello.version;
+    let joined = crate::io::spawn(handshake::join(path, hello.ticket, version))
         .map_err(|_| Fallback::HandshakeFailed)?
-}
-
-/// The client's half of the side-channel handshake (blocking).
-fn handshake(path: &std::path::Path, ticket: &[u8], params: SessionParams) -> Result<Arc<Session>, Fallback> {
-    let sock = UnixStream::connect(path).map_err(|e| {
-        tracing::debug!(error = %e, "shmgrpc side channel unreachable");
-        Fallback::SideChannelUnreachable
-    })?;
-    let failed = |why: &str| {
-        tracing::warn!(why, "shmgrpc handshake failed");
+        .await
+        .map_err(|_| Fallback::HandshakeFailed)??;
+    Session::start(joined.id, Role::Client, params, joined.socket, joined.reader, joined.peer_pid).map_err(|e| {
+        tracing::debug!(error = %e, "shmgrpc session tasks could not start");
         Fallback::HandshakeFailed
-    };
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|_| failed("socket"))?;
-    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|_| failed("socket"))?;
-    let cred = rustix::net::sockopt::socket_peercred(&sock).map_err(|_| failed("no peer credentials"))?;
-    let server_uid = cred.uid.as_raw();
-    if server_uid != rustix::process::getuid().as_raw() && server_uid != 0 {
-        return Err(failed("server runs under another uid"));
-    }
-    let attach = Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: ticket.to_vec().into() });
-    wire::write_frame(&sock, &wire::frame(attach), None).map_err(|_| failed("write"))?;
-    let (msg, mut fds) = wire::read_frame(&sock).ok().flatten().ok_or_else(|| failed("no challenge"))?;
-    let (Some(Kind::Challenge(ch)), Some(fd), true) = (msg.kind, fds.pop(), fds.is_empty()) else {
-        return Err(failed("expected a challenge with one descriptor"));
-    };
-    if ch.len == 0 || ch.len > 4096 {
-        return Err(failed("challenge of an odd size"));
-    }
-    let seg = PeerSegment::open(SegmentHandle::Memfd(fd), ch.len).map_err(|_| failed("challenge segment"))?;
-    let answer = seg.range(0, ch.len).map_err(|_| failed("challenge range"))?.to_vec();
-    drop(seg);
-    let proof = Kind::Proof(v1::Proof { answer: answer.into() });
-    wire::write_frame(&sock, &wire::frame(proof), None).map_err(|_| failed("write"))?;
-    let (msg, _) = wire::read_frame(&sock).ok().flatten().ok_or_else(|| failed("no welcome"))?;
-    let welcome = match msg.kind {
-        Some(Kind::Welcome(w)) => w,
-        Some(Kind::Refused(r)) => {
-            tracing::warn!(reason = %r.reason, "shmgrpc server refused the session");
-            return Err(Fallback::HandshakeFailed);
-        }
-        _ => return Err(failed("expected welcome")),
-    };
-    let id: [u8; 16] = welcome.session.as_ref().try_into().map_err(|_| failed("bad session id"))?;
-    let pid = cred.pid.as_raw_pid() as u32;
-    Session::start(id, Role::Client, params, sock, pid).map_err(|_| failed("session thread"))
+    })
 }

@@ -13,13 +13,11 @@
 //! *Decoding.* A reference names its session (16 secret random bytes); the decoder resolves it through that session
 //! only, to a segment the session's peer registered, with an overflow-checked range, and decodes the message from a
 //! `Bytes` over the mapping: `bytes` fields (built with `.bytes(...)`) point into shared memory, zero-copy. The
-//! buffer goes back to its owner when the last such `Bytes` is dropped. Anything wrong is a gRPC status.
+//! buffer goes back to its owner when the last such `Bytes` is dropped. Anything wrong is a gRPC status. A
+//! reference that overtook the registration of its segment never reaches the decoder early: the incoming body
+//! wrapper holds it back until the registration is in (`body.rs`), so the decoder never waits.
 
-use std::cell::RefCell;
 use std::marker::PhantomData;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Buf;
 use prost::Message;
@@ -30,15 +28,6 @@ use crate::parts::PartsBuf;
 use crate::session::{Resolved, Role, Session};
 use crate::stats;
 use crate::wire;
-
-thread_local! {
-    static CURRENT: RefCell<Option<Arc<Session>>> = const { RefCell::new(None) };
-}
-
-/// The session of the body being polled on this thread, if any.
-fn current() -> Option<Arc<Session>> {
-    CURRENT.with(|c| c.borrow().clone())
-}
 
 /// A gRPC codec for prost messages that moves large messages through shared memory (see the module docs).
 pub struct ShmCodec<T, U> {
@@ -80,11 +69,16 @@ impl<T: Message> Encoder for ShmEncoder<T> {
 
     fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         let len = item.encoded_len();
-        if let Some(session) = current()
-            && len >= session.threshold()
+        if let Some(current) = crate::body::current()
+            && len >= current.session.threshold()
         {
             let _span = tracing::trace_span!("shmgrpc_send", len).entered();
-            match session.encode_to_shm(&item, len) {
+            let sent = if current.window_full {
+                Err(stats::Fallback::WindowFull)
+            } else {
+                current.session.encode_to_shm(&item, len)
+            };
+            match sent {
                 Ok(reference) => {
                     wire::encode_reference(reference, dst);
                     stats::shm_sent(len);
@@ -142,52 +136,4 @@ fn resolve(raw: &[u8]) -> Result<Resolved, Status> {
     let session = Session::lookup(&r.session, ours)
         .ok_or_else(|| Status::failed_precondition("shmgrpc reference to an unknown or closed session"))?;
     session.resolve(r)
-}
-
-pin_project_lite::pin_project! {
-    /// A call's body, polled with its session current on the thread (see the module docs).
-    pub(crate) struct SessionBody<B> {
-        #[pin]
-        inner: B,
-        session: Arc<Session>,
-    }
-}
-
-impl<B> SessionBody<B> {
-    pub(crate) fn new(inner: B, session: Arc<Session>) -> Self {
-        SessionBody { inner, session }
-    }
-}
-
-/// Restores the previous current session when dropped (also on panic).
-struct Restore(Option<Arc<Session>>);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        let prev = self.0.take();
-        CURRENT.with(|c| *c.borrow_mut() = prev);
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for SessionBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let prev = CURRENT.with(|c| c.borrow_mut().replace(this.session.clone()));
-        let _restore = Restore(prev);
-        this.inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -12,15 +12,19 @@
 //! [`fdpass`] moves descriptors between processes.
 
 pub mod attach;
+mod body;
 pub mod client;
 pub mod codec;
 pub mod demo;
 pub mod error;
 pub mod fdpass;
+mod handshake;
 pub mod inventory;
+mod io;
 mod parts;
 pub mod pool;
 pub mod proto;
+pub mod protocol;
 pub mod segment;
 pub mod server;
 mod session;

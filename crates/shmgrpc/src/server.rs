@@ -17,32 +17,30 @@
 //! responses through shared memory. Requests are decoded by the codec whatever the layer does. A plain gRPC client
 //! never names a session and is served exactly as by plain tonic.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tonic::body::Body;
 
-use crate::client::SESSION_HEADER;
-use crate::codec::SessionBody;
+use crate::body::{HoldBack, SessionBody};
 use crate::error::{Error, Result};
+use crate::handshake::{self, Tickets};
 use crate::pool::{Pool, PoolConfig};
 use crate::proto::v1::session_server::{Session as SessionRpc, SessionServer};
 use crate::proto::v1::{self, HelloRequest, HelloResponse};
-use crate::segment::{Backend, Segment, SegmentHandle, SegmentOptions};
-use crate::session::{PROTOCOL_VERSION, Role, SendConfig, Session, SessionParams};
-use crate::wire::{self, Kind};
+use crate::protocol::{HELLO_PATH, SESSION_HEADER};
+use crate::segment::Backend;
+use crate::session::{Role, SendConfig, Session};
+use crate::wire::Kind;
 
-const HELLO_PATH: &str = "/shmgrpc.v1.Session/Hello";
-const TICKET_TTL: Duration = Duration::from_secs(60);
-const MAX_TICKETS: usize = 4096;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Side-channel handshakes in progress at once; connections beyond it are closed at once.
+const MAX_HANDSHAKES: usize = 1024;
 
 /// Server configuration.
 #[derive(Debug, Clone, Default)]
@@ -85,15 +83,28 @@ impl ServerConfig {
         self.send.exhausted_wait = wait;
         self
     }
+    /// The in-flight window: bytes of the server's buffers one client may hold before a response waits for
+    /// releases (default 512 MiB; see [`crate::protocol::DEFAULT_WINDOW`]).
+    pub fn window(mut self, bytes: u64) -> Self {
+        self.send.window = bytes;
+        self
+    }
+    /// How long a response waits for the window to open before going inline (default 1 s).
+    pub fn window_wait(mut self, wait: Duration) -> Self {
+        self.send.window_wait = wait;
+        self
+    }
 }
 
 struct Shared {
     path: PathBuf,
     allowed: HashSet<u32>,
-    params: SessionParams,
-    tickets: Mutex<HashMap<[u8; 32], Instant>>,
+    params: crate::session::SessionParams,
+    tickets: Tickets,
     /// Sessions opened on the side channel (closed ones are pruned as new ones come).
     sessions: Mutex<Vec<Arc<Session>>>,
+    /// Handshakes in progress.
+    handshakes: Arc<tokio::sync::Semaphore>,
     stop: AtomicBool,
 }
 
@@ -103,9 +114,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The server half of shmgrpc: owns the side-channel socket and the sessions opened on it. Dropping it removes the
 /// socket and ends every session.
+///
+/// Its side channel is served by the process's I/O thread (`shmgrpc-io`), shared by every session of the
+/// process: the number of threads does not grow with the number of clients.
 pub struct ShmServer {
     shared: Arc<Shared>,
-    accept: Option<std::thread::JoinHandle<()>>,
+    accept: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ShmServer {
@@ -129,23 +143,27 @@ impl ShmServer {
             }
         };
         let os = |op, e| Error::Os { op, backend: Backend::Memfd, source: e };
-        let listener = UnixListener::bind(&path).map_err(|e| os("bind side channel", e))?;
+        let tickets = Tickets::new().map_err(|e| Error::InvalidArgument(format!("no randomness: {e}")))?;
+        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| os("bind side channel", e))?;
         // Only the allowed uids may connect; the uid check on every connection is what enforces it.
         let mode = if allowed.iter().all(|&u| u == me || u == 0) { 0o600 } else { 0o666 };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(|e| os("chmod", e))?;
+        listener.set_nonblocking(true).map_err(|e| os("fcntl", e))?;
+        let rt = crate::io::handle().map_err(|e| os("start the shmgrpc-io thread", e))?;
+        let listener = {
+            let _enter = rt.enter();
+            tokio::net::UnixListener::from_std(listener).map_err(|e| os("register side channel", e))?
+        };
         let shared = Arc::new(Shared {
             path,
             allowed,
             params,
-            tickets: Mutex::default(),
+            tickets,
             sessions: Mutex::default(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: AtomicBool::new(false),
         });
-        let s = shared.clone();
-        let accept = std::thread::Builder::new()
-            .name("shmgrpc-accept".into())
-            .spawn(move || accept_loop(s, listener))
-            .map_err(|e| os("spawn", e))?;
+        let accept = rt.spawn(accept_loop(shared.clone(), listener));
         Ok(ShmServer { shared, accept: Some(accept) })
     }
 
@@ -180,10 +198,8 @@ impl Drop for ShmServer {
     /// that exits right after dropping its server leaves nothing behind (POSIX names included).
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        // Wake the accept loop so it sees the flag, and wait for it.
-        let _ = UnixStream::connect(&self.shared.path);
         if let Some(t) = self.accept.take() {
-            let _ = t.join();
+            t.abort();
         }
         let _ = std::fs::remove_file(&self.shared.path);
         for s in lock(&self.shared.sessions).drain(..) {
@@ -193,72 +209,49 @@ impl Drop for ShmServer {
     }
 }
 
-fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
-    for conn in listener.incoming() {
+/// Accepts side-channel connections on the I/O runtime; each handshake is a task of its own, bounded in time and
+/// in number.
+async fn accept_loop(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                tracing::debug!(error = %e, "side-channel accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
-        let Ok(stream) = conn else { continue };
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            crate::stats::peer_refusal();
+            tracing::debug!("too many side-channel handshakes in progress; connection closed");
+            continue;
+        };
         let s = shared.clone();
-        let spawned = std::thread::Builder::new().name("shmgrpc-handshake".into()).spawn(move || {
-            if let Err(why) = handshake(&s, stream) {
-                tracing::info!(why, "shmgrpc session refused");
+        tokio::spawn(async move {
+            if let Err(why) = establish(&s, stream).await {
+                crate::stats::peer_refusal();
+                tracing::debug!(why, "shmgrpc session refused");
             }
+            drop(permit);
         });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start a handshake thread");
-        }
     }
 }
 
-/// The server's half of the side-channel handshake (blocking), then the session's reader.
-fn handshake(shared: &Shared, sock: UnixStream) -> std::result::Result<(), &'static str> {
-    let refuse = |sock: &UnixStream, why: &'static str| {
-        let _ = wire::write_frame(sock, &wire::frame(Kind::Refused(v1::Refused { reason: why.into() })), None);
-        why
-    };
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|_| "socket")?;
-    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|_| "socket")?;
-    let cred = rustix::net::sockopt::socket_peercred(&sock).map_err(|_| "no peer credentials")?;
-    if !shared.allowed.contains(&cred.uid.as_raw()) {
-        return Err(refuse(&sock, "uid not allowed"));
-    }
-    let attach = match wire::read_frame(&sock) {
-        Ok(Some((msg, fds))) if fds.is_empty() => match msg.kind {
-            Some(Kind::Attach(a)) => a,
-            _ => return Err(refuse(&sock, "expected attach")),
-        },
-        _ => return Err(refuse(&sock, "expected attach")),
-    };
-    if attach.version != PROTOCOL_VERSION {
-        return Err(refuse(&sock, "unsupported protocol version"));
-    }
-    let ticket: [u8; 32] = attach.ticket.as_ref().try_into().map_err(|_| refuse(&sock, "bad ticket"))?;
-    match lock(&shared.tickets).remove(&ticket) {
-        Some(issued) if issued.elapsed() < TICKET_TTL => {}
-        _ => return Err(refuse(&sock, "unknown or expired ticket")),
-    }
-    // The challenge: random bytes in a sealed memfd. Only a process that can map it can answer.
-    let mut challenge = Segment::create(32, &SegmentOptions::new(Backend::Memfd)).map_err(|_| "challenge")?;
-    getrandom::fill(challenge.as_mut_slice()).map_err(|_| "randomness")?;
-    let SegmentHandle::Memfd(fd) = challenge.share().map_err(|_| "share")? else { return Err("memfd") };
-    let msg = wire::frame(Kind::Challenge(v1::Challenge { len: 32 }));
-    wire::write_frame(&sock, &msg, Some(std::os::fd::AsFd::as_fd(&fd))).map_err(|_| "write")?;
-    drop(fd);
-    let proof = match wire::read_frame(&sock) {
-        Ok(Some((msg, fds))) if fds.is_empty() => match msg.kind {
-            Some(Kind::Proof(p)) => p,
-            _ => return Err(refuse(&sock, "expected proof")),
-        },
-        _ => return Err(refuse(&sock, "expected proof")),
-    };
-    if proof.answer.as_ref() != challenge.as_slice() {
-        return Err(refuse(&sock, "wrong answer to the challenge"));
+/// The server's half of the handshake, then the session.
+async fn establish(shared: &Shared, stream: tokio::net::UnixStream) -> std::result::Result<(), &'static str> {
+    let accepted = handshake::accept(stream, &shared.allowed, &shared.tickets).await?;
+    if shared.stop.load(Ordering::Acquire) {
+        return Err("server stopped");
     }
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|_| "randomness")?;
-    let pid = cred.pid.as_raw_pid() as u32;
-    let session = Session::start(id, Role::Server, shared.params.clone(), sock, pid).map_err(|_| "session thread")?;
+    let session =
+        Session::start(id, Role::Server, shared.params.clone(), accepted.socket, accepted.reader, accepted.peer_pid)
+            .map_err(|_| "session tasks")?;
     {
         let mut sessions = lock(&shared.sessions);
         sessions.retain(|s| s.is_alive());
@@ -267,8 +260,6 @@ fn handshake(shared: &Shared, sock: UnixStream) -> std::result::Result<(), &'sta
     let welcome = Kind::Welcome(v1::Welcome { session: id.to_vec().into(), threshold: shared.params.threshold as u64 });
     // The first frame through the session's writer: nothing else is sent before the client has its welcome.
     session.send(welcome, None).map_err(|_| "write")?;
-    // The server keeps the session until it closes; this thread is done.
-    drop(session);
     Ok(())
 }
 
@@ -292,24 +283,17 @@ struct Hello {
 
 #[tonic::async_trait]
 impl SessionRpc for Hello {
+    /// Answers discovery at no cost to the server: tickets are stateless until used (see `handshake`).
     async fn hello(
         &self,
-        _request: tonic::Request<HelloRequest>,
+        request: tonic::Request<HelloRequest>,
     ) -> std::result::Result<tonic::Response<HelloResponse>, tonic::Status> {
-        let mut ticket = [0u8; 32];
-        getrandom::fill(&mut ticket).map_err(|_| tonic::Status::internal("no randomness"))?;
-        {
-            let mut tickets = lock(&self.shared.tickets);
-            tickets.retain(|_, t| t.elapsed() < TICKET_TTL);
-            if tickets.len() >= MAX_TICKETS {
-                return Err(tonic::Status::resource_exhausted("too many pending shmgrpc handshakes"));
-            }
-            tickets.insert(ticket, Instant::now());
-        }
+        let version = handshake::negotiate(request.get_ref().version).map_err(tonic::Status::failed_precondition)?;
+        let ticket = self.shared.tickets.issue().map_err(|_| tonic::Status::internal("no randomness"))?;
         Ok(tonic::Response::new(HelloResponse {
-            version: PROTOCOL_VERSION,
+            version,
             side_channel: self.shared.path.to_string_lossy().into_owned(),
-            ticket: ticket.to_vec().into(),
+            ticket,
         }))
     }
 }
@@ -369,6 +353,8 @@ where
         let mut req = req;
         if let Some(s) = &session {
             req.extensions_mut().insert(CallSession(s.clone()));
+            // References in the request may overtake their segments' registrations: hold them back until in.
+            req = req.map(|b| Body::new(HoldBack::new(b, Role::Server)));
         }
         // The standard tower dance: call the instance that was made ready, keep a fresh clone.
         let clone = self.inner.clone();

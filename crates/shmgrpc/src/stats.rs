@@ -11,6 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub enum Fallback {
     /// The peer does not speak shmgrpc (plain gRPC server: discovery answered UNIMPLEMENTED).
     PeerLacksShmgrpc,
+    /// Discovery failed for another reason (an error status other than UNIMPLEMENTED, or no answer in time).
+    DiscoveryFailed,
+    /// The peer speaks shmgrpc, but no protocol version both sides support.
+    UnsupportedVersion,
     /// The side channel could not be reached (another host, another mount namespace, socket gone).
     SideChannelUnreachable,
     /// The handshake on the side channel failed (refused, bad challenge, timeout).
@@ -19,19 +23,24 @@ pub enum Fallback {
     SessionClosed,
     /// The pool had no buffer within its budget.
     PoolExhausted,
-    /// The peer did not map the segment (or did not answer in time).
+    /// The peer refused to map the segment (or it could not be shared).
     RegistrationFailed,
+    /// The peer held as many bytes of ours as the in-flight window allows, for longer than the bounded wait.
+    WindowFull,
 }
 
 impl Fallback {
     /// All reasons, in counter order.
-    pub const ALL: [Fallback; 6] = [
+    pub const ALL: [Fallback; 9] = [
         Fallback::PeerLacksShmgrpc,
+        Fallback::DiscoveryFailed,
+        Fallback::UnsupportedVersion,
         Fallback::SideChannelUnreachable,
         Fallback::HandshakeFailed,
         Fallback::SessionClosed,
         Fallback::PoolExhausted,
         Fallback::RegistrationFailed,
+        Fallback::WindowFull,
     ];
 
     fn index(self) -> usize {
@@ -43,11 +52,14 @@ impl std::fmt::Display for Fallback {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Fallback::PeerLacksShmgrpc => "peer lacks shmgrpc",
+            Fallback::DiscoveryFailed => "discovery failed",
+            Fallback::UnsupportedVersion => "no common protocol version",
             Fallback::SideChannelUnreachable => "side channel unreachable",
             Fallback::HandshakeFailed => "handshake failed",
             Fallback::SessionClosed => "session closed",
             Fallback::PoolExhausted => "pool exhausted",
             Fallback::RegistrationFailed => "segment registration failed",
+            Fallback::WindowFull => "in-flight window full",
         })
     }
 }
@@ -63,7 +75,8 @@ struct Counters {
     inline_received_bytes: AtomicU64,
     bad_references: AtomicU64,
     bad_releases: AtomicU64,
-    fallbacks: [AtomicU64; 6],
+    peer_refusals: AtomicU64,
+    fallbacks: [AtomicU64; Fallback::ALL.len()],
 }
 
 static COUNTERS: Counters = Counters {
@@ -77,7 +90,8 @@ static COUNTERS: Counters = Counters {
     inline_received_bytes: AtomicU64::new(0),
     bad_references: AtomicU64::new(0),
     bad_releases: AtomicU64::new(0),
-    fallbacks: [const { AtomicU64::new(0) }; 6],
+    peer_refusals: AtomicU64::new(0),
+    fallbacks: [const { AtomicU64::new(0) }; Fallback::ALL.len()],
 };
 
 /// A snapshot of the process's transfer counters.
@@ -103,6 +117,9 @@ pub struct TransferStats {
     pub bad_references: u64,
     /// Releases from a peer that were refused (stale, repeated, unknown).
     pub bad_releases: u64,
+    /// Frames, registrations and references from peers that were refused (each is logged at `debug` only, so a
+    /// hostile peer cannot flood the logs).
+    pub peer_refusals: u64,
     /// Messages above the threshold that went inline, by reason.
     pub fallbacks: Vec<(Fallback, u64)>,
 }
@@ -128,6 +145,7 @@ pub fn snapshot() -> TransferStats {
         inline_received_bytes: c.inline_received_bytes.load(Relaxed),
         bad_references: c.bad_references.load(Relaxed),
         bad_releases: c.bad_releases.load(Relaxed),
+        peer_refusals: c.peer_refusals.load(Relaxed),
         fallbacks: Fallback::ALL.iter().map(|&f| (f, c.fallbacks[f.index()].load(Relaxed))).collect(),
     }
 }
@@ -156,4 +174,7 @@ pub(crate) fn bad_release() {
 }
 pub(crate) fn fallback(reason: Fallback) {
     COUNTERS.fallbacks[reason.index()].fetch_add(1, Relaxed);
+}
+pub(crate) fn peer_refusal() {
+    COUNTERS.peer_refusals.fetch_add(1, Relaxed);
 }

@@ -27,11 +27,7 @@ const REFERENCE_KEY: [u8; 3] = {
     [(key as u8 & 0x7f) | 0x80, ((key >> 7) as u8 & 0x7f) | 0x80, (key >> 14) as u8]
 };
 
-/// The largest reference we accept (a plain one is under 64 bytes; inline parts around loans add at most 32 KiB).
-pub const MAX_REFERENCE_LEN: usize = 40 * 1024;
-
-/// The largest side-channel frame we accept.
-pub const MAX_FRAME_LEN: usize = 64 * 1024;
+pub use crate::protocol::{MAX_FRAME_LEN, MAX_REFERENCE_LEN};
 
 /// Whether a received message is a reference (judged from its first bytes).
 pub fn is_reference(first: &[u8]) -> bool {

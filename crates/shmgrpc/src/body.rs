@@ -1,0 +1,419 @@
+//! The two body wrappers that give the context-free codec its session, and keep every wait asynchronous.
+//!
+//! - [`SessionBody`] wraps a call's *outgoing* body: it makes the call's session current on the thread for exactly
+//!   the duration of each poll (the encoder runs inside that poll and looks it up), and before the call's first
+//!   message it waits, asynchronously and for a bounded time, while the peer holds a full in-flight window of our
+//!   buffers (protocol §7).
+//! - [`HoldBack`] wraps a call's *incoming* body: registrations travel on the side channel and references on the
+//!   gRPC stream, which are not ordered with respect to each other, so a reference may arrive before the
+//!   registration of a segment it names. `HoldBack` reads the gRPC message framing, and holds such a message (and
+//!   everything after it) back until the registration has arrived, for at most [`REGISTRATION_WAIT`]; the
+//!   synchronous decoder then always finds what it needs, or fails with a status (protocol §6).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Frame;
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::Sleep;
+
+use crate::protocol::{MAX_REFERENCE_LEN, REGISTRATION_WAIT};
+use crate::session::{Role, Session};
+use crate::wire;
+
+/// The session of the body being polled on this thread, and whether its messages must go inline.
+#[derive(Clone)]
+pub(crate) struct Current {
+    pub(crate) session: Arc<Session>,
+    /// The in-flight window stayed full for the whole bounded wait.
+    pub(crate) window_full: bool,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+}
+
+/// The session of the body being polled on this thread, if any.
+pub(crate) fn current() -> Option<Current> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Restores the previous current session when dropped (also on panic).
+struct Restore(Option<Current>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = prev);
+    }
+}
+
+/// A bounded asynchronous wait on a `Notify`: `Ready(true)` when the condition holds, `Ready(false)` when the
+/// deadline passed first.
+struct Wait {
+    notified: Option<Pin<Box<OwnedNotified>>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Wait {
+    fn new(limit: std::time::Duration) -> Self {
+        Wait { notified: None, deadline: crate::io::sleep(limit) }
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        notify: &Arc<tokio::sync::Notify>,
+        mut ready: impl FnMut() -> bool,
+    ) -> Poll<bool> {
+        loop {
+            let n = match &mut self.notified {
+                Some(n) => n,
+                None => {
+                    // Registered before the check, so a notification between the check and the poll is not lost.
+                    let mut n = Box::pin(notify.clone().notified_owned());
+                    n.as_mut().enable();
+                    self.notified.insert(n)
+                }
+            };
+            if ready() {
+                return Poll::Ready(true);
+            }
+            if n.as_mut().poll(cx).is_ready() {
+                self.notified = None;
+                continue;
+            }
+            return match &mut self.deadline {
+                Some(d) => d.as_mut().poll(cx).map(|()| false),
+                None => Poll::Ready(false),
+            };
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's outgoing body, polled with its session current on the thread (see the module docs).
+    pub(crate) struct SessionBody<B> {
+        #[pin]
+        inner: B,
+        session: Arc<Session>,
+        started: bool,
+        wait: Option<Wait>,
+    }
+}
+
+impl<B> SessionBody<B> {
+    pub(crate) fn new(inner: B, session: Arc<Session>) -> Self {
+        SessionBody { inner, session, started: false, wait: None }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for SessionBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let mut window_full = false;
+        if !*this.started {
+            // Only before the first message: later polls may be for the trailers or the end of a call whose own
+            // messages fill the window, and the peer may release them only once the call is complete.
+            let session = this.session.clone();
+            if session.window_full() {
+                let wait = this.wait.get_or_insert_with(|| Wait::new(session.window_wait()));
+                match wait.poll(cx, session.released(), || !session.window_full() || !session.is_alive()) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(opened) => window_full = !opened,
+                }
+            }
+            *this.started = true;
+            *this.wait = None;
+        }
+        let current = Current { session: this.session.clone(), window_full };
+        let prev = CURRENT.with(|c| c.borrow_mut().replace(current));
+        let _restore = Restore(prev);
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// gRPC message framing: a compressed flag, then a 4-byte big-endian length.
+const HEADER: usize = 5;
+
+/// Where [`HoldBack`] stands in the gRPC message stream.
+enum Scan {
+    /// Reading a message header (and the first bytes of its body, to recognise a reference).
+    Header(Vec<u8>),
+    /// Passing through the rest of an ordinary message.
+    Passing(usize),
+    /// Collecting a reference message whole (header included).
+    Collecting(BytesMut, usize),
+}
+
+/// How many body bytes after the header tell a reference from an ordinary message.
+const PEEK: usize = 3;
+
+pin_project_lite::pin_project! {
+    /// A call's incoming body that holds back a message naming a segment whose registration has not arrived
+    /// (see the module docs).
+    pub(crate) struct HoldBack<B> {
+        #[pin]
+        inner: B,
+        role: Role,
+        scan: Scan,
+        // Bytes ready to hand on, in order.
+        ready: VecDeque<Bytes>,
+        // The reference message being held back.
+        held: Option<Held>,
+        // Bytes that arrived behind the held message, not scanned yet.
+        backlog: VecDeque<Bytes>,
+        trailers: Option<http::HeaderMap>,
+        done: bool,
+    }
+}
+
+/// A complete reference message waiting for registrations.
+struct Held {
+    message: Bytes,
+    session: Arc<Session>,
+    reference: wire::Reference,
+    wait: Wait,
+}
+
+impl<B> HoldBack<B> {
+    /// Wraps the incoming body of a call on `role`'s end of its sessions.
+    pub(crate) fn new(inner: B, role: Role) -> Self {
+        HoldBack {
+            inner,
+            role,
+            scan: Scan::Header(Vec::with_capacity(HEADER + PEEK)),
+            ready: VecDeque::new(),
+            held: None,
+            backlog: VecDeque::new(),
+            trailers: None,
+            done: false,
+        }
+    }
+}
+
+/// What [`feed`] works on.
+struct Feed<'a> {
+    role: Role,
+    scan: &'a mut Scan,
+    ready: &'a mut VecDeque<Bytes>,
+    held: &'a mut Option<Held>,
+    backlog: &'a mut VecDeque<Bytes>,
+}
+
+/// Splits received data into pass-through chunks and whole reference messages; once a message is held, the rest
+/// goes to the backlog.
+fn feed(f: &mut Feed<'_>, mut data: Bytes) {
+    while !data.is_empty() {
+        if f.held.is_some() {
+            f.backlog.push_back(data);
+            return;
+        }
+        match &mut *f.scan {
+            Scan::Header(buf) => {
+                let len = (buf.len() >= HEADER).then(|| u32::from_be_bytes(buf[1..5].try_into().expect("4")) as usize);
+                let need = HEADER + len.map_or(0, |l| l.min(PEEK));
+                let take = (need - buf.len()).min(data.len());
+                buf.extend_from_slice(&data[..take]);
+                data.advance(take);
+                if buf.len() < HEADER {
+                    continue;
+                }
+                let len = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
+                if buf.len() < HEADER + len.min(PEEK) {
+                    continue;
+                }
+                let header = std::mem::take(buf);
+                let rest = len - (header.len() - HEADER);
+                let compressed = header[0] != 0;
+                if !compressed && len <= MAX_REFERENCE_LEN && wire::is_reference(&header[HEADER..]) {
+                    let mut msg = BytesMut::with_capacity(HEADER + len);
+                    msg.extend_from_slice(&header);
+                    *f.scan = Scan::Collecting(msg, rest);
+                } else {
+                    f.ready.push_back(Bytes::from(header));
+                    *f.scan = Scan::Passing(rest);
+                }
+            }
+            Scan::Passing(rest) => {
+                let n = (*rest).min(data.len());
+                f.ready.push_back(data.split_to(n));
+                *rest -= n;
+            }
+            Scan::Collecting(msg, rest) => {
+                let n = (*rest).min(data.len());
+                msg.extend_from_slice(&data.split_to(n));
+                *rest -= n;
+            }
+        }
+        finish_message(f);
+    }
+    finish_message(f);
+}
+
+/// After a message's last byte: back to reading headers, holding a reference back if it must wait.
+fn finish_message(f: &mut Feed<'_>) {
+    match f.scan {
+        Scan::Passing(0) => *f.scan = Scan::Header(Vec::with_capacity(HEADER + PEEK)),
+        Scan::Collecting(_, 0) => {
+            let Scan::Collecting(msg, _) = std::mem::replace(f.scan, Scan::Header(Vec::with_capacity(HEADER + PEEK)))
+            else {
+                unreachable!("matched above")
+            };
+            let message = msg.freeze();
+            match hold(f.role, &message) {
+                Some((session, reference)) => {
+                    *f.held = Some(Held { message, session, reference, wait: Wait::new(REGISTRATION_WAIT) })
+                }
+                None => f.ready.push_back(message),
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The session and reference of a reference message that must wait for a registration, if it must.
+fn hold(role: Role, message: &[u8]) -> Option<(Arc<Session>, wire::Reference)> {
+    let reference = wire::decode_reference(&message[HEADER..]).ok()?;
+    // We are the other end of the session than the sender; the decoder reports a wrong or unknown session.
+    if (role == Role::Client) != reference.from_server {
+        return None;
+    }
+    let session = Session::lookup(&reference.session, role)?;
+    session.awaits_registration(&reference).then_some((session, reference))
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        loop {
+            if let Some(b) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if let Some(h) = this.held.as_mut() {
+                let session = h.session.clone();
+                let reference = &h.reference;
+                if h.wait.poll(cx, session.registrations(), || !session.awaits_registration(reference)).is_pending() {
+                    return Poll::Pending;
+                }
+                // Registered, refused, closed or timed out: the decoder decides (a clean status if it cannot
+                // resolve the message).
+                let h = this.held.take().expect("held");
+                this.ready.push_back(h.message);
+                let backlog = std::mem::take(this.backlog);
+                let mut f = Feed {
+                    role: *this.role,
+                    scan: this.scan,
+                    ready: this.ready,
+                    held: this.held,
+                    backlog: this.backlog,
+                };
+                for data in backlog {
+                    feed(&mut f, data);
+                }
+                continue;
+            }
+            if let Some(t) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+            }
+            if *this.done {
+                return Poll::Ready(None);
+            }
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    // A message cut short is handed on as it is: tonic reports the truncation as it would have.
+                    match std::mem::replace(this.scan, Scan::Header(Vec::new())) {
+                        Scan::Header(buf) if !buf.is_empty() => this.ready.push_back(Bytes::from(buf)),
+                        Scan::Collecting(msg, _) => this.ready.push_back(msg.freeze()),
+                        _ => {}
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let mut f = Feed {
+                            role: *this.role,
+                            scan: this.scan,
+                            ready: this.ready,
+                            held: this.held,
+                            backlog: this.backlog,
+                        };
+                        feed(&mut f, data);
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            *this.trailers = Some(t);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.ready.is_empty() && self.held.is_none() && self.backlog.is_empty() && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grpc_frame(body: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8];
+        v.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// Feeds `stream` in chunks of `chunk` bytes; returns what comes out, joined.
+    fn run(stream: &[u8], chunk: usize) -> Vec<u8> {
+        let mut scan = Scan::Header(Vec::new());
+        let (mut ready, mut held, mut backlog) = (VecDeque::new(), None, VecDeque::new());
+        let mut f =
+            Feed { role: Role::Server, scan: &mut scan, ready: &mut ready, held: &mut held, backlog: &mut backlog };
+        for c in stream.chunks(chunk.max(1)) {
+            feed(&mut f, Bytes::copy_from_slice(c));
+        }
+        assert!(held.is_none(), "no session: nothing is held");
+        assert!(backlog.is_empty());
+        ready.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    #[test]
+    fn the_scanner_passes_every_byte_through_in_order_whatever_the_chunking() {
+        let mut reference = Vec::new();
+        let r = wire::Reference { session: vec![1; 16].into(), from_server: false, parts: vec![] };
+        wire::encode_reference(r, &mut reference);
+        let mut stream = Vec::new();
+        stream.extend(grpc_frame(b""));
+        stream.extend(grpc_frame(&[7u8; 100_000]));
+        stream.extend(grpc_frame(&reference));
+        stream.extend(grpc_frame(b"ab"));
+        stream.extend(grpc_frame(&reference));
+        for chunk in [1, 2, 3, 5, 7, 64, 1000, 16_384, usize::MAX] {
+            assert_eq!(run(&stream, chunk.min(stream.len())), stream, "chunk {chunk}");
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Constants and limits of the shmgrpc protocol that both ends share, each with the section of
+//! `docs/protocol.md` that states it. Client, server and session code take them from here and nowhere else.
+
+use std::time::Duration;
+
+/// Protocol version this implementation speaks (§2). Version 2 registers segments without a round trip: a
+/// reference may name a segment whose `Register` the receiver has not read yet, and the receiver holds the
+/// message back until it has (§5, §6).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Oldest protocol version a server of this crate accepts (§2). Version 1 (wait for `Registered` before
+/// referring to a segment) is not spoken any more.
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
+
+/// The header that names the session a call belongs to (§6): the session id as 32 lowercase hex digits.
+pub const SESSION_HEADER: &str = "shmgrpc-session";
+
+/// The discovery method, answered by the server layer on the gRPC connection itself (§2).
+pub(crate) const HELLO_PATH: &str = "/shmgrpc.v1.Session/Hello";
+
+/// How long discovery and each handshake step may take (§2, §4).
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a ticket from `Hello` stays valid (§2).
+pub(crate) const TICKET_TTL: Duration = Duration::from_secs(30);
+
+/// Longest ticket a client may present (§2; ours are 40 bytes).
+pub(crate) const MAX_TICKET_LEN: usize = 64;
+
+/// Size of the challenge written into a memfd during the handshake (§4).
+pub(crate) const CHALLENGE_LEN: u64 = 32;
+
+/// Largest side-channel frame body (§3).
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Largest reference message (§6).
+pub const MAX_REFERENCE_LEN: usize = 40 * 1024;
+
+/// Most parts in one reference (§6).
+pub(crate) const MAX_PARTS: usize = 64;
+
+/// Most bytes all `inline` parts of one reference may carry together (§6).
+pub(crate) const MAX_INLINE: usize = 32 * 1024;
+
+/// Frames that may wait for the side-channel writer; a peer that lets this many pile up is not reading (§7).
+pub(crate) const MAX_QUEUED_FRAMES: usize = 65_536;
+
+/// Bytes of small frames gathered into one write.
+pub(crate) const COALESCE: usize = 64 * 1024;
+
+/// How long one side-channel write may make no progress before the session is closed (§7).
+pub(crate) const WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// How long a receiver holds back a message that names a segment whose registration has not arrived (§6).
+/// Afterwards the message is decoded anyway and fails with `INVALID_ARGUMENT`.
+pub(crate) const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
+
+/// Most segments one peer may have registered in one session (§5).
+pub(crate) const MAX_PEER_SEGMENTS: usize = 4096;
+
+/// Most bytes of segments one peer may have registered in one session (§5).
+pub(crate) const MAX_SESSION_PEER_BYTES: u64 = 64 << 30;
+
+/// Most bytes of peer segments this process maps at once, over all sessions (§5).
+pub(crate) const MAX_PROCESS_PEER_BYTES: u64 = 1 << 40;
+
+/// Default size from which a message goes through shared memory.
+pub const DEFAULT_THRESHOLD: usize = 64 * 1024;
+
+/// Default in-flight window: bytes of a sender's buffers one peer may hold before the sender waits (§7).
+pub const DEFAULT_WINDOW: u64 = 512 << 20;
+
+/// Default bound on the wait for the window to open; after it the message goes inline.
+pub const DEFAULT_WINDOW_WAIT: Duration = Duration::from_secs(1);

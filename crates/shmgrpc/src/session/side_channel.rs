@@ -1,0 +1,312 @@
+//! Side-channel I/O on the I/O runtime ([`crate::io`]): frames and their descriptors over a non-blocking Unix
+//! socket, one reader and one writer task per connection, no thread of its own.
+//!
+//! Descriptors (protocol §3): a frame that carries one is sent by a `sendmsg` of its own that starts with the
+//! frame's first byte and holds no byte of another frame. The kernel returns such a descriptor with the `recvmsg`
+//! that reads the last bytes of that `sendmsg` and stops there, so the receiver's rule is: a descriptor belongs to
+//! the last frame whose first byte the same `recvmsg` returned. A descriptor that arrives with no frame start, more
+//! than one per frame, or with a frame kind that carries none is a protocol error.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+
+use crate::protocol::{MAX_FRAME_LEN, WRITE_STALL};
+use crate::wire::{self, Kind, SideMessage};
+
+/// Whether a frame of this kind may carry a descriptor (§3): a challenge always does, a registration does when it
+/// names no POSIX or System V segment.
+fn may_carry_descriptor(msg: &SideMessage) -> bool {
+    matches!(msg.kind, Some(Kind::Challenge(_)) | Some(Kind::Register(_)))
+}
+
+/// Descriptors that came with one `recvmsg`, which returned stream bytes `[start, end)`.
+struct Arrival {
+    fds: Vec<OwnedFd>,
+    start: u64,
+    end: u64,
+}
+
+fn invalid(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+/// Reads frames and assigns descriptors to them.
+pub(crate) struct FrameReader {
+    buf: Vec<u8>,
+    /// `buf[head..tail]` is read and not yet parsed.
+    head: usize,
+    tail: usize,
+    /// Stream offset of `buf[head]`.
+    offset: u64,
+    arrivals: VecDeque<Arrival>,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        FrameReader { buf: vec![0; 4096], head: 0, tail: 0, offset: 0, arrivals: VecDeque::new() }
+    }
+}
+
+impl FrameReader {
+    /// The next frame and the descriptor it carries. `Ok(None)` at a clean end of stream.
+    ///
+    /// # Errors
+    ///
+    /// The socket failed, the stream ended mid-frame, or the peer broke the framing rules (§3).
+    pub(crate) async fn next(&mut self, sock: &UnixStream) -> io::Result<Option<(SideMessage, Option<OwnedFd>)>> {
+        loop {
+            if let Some(frame) = self.parse()? {
+                return Ok(Some(frame));
+            }
+            if !self.fill(sock).await? {
+                if !self.arrivals.is_empty() {
+                    return Err(invalid("a descriptor arrived without a frame"));
+                }
+                if self.head == self.tail {
+                    return Ok(None);
+                }
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "side channel closed mid-frame"));
+            }
+        }
+    }
+
+    /// Parses one frame out of what has been read, if it is complete.
+    fn parse(&mut self) -> io::Result<Option<(SideMessage, Option<OwnedFd>)>> {
+        let have = self.tail - self.head;
+        if have < 4 {
+            return Ok(None);
+        }
+        let head: [u8; 4] = self.buf[self.head..self.head + 4].try_into().expect("4 bytes");
+        let len = u32::from_le_bytes(head) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(invalid("side-channel frame too long"));
+        }
+        if have < 4 + len {
+            return Ok(None);
+        }
+        let start = self.offset;
+        let next = start + 4 + len as u64;
+        let msg = wire::decode_frame(&self.buf[self.head + 4..self.head + 4 + len]).map_err(invalid)?;
+        self.head += 4 + len;
+        self.offset = next;
+        // Descriptors whose recvmsg returned no frame start up to here were not sent with a frame.
+        if self.arrivals.front().is_some_and(|a| a.end <= start) {
+            return Err(invalid("a descriptor arrived without a frame"));
+        }
+        // This frame takes the descriptors of its recvmsg if it is the last frame starting in what that call returned.
+        let fd = match self.arrivals.front() {
+            Some(a) if a.start <= start && next >= a.end => {
+                let mut a = self.arrivals.pop_front().expect("front exists");
+                if a.fds.len() != 1 || !may_carry_descriptor(&msg) {
+                    return Err(invalid("unexpected descriptor"));
+                }
+                a.fds.pop()
+            }
+            _ => None,
+        };
+        Ok(Some((msg, fd)))
+    }
+
+    /// Reads more bytes; false at end of stream.
+    async fn fill(&mut self, sock: &UnixStream) -> io::Result<bool> {
+        let pending = self.tail - self.head;
+        // Room for at least the frame being read (its length is known once its 4 length bytes are in).
+        let frame = if pending >= 4 {
+            let len = u32::from_le_bytes(self.buf[self.head..self.head + 4].try_into().expect("4 bytes"));
+            4 + len as usize
+        } else {
+            4
+        };
+        if self.head + frame > self.buf.len() {
+            self.buf.copy_within(self.head..self.tail, 0);
+            self.head = 0;
+            self.tail = pending;
+        }
+        if frame > self.buf.len() {
+            // At most MAX_FRAME_LEN + 4 (parse refused longer ones).
+            self.buf.resize(frame.next_power_of_two(), 0);
+        }
+        let tail = self.tail;
+        let (n, fds) = {
+            let buf = &mut self.buf[tail..];
+            sock.async_io(Interest::READABLE, || crate::fdpass::recv_with_fds(sock.as_fd(), buf)).await?
+        };
+        let start = self.offset + (self.tail - self.head) as u64;
+        if !fds.is_empty() {
+            if n == 0 {
+                return Err(invalid("a descriptor arrived without data"));
+            }
+            self.arrivals.push_back(Arrival { fds, start, end: start + n as u64 });
+        }
+        self.tail += n;
+        Ok(n > 0)
+    }
+}
+
+/// Writes all of `data`, the descriptor (if any) with its first byte, never blocking a thread; fails when the peer
+/// lets a write make no progress for [`WRITE_STALL`].
+pub(crate) async fn write_all(sock: &UnixStream, mut data: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the peer does not read its side channel");
+    if let Some(fd) = fd {
+        let send = sock.async_io(Interest::WRITABLE, || crate::fdpass::send_with_fds(sock.as_fd(), data, &[fd]));
+        let n = tokio::time::timeout(WRITE_STALL, send).await.map_err(|_| stalled())??;
+        data = &data[n..];
+    }
+    while !data.is_empty() {
+        let send = sock.async_io(Interest::WRITABLE, || {
+            rustix::net::send(sock.as_fd(), data, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
+        });
+        let n = tokio::time::timeout(WRITE_STALL, send).await.map_err(|_| stalled())??;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "side channel closed"));
+        }
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// Writes one frame (with its descriptor, in a `sendmsg` of its own).
+pub(crate) async fn write_frame(sock: &UnixStream, kind: Kind, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let mut buf = Vec::new();
+    wire::encode_frame(&wire::frame(kind), &mut buf);
+    write_all(sock, &buf, fd).await
+}
+
+/// Turns a connected standard socket into one of the I/O runtime.
+///
+/// # Errors
+///
+/// The runtime could not start or the socket could not be registered with it.
+#[cfg(test)]
+pub(crate) fn adopt(sock: std::os::unix::net::UnixStream) -> io::Result<std::sync::Arc<UnixStream>> {
+    sock.set_nonblocking(true)?;
+    let _enter = crate::io::handle()?.enter();
+    Ok(std::sync::Arc::new(UnixStream::from_std(sock)?))
+}
+
+/// Shuts a socket down both ways, so its reader sees the end and its writer an error.
+pub(crate) fn shutdown(sock: &UnixStream) {
+    let _ = rustix::net::shutdown(sock.as_fd(), rustix::net::Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1;
+
+    fn pair() -> (std::sync::Arc<UnixStream>, std::sync::Arc<UnixStream>) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        (adopt(a).unwrap(), adopt(b).unwrap())
+    }
+
+    fn memfd() -> OwnedFd {
+        rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap()
+    }
+
+    fn register(segment: u32) -> Kind {
+        Kind::Register(v1::Register { segment, len: 1, source: None })
+    }
+
+    #[test]
+    fn descriptors_go_to_their_frames_when_one_read_holds_several() {
+        crate::io::handle().unwrap().block_on(async {
+            let (a, b) = pair();
+            let (fd1, fd2) = (memfd(), memfd());
+            // A frame without a descriptor, then two with: all may arrive in few reads.
+            write_frame(&a, Kind::Release(v1::Release { segment: 1, generation: 1 }), None).await.unwrap();
+            write_frame(&a, register(2), Some(fd1.as_fd())).await.unwrap();
+            write_frame(&a, register(3), None).await.unwrap();
+            write_frame(&a, register(4), Some(fd2.as_fd())).await.unwrap();
+            drop(a);
+            let mut r = FrameReader::default();
+            let mut got = Vec::new();
+            while let Some((m, fd)) = r.next(&b).await.unwrap() {
+                let id = match m.kind {
+                    Some(Kind::Register(reg)) => reg.segment,
+                    Some(Kind::Release(rel)) => rel.segment,
+                    other => panic!("{other:?}"),
+                };
+                got.push((id, fd.is_some()));
+            }
+            assert_eq!(got, vec![(1, false), (2, true), (3, false), (4, true)]);
+        });
+    }
+
+    #[test]
+    fn a_descriptor_on_a_frame_that_takes_none_is_a_protocol_error() {
+        crate::io::handle().unwrap().block_on(async {
+            let (a, b) = pair();
+            let fd = memfd();
+            write_frame(&a, Kind::Release(v1::Release { segment: 1, generation: 1 }), Some(fd.as_fd())).await.unwrap();
+            let err = FrameReader::default().next(&b).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        });
+    }
+
+    #[test]
+    fn a_descriptor_sent_mid_frame_is_a_protocol_error() {
+        crate::io::handle().unwrap().block_on(async {
+            let (a, b) = pair();
+            let mut buf = Vec::new();
+            wire::encode_frame(&wire::frame(Kind::Release(v1::Release { segment: 1, generation: 1 })), &mut buf);
+            let first = buf.len();
+            wire::encode_frame(&wire::frame(register(2)), &mut buf);
+            // The second frame's start goes out alone; the descriptor rides with bytes from its middle, which
+            // the reader receives in a later recvmsg that returns no frame start.
+            write_all(&a, &buf[..first + 2], None).await.unwrap();
+            let mut r = FrameReader::default();
+            assert!(r.next(&b).await.unwrap().unwrap().1.is_none());
+            let writer = tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let fd = memfd();
+                write_all(&a, &buf[first + 2..], Some(fd.as_fd())).await.unwrap();
+            });
+            let mut refused = false;
+            for _ in 0..3 {
+                match r.next(&b).await {
+                    Ok(Some((_, fd))) => assert!(fd.is_none(), "no frame may take a descriptor sent mid-frame"),
+                    Ok(None) => break,
+                    Err(_) => {
+                        refused = true;
+                        break;
+                    }
+                }
+            }
+            writer.await.unwrap();
+            assert!(refused, "the stray descriptor must be refused");
+        });
+    }
+
+    #[test]
+    fn frames_split_across_reads_and_large_frames_parse() {
+        crate::io::handle().unwrap().block_on(async {
+            let (a, b) = pair();
+            let big = Kind::Refused(v1::Refused { reason: "x".repeat(MAX_FRAME_LEN - 16) });
+            let mut buf = Vec::new();
+            wire::encode_frame(&wire::frame(big.clone()), &mut buf);
+            let writer = tokio::spawn(async move {
+                for chunk in buf.chunks(1000) {
+                    write_all(&a, chunk, None).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            });
+            let (m, fd) = FrameReader::default().next(&b).await.unwrap().unwrap();
+            assert_eq!(m.kind, Some(big));
+            assert!(fd.is_none());
+            writer.await.unwrap();
+        });
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        crate::io::handle().unwrap().block_on(async {
+            let (a, b) = pair();
+            write_all(&a, &u32::MAX.to_le_bytes(), None).await.unwrap();
+            assert!(FrameReader::default().next(&b).await.is_err());
+        });
+    }
+}
