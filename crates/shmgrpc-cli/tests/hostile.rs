@@ -7,6 +7,8 @@ mod common;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -277,4 +279,110 @@ async fn a_peer_that_never_reads_its_side_channel_loses_its_session() {
         "the server answered everything ({answers}) instead of giving up on a peer that does not read"
     );
     still_serves(&srv).await;
+}
+
+/// Calls `Download` of 20 MiB under session `id` (hex in the header) until `stop`, on a plain channel of its own:
+/// the server answers with references into its pool, which this raw peer never resolves nor releases.
+async fn drive_downloads(unix: String, id: Vec<u8>, stop: Arc<AtomicBool>) -> usize {
+    let ch = common::plain_channel(&unix).await;
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let mut calls = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let mut g = tonic::client::Grpc::new(ch.clone()).max_decoding_message_size(usize::MAX);
+        g.ready().await.unwrap();
+        let body = demo::DownloadRequest { size: 20 << 20, seed: calls as u32, count: 1 }.encode_to_vec();
+        let mut req = tonic::Request::new(Bytes::from(body));
+        req.metadata_mut().insert("shmgrpc-session", hex.parse().unwrap());
+        let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Download");
+        let _ = g.unary(req, path, common::Raw).await;
+        calls += 1;
+    }
+    calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_that_never_answer_or_never_read_cost_a_bystander_no_time() {
+    let srv = serve(&[]);
+    // One peer reads its side channel but never answers a registration and never releases anything...
+    let (silent, silent_id) = handshake(&srv).await;
+    let reader = std::thread::spawn(move || while let Ok(Some(_)) = wire::read_frame(&silent) {});
+    // ...the other never reads it at all.
+    let (deaf, deaf_id) = handshake(&srv).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    for id in [silent_id, deaf_id] {
+        for _ in 0..4 {
+            attackers.push(tokio::spawn(drive_downloads(srv.unix.clone(), id.clone(), stop.clone())));
+        }
+    }
+    // A bystander on the same server, 1 KiB and 1 MiB echoes back to back.
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
+    let mut c = client(&ch);
+    let (mut latencies, mut calls) = (Vec::new(), 0);
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        let size = if calls % 2 == 0 { 1 << 10 } else { 1 << 20 };
+        let t = std::time::Instant::now();
+        let r = c.echo(demo::payload(size, calls as u32)).await.unwrap().into_inner();
+        latencies.push(t.elapsed());
+        demo::verify(&r).unwrap();
+        calls += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut attacks = 0;
+    for a in attackers {
+        attacks += a.await.unwrap();
+    }
+    latencies.sort();
+    let (median, p99, worst) =
+        (latencies[latencies.len() / 2], latencies[latencies.len() * 99 / 100], *latencies.last().unwrap());
+    println!(
+        "bystander: {calls} calls, median {median:?}, p99 {p99:?}, worst {worst:?}; attackers made {attacks} 20 MiB calls"
+    );
+    assert!(attacks >= 8, "the attack did not run ({attacks} calls)");
+    assert!(worst < Duration::from_secs(1), "a bystander call took {worst:?}");
+    drop(deaf);
+    let _ = reader.join();
+    still_serves(&srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_hellos_leave_a_new_client_its_session() {
+    let srv = serve(&[]);
+    // Discovery is open to anyone who reaches the gRPC port, TCP included.
+    let plain = common::plain_channel(&srv.tcp).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let ch = plain.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = SessionClient::new(ch);
+            for _ in 0..2_500 {
+                let hello = c.hello(HelloRequest { version: PROTOCOL_VERSION }).await.unwrap().into_inner();
+                assert_eq!(hello.version, PROTOCOL_VERSION);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // A new client gets its session at once, not after tickets expire.
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
+    let r = client(&ch).echo(demo::payload(1 << 20, 3)).await.unwrap().into_inner();
+    demo::verify(&r).unwrap();
+    assert!(shmgrpc::is_shared(&r.data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_are_negotiated_and_old_clients_are_told_why() {
+    let srv = serve(&[]);
+    let mut c = SessionClient::new(common::plain_channel(&srv.unix).await);
+    // A client that speaks a newer version too gets the newest both speak.
+    let hello = c.hello(HelloRequest { version: PROTOCOL_VERSION + 3 }).await.unwrap().into_inner();
+    assert_eq!(hello.version, PROTOCOL_VERSION);
+    assert!(std::path::Path::new(&hello.side_channel).is_absolute(), "a bare absolute path, no scheme");
+    // Version 1 (wait for `Registered`) is not spoken any more: a clear status, no ticket.
+    let err = c.hello(HelloRequest { version: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
 }

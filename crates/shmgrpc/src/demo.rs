@@ -32,6 +32,9 @@ pub const ECHO_HEADER: &str = "x-shmgrpc-echo";
 /// Largest payload `download` agrees to produce.
 pub const MAX_DOWNLOAD: u64 = 4 << 30;
 
+/// Payloads from this size up are made on tokio's blocking pool rather than on an async worker.
+const BLOCKING_SIZE: usize = 1 << 20;
+
 /// Fills `buf` with a pattern derived from `seed`, a word at a time (memory-bound, like a real payload write).
 pub fn fill_pattern(buf: &mut [u8], seed: u32) {
     let mut chunks = buf.chunks_exact_mut(8);
@@ -93,12 +96,22 @@ impl Blob for BlobService {
     }
 
     async fn download(&self, request: Request<DownloadRequest>) -> Result<Response<Payload>, Status> {
-        // Written in place into a loan: through a shmgrpc session the reply goes out without a copy.
+        // Written in place into a loan: through a shmgrpc session the reply goes out without a copy. Making a
+        // large payload is CPU work (and may create a pool buffer): it runs off the async workers, so it never
+        // delays other calls' tasks.
         let size = download_size(request.get_ref())?;
-        let mut loan = crate::server::loan(&request, size);
-        fill_pattern(&mut loan, request.get_ref().seed);
-        let crc32 = crc32fast::hash(&loan);
-        Ok(Response::new(Payload { data: loan.freeze(), crc32, note: String::new() }))
+        let make = move || {
+            let mut loan = crate::server::loan(&request, size);
+            fill_pattern(&mut loan, request.get_ref().seed);
+            let crc32 = crc32fast::hash(&loan);
+            Payload { data: loan.freeze(), crc32, note: String::new() }
+        };
+        let payload = if size >= BLOCKING_SIZE {
+            tokio::task::spawn_blocking(make).await.map_err(|e| Status::internal(format!("payload task: {e}")))?
+        } else {
+            make()
+        };
+        Ok(Response::new(payload))
     }
 
     async fn upload_stream(&self, request: Request<Streaming<Payload>>) -> Result<Response<DigestList>, Status> {

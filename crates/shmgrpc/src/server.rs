@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -101,8 +101,9 @@ struct Shared {
     allowed: HashSet<u32>,
     params: crate::session::SessionParams,
     tickets: Tickets,
-    /// Sessions opened on the side channel (closed ones are pruned as new ones come).
-    sessions: Mutex<Vec<Arc<Session>>>,
+    /// Sessions opened on the side channel (each is held by its own reader task; gone ones are pruned as new
+    /// ones come).
+    sessions: Mutex<Vec<Weak<Session>>>,
     /// Handshakes in progress.
     handshakes: Arc<tokio::sync::Semaphore>,
     stop: AtomicBool,
@@ -184,12 +185,16 @@ impl ShmServer {
 
     /// Figures summed over the open sessions.
     pub fn session_stats(&self) -> crate::SessionStats {
-        lock(&self.shared.sessions).iter().map(|s| s.stats()).fold(Default::default(), |a, b| a + b)
+        self.live().iter().map(|s| s.stats()).fold(Default::default(), |a, b| a + b)
     }
 
     /// Sessions currently open.
     pub fn sessions(&self) -> usize {
-        lock(&self.shared.sessions).iter().filter(|s| s.is_alive()).count()
+        self.live().iter().filter(|s| s.is_alive()).count()
+    }
+
+    fn live(&self) -> Vec<Arc<Session>> {
+        lock(&self.shared.sessions).iter().filter_map(Weak::upgrade).collect()
     }
 }
 
@@ -202,7 +207,8 @@ impl Drop for ShmServer {
             t.abort();
         }
         let _ = std::fs::remove_file(&self.shared.path);
-        for s in lock(&self.shared.sessions).drain(..) {
+        let sessions: Vec<Weak<Session>> = lock(&self.shared.sessions).drain(..).collect();
+        for s in sessions.iter().filter_map(Weak::upgrade) {
             s.close();
         }
         self.shared.params.pool.trim();
@@ -254,8 +260,8 @@ async fn establish(shared: &Shared, stream: tokio::net::UnixStream) -> std::resu
             .map_err(|_| "session tasks")?;
     {
         let mut sessions = lock(&shared.sessions);
-        sessions.retain(|s| s.is_alive());
-        sessions.push(session.clone());
+        sessions.retain(|s| s.strong_count() > 0);
+        sessions.push(Arc::downgrade(&session));
     }
     let welcome = Kind::Welcome(v1::Welcome { session: id.to_vec().into(), threshold: shared.params.threshold as u64 });
     // The first frame through the session's writer: nothing else is sent before the client has its welcome.

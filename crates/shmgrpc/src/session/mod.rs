@@ -185,6 +185,10 @@ impl Session {
     /// Creates the session on a side channel that has completed its handshake, registers it, and starts its
     /// reader and writer tasks on the I/O runtime.
     ///
+    /// A client's session lives as long as its channel holds it. A server's session (`Role::Server`) is held by
+    /// its reader task and lives exactly as long as the side-channel connection: when the peer goes, every
+    /// resource of the session (descriptors included) goes with it.
+    ///
     /// # Errors
     ///
     /// The I/O runtime could not be started.
@@ -217,7 +221,8 @@ impl Session {
         // The tasks hold the session weakly: it ends when its owner (the channel, the server) lets go, not when a
         // task gets round to noticing.
         let weak = Arc::downgrade(&session);
-        let started = crate::io::spawn(Session::read_loop(weak.clone(), socket.clone(), reader))
+        let keep = (role == Role::Server).then(|| session.clone());
+        let started = crate::io::spawn(Session::read_loop(weak.clone(), keep, socket.clone(), reader))
             .and_then(|_| crate::io::spawn(Session::write_loop(weak, socket, rx, queued)));
         if let Err(e) = started {
             session.close();
@@ -352,7 +357,12 @@ impl Session {
 
     /// The reader task: registrations, their answers, releases, returns. Ends with the connection or with the
     /// session.
-    async fn read_loop(weak: Weak<Session>, sock: Arc<UnixStream>, mut reader: FrameReader) {
+    async fn read_loop(
+        weak: Weak<Session>,
+        keep: Option<Arc<Session>>,
+        sock: Arc<UnixStream>,
+        mut reader: FrameReader,
+    ) {
         let why = loop {
             let (msg, fd) = match reader.next(&sock).await {
                 Ok(Some(m)) => m,
@@ -369,6 +379,7 @@ impl Session {
             tracing::debug!(role = ?this.role, reason = %why, "shmgrpc session closed");
             this.close();
         }
+        drop(keep);
     }
 
     /// Handles one frame from the peer; `Err` ends the session.
