@@ -1,0 +1,70 @@
+//! Sessions at scale: a thousand sessions to one server need no more server threads than one, each moves a
+//! payload through shared memory, and every descriptor is given back when they end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, eventually, serve};
+use shmgrpc::{ClientConfig, Pool, PoolConfig, ShmChannel, demo};
+
+fn count(dir: String) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sessions_need_no_more_server_threads_and_give_every_descriptor_back() {
+    const SESSIONS: usize = 1000;
+    let srv = serve(&[]);
+    let pid = srv.child.id();
+    let threads = || count(format!("/proc/{pid}/task"));
+    let fds = || count(format!("/proc/{pid}/fd"));
+    let fds_before = fds();
+    // One pool for every channel of this process, as a service with many channels would have.
+    let pool = Pool::new(PoolConfig::default()).unwrap();
+    let config = ClientConfig::default().pool(pool.clone());
+
+    let one = ShmChannel::connect_with(&srv.unix, config.clone()).await.unwrap();
+    let r = client(&one).echo(demo::payload(1 << 20, 0)).await.unwrap().into_inner();
+    assert!(shmgrpc::is_shared(&r.data));
+    drop(r);
+    let threads_one = threads();
+
+    let mut channels = vec![one];
+    for _ in 1..SESSIONS {
+        channels.push(ShmChannel::connect_with(&srv.unix, config.clone()).await.unwrap());
+    }
+    // Each session moves 1 MiB through shared memory, 50 at a time.
+    for batch in channels.chunks(50) {
+        let mut calls = Vec::new();
+        for (i, ch) in batch.iter().enumerate() {
+            assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
+            let mut c = client(ch);
+            calls.push(tokio::spawn(async move {
+                let r = c.echo(demo::payload(1 << 20, i as u32)).await.unwrap().into_inner();
+                demo::verify(&r).unwrap();
+                shmgrpc::is_shared(&r.data)
+            }));
+        }
+        for call in calls {
+            assert!(call.await.unwrap(), "a 1 MiB echo went inline");
+        }
+    }
+    let threads_many = threads();
+    let fds_many = fds();
+    println!(
+        "server: {threads_one} threads with one session, {threads_many} with {SESSIONS}; descriptors {fds_before} \
+         before, {fds_many} with {SESSIONS} sessions"
+    );
+    // Tokio's idle blocking threads may have ended meanwhile, never grown with the sessions.
+    assert!(
+        threads_many <= threads_one,
+        "{threads_many} server threads with {SESSIONS} sessions, {threads_one} with one"
+    );
+    assert!(fds_many >= fds_before + SESSIONS, "the sessions were not all open at once");
+
+    drop(channels);
+    eventually("the server closed every session's descriptors", || fds() <= fds_before).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(pool.stats().is_idle(), "{}", pool.stats());
+}
