@@ -5,8 +5,8 @@
 //! [`Pool::alloc`] takes the smallest class that fits (best fit), reuses a free buffer or creates one (growth on
 //! demand) as long as the total stays within the byte budget; over budget it first drops idle buffers of other
 //! classes, then waits (async) or fails, as configured. A request above the largest class gets a buffer of its own
-//! size (page-rounded), kept for reuse like the others. Buffers are prefaulted at creation, so a warm buffer writes
-//! at `memcpy` speed.
+//! size (page-rounded), kept for reuse like the others. A buffer created for a request is prefaulted up to the
+//! requested size (a preallocated one wholly), so writing it runs at `memcpy` speed.
 //!
 //! A [`Lease`] is exclusive use of one buffer; dropping it (or [`Lease::release`]) returns the buffer. A lease can
 //! instead be lent to a peer ([`Lease::lend`]); the buffer then comes back only through [`Pool::reclaim`] with the
@@ -246,7 +246,7 @@ impl Pool {
             if !self.reserve(cap as u64) {
                 return Err(self.exhausted(cap as u64));
             }
-            let buffer = self.create(cap)?;
+            let buffer = self.create(cap, cap)?;
             let mut st = lock(&self.inner.classes[ci].state);
             st.total += 1;
             st.bytes += cap as u64;
@@ -363,7 +363,7 @@ impl Pool {
                 return Err(Miss::Budget { needed: cap as u64 });
             }
         }
-        let buffer = self.create(cap).map_err(Miss::Fatal)?;
+        let buffer = self.create(cap, size).map_err(Miss::Fatal)?;
         {
             let mut st = lock(&class.state);
             st.total += 1;
@@ -388,9 +388,18 @@ impl Pool {
             .is_ok()
     }
 
-    /// Creates the segment of a new buffer; on failure gives its reservation back.
-    fn create(&self, cap: usize) -> Result<Buffer> {
-        match Segment::create(cap, &self.inner.config.segment) {
+    /// Creates the segment of a new buffer, prefaulting (when configured) the first `touch` bytes: the ones the
+    /// lease is about to write. On failure gives its reservation back.
+    fn create(&self, cap: usize, touch: usize) -> Result<Buffer> {
+        let prefault = self.inner.config.segment.prefaults();
+        let opts = self.inner.config.segment.clone().prefault(false);
+        let created = Segment::create(cap, &opts).and_then(|mut segment| {
+            if prefault {
+                segment.prefault(touch)?;
+            }
+            Ok(segment)
+        });
+        match created {
             Ok(segment) => {
                 let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
                 let range = (segment.as_slice().as_ptr() as usize, segment.len());

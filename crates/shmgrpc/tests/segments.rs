@@ -341,3 +341,12 @@ fn a_posix_segment_shrunk_under_its_reader_reads_as_zeros_instead_of_sigbus() {
     drop(peer);
     drop(seg); // the owner never reads its own (now short) mapping again
 }
+
+#[test]
+fn prefaulting_a_prefix_or_more_than_the_segment_is_fine() {
+    let mut seg = Segment::create(1 << 20, &SegmentOptions::new(Backend::Memfd)).unwrap();
+    seg.prefault(4096).unwrap();
+    seg.prefault(usize::MAX).unwrap(); // clamped to the segment
+    seg.as_mut_slice().fill(3);
+    assert!(seg.as_slice().iter().all(|&b| b == 3));
+}

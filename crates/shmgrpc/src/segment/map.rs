@@ -42,10 +42,16 @@ impl MapRw {
     }
 
     fn advise(&self, advice: rustix::mm::Advice) -> io::Result<()> {
+        self.advise_prefix(self.as_slice().len(), advice)
+    }
+
+    /// `madvise` on the first `len` bytes (clamped to the mapping).
+    fn advise_prefix(&self, len: usize, advice: rustix::mm::Advice) -> io::Result<()> {
         let s = self.as_slice();
-        // SAFETY: the range is exactly one live mapping owned by `self`; MADV_HUGEPAGE and MADV_POPULATE_WRITE
+        let len = len.min(s.len());
+        // SAFETY: the range is a prefix of one live mapping owned by `self`; MADV_HUGEPAGE and MADV_POPULATE_WRITE
         // change neither its contents nor its validity.
-        unsafe { rustix::mm::madvise(s.as_ptr() as *mut _, s.len(), advice) }.map_err(io::Error::from)
+        unsafe { rustix::mm::madvise(s.as_ptr() as *mut _, len, advice) }.map_err(io::Error::from)
     }
 
     /// Best effort: ask for transparent huge pages.
@@ -59,13 +65,16 @@ impl MapRw {
         }
     }
 
-    /// Faults every page in, writable. Uses `MADV_POPULATE_WRITE` (Linux 5.14+), else touches each page.
-    pub(crate) fn prefault(&mut self) -> io::Result<()> {
-        match self.advise(rustix::mm::Advice::LinuxPopulateWrite) {
+    /// Faults the pages of the first `len` bytes in, writable. Uses `MADV_POPULATE_WRITE` (Linux 5.14+), else
+    /// touches each page.
+    pub(crate) fn prefault(&mut self, len: usize) -> io::Result<()> {
+        match self.advise_prefix(len, rustix::mm::Advice::LinuxPopulateWrite) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let page = super::page_size();
                 let s = self.as_mut_slice();
+                let len = len.min(s.len());
+                let s = &mut s[..len];
                 let mut i = 0;
                 while i < s.len() {
                     // A volatile read-modify-write of an existing byte: forces a write fault without changing

@@ -117,6 +117,10 @@ impl SegmentOptions {
     pub fn backend(&self) -> Backend {
         self.backend
     }
+    /// Whether new segments are prefaulted.
+    pub fn prefaults(&self) -> bool {
+        self.prefault
+    }
 }
 
 /// What a peer needs to open a segment. Produced by [`Segment::share`], consumed by [`PeerSegment::open`].
@@ -189,10 +193,24 @@ impl Segment {
             seg.map.advise_huge_pages();
         }
         if opts.prefault {
-            seg.map.prefault().map_err(|e| Error::os("madvise(MADV_POPULATE_WRITE)", opts.backend, e))?;
+            seg.prefault(len)?;
         }
         tracing::trace!(backend = %opts.backend, len, "segment created");
         Ok(seg)
+    }
+
+    /// Faults in the pages of the first `len` bytes (clamped to the segment), writable, so that writing them
+    /// later runs at memory speed instead of taking a page fault per page. Fresh shared memory costs the kernel
+    /// about as much to populate as to fault in; doing it here moves the cost off the write (and prefaulting only
+    /// what will be written avoids paying for the rest).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Os`] if `madvise(MADV_POPULATE_WRITE)` fails for another reason than being unsupported (then each
+    /// page is touched instead), for example when memory runs out.
+    pub fn prefault(&mut self, len: usize) -> Result<()> {
+        let backend = self.backend();
+        self.map.prefault(len).map_err(|e| Error::os("madvise(MADV_POPULATE_WRITE)", backend, e))
     }
 
     /// The backend of this segment.
