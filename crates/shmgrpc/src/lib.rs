@@ -39,6 +39,22 @@ pub use segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
 pub use server::{ServerConfig, ShmLayer, ShmServer};
 pub use session::{Loan, SessionStats, is_shared};
 
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Runs gRPC message bytes from a peer through the receiving body's scanner in chunks of `chunk` bytes;
+    /// returns what it hands on, which must be the input unchanged.
+    pub fn hold_back_scan(data: &[u8], chunk: usize) -> Vec<u8> {
+        crate::body::scan_all(data, chunk)
+    }
+
+    /// Sends `data` over a socket pair, a memfd attached to the write of `data[split..]` when `fd` is set, and
+    /// reads side-channel frames until the end or the first error; returns how many frames were read.
+    pub fn read_side_frames(data: &[u8], split: usize, fd: bool) -> usize {
+        crate::session::side_channel::read_all_for_fuzzing(data, split, fd)
+    }
+}
+
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

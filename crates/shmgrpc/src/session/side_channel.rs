@@ -193,6 +193,35 @@ pub(crate) fn shutdown(sock: &UnixStream) {
     let _ = rustix::net::shutdown(sock.as_fd(), rustix::net::Shutdown::Both);
 }
 
+/// See `crate::__fuzz::read_side_frames`.
+pub(crate) fn read_all_for_fuzzing(data: &[u8], split: usize, with_fd: bool) -> usize {
+    let Ok(rt) = crate::io::handle() else { return 0 };
+    let Ok((a, b)) = std::os::unix::net::UnixStream::pair() else { return 0 };
+    let data = data.to_vec();
+    rt.block_on(async move {
+        let adopt = |s: std::os::unix::net::UnixStream| {
+            s.set_nonblocking(true).ok()?;
+            UnixStream::from_std(s).ok()
+        };
+        let (Some(a), Some(b)) = (adopt(a), adopt(b)) else { return 0 };
+        let writer = tokio::spawn(async move {
+            let split = split.min(data.len());
+            let fd = rustix::fs::memfd_create("fuzz", rustix::fs::MemfdFlags::CLOEXEC).ok();
+            let _ = write_all(&a, &data[..split], None).await;
+            let with = if with_fd && split < data.len() { fd.as_ref().map(|f| f.as_fd()) } else { None };
+            let _ = write_all(&a, &data[split..], with).await;
+        });
+        let mut r = FrameReader::default();
+        let mut n = 0;
+        while let Ok(Some(_)) = r.next(&b).await {
+            n += 1;
+        }
+        drop(b);
+        let _ = writer.await;
+        n
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
