@@ -386,3 +386,20 @@ async fn versions_are_negotiated_and_old_clients_are_told_why() {
     let err = c.hello(HelloRequest { version: 1 }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_side_channel_connections_is_bounded() {
+    let srv = serve(&[]);
+    // 1 100 connections that never say anything: the first 1 024 wait out their handshake timeout, the rest are
+    // closed at once, without a word.
+    let conns: Vec<UnixStream> = (0..1100).map(|_| side(&srv)).collect();
+    let last = conns.last().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut &*last, &mut buf).expect("closed within the handshake timeout");
+    assert_eq!(n, 0, "closed without a frame");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    drop(conns);
+    still_serves(&srv).await;
+}
