@@ -279,3 +279,66 @@ fn alloc_blocking_waits_for_a_release_and_times_out_without_one() {
     releaser.join().unwrap();
     assert!(p.stats().waits >= 2);
 }
+
+#[test]
+fn small_buffers_are_slots_of_one_slab_segment() {
+    let p = Pool::new(PoolConfig::default().slabs(4 << 20, 1 << 20)).unwrap();
+    let mut leases: Vec<_> = (0..16).map(|_| p.try_alloc(64 * K).unwrap()).collect();
+    // One segment, sixteen disjoint slots, sixteen distinct (segment, generation) names.
+    assert!(leases.iter().all(|l| l.id() == leases[0].id() && l.segment_len() == 1 << 20));
+    let mut offsets: Vec<_> = leases.iter().map(|l| l.offset()).collect();
+    offsets.sort();
+    assert_eq!(offsets, (0..16).map(|i| i * 64 * K).collect::<Vec<_>>());
+    let mut generations: Vec<_> = leases.iter().map(|l| l.generation()).collect();
+    generations.sort();
+    generations.dedup();
+    assert_eq!(generations.len(), 16);
+    for (i, l) in leases.iter_mut().enumerate() {
+        l.fill(i as u8);
+    }
+    for (i, l) in leases.iter().enumerate() {
+        assert!(l.iter().all(|&b| b == i as u8), "slot {i} was written by another lease");
+    }
+    // The seventeenth needs a second slab.
+    let extra = p.try_alloc(64 * K).unwrap();
+    assert_ne!(extra.id(), leases[0].id());
+    // A peer maps the whole slab and finds each buffer at its offset.
+    let handle = leases[5].share().unwrap();
+    let peer = shmgrpc::PeerSegment::open(handle, 1 << 20).unwrap();
+    let o = leases[5].offset() as u64;
+    assert!(peer.range(o, 64 * K as u64).unwrap().iter().all(|&b| b == 5));
+    // A reused slot gets a generation no lease of that slab had before.
+    let old = generations.clone();
+    drop(leases.pop());
+    let again = p.try_alloc(64 * K).unwrap();
+    assert_eq!(again.id(), leases[0].id());
+    assert!(!old.contains(&again.generation()));
+}
+
+#[test]
+fn a_slab_is_dropped_only_when_every_slot_is_idle() {
+    // Two 64 KiB slots per slab, a budget of three slots.
+    let p = Pool::new(
+        PoolConfig::default()
+            .classes([64 * K, 128 * K])
+            .budget(192 * K as u64)
+            .on_exhausted(OnExhausted::Fail)
+            .slabs(64 * K, 128 * K),
+    )
+    .unwrap();
+    let a = p.try_alloc(64 * K).unwrap();
+    let b = p.try_alloc(64 * K).unwrap();
+    assert_eq!(a.id(), b.id());
+    drop(b);
+    // 128 KiB more needs an eviction, but the slab still has a slot in use: nothing can go.
+    assert!(matches!(p.try_alloc(128 * K), Err(Error::Exhausted { .. })));
+    assert_eq!(p.stats().evictions, 0);
+    assert!(p.exists(a.id()));
+    let slab = a.id();
+    drop(a);
+    let big = p.try_alloc(128 * K).unwrap();
+    let s = p.stats();
+    assert_eq!((s.evictions, s.in_use_bytes), (2, 128 * K as u64), "both slots left with their slab");
+    assert!(!p.exists(slab), "the slab segment is gone");
+    drop(big);
+}

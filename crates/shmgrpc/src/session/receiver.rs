@@ -202,13 +202,15 @@ impl Session {
                     let buf = self.held_buffer(reg.segment, reg.generation).ok_or_else(|| {
                         Status::invalid_argument("shmgrpc reference to a buffer of ours that the peer does not hold")
                     })?;
-                    let (start, end) = crate::segment::check_range(
-                        crate::segment::Backend::Memfd,
-                        reg.offset,
-                        reg.len,
-                        buf.lease.len(),
-                    )
-                    .map_err(|e| Status::out_of_range(format!("shmgrpc reference out of range: {e}")))?;
+                    // The peer names the range in our segment; the buffer may be a slab slot at an offset in it.
+                    let out_of_range = |e: String| Status::out_of_range(format!("shmgrpc reference out of range: {e}"));
+                    let offset = reg
+                        .offset
+                        .checked_sub(buf.lease.offset() as u64)
+                        .ok_or_else(|| out_of_range("before the buffer".into()))?;
+                    let (start, end) =
+                        crate::segment::check_range(crate::segment::Backend::Memfd, offset, reg.len, buf.lease.len())
+                            .map_err(|e| out_of_range(e.to_string()))?;
                     returned.push((reg.segment, reg.generation));
                     Bytes::from_owner(OutgoingView(buf)).slice(start..end)
                 }

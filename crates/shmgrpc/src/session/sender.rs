@@ -223,8 +223,9 @@ impl Session {
     ) -> Result<part::Kind, Fallback> {
         self.ensure_registered(&buf.lease)?;
         let lease = &buf.lease;
-        let region =
-            v1::Region { segment: lease.id(), generation: lease.generation(), offset: offset as u64, len: len as u64 };
+        // Offsets on the wire are in the segment, where a slab slot lies at its own offset.
+        let offset = (lease.offset() + offset) as u64;
+        let region = v1::Region { segment: lease.id(), generation: lease.generation(), offset, len: len as u64 };
         pending.holds.push((buf, len as u64));
         Ok(part::Kind::Sender(region))
     }
@@ -268,7 +269,7 @@ impl Session {
             }
             regs.insert(id, Registration::Sent);
         }
-        let len = lease.segment().len() as u64;
+        let len = lease.segment_len() as u64;
         let register = |source| Kind::Register(v1::Register { segment: id, len, source });
         let sent = match lease.share() {
             Ok(SegmentHandle::Memfd(fd)) => self.send(register(None), Some(fd)),

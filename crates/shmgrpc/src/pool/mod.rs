@@ -8,6 +8,12 @@
 //! size (page-rounded), kept for reuse like the others. A buffer created for a request is prefaulted up to the
 //! requested size (a preallocated one wholly), so writing it runs at `memcpy` speed.
 //!
+//! *Slabs.* Classes up to 4 MiB (by default, memfd backend) do not get a segment per buffer: their buffers are
+//! slots carved out of 64 MiB slab segments, so many buffers share one descriptor, one registration with each peer
+//! and one mapping on each side. A slot is charged to the budget when it is carved (a slab's untouched rest costs
+//! no memory: memfd pages exist only once written), and slots leave only with their whole slab, which is dropped
+//! when every slot of it is idle and room is needed.
+//!
 //! A [`Lease`] is exclusive use of one buffer; dropping it (or [`Lease::release`]) returns the buffer. A lease can
 //! instead be lent to a peer ([`Lease::lend`]); the buffer then comes back only through [`Pool::reclaim`] with the
 //! exact id and generation, so a stale or repeated release can never free a buffer that was reused since.
@@ -20,8 +26,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+mod slab;
+
 use crate::error::{Error, Result};
 use crate::segment::{Backend, Segment, SegmentHandle, SegmentOptions, page_size};
+use slab::{Slab, Slot};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -44,16 +53,21 @@ pub struct PoolConfig {
     budget: u64,
     on_exhausted: OnExhausted,
     segment: SegmentOptions,
+    slab_max_class: usize,
+    slab_size: usize,
 }
 
 impl Default for PoolConfig {
-    /// Classes 64 KiB, 128 KiB, ... 1 GiB; a 4 GiB budget; wait when exhausted; prefaulted memfd segments.
+    /// Classes 64 KiB, 128 KiB, ... 1 GiB; a 4 GiB budget; wait when exhausted; prefaulted memfd segments;
+    /// classes up to 4 MiB carved out of 64 MiB slabs.
     fn default() -> Self {
         PoolConfig {
             classes: (0..=14).map(|k| (64 * KIB) << k).collect(),
             budget: 4 * GIB as u64,
             on_exhausted: OnExhausted::Wait,
             segment: SegmentOptions::new(Backend::Memfd).prefault(true),
+            slab_max_class: 4 * MIB,
+            slab_size: 64 * MIB,
         }
     }
 }
@@ -94,28 +108,112 @@ impl PoolConfig {
         self.segment = self.segment.huge_pages(yes);
         self
     }
+    /// Carves the buffers of classes up to `max_class` bytes out of slab segments of `slab_size` bytes (default
+    /// 4 MiB and 64 MiB; memfd backend only). A class gets slabs only if at least two of its buffers fit in one.
+    /// `max_class` 0 gives every buffer a segment of its own.
+    pub fn slabs(mut self, max_class: usize, slab_size: usize) -> Self {
+        self.slab_max_class = max_class;
+        self.slab_size = slab_size;
+        self
+    }
     /// The configured budget in bytes.
     pub fn budget_bytes(&self) -> u64 {
         self.budget
     }
+
+    /// Slots per slab for a class of `size` bytes, if the class uses slabs.
+    fn slots_for(&self, size: usize) -> Option<usize> {
+        let slots = self.slab_size / size.max(1);
+        (self.segment.backend() == Backend::Memfd && size <= self.slab_max_class && slots >= 2).then_some(slots)
+    }
 }
 
-/// A buffer of the pool: one segment plus its identity.
+/// A buffer of the pool: its memory plus its identity. `id` names the segment (its own, or its slab), and
+/// `(id, generation)` names one lease of it.
 struct Buffer {
     id: u32,
     generation: u32,
-    segment: Segment,
+    storage: Storage,
+}
+
+enum Storage {
+    /// A segment of its own.
+    Own(Segment),
+    /// A slot of a slab.
+    Slot(Slot),
+}
+
+impl Buffer {
+    fn capacity(&self) -> usize {
+        match &self.storage {
+            Storage::Own(s) => s.len(),
+            Storage::Slot(s) => s.len(),
+        }
+    }
+
+    fn offset(&self) -> usize {
+        match &self.storage {
+            Storage::Own(_) => 0,
+            Storage::Slot(s) => s.offset(),
+        }
+    }
+
+    fn segment_len(&self) -> usize {
+        match &self.storage {
+            Storage::Own(s) => s.len(),
+            Storage::Slot(s) => s.slab().len(),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Own(s) => s.as_slice(),
+            Storage::Slot(s) => s.as_slice(),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match &mut self.storage {
+            Storage::Own(s) => s.as_mut_slice(),
+            Storage::Slot(s) => s.as_mut_slice(),
+        }
+    }
+
+    fn share(&self) -> Result<SegmentHandle> {
+        match &self.storage {
+            Storage::Own(s) => s.share(),
+            Storage::Slot(s) => s.slab().share(),
+        }
+    }
+
+    /// A new generation for the next lease: per buffer for a segment of its own, per slab for a slot (two slots
+    /// of one slab share the segment id, so their generations must differ).
+    fn renew(&mut self) {
+        self.generation = match &self.storage {
+            Storage::Own(_) => self.generation.wrapping_add(1),
+            Storage::Slot(s) => s.slab().next_generation(),
+        };
+    }
+}
+
+/// A slab of a class and how far it has been carved (slot indices `carved..` are untouched).
+struct SlabState {
+    slab: Arc<Slab>,
+    carved: usize,
 }
 
 /// One size class. `size == None` is the oversize class, whose buffers each have their own size.
 struct Class {
     size: Option<usize>,
+    /// Slots per slab, for a class carved out of slabs.
+    slots: Option<usize>,
     state: Mutex<ClassState>,
 }
 
 #[derive(Default)]
 struct ClassState {
     free: Vec<Buffer>,
+    slabs: Vec<SlabState>,
     /// Buffers of this class that exist (free, leased or lent).
     total: usize,
     /// Their bytes.
@@ -148,7 +246,8 @@ struct Inner {
     /// Bytes of every segment that exists or is being created; never above the budget.
     reserved: AtomicU64,
     next_id: AtomicU32,
-    lent: Mutex<HashMap<u32, Lent>>,
+    /// Buffers lent through [`Lease::lend`], by (segment id, generation).
+    lent: Mutex<HashMap<(u32, u32), Lent>>,
     released: Notify,
     /// Release count and condition variable for blocking waits ([`Pool::alloc_blocking`]).
     released_sync: (Mutex<u64>, Condvar),
@@ -201,8 +300,8 @@ impl Pool {
         let classes = config
             .classes
             .iter()
-            .map(|&s| Class { size: Some(s), state: Mutex::default() })
-            .chain(std::iter::once(Class { size: None, state: Mutex::default() }))
+            .map(|&s| Class { size: Some(s), slots: config.slots_for(s), state: Mutex::default() })
+            .chain(std::iter::once(Class { size: None, slots: None, state: Mutex::default() }))
             .collect();
         Ok(Pool {
             inner: Arc::new(Inner {
@@ -246,7 +345,7 @@ impl Pool {
             if !self.reserve(cap as u64) {
                 return Err(self.exhausted(cap as u64));
             }
-            let buffer = self.create(cap, cap)?;
+            let buffer = self.create(ci, cap, cap)?;
             let mut st = lock(&self.inner.classes[ci].state);
             st.total += 1;
             st.bytes += cap as u64;
@@ -344,15 +443,15 @@ impl Pool {
                 st.free
                     .iter()
                     .enumerate()
-                    .filter(|(_, b)| b.segment.len() >= size && b.segment.len() / 2 <= size)
-                    .min_by_key(|(_, b)| b.segment.len())
+                    .filter(|(_, b)| b.capacity() >= size && b.capacity() / 2 <= size)
+                    .min_by_key(|(_, b)| b.capacity())
                     .map(|(i, _)| i)
             };
             if let Some(i) = pick {
                 let mut buffer = st.free.swap_remove(i);
-                st.in_use_bytes += buffer.segment.len() as u64;
+                st.in_use_bytes += buffer.capacity() as u64;
                 drop(st);
-                buffer.generation = buffer.generation.wrapping_add(1);
+                buffer.renew();
                 return Ok(self.lease(buffer, ci, size));
             }
         }
@@ -363,7 +462,7 @@ impl Pool {
                 return Err(Miss::Budget { needed: cap as u64 });
             }
         }
-        let buffer = self.create(cap, size).map_err(Miss::Fatal)?;
+        let buffer = self.create(ci, cap, size).map_err(Miss::Fatal)?;
         {
             let mut st = lock(&class.state);
             st.total += 1;
@@ -388,32 +487,59 @@ impl Pool {
             .is_ok()
     }
 
-    /// Creates the segment of a new buffer, prefaulting (when configured) the first `touch` bytes: the ones the
-    /// lease is about to write. On failure gives its reservation back.
-    fn create(&self, cap: usize, touch: usize) -> Result<Buffer> {
+    /// Creates a new buffer of class `ci` (`cap` bytes: a slot of a slab, or a segment of its own), prefaulting
+    /// (when configured) the first `touch` bytes: the ones the lease is about to write. Its budget is already
+    /// reserved; on failure the reservation is given back.
+    fn create(&self, ci: usize, cap: usize, touch: usize) -> Result<Buffer> {
+        let created = match self.inner.classes[ci].slots {
+            Some(slots) => self.carve(ci, cap, slots, touch),
+            None => self.create_own(cap, touch),
+        };
+        if created.is_err() {
+            self.inner.reserved.fetch_sub(cap as u64, Ordering::AcqRel);
+        }
+        created
+    }
+
+    fn create_own(&self, cap: usize, touch: usize) -> Result<Buffer> {
         let prefault = self.inner.config.segment.prefaults();
         let opts = self.inner.config.segment.clone().prefault(false);
-        let created = Segment::create(cap, &opts).and_then(|mut segment| {
-            if prefault {
-                segment.prefault(touch)?;
-            }
-            Ok(segment)
-        });
-        match created {
-            Ok(segment) => {
-                let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                let range = (segment.as_slice().as_ptr() as usize, segment.len());
-                lock(&self.inner.ranges).insert(id, range);
-                Ok(Buffer { id, generation: 0, segment })
-            }
-            Err(e) => {
-                self.inner.reserved.fetch_sub(cap as u64, Ordering::AcqRel);
-                Err(e)
-            }
+        let mut segment = Segment::create(cap, &opts)?;
+        if prefault {
+            segment.prefault(touch)?;
         }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.ranges).insert(id, (segment.as_slice().as_ptr() as usize, segment.len()));
+        Ok(Buffer { id, generation: 0, storage: Storage::Own(segment) })
+    }
+
+    /// Carves the next untouched slot of a slab of class `ci`, creating a slab when none has one left.
+    fn carve(&self, ci: usize, cap: usize, slots: usize, touch: usize) -> Result<Buffer> {
+        let class = &self.inner.classes[ci];
+        let mut slot = loop {
+            {
+                let mut st = lock(&class.state);
+                if let Some(s) = st.slabs.iter_mut().find(|s| s.carved < s.slab.slots()) {
+                    s.carved += 1;
+                    break Slot::carve(s.slab.clone(), s.carved - 1);
+                }
+            }
+            // Created outside the lock; a concurrent carver may create one too, which only adds room.
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let slab = Arc::new(Slab::create(id, cap, slots, &self.inner.config.segment)?);
+            lock(&self.inner.ranges).insert(id, slab.range());
+            tracing::debug!(slot = cap, slots, "pool created a slab");
+            lock(&class.state).slabs.push(SlabState { slab, carved: 0 });
+        };
+        if self.inner.config.segment.prefaults() {
+            slot.prefault(touch).map_err(|e| Error::os("madvise(MADV_POPULATE_WRITE)", Backend::Memfd, e))?;
+        }
+        let generation = slot.slab().next_generation();
+        Ok(Buffer { id: slot.slab().id(), generation, storage: Storage::Slot(slot) })
     }
 
     /// Drops idle buffers, largest classes first, until `needed` bytes would fit in the budget (or none is left).
+    /// In a class carved out of slabs, only a whole slab whose every carved slot is idle can go.
     fn evict(&self, needed: u64) {
         let budget = self.inner.config.budget;
         for class in self.inner.classes.iter().rev() {
@@ -421,21 +547,32 @@ impl Pool {
                 if self.inner.reserved.load(Ordering::Acquire) + needed <= budget {
                     return;
                 }
-                let victim = {
+                let (id, victims) = {
                     let mut st = lock(&class.state);
-                    let b = st.free.pop();
-                    if let Some(b) = &b {
-                        st.total -= 1;
-                        st.bytes -= b.segment.len() as u64;
-                    }
-                    b
+                    let (id, victims) = if class.slots.is_some() {
+                        let idle = |st: &ClassState, id: u32| st.free.iter().filter(|b| b.id == id).count();
+                        let Some(i) = st.slabs.iter().position(|s| s.carved == idle(&st, s.slab.id())) else { break };
+                        let id = st.slabs.swap_remove(i).slab.id();
+                        let (victims, kept) = std::mem::take(&mut st.free).into_iter().partition(|b| b.id == id);
+                        st.free = kept;
+                        (id, victims)
+                    } else {
+                        match st.free.pop() {
+                            Some(b) => (b.id, vec![b]),
+                            None => break,
+                        }
+                    };
+                    let bytes: u64 = victims.iter().map(|b: &Buffer| b.capacity() as u64).sum();
+                    st.total -= victims.len();
+                    st.bytes -= bytes;
+                    (id, victims)
                 };
-                let Some(victim) = victim else { break };
-                let len = victim.segment.len() as u64;
-                lock(&self.inner.ranges).remove(&victim.id);
-                drop(victim); // unmapped and removed before the budget is handed on
-                self.inner.reserved.fetch_sub(len, Ordering::AcqRel);
-                self.inner.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                let n = victims.len() as u64;
+                let bytes: u64 = victims.iter().map(|b| b.capacity() as u64).sum();
+                lock(&self.inner.ranges).remove(&id);
+                drop(victims); // unmapped and removed before the budget is handed on
+                self.inner.reserved.fetch_sub(bytes, Ordering::AcqRel);
+                self.inner.counters.evictions.fetch_add(n, Ordering::Relaxed);
             }
         }
     }
@@ -465,7 +602,7 @@ impl Pool {
     fn put_back(&self, class: usize, buffer: Buffer) {
         {
             let mut st = lock(&self.inner.classes[class].state);
-            st.in_use_bytes -= buffer.segment.len() as u64;
+            st.in_use_bytes -= buffer.capacity() as u64;
             st.free.push(buffer);
         }
         self.inner.released.notify_waiters();
@@ -479,17 +616,16 @@ impl Pool {
     pub fn reclaim(&self, owner: u64, id: u32, generation: u32) -> Result<()> {
         let entry = {
             let mut lent = lock(&self.inner.lent);
-            match lent.get(&id) {
+            match lent.get(&(id, generation)) {
                 None => {
-                    return Err(Error::BadRelease { id, generation, reason: "buffer is not lent out" });
+                    let reason =
+                        if lent.keys().any(|&(i, _)| i == id) { "stale generation" } else { "buffer is not lent out" };
+                    return Err(Error::BadRelease { id, generation, reason });
                 }
                 Some(l) if l.owner != owner => {
                     return Err(Error::BadRelease { id, generation, reason: "buffer is lent to another peer" });
                 }
-                Some(l) if l.buffer.generation != generation => {
-                    return Err(Error::BadRelease { id, generation, reason: "stale generation" });
-                }
-                Some(_) => lent.remove(&id).expect("present"),
+                Some(_) => lent.remove(&(id, generation)).expect("present"),
             }
         };
         self.put_back(entry.class, entry.buffer);
@@ -500,7 +636,7 @@ impl Pool {
     pub fn reclaim_owner(&self, owner: u64) -> usize {
         let back: Vec<Lent> = {
             let mut lent = lock(&self.inner.lent);
-            let ids: Vec<u32> = lent.iter().filter(|(_, l)| l.owner == owner).map(|(&id, _)| id).collect();
+            let ids: Vec<(u32, u32)> = lent.iter().filter(|(_, l)| l.owner == owner).map(|(&k, _)| k).collect();
             ids.into_iter().filter_map(|id| lent.remove(&id)).collect()
         };
         let n = back.len();
@@ -569,12 +705,13 @@ impl Lease {
         self.buffer.as_ref().expect("a live lease holds its buffer")
     }
 
-    /// The buffer's id, unique within its pool.
+    /// The id of the buffer's segment, unique within its pool (buffers carved out of one slab share it).
     pub fn id(&self) -> u32 {
         self.buf().id
     }
 
-    /// The buffer's generation: bumped each time the buffer is leased again.
+    /// The lease's generation: `(id, generation)` names this lease and no other, past or future (until the 32-bit
+    /// counter wraps).
     pub fn generation(&self) -> u32 {
         self.buf().generation
     }
@@ -591,7 +728,17 @@ impl Lease {
 
     /// Size of the underlying buffer.
     pub fn capacity(&self) -> usize {
-        self.buf().segment.len()
+        self.buf().capacity()
+    }
+
+    /// Offset of the buffer in its segment (0 unless it is a slot of a slab).
+    pub fn offset(&self) -> usize {
+        self.buf().offset()
+    }
+
+    /// Length of the buffer's whole segment: what a peer maps when it opens [`Lease::share`]'s handle.
+    pub fn segment_len(&self) -> usize {
+        self.buf().segment_len()
     }
 
     /// Changes the length within the capacity.
@@ -608,17 +755,13 @@ impl Lease {
 
     /// The whole buffer, up to its capacity.
     pub fn as_capacity_mut(&mut self) -> &mut [u8] {
-        self.buffer.as_mut().expect("a live lease holds its buffer").segment.as_mut_slice()
+        self.buffer.as_mut().expect("a live lease holds its buffer").as_mut_slice()
     }
 
-    /// The segment behind the lease (to share it with a peer).
-    pub fn segment(&self) -> &Segment {
-        &self.buf().segment
-    }
-
-    /// A handle a peer can open (see [`Segment::share`]).
+    /// A handle on the buffer's whole segment that a peer can open (see [`Segment::share`]); the buffer lies at
+    /// [`Lease::offset`] in it.
     pub fn share(&self) -> Result<SegmentHandle> {
-        self.buf().segment.share()
+        self.buf().share()
     }
 
     /// Returns the buffer to the pool now (the same as dropping the lease).
@@ -629,7 +772,7 @@ impl Lease {
     pub fn lend(mut self, owner: u64) -> Loan {
         let buffer = self.buffer.take().expect("a live lease holds its buffer");
         let loan = Loan { id: buffer.id, generation: buffer.generation, len: self.len };
-        lock(&self.pool.inner.lent).insert(buffer.id, Lent { class: self.class, owner, buffer });
+        lock(&self.pool.inner.lent).insert((buffer.id, buffer.generation), Lent { class: self.class, owner, buffer });
         loan
     }
 }
@@ -648,7 +791,7 @@ pub struct Loan {
 impl Deref for Lease {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf().segment.as_slice()[..self.len]
+        &self.buf().as_slice()[..self.len]
     }
 }
 
