@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body::Frame;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
@@ -198,7 +198,7 @@ impl<B> HoldBack<B> {
         HoldBack {
             inner,
             role,
-            scan: Scan::Header(Vec::with_capacity(HEADER + PEEK)),
+            scan: Scan::Header(Vec::new()),
             ready: VecDeque::new(),
             held: None,
             backlog: VecDeque::new(),
@@ -217,32 +217,69 @@ struct Feed<'a> {
     backlog: &'a mut VecDeque<Bytes>,
 }
 
+/// Whether a message with this header byte, length and first body bytes is a reference to look at.
+fn is_reference_message(flag: u8, len: usize, first: &[u8]) -> bool {
+    flag == 0 && len <= MAX_REFERENCE_LEN && wire::is_reference(first)
+}
+
 /// Splits received data into pass-through chunks and whole reference messages; once a message is held, the rest
-/// goes to the backlog.
-fn feed(f: &mut Feed<'_>, mut data: Bytes) {
-    while !data.is_empty() {
-        if f.held.is_some() {
-            f.backlog.push_back(data);
-            return;
-        }
+/// goes to the backlog. Ordinary messages are handed on as slices of the data received, without a copy: a chunk
+/// that holds no reference comes out as the same one chunk.
+fn feed(f: &mut Feed<'_>, data: Bytes) {
+    if f.held.is_some() {
+        f.backlog.push_back(data);
+        return;
+    }
+    // `data[run..pos]` is pass-through not yet handed on.
+    let (mut run, mut pos) = (0, 0);
+    while pos < data.len() {
+        let avail = &data[pos..];
         match &mut *f.scan {
-            Scan::Header(buf) => {
-                let len = (buf.len() >= HEADER).then(|| u32::from_be_bytes(buf[1..5].try_into().expect("4")) as usize);
-                let need = HEADER + len.map_or(0, |l| l.min(PEEK));
-                let take = (need - buf.len()).min(data.len());
-                buf.extend_from_slice(&data[..take]);
-                data.advance(take);
-                if buf.len() < HEADER {
+            Scan::Header(buf) if buf.is_empty() && avail.len() >= HEADER => {
+                let len = u32::from_be_bytes(avail[1..5].try_into().expect("4 bytes")) as usize;
+                let need = HEADER + len.min(PEEK);
+                if avail.len() < need {
+                    buf.extend_from_slice(avail);
+                    push_slice(f.ready, &data, run, pos);
+                    (run, pos) = (data.len(), data.len());
                     continue;
                 }
-                let len = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
-                if buf.len() < HEADER + len.min(PEEK) {
+                let take = (HEADER + len).min(avail.len());
+                if is_reference_message(avail[0], len, &avail[HEADER..need]) {
+                    push_slice(f.ready, &data, run, pos);
+                    let mut msg = BytesMut::with_capacity(HEADER + len);
+                    msg.extend_from_slice(&avail[..take]);
+                    *f.scan = Scan::Collecting(msg, HEADER + len - take);
+                    pos += take;
+                    run = pos;
+                } else {
+                    *f.scan = Scan::Passing(HEADER + len - take);
+                    pos += take;
+                }
+            }
+            Scan::Header(buf) => {
+                // A header split across chunks (rare): gathered byte by byte, then decided.
+                push_slice(f.ready, &data, run, pos);
+                let need = |buf: &Vec<u8>| {
+                    if buf.len() < HEADER {
+                        HEADER
+                    } else {
+                        HEADER + (u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize).min(PEEK)
+                    }
+                };
+                while buf.len() < need(buf) && pos < data.len() {
+                    let take = (need(buf) - buf.len()).min(data.len() - pos);
+                    buf.extend_from_slice(&data[pos..pos + take]);
+                    pos += take;
+                }
+                run = pos;
+                if buf.len() < need(buf) {
                     continue;
                 }
                 let header = std::mem::take(buf);
+                let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
                 let rest = len - (header.len() - HEADER);
-                let compressed = header[0] != 0;
-                if !compressed && len <= MAX_REFERENCE_LEN && wire::is_reference(&header[HEADER..]) {
+                if is_reference_message(header[0], len, &header[HEADER..]) {
                     let mut msg = BytesMut::with_capacity(HEADER + len);
                     msg.extend_from_slice(&header);
                     *f.scan = Scan::Collecting(msg, rest);
@@ -252,28 +289,42 @@ fn feed(f: &mut Feed<'_>, mut data: Bytes) {
                 }
             }
             Scan::Passing(rest) => {
-                let n = (*rest).min(data.len());
-                f.ready.push_back(data.split_to(n));
+                let n = (*rest).min(avail.len());
                 *rest -= n;
+                pos += n;
             }
             Scan::Collecting(msg, rest) => {
-                let n = (*rest).min(data.len());
-                msg.extend_from_slice(&data.split_to(n));
+                let n = (*rest).min(avail.len());
+                msg.extend_from_slice(&avail[..n]);
                 *rest -= n;
+                pos += n;
+                run = pos;
             }
         }
         finish_message(f);
+        if f.held.is_some() {
+            if pos < data.len() {
+                f.backlog.push_back(data.slice(pos..));
+            }
+            return;
+        }
     }
-    finish_message(f);
+    push_slice(f.ready, &data, run, pos);
+}
+
+/// Hands on `data[from..to]`, if not empty.
+fn push_slice(ready: &mut VecDeque<Bytes>, data: &Bytes, from: usize, to: usize) {
+    if to > from {
+        ready.push_back(data.slice(from..to));
+    }
 }
 
 /// After a message's last byte: back to reading headers, holding a reference back if it must wait.
 fn finish_message(f: &mut Feed<'_>) {
     match f.scan {
-        Scan::Passing(0) => *f.scan = Scan::Header(Vec::with_capacity(HEADER + PEEK)),
+        Scan::Passing(0) => *f.scan = Scan::Header(Vec::new()),
         Scan::Collecting(_, 0) => {
-            let Scan::Collecting(msg, _) = std::mem::replace(f.scan, Scan::Header(Vec::with_capacity(HEADER + PEEK)))
-            else {
+            let Scan::Collecting(msg, _) = std::mem::replace(f.scan, Scan::Header(Vec::new())) else {
                 unreachable!("matched above")
             };
             let message = msg.freeze();
@@ -419,5 +470,22 @@ mod tests {
         for chunk in [1, 2, 3, 5, 7, 64, 1000, 16_384, usize::MAX] {
             assert_eq!(scan_all(&stream, chunk.min(stream.len())), stream, "chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn a_chunk_without_references_comes_out_as_the_same_chunk() {
+        let mut stream = Vec::new();
+        for body in [&b"hello"[..], &[9u8; 3000][..], b""] {
+            stream.extend(grpc_frame(body));
+        }
+        let chunk = Bytes::from(stream);
+        let mut scan = Scan::Header(Vec::new());
+        let (mut ready, mut held, mut backlog) = (VecDeque::new(), None, VecDeque::new());
+        let mut f =
+            Feed { role: Role::Client, scan: &mut scan, ready: &mut ready, held: &mut held, backlog: &mut backlog };
+        feed(&mut f, chunk.clone());
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].as_ptr(), chunk.as_ptr(), "handed on without a copy");
+        assert_eq!(ready[0], chunk);
     }
 }

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
@@ -306,7 +305,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 impl tower_service::Service<http::Request<Body>> for ShmChannel {
     type Response = http::Response<Body>;
     type Error = tonic::transport::Error;
-    type Future = BoxFuture<'static, Result<http::Response<Body>, tonic::transport::Error>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         tower_service::Service::poll_ready(&mut self.inner, cx)
@@ -321,12 +320,30 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
             Some(s) if s.is_alive() => {
                 let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone())));
                 req.headers_mut().insert(SESSION_HEADER, s.header().clone());
-                let fut = self.inner.call(req);
                 // References in the response may overtake their segments' registrations: hold them back until in.
-                Box::pin(async move { Ok(fut.await?.map(|b| Body::new(HoldBack::new(b, Role::Client)))) })
+                ResponseFuture { inner: self.inner.call(req), hold_back: true }
             }
-            _ => Box::pin(self.inner.call(req)),
+            _ => ResponseFuture { inner: self.inner.call(req), hold_back: false },
         }
+    }
+}
+
+/// The response future of [`ShmChannel`]: tonic's, with the response body wrapped to hold back references whose
+/// registration has not arrived yet.
+#[derive(Debug)]
+pub struct ResponseFuture {
+    inner: tonic::transport::channel::ResponseFuture,
+    hold_back: bool,
+}
+
+impl std::future::Future for ResponseFuture {
+    type Output = Result<http::Response<Body>, tonic::transport::Error>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let hold_back = self.hold_back;
+        std::pin::Pin::new(&mut self.inner)
+            .poll(cx)
+            .map_ok(|resp| if hold_back { resp.map(|b| Body::new(HoldBack::new(b, Role::Client))) } else { resp })
     }
 }
 
