@@ -303,6 +303,11 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
         ),
         ("a buffer of the server's it never lent", ours(vec![part::Kind::Receiver(reg)]), Code::InvalidArgument),
         (
+            "more than 32 KiB of inline bytes",
+            ours(vec![part::Kind::Inline(vec![0; 20 << 10].into()), part::Kind::Inline(vec![0; 13 << 10].into())]),
+            Code::InvalidArgument,
+        ),
+        (
             "malformed",
             {
                 let mut b = ok[..3].to_vec(); // the reference key, then garbage
