@@ -26,9 +26,23 @@ pub struct BenchArgs {
     /// loan (shmgrpc, request payloads written into loans).
     #[arg(long, value_delimiter = ',', default_value = "tcp,uds,shm,loan")]
     transports: Vec<Transport>,
-    /// Operations: echo (payload there and back), upload (payload there, small reply).
-    #[arg(long, value_delimiter = ',', default_value = "echo,upload")]
+    /// Operations: echo (payload there and back), upload (payload there, small reply), and streams of `--messages`
+    /// frames: download_stream, upload_stream, bidi (each frame echoed as it arrives).
+    #[arg(long, value_delimiter = ',', default_value = "echo,upload,bidi")]
     ops: Vec<Op>,
+    /// Frame sizes of the streaming operations.
+    #[arg(long, value_delimiter = ',', default_value = "256KiB,4MiB")]
+    stream_sizes: Vec<ByteSize>,
+    /// Frames per call of the streaming operations.
+    #[arg(long, default_value_t = 32)]
+    messages: usize,
+    /// Also measure cold starts: fresh client processes (`shmgrpc call`) against the running servers, timed from
+    /// process start to the verified first reply: a 20 MiB echo, and a first stream of 30 x 4 MiB bidi frames.
+    #[arg(long)]
+    cold: bool,
+    /// Fresh processes per transport and cold measurement.
+    #[arg(long, default_value_t = 5)]
+    cold_samples: usize,
     /// Calls per client and cell (default: 200 up to 64 KiB, 50 up to 1 MiB, 10 up to 20 MiB, 4 up to 256 MiB,
     /// 3 above).
     #[arg(long)]
@@ -69,6 +83,9 @@ fn op_name(op: Op) -> &'static str {
         Op::Echo => "echo",
         Op::Upload => "upload",
         Op::Download => "download",
+        Op::DownloadStream => "download_stream",
+        Op::UploadStream => "upload_stream",
+        Op::Bidi => "bidi",
     }
 }
 
@@ -172,10 +189,17 @@ struct CellResult {
     transport: Transport,
     op: &'static str,
     size: u64,
+    /// Frames per call (1 for unary calls).
+    messages: usize,
+    /// A fresh client process per sample, timed from its start to its verified first reply.
+    cold: bool,
     clients: usize,
     iterations: usize,
     median_ns: u64,
     p99_ns: u64,
+    /// Only with at least 1 000 samples.
+    p999_ns: Option<u64>,
+    msgs_per_sec: f64,
     e2e_median_ns: u64,
     bytes_per_sec: f64,
     client_cpu_s: f64,
@@ -246,6 +270,7 @@ fn memcpy_median(size: usize, iterations: usize) -> u64 {
 struct Group {
     op: Op,
     size: usize,
+    messages: usize,
     iterations: usize,
 }
 
@@ -279,12 +304,12 @@ async fn measure_block(lane: &mut Lane, g: &Group, n: usize, block: usize, bar: 
     let tasks: Vec<_> = std::mem::take(&mut lane.clients)
         .into_iter()
         .map(|(mut c, loans)| {
-            let (op, size, bar) = (g.op, g.size, bar.clone());
+            let (op, size, messages, bar) = (g.op, g.size, g.messages, bar.clone());
             tokio::spawn(async move {
                 let mut out = Vec::with_capacity(n);
                 for i in 0..n {
                     let seed = (block * 100_000 + i + 1) as u32;
-                    let r = call_once(&mut c, loans.as_ref(), op, size, seed).await?;
+                    let r = call_once(&mut c, loans.as_ref(), op, size, messages, seed).await?;
                     out.push((r.transport.as_nanos() as u64, r.end_to_end.as_nanos() as u64));
                     bar.inc(1);
                 }
@@ -334,15 +359,21 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         shm.as_ref().map_or("-".into(), |s| s.pid().to_string())
     );
 
+    if a.messages == 0 {
+        bail!("--messages must be at least 1");
+    }
     let mut groups = Vec::new();
-    for size in &a.sizes {
-        let size = usize::try_from(size.as_u64())?;
-        let iterations = a.iterations.unwrap_or_else(|| default_iterations(size as u64));
-        for &op in &a.ops {
-            if op == Op::Download {
-                bail!("bench measures echo and upload");
+    for (streams, sizes) in [(false, &a.sizes), (true, &a.stream_sizes)] {
+        for size in sizes {
+            let size = usize::try_from(size.as_u64())?;
+            for &op in a.ops.iter().filter(|op| op.streams() == streams) {
+                if op == Op::Download {
+                    bail!("bench measures echo, upload and the streams");
+                }
+                let messages = if streams { a.messages } else { 1 };
+                let iterations = a.iterations.unwrap_or_else(|| default_iterations((size * messages) as u64));
+                groups.push(Group { op, size, messages, iterations });
             }
-            groups.push(Group { op, size, iterations });
         }
     }
     let total: u64 = groups.iter().map(|g| (g.iterations * a.clients * a.transports.len()) as u64).sum();
@@ -371,7 +402,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                     bail!("no shared-memory session with the shmgrpc server: {:?}", ch.fallback());
                 }
                 let loans = (transport == Transport::Loan).then_some(ch.clone());
-                call_once(&mut c, loans.as_ref(), g.op, g.size, 0).await?;
+                call_once(&mut c, loans.as_ref(), g.op, g.size, g.messages, 0).await?;
                 clients.push((c, loans));
             }
             lanes.push(Lane { transport, server_pid: server.pid(), clients, acc: Acc::default() });
@@ -390,15 +421,19 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             tr.sort_unstable();
             e2e.sort_unstable();
             let median = percentile(&tr, 0.5);
-            let moved = if g.op == Op::Echo { 2 * g.size } else { g.size } as f64;
+            let moved = (g.op.directions() * g.size * g.messages) as f64;
             results.push(CellResult {
                 transport: lane.transport,
                 op: op_name(g.op),
                 size: g.size as u64,
+                messages: g.messages,
+                cold: false,
                 clients: a.clients,
                 iterations: g.iterations,
                 median_ns: median,
                 p99_ns: percentile(&tr, 0.99),
+                p999_ns: (tr.len() >= 1000).then(|| percentile(&tr, 0.999)),
+                msgs_per_sec: (g.messages * a.clients) as f64 / (median as f64 / 1e9),
                 e2e_median_ns: percentile(&e2e, 0.5),
                 bytes_per_sec: moved * a.clients as f64 / (median as f64 / 1e9),
                 client_cpu_s: client_cpu,
@@ -410,6 +445,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
+    if a.cold {
+        let servers = Servers { plain: plain.as_ref(), shm: shm.as_ref() };
+        results.extend(cold_rows(&a, &servers)?);
+    }
     let memcpy: Vec<MemcpyResult> = a
         .sizes
         .iter()
@@ -438,15 +477,98 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The running servers, for the cold measurements.
+struct Servers<'a> {
+    plain: Option<&'a Server>,
+    shm: Option<&'a Server>,
+}
+
+/// What the cold measurements run: (operation, frame size, frames).
+const COLD: [(Op, usize, usize); 2] = [(Op::Echo, 20 << 20, 1), (Op::Bidi, 4 << 20, 30)];
+
+/// Cold starts: for each transport, fresh `shmgrpc call` processes against the running servers, timed from the
+/// spawn to the process's exit after its verified first reply. Transports take turns sample by sample.
+fn cold_rows(a: &BenchArgs, servers: &Servers<'_>) -> anyhow::Result<Vec<CellResult>> {
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for (op, size, messages) in COLD {
+        let mut times: Vec<Vec<u64>> = vec![Vec::new(); a.transports.len()];
+        for sample in 0..a.cold_samples.max(1) {
+            let k = a.transports.len();
+            for j in 0..k {
+                let i = (j + sample) % k;
+                let transport = a.transports[i];
+                let (server, target) = match transport {
+                    Transport::Tcp => (servers.plain, 0),
+                    Transport::Uds => (servers.plain, 1),
+                    Transport::Shm | Transport::Loan => (servers.shm, 0),
+                };
+                let server = server.context("server not started")?;
+                let mut cmd = Command::new(&exe);
+                cmd.args(["call", "--target", &server.addrs[target], "--op", op_name(op)])
+                    .args(["--size", &size.to_string(), "--messages", &messages.to_string()])
+                    .args(["--repeat", "1", "--quiet"])
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null());
+                match transport {
+                    Transport::Tcp | Transport::Uds => cmd.arg("--plain"),
+                    Transport::Loan => cmd.arg("--loan"),
+                    Transport::Shm => &mut cmd,
+                };
+                let t0 = Instant::now();
+                let out = cmd.output().context("starting a cold client")?;
+                let ns = t0.elapsed().as_nanos() as u64;
+                let text = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() || !text.contains("checksum ok") {
+                    bail!("a cold {} client failed: {text}", transport.name());
+                }
+                if matches!(transport, Transport::Shm | Transport::Loan) && !text.contains("request shm") {
+                    bail!("a cold {} client got no shared-memory session: {text}", transport.name());
+                }
+                times[i].push(ns);
+            }
+        }
+        for (i, mut t) in times.into_iter().enumerate() {
+            t.sort_unstable();
+            let median = percentile(&t, 0.5);
+            rows.push(CellResult {
+                transport: a.transports[i],
+                op: op_name(op),
+                size: size as u64,
+                messages,
+                cold: true,
+                clients: 1,
+                iterations: t.len(),
+                median_ns: median,
+                p99_ns: percentile(&t, 0.99),
+                p999_ns: None,
+                msgs_per_sec: messages as f64 / (median as f64 / 1e9),
+                e2e_median_ns: median,
+                bytes_per_sec: (op.directions() * size * messages) as f64 / (median as f64 / 1e9),
+                client_cpu_s: 0.0,
+                server_cpu_s: 0.0,
+                client_peak_rss_bytes: 0,
+                server_peak_rss_bytes: 0,
+                shm_messages: 0,
+            });
+        }
+    }
+    Ok(rows)
+}
+
 /// (series name, [(size, median ms)]) for the plot.
 fn report_series(r: &Report) -> Vec<(String, Vec<(f64, f64)>)> {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for c in &r.results {
-        let name = format!("{} {}", c.transport.name(), c.op);
-        let point = (c.size as f64, c.median_ns as f64 / 1e6);
-        match series.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, pts)) => pts.push(point),
-            None => series.push((name, vec![point])),
+    let mut add = |name: String, point: (f64, f64)| match series.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, pts)) => pts.push(point),
+        None => series.push((name, vec![point])),
+    };
+    for c in r.results.iter().filter(|c| !c.cold) {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        add(format!("{} {} median", c.transport.name(), c.op), (c.size as f64, ms(c.median_ns)));
+        add(format!("{} {} p99", c.transport.name(), c.op), (c.size as f64, ms(c.p99_ns)));
+        if let Some(p) = c.p999_ns {
+            add(format!("{} {} p99.9", c.transport.name(), c.op), (c.size as f64, ms(p)));
         }
     }
     series.push(("memcpy".into(), r.memcpy.iter().map(|m| (m.size as f64, m.median_ns as f64 / 1e6)).collect()));
@@ -457,44 +579,71 @@ fn print_table(r: &Report, a: &BenchArgs) {
     println!("shmgrpc bench: {} ({} cores), Linux {}", r.machine.cpu_model, r.machine.cores, r.machine.kernel);
     println!("plain tonic: {PLAIN_SETTINGS}");
     println!("every call writes its whole payload before the call; the receiver checksums all of it after");
-    println!("(transport = call to response; e2e adds writing the payload and checking the reply)");
+    println!("(transport = call to response, or to a stream's last frame, each frame checked as it arrives;");
+    println!(" e2e adds writing the payload and checking the reply; p99.9 only with 1 000 calls or more)");
     println!(
-        "{} client(s) in parallel; CPU is user+system seconds per cell; RSS is the peak during the cell\n",
+        "{} client(s) in parallel; CPU is user+system seconds per cell; RSS is the peak during the cell (the client's \
+         includes heap kept from the other transports of the row)\n",
         a.clients
     );
     println!(
-        "{:<6} {:<7} {:>9} {:>6} {:>11} {:>11} {:>11} {:>10} {:>8} {:>8} {:>9} {:>9} {:>6}",
+        "{:<5} {:<15} {:>9} {:>5} {:>6} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9} {:>5}",
         "via",
         "op",
         "size",
+        "msgs",
         "calls",
         "median ms",
         "p99 ms",
+        "p99.9 ms",
         "e2e ms",
         "MB/s",
+        "msgs/s",
         "cli cpu",
         "srv cpu",
         "cli rss",
         "srv rss",
         "shm"
     );
-    for c in &r.results {
+    for c in r.results.iter().filter(|c| !c.cold) {
         println!(
-            "{:<6} {:<7} {:>9} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>10.0} {:>8.2} {:>8.2} {:>9} {:>9} {:>6}",
+            "{:<5} {:<15} {:>9} {:>5} {:>6} {:>10.3} {:>10.3} {:>10} {:>10.3} {:>9.0} {:>9.0} {:>7.2} {:>7.2} {:>9} {:>9} {:>5}",
             c.transport.name(),
             c.op,
             ByteSize(c.size).to_string(),
+            c.messages,
             c.iterations * c.clients,
             c.median_ns as f64 / 1e6,
             c.p99_ns as f64 / 1e6,
+            c.p999_ns.map_or_else(|| "-".to_string(), |p| format!("{:.3}", p as f64 / 1e6)),
             c.e2e_median_ns as f64 / 1e6,
             c.bytes_per_sec / 1e6,
+            c.msgs_per_sec,
             c.client_cpu_s,
             c.server_cpu_s,
             ByteSize(c.client_peak_rss_bytes).to_string(),
             ByteSize(c.server_peak_rss_bytes).to_string(),
             c.shm_messages
         );
+    }
+    if r.results.iter().any(|c| c.cold) {
+        println!("\ncold starts: a fresh client process per sample, from its start to its verified first reply");
+        println!(
+            "{:<5} {:<15} {:>9} {:>5} {:>8} {:>10} {:>10}",
+            "via", "op", "size", "msgs", "samples", "median ms", "p99 ms"
+        );
+        for c in r.results.iter().filter(|c| c.cold) {
+            println!(
+                "{:<5} {:<15} {:>9} {:>5} {:>8} {:>10.3} {:>10.3}",
+                c.transport.name(),
+                c.op,
+                ByteSize(c.size).to_string(),
+                c.messages,
+                c.iterations,
+                c.median_ns as f64 / 1e6,
+                c.p99_ns as f64 / 1e6
+            );
+        }
     }
     println!();
     for m in &r.memcpy {
@@ -509,15 +658,16 @@ fn print_table(r: &Report, a: &BenchArgs) {
         let base = |t: Transport| {
             r.results
                 .iter()
-                .find(|b| b.transport == t && b.op == c.op && b.size == c.size)
+                .find(|b| b.transport == t && b.op == c.op && b.size == c.size && b.cold == c.cold)
                 .map(|b| format!("{:.1}x", b.median_ns as f64 / c.median_ns as f64))
                 .unwrap_or_else(|| "-".into())
         };
         println!(
-            "{:<4} {:<6} {:>9}: speedup {:>7} over tcp, {:>7} over uds",
+            "{:<4} {:<15} {:>9}{}: speedup {:>7} over tcp, {:>7} over uds",
             c.transport.name(),
             c.op,
             ByteSize(c.size).to_string(),
+            if c.cold { " cold" } else { "" },
             base(Transport::Tcp),
             base(Transport::Uds)
         );

@@ -37,9 +37,13 @@ pub struct CallArgs {
     /// Number of calls.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
-    /// Which method: echo (payload both ways), upload (payload to the server), download (payload from it).
+    /// Which method: echo (payload both ways), upload (payload to the server), download (payload from it), or a
+    /// stream of `--messages` frames: download_stream, upload_stream, bidi (each frame echoed).
     #[arg(long, default_value = "echo")]
     op: Op,
+    /// Frames per call of the streaming methods.
+    #[arg(long, default_value_t = 32)]
+    messages: usize,
     /// Use a plain gRPC channel (no shmgrpc session).
     #[arg(long)]
     plain: bool,
@@ -64,6 +68,26 @@ pub enum Op {
     Echo,
     Upload,
     Download,
+    /// Server streaming: `messages` payloads from the server.
+    #[value(name = "download_stream")]
+    DownloadStream,
+    /// Client streaming: `messages` payloads to the server, one digest list back.
+    #[value(name = "upload_stream")]
+    UploadStream,
+    /// Bidirectional: `messages` payloads, each echoed as it arrives.
+    Bidi,
+}
+
+impl Op {
+    /// Whether the method streams frames.
+    pub fn streams(self) -> bool {
+        matches!(self, Op::DownloadStream | Op::UploadStream | Op::Bidi)
+    }
+
+    /// Payload bytes one call moves per frame, counting both directions.
+    pub fn directions(self) -> usize {
+        if matches!(self, Op::Echo | Op::Bidi) { 2 } else { 1 }
+    }
 }
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -130,9 +154,10 @@ pub async fn call_once(
     loans: Option<&ShmChannel>,
     op: Op,
     size: usize,
+    messages: usize,
     seed: u32,
 ) -> anyhow::Result<CallResult> {
-    call_keep(c, loans, op, size, seed, &mut Vec::new()).await
+    call_keep(c, loans, op, size, messages, seed, &mut Vec::new()).await
 }
 
 /// The request payload: written in full, into a loan of `loans` when given (sent without a copy), else into
@@ -149,12 +174,15 @@ fn request_payload(loans: Option<&ShmChannel>, size: usize, seed: u32) -> Payloa
     }
 }
 
-/// Like [`call_once`], pushing the reply's payload (if any) into `kept`.
+/// Like [`call_once`], pushing the reply's payloads (if any) into `kept`. Streams (`messages` frames) are timed from
+/// the call to the last reply; the receiver checks each frame as it arrives, inside that time, as a streaming
+/// consumer would.
 pub async fn call_keep(
     c: &mut BlobClient<ShmChannel>,
     loans: Option<&ShmChannel>,
     op: Op,
     size: usize,
+    messages: usize,
     seed: u32,
     kept: &mut Vec<Payload>,
 ) -> anyhow::Result<CallResult> {
@@ -185,6 +213,41 @@ pub async fn call_keep(
             let ok = r.data.len() == size;
             kept.push(r);
             (t, ok)
+        }
+        Op::DownloadStream => {
+            let t1 = Instant::now();
+            let request = DownloadRequest { size: size as u64, seed, count: messages as u32 };
+            let mut replies = c.download_stream(request).await?.into_inner();
+            let (mut n, mut ok) = (0, true);
+            while let Some(p) = replies.message().await? {
+                demo::verify(&p)?;
+                ok &= p.data.len() == size;
+                n += 1;
+                kept.push(p);
+            }
+            (t1.elapsed(), ok && n == messages)
+        }
+        Op::UploadStream | Op::Bidi => {
+            let frames: Vec<Payload> =
+                (0..messages).map(|i| request_payload(loans, size, seed.wrapping_add(i as u32))).collect();
+            let want: Vec<u32> = frames.iter().map(|p| p.crc32).collect();
+            let t1 = Instant::now();
+            if op == Op::UploadStream {
+                let d = c.upload_stream(tokio_stream::iter(frames)).await?.into_inner();
+                let ok = d.digests.len() == messages
+                    && d.digests.iter().zip(&want).all(|(d, w)| d.crc32 == *w && d.len == size as u64);
+                (t1.elapsed(), ok)
+            } else {
+                let mut replies = c.echo_stream(tokio_stream::iter(frames)).await?.into_inner();
+                let (mut n, mut ok) = (0, true);
+                while let Some(p) = replies.message().await? {
+                    demo::verify(&p)?;
+                    ok &= want.get(n) == Some(&p.crc32) && p.data.len() == size;
+                    n += 1;
+                    kept.push(p);
+                }
+                (t1.elapsed(), ok && n == messages)
+            }
         }
     };
     let end_to_end = t0.elapsed();
@@ -217,7 +280,7 @@ pub async fn call(a: CallArgs) -> anyhow::Result<()> {
     let mut kept = Vec::new();
     for i in 0..a.repeat {
         let loans = a.loan.then_some(&ch);
-        let r = call_keep(&mut c, loans, a.op, size, i as u32, &mut kept).await?;
+        let r = call_keep(&mut c, loans, a.op, size, a.messages, i as u32, &mut kept).await?;
         if !a.keep {
             kept.clear();
         }
@@ -225,8 +288,9 @@ pub async fn call(a: CallArgs) -> anyhow::Result<()> {
         if a.quiet && i + 1 < a.repeat {
             continue;
         }
+        let frames = if a.op.streams() { format!(" x {}", a.messages) } else { String::new() };
         println!(
-            "call {i}: {:?} {} in {:.3} ms (end to end {:.3} ms), request {}, response {}, checksum ok",
+            "call {i}: {:?} {}{frames} in {:.3} ms (end to end {:.3} ms), request {}, response {}, checksum ok",
             a.op,
             a.size,
             ms(r.transport),

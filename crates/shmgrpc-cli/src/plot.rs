@@ -1,4 +1,4 @@
-//! The `--plot` of `shmgrpc bench`: median latency against payload size, log axes, one line per series (SVG).
+//! The `--plot` of `shmgrpc bench`: latency percentiles against payload size, log axes, one line per series (SVG).
 
 use std::path::Path;
 
@@ -20,7 +20,7 @@ pub fn latency_svg(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> anyhow:
     let root = SVGBackend::new(path, (960, 640)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("shmgrpc bench: median latency against payload size", ("sans-serif", 22))
+        .caption("shmgrpc bench: latency percentiles (median, p99, p99.9) against payload size", ("sans-serif", 22))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(72)
@@ -28,7 +28,7 @@ pub fn latency_svg(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> anyhow:
     chart
         .configure_mesh()
         .x_desc("payload size (bytes)")
-        .y_desc("median latency (ms)")
+        .y_desc("latency (ms)")
         .x_label_formatter(&|v| bytesize::ByteSize(*v as u64).to_string())
         .y_label_formatter(&|v| match *v {
             v if v >= 1.0 => format!("{v:.0}"),

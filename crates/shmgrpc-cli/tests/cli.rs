@@ -43,6 +43,15 @@ fn bench_reports_every_cell_in_json_and_draws_a_plot() {
         "bench",
         "--sizes",
         "4KiB,256KiB",
+        "--ops",
+        "echo,upload,bidi",
+        "--stream-sizes",
+        "256KiB",
+        "--messages",
+        "4",
+        "--cold",
+        "--cold-samples",
+        "1",
         "--iterations",
         "3",
         "--clients",
@@ -57,12 +66,16 @@ fn bench_reports_every_cell_in_json_and_draws_a_plot() {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
     let results = v["results"].as_array().unwrap();
-    assert_eq!(results.len(), 2 * 2 * 4, "sizes x ops x transports");
+    assert_eq!(results.len(), (2 * 2 + 1 + 2) * 4, "(sizes x unary ops + streams + cold) x transports");
+    assert!(out.contains("cold starts"), "{out}");
     for r in results {
         for key in [
             "transport",
             "op",
             "size",
+            "messages",
+            "cold",
+            "msgs_per_sec",
             "clients",
             "iterations",
             "median_ns",
@@ -76,8 +89,14 @@ fn bench_reports_every_cell_in_json_and_draws_a_plot() {
         ] {
             assert!(!r[key].is_null(), "{key} missing in {r}");
         }
-        assert_eq!(r["clients"], 2);
+        assert!(r.get("p999_ns").is_some(), "p999_ns missing in {r}");
         assert!(r["median_ns"].as_u64().unwrap() > 0);
+        if r["cold"] == true {
+            continue; // one fresh client process per sample
+        }
+        assert_eq!(r["clients"], 2);
+        let streams = r["op"] == "bidi";
+        assert_eq!(r["messages"], if streams { 4 } else { 1 }, "{r}");
         let shared = matches!(r["transport"].as_str().unwrap(), "shm" | "loan");
         if r["size"] == 262144 {
             assert_eq!(r["shm_messages"].as_u64().unwrap() > 0, shared, "{r}");
