@@ -18,11 +18,12 @@
 //! wrapper holds it back until the registration is in (`body.rs`), so the decoder never waits.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Buf;
 use prost::Message;
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::parts::PartsBuf;
 use crate::session::{Resolved, Role, Session};
@@ -51,7 +52,7 @@ where
     type Decoder = ShmDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ShmEncoder(PhantomData)
+        ShmEncoder { last_inline: AtomicBool::new(false), _marker: PhantomData }
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -61,11 +62,27 @@ where
 
 /// The encoder of [`ShmCodec`].
 #[derive(Debug)]
-pub struct ShmEncoder<T>(PhantomData<T>);
+pub struct ShmEncoder<T> {
+    /// Whether the last message went inline (then tonic may gather the next ones as usual).
+    last_inline: AtomicBool,
+    _marker: PhantomData<T>,
+}
 
 impl<T: Message> Encoder for ShmEncoder<T> {
     type Item = T;
     type Error = Status;
+
+    /// Inside a session, unless the last message went inline, tonic hands each encoded message on at once instead
+    /// of gathering messages up to 32 KiB: a reference is a few dozen bytes, so gathering would let a ready stream
+    /// encode (copy) all its frames before the first one leaves, where handing each on lets the peer work on frame
+    /// 1 while frame 2 is encoded. Streams of small inline messages are gathered as by tonic's own codec.
+    fn buffer_settings(&self) -> BufferSettings {
+        if crate::body::current().is_some() && !self.last_inline.load(Ordering::Relaxed) {
+            BufferSettings::new(8 * 1024, 1)
+        } else {
+            BufferSettings::default()
+        }
+    }
 
     fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         let len = item.encoded_len();
@@ -82,6 +99,7 @@ impl<T: Message> Encoder for ShmEncoder<T> {
                 Ok(reference) => {
                     wire::encode_reference(reference, dst);
                     stats::shm_sent(len);
+                    self.last_inline.store(false, Ordering::Relaxed);
                     return Ok(());
                 }
                 Err(reason) => {
@@ -92,6 +110,7 @@ impl<T: Message> Encoder for ShmEncoder<T> {
         }
         item.encode(dst).map_err(|e| Status::internal(format!("encoding failed: {e}")))?;
         stats::inline_sent(len);
+        self.last_inline.store(true, Ordering::Relaxed);
         Ok(())
     }
 }
