@@ -266,6 +266,12 @@ fn memcpy_median(size: usize, iterations: usize) -> u64 {
     percentile(&t, 0.5)
 }
 
+/// Unmeasured calls per client before a group's measurements (one above 64 MiB per call, where glibc always maps
+/// fresh memory anyway): the connection, the first pool buffers and mappings, and the allocator's adaptation to the
+/// payload size (glibc serves the first large payloads with fresh `mmap`s and frees them with `munmap` inside the
+/// call) are start-up costs, measured by `--cold` instead.
+const WARM_UP: u32 = 3;
+
 /// One (size, op) row group: every transport is measured for it, interleaved.
 struct Group {
     op: Op,
@@ -402,7 +408,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                     bail!("no shared-memory session with the shmgrpc server: {:?}", ch.fallback());
                 }
                 let loans = (transport == Transport::Loan).then_some(ch.clone());
-                call_once(&mut c, loans.as_ref(), g.op, g.size, g.messages, 0).await?;
+                let warm_up = if g.size * g.messages <= 64 << 20 { WARM_UP } else { 1 };
+                for seed in 0..warm_up {
+                    call_once(&mut c, loans.as_ref(), g.op, g.size, g.messages, seed).await?;
+                }
                 clients.push((c, loans));
             }
             lanes.push(Lane { transport, server_pid: server.pid(), clients, acc: Acc::default() });
