@@ -484,6 +484,47 @@ async fn a_peer_holding_buffers_cannot_take_more_than_the_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_window_bounds_what_one_peer_holds_and_waits_a_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("g.sock");
+    // A 4 MiB window, a 300 ms wait for it; the pool's budget is far larger.
+    let config = ServerConfig::default().window(4 << 20).window_wait(Duration::from_millis(300));
+    let shm = ShmServer::new(config).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    let ch = ShmChannel::connect(&format!("unix:{}", sock.display())).await.unwrap();
+    let mut c = client(&ch);
+    let download = |seed| DownloadRequest { size: 1 << 20, seed, count: 1 };
+    // The client keeps every reply: the server's buffers stay held.
+    let mut kept = Vec::new();
+    for seed in 0..4 {
+        kept.push(c.download(download(seed)).await.unwrap().into_inner());
+    }
+    assert!(kept.iter().all(|d| shmgrpc::is_shared(&d.data)));
+    let held = shm.session_stats().held_bytes;
+    assert!((4 << 20..(4 << 20) + 4096).contains(&held), "held {held}");
+    // The window is full: the next reply waits for a release, then goes inline.
+    let before = shmgrpc::stats::snapshot().fallback(shmgrpc::stats::Fallback::WindowFull);
+    let t = std::time::Instant::now();
+    let d = c.download(download(9)).await.unwrap().into_inner();
+    assert!(t.elapsed() >= Duration::from_millis(250), "it waited for the window: {:?}", t.elapsed());
+    demo::verify(&d).unwrap();
+    assert!(!shmgrpc::is_shared(&d.data));
+    assert!(shmgrpc::stats::snapshot().fallback(shmgrpc::stats::Fallback::WindowFull) > before);
+    assert_eq!(shm.session_stats().held_bytes, held, "nothing more is held");
+    // A release opens the window: a waiting reply goes through shared memory as soon as it comes.
+    let mut c2 = c.clone();
+    let waiting = tokio::spawn(async move { c2.download(download(10)).await.unwrap().into_inner() });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    kept.pop();
+    let d = waiting.await.unwrap();
+    demo::verify(&d).unwrap();
+    assert!(shmgrpc::is_shared(&d.data), "the reply went through shared memory once a buffer came back");
+    drop((kept, d, c, ch));
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_uid_is_not_allowed_is_served_inline() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("g.sock");
