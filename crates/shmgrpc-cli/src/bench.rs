@@ -43,6 +43,11 @@ pub struct BenchArgs {
     /// Fresh processes per transport and cold measurement.
     #[arg(long, default_value_t = 5)]
     cold_samples: usize,
+    /// Serve tcp and uds from a server process of their own, with tonic's own codec and no shmgrpc layer. By
+    /// default every transport talks to the same shmgrpc server process, tcp and uds through plain channels (which
+    /// that server serves byte for byte as tonic would).
+    #[arg(long)]
+    plain_server: bool,
     /// Calls per client and cell (default: 200 up to 64 KiB, 50 up to 1 MiB, 10 up to 20 MiB, 4 up to 256 MiB,
     /// 3 above).
     #[arg(long)]
@@ -96,6 +101,15 @@ struct Server {
 }
 
 impl Server {
+    /// The address to reach it through a Unix socket, or else over TCP.
+    fn addr(&self, unix: bool) -> anyhow::Result<&str> {
+        self.addrs
+            .iter()
+            .find(|a| a.starts_with("unix:") == unix)
+            .map(String::as_str)
+            .with_context(|| format!("the server has no {} address", if unix { "Unix socket" } else { "TCP" }))
+    }
+
     fn start(args: &[&str]) -> anyhow::Result<Server> {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("serve")
@@ -349,15 +363,20 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let shm_sock = format!("unix:{}", dir.path().join("shm.sock").display());
     let needs_plain = a.transports.iter().any(|t| matches!(t, Transport::Tcp | Transport::Uds));
     let needs_shm = a.transports.iter().any(|t| matches!(t, Transport::Shm | Transport::Loan));
-    let plain = if needs_plain {
+    let plain = if needs_plain && a.plain_server {
         Some(Server::start(&["--plain", "--listen", "127.0.0.1:0", "--listen", &plain_sock])?)
     } else {
         None
     };
-    let shm = if needs_shm { Some(Server::start(&["--listen", &shm_sock])?) } else { None };
+    let shm = if needs_shm || (needs_plain && !a.plain_server) {
+        Some(Server::start(&["--listen", "127.0.0.1:0", "--listen", &shm_sock])?)
+    } else {
+        None
+    };
+    let servers = Servers { plain: plain.as_ref().or(shm.as_ref()), shm: shm.as_ref() };
     let m = machine();
     eprintln!(
-        "shmgrpc bench on {} ({} cores, Linux {}): server pids {} (plain) and {} (shmgrpc)",
+        "shmgrpc bench on {} ({} cores, Linux {}): server pids {} (plain tonic) and {} (shmgrpc)",
         m.cpu_model,
         m.cores,
         m.kernel,
@@ -396,14 +415,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         // then measured in interleaved blocks, so drifts of a shared machine hit them all alike.
         let mut lanes = Vec::new();
         for &transport in &a.transports {
-            let (server, target, plain_client) = match transport {
-                Transport::Tcp => (plain.as_ref().expect("started"), 0, true),
-                Transport::Uds => (plain.as_ref().expect("started"), 1, true),
-                Transport::Shm | Transport::Loan => (shm.as_ref().expect("started"), 0, false),
-            };
+            let (server, target, plain_client) = servers.target(transport)?;
             let mut clients = Vec::new();
             for _ in 0..a.clients {
-                let (mut c, ch) = client(&server.addrs[target], plain_client).await?;
+                let (mut c, ch) = client(target, plain_client).await?;
                 if !plain_client && !ch.is_shared_memory() {
                     bail!("no shared-memory session with the shmgrpc server: {:?}", ch.fallback());
                 }
@@ -455,7 +470,6 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     if a.cold {
-        let servers = Servers { plain: plain.as_ref(), shm: shm.as_ref() };
         results.extend(cold_rows(&a, &servers)?);
     }
     let memcpy: Vec<MemcpyResult> = a
@@ -486,10 +500,23 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The running servers, for the cold measurements.
+/// The running servers: `plain` serves tcp and uds (the shmgrpc server itself unless `--plain-server`).
 struct Servers<'a> {
     plain: Option<&'a Server>,
     shm: Option<&'a Server>,
+}
+
+impl Servers<'_> {
+    /// The server, address and whether the client is plain, for a transport.
+    fn target(&self, t: Transport) -> anyhow::Result<(&Server, &str, bool)> {
+        let (server, unix, plain) = match t {
+            Transport::Tcp => (self.plain, false, true),
+            Transport::Uds => (self.plain, true, true),
+            Transport::Shm | Transport::Loan => (self.shm, true, false),
+        };
+        let server = server.context("server not started")?;
+        Ok((server, server.addr(unix)?, plain))
+    }
 }
 
 /// What the cold measurements run: (operation, frame size, frames).
@@ -507,14 +534,9 @@ fn cold_rows(a: &BenchArgs, servers: &Servers<'_>) -> anyhow::Result<Vec<CellRes
             for j in 0..k {
                 let i = (j + sample) % k;
                 let transport = a.transports[i];
-                let (server, target) = match transport {
-                    Transport::Tcp => (servers.plain, 0),
-                    Transport::Uds => (servers.plain, 1),
-                    Transport::Shm | Transport::Loan => (servers.shm, 0),
-                };
-                let server = server.context("server not started")?;
+                let (_, target, _) = servers.target(transport)?;
                 let mut cmd = Command::new(&exe);
-                cmd.args(["call", "--target", &server.addrs[target], "--op", op_name(op)])
+                cmd.args(["call", "--target", target, "--op", op_name(op)])
                     .args(["--size", &size.to_string(), "--messages", &messages.to_string()])
                     .args(["--repeat", "1", "--quiet"])
                     .stdin(Stdio::null())
@@ -587,6 +609,11 @@ fn report_series(r: &Report) -> Vec<(String, Vec<(f64, f64)>)> {
 fn print_table(r: &Report, a: &BenchArgs) {
     println!("shmgrpc bench: {} ({} cores), Linux {}", r.machine.cpu_model, r.machine.cores, r.machine.kernel);
     println!("plain tonic: {PLAIN_SETTINGS}");
+    if a.plain_server {
+        println!("tcp and uds: a plain tonic server process of their own (tonic's codec, no shmgrpc layer)");
+    } else {
+        println!("tcp and uds: plain tonic channels to the same server process as shm and loan");
+    }
     println!("every call writes its whole payload before the call; the receiver checksums all of it after");
     println!("(transport = call to response, or to a stream's last frame, each frame checked as it arrives;");
     println!(" e2e adds writing the payload and checking the reply; p99.9 only with 1 000 calls or more)");
