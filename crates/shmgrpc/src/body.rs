@@ -171,17 +171,22 @@ pin_project_lite::pin_project! {
     pub(crate) struct HoldBack<B> {
         #[pin]
         inner: B,
-        role: Role,
-        scan: Scan,
-        // Bytes ready to hand on, in order.
-        ready: VecDeque<Bytes>,
-        // The reference message being held back.
-        held: Option<Held>,
-        // Bytes that arrived behind the held message, not scanned yet.
-        backlog: VecDeque<Bytes>,
+        scanner: Scanner,
         trailers: Option<http::HeaderMap>,
         done: bool,
     }
+}
+
+/// The gRPC message stream of a call as `HoldBack` reads it.
+struct Scanner {
+    role: Role,
+    scan: Scan,
+    /// Bytes ready to hand on, in order.
+    ready: VecDeque<Bytes>,
+    /// The reference message being held back.
+    held: Option<Held>,
+    /// Bytes that arrived behind the held message, not scanned yet.
+    backlog: VecDeque<Bytes>,
 }
 
 /// A complete reference message waiting for registrations.
@@ -195,26 +200,8 @@ struct Held {
 impl<B> HoldBack<B> {
     /// Wraps the incoming body of a call on `role`'s end of its sessions.
     pub(crate) fn new(inner: B, role: Role) -> Self {
-        HoldBack {
-            inner,
-            role,
-            scan: Scan::Header(Vec::new()),
-            ready: VecDeque::new(),
-            held: None,
-            backlog: VecDeque::new(),
-            trailers: None,
-            done: false,
-        }
+        HoldBack { inner, scanner: Scanner::new(role), trailers: None, done: false }
     }
-}
-
-/// What [`feed`] works on.
-struct Feed<'a> {
-    role: Role,
-    scan: &'a mut Scan,
-    ready: &'a mut VecDeque<Bytes>,
-    held: &'a mut Option<Held>,
-    backlog: &'a mut VecDeque<Bytes>,
 }
 
 /// Whether a message with this header byte, length and first body bytes is a reference to look at.
@@ -222,120 +209,147 @@ fn is_reference_message(flag: u8, len: usize, first: &[u8]) -> bool {
     flag == 0 && len <= MAX_REFERENCE_LEN && wire::is_reference(first)
 }
 
-/// Splits received data into pass-through chunks and whole reference messages; once a message is held, the rest
-/// goes to the backlog. Ordinary messages are handed on as slices of the data received, without a copy: a chunk
-/// that holds no reference comes out as the same one chunk.
-fn feed(f: &mut Feed<'_>, data: Bytes) {
-    if f.held.is_some() {
-        f.backlog.push_back(data);
-        return;
+impl Scanner {
+    fn new(role: Role) -> Self {
+        Scanner { role, scan: Scan::Header(Vec::new()), ready: VecDeque::new(), held: None, backlog: VecDeque::new() }
     }
-    // `data[run..pos]` is pass-through not yet handed on.
-    let (mut run, mut pos) = (0, 0);
-    while pos < data.len() {
-        let avail = &data[pos..];
-        match &mut *f.scan {
-            Scan::Header(buf) if buf.is_empty() && avail.len() >= HEADER => {
-                let len = u32::from_be_bytes(avail[1..5].try_into().expect("4 bytes")) as usize;
-                let need = HEADER + len.min(PEEK);
-                if avail.len() < need {
-                    buf.extend_from_slice(avail);
-                    push_slice(f.ready, &data, run, pos);
-                    (run, pos) = (data.len(), data.len());
-                    continue;
-                }
-                let take = (HEADER + len).min(avail.len());
-                if is_reference_message(avail[0], len, &avail[HEADER..need]) {
-                    push_slice(f.ready, &data, run, pos);
-                    let mut msg = BytesMut::with_capacity(HEADER + len);
-                    msg.extend_from_slice(&avail[..take]);
-                    *f.scan = Scan::Collecting(msg, HEADER + len - take);
-                    pos += take;
-                    run = pos;
-                } else {
-                    *f.scan = Scan::Passing(HEADER + len - take);
-                    pos += take;
-                }
-            }
-            Scan::Header(buf) => {
-                // A header split across chunks (rare): gathered byte by byte, then decided.
-                push_slice(f.ready, &data, run, pos);
-                let need = |buf: &Vec<u8>| {
-                    if buf.len() < HEADER {
-                        HEADER
-                    } else {
-                        HEADER + (u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize).min(PEEK)
-                    }
-                };
-                while buf.len() < need(buf) && pos < data.len() {
-                    let take = (need(buf) - buf.len()).min(data.len() - pos);
-                    buf.extend_from_slice(&data[pos..pos + take]);
-                    pos += take;
-                }
-                run = pos;
-                if buf.len() < need(buf) {
-                    continue;
-                }
-                let header = std::mem::take(buf);
-                let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
-                let rest = len - (header.len() - HEADER);
-                if is_reference_message(header[0], len, &header[HEADER..]) {
-                    let mut msg = BytesMut::with_capacity(HEADER + len);
-                    msg.extend_from_slice(&header);
-                    *f.scan = Scan::Collecting(msg, rest);
-                } else {
-                    f.ready.push_back(Bytes::from(header));
-                    *f.scan = Scan::Passing(rest);
-                }
-            }
-            Scan::Passing(rest) => {
-                let n = (*rest).min(avail.len());
-                *rest -= n;
-                pos += n;
-            }
-            Scan::Collecting(msg, rest) => {
-                let n = (*rest).min(avail.len());
-                msg.extend_from_slice(&avail[..n]);
-                *rest -= n;
-                pos += n;
-                run = pos;
-            }
-        }
-        finish_message(f);
-        if f.held.is_some() {
-            if pos < data.len() {
-                f.backlog.push_back(data.slice(pos..));
-            }
+
+    /// Splits received data into pass-through chunks and whole reference messages; once a message is held, the rest
+    /// goes to the backlog. Ordinary messages are handed on as slices of the data received, without a copy: a chunk
+    /// that holds no reference comes out as the same one chunk.
+    fn feed(&mut self, data: Bytes) {
+        if self.held.is_some() {
+            self.backlog.push_back(data);
             return;
         }
+        // `data[run..pos]` is pass-through not yet handed on.
+        let (mut run, mut pos) = (0, 0);
+        while pos < data.len() {
+            let avail = &data[pos..];
+            match &mut self.scan {
+                Scan::Header(buf) if buf.is_empty() && avail.len() >= HEADER => {
+                    let len = u32::from_be_bytes(avail[1..5].try_into().expect("4 bytes")) as usize;
+                    let need = HEADER + len.min(PEEK);
+                    if avail.len() < need {
+                        buf.extend_from_slice(avail);
+                        push_slice(&mut self.ready, &data, run, pos);
+                        (run, pos) = (data.len(), data.len());
+                        continue;
+                    }
+                    let take = (HEADER + len).min(avail.len());
+                    if is_reference_message(avail[0], len, &avail[HEADER..need]) {
+                        push_slice(&mut self.ready, &data, run, pos);
+                        let mut msg = BytesMut::with_capacity(HEADER + len);
+                        msg.extend_from_slice(&avail[..take]);
+                        self.scan = Scan::Collecting(msg, HEADER + len - take);
+                        pos += take;
+                        run = pos;
+                    } else {
+                        self.scan = Scan::Passing(HEADER + len - take);
+                        pos += take;
+                    }
+                }
+                Scan::Header(buf) => {
+                    // A header split across chunks (rare): gathered byte by byte, then decided.
+                    push_slice(&mut self.ready, &data, run, pos);
+                    let need = |buf: &Vec<u8>| {
+                        if buf.len() < HEADER {
+                            HEADER
+                        } else {
+                            HEADER + (u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize).min(PEEK)
+                        }
+                    };
+                    while buf.len() < need(buf) && pos < data.len() {
+                        let take = (need(buf) - buf.len()).min(data.len() - pos);
+                        buf.extend_from_slice(&data[pos..pos + take]);
+                        pos += take;
+                    }
+                    run = pos;
+                    if buf.len() < need(buf) {
+                        continue;
+                    }
+                    let header = std::mem::take(buf);
+                    let len = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+                    let rest = len - (header.len() - HEADER);
+                    if is_reference_message(header[0], len, &header[HEADER..]) {
+                        let mut msg = BytesMut::with_capacity(HEADER + len);
+                        msg.extend_from_slice(&header);
+                        self.scan = Scan::Collecting(msg, rest);
+                    } else {
+                        self.ready.push_back(Bytes::from(header));
+                        self.scan = Scan::Passing(rest);
+                    }
+                }
+                Scan::Passing(rest) => {
+                    let n = (*rest).min(avail.len());
+                    *rest -= n;
+                    pos += n;
+                }
+                Scan::Collecting(msg, rest) => {
+                    let n = (*rest).min(avail.len());
+                    msg.extend_from_slice(&avail[..n]);
+                    *rest -= n;
+                    pos += n;
+                    run = pos;
+                }
+            }
+            self.finish_message();
+            if self.held.is_some() {
+                if pos < data.len() {
+                    self.backlog.push_back(data.slice(pos..));
+                }
+                return;
+            }
+        }
+        push_slice(&mut self.ready, &data, run, pos);
     }
-    push_slice(f.ready, &data, run, pos);
+
+    /// After a message's last byte: back to reading headers, holding a reference back if it must wait.
+    fn finish_message(&mut self) {
+        match &self.scan {
+            Scan::Passing(0) => self.scan = Scan::Header(Vec::new()),
+            Scan::Collecting(_, 0) => {
+                let Scan::Collecting(msg, _) = std::mem::replace(&mut self.scan, Scan::Header(Vec::new())) else {
+                    unreachable!("matched above")
+                };
+                let message = msg.freeze();
+                match hold(self.role, &message) {
+                    Some((session, reference)) => {
+                        self.held = Some(Held { message, session, reference, wait: Wait::new(REGISTRATION_WAIT) })
+                    }
+                    None => self.ready.push_back(message),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Hands the held message on (its registrations arrived, were refused, or the wait ended) and scans what
+    /// arrived behind it.
+    fn release(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.ready.push_back(h.message);
+        }
+        for data in std::mem::take(&mut self.backlog) {
+            self.feed(data);
+        }
+    }
+
+    /// The stream ended: a message cut short is handed on as it is (tonic reports the truncation as it would
+    /// have).
+    fn end(&mut self) {
+        match std::mem::replace(&mut self.scan, Scan::Header(Vec::new())) {
+            Scan::Header(buf) if !buf.is_empty() => self.ready.push_back(Bytes::from(buf)),
+            Scan::Collecting(msg, _) => self.ready.push_back(msg.freeze()),
+            _ => {}
+        }
+    }
 }
 
 /// Hands on `data[from..to]`, if not empty.
 fn push_slice(ready: &mut VecDeque<Bytes>, data: &Bytes, from: usize, to: usize) {
     if to > from {
         ready.push_back(data.slice(from..to));
-    }
-}
-
-/// After a message's last byte: back to reading headers, holding a reference back if it must wait.
-fn finish_message(f: &mut Feed<'_>) {
-    match f.scan {
-        Scan::Passing(0) => *f.scan = Scan::Header(Vec::new()),
-        Scan::Collecting(_, 0) => {
-            let Scan::Collecting(msg, _) = std::mem::replace(f.scan, Scan::Header(Vec::new())) else {
-                unreachable!("matched above")
-            };
-            let message = msg.freeze();
-            match hold(f.role, &message) {
-                Some((session, reference)) => {
-                    *f.held = Some(Held { message, session, reference, wait: Wait::new(REGISTRATION_WAIT) })
-                }
-                None => f.ready.push_back(message),
-            }
-        }
-        _ => {}
     }
 }
 
@@ -357,10 +371,11 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         loop {
-            if let Some(b) = this.ready.pop_front() {
+            let sc = &mut *this.scanner;
+            if let Some(b) = sc.ready.pop_front() {
                 return Poll::Ready(Some(Ok(Frame::data(b))));
             }
-            if let Some(h) = this.held.as_mut() {
+            if let Some(h) = sc.held.as_mut() {
                 let session = h.session.clone();
                 let reference = &h.reference;
                 if h.wait.poll(cx, session.registrations(), || !session.awaits_registration(reference)).is_pending() {
@@ -368,19 +383,7 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
                 }
                 // Registered, refused, closed or timed out: the decoder decides (a clean status if it cannot
                 // resolve the message).
-                let h = this.held.take().expect("held");
-                this.ready.push_back(h.message);
-                let backlog = std::mem::take(this.backlog);
-                let mut f = Feed {
-                    role: *this.role,
-                    scan: this.scan,
-                    ready: this.ready,
-                    held: this.held,
-                    backlog: this.backlog,
-                };
-                for data in backlog {
-                    feed(&mut f, data);
-                }
+                sc.release();
                 continue;
             }
             if let Some(t) = this.trailers.take() {
@@ -393,25 +396,11 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     *this.done = true;
-                    // A message cut short is handed on as it is: tonic reports the truncation as it would have.
-                    match std::mem::replace(this.scan, Scan::Header(Vec::new())) {
-                        Scan::Header(buf) if !buf.is_empty() => this.ready.push_back(Bytes::from(buf)),
-                        Scan::Collecting(msg, _) => this.ready.push_back(msg.freeze()),
-                        _ => {}
-                    }
+                    sc.end();
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        let mut f = Feed {
-                            role: *this.role,
-                            scan: this.scan,
-                            ready: this.ready,
-                            held: this.held,
-                            backlog: this.backlog,
-                        };
-                        feed(&mut f, data);
-                    }
+                    Ok(data) => sc.feed(data),
                     Err(frame) => {
                         if let Ok(t) = frame.into_trailers() {
                             *this.trailers = Some(t);
@@ -423,26 +412,21 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.ready.is_empty() && self.held.is_none() && self.backlog.is_empty() && self.trailers.is_none()
+        let sc = &self.scanner;
+        self.done && sc.ready.is_empty() && sc.held.is_none() && sc.backlog.is_empty() && self.trailers.is_none()
     }
 }
 
 /// Runs a byte stream from a peer through the scanner in chunks of `chunk` bytes, as a server that has no session
 /// named by it would; returns what it hands on (for tests and the fuzz target: it must equal the input).
 pub(crate) fn scan_all(stream: &[u8], chunk: usize) -> Vec<u8> {
-    let mut scan = Scan::Header(Vec::new());
-    let (mut ready, mut held, mut backlog) = (VecDeque::new(), None, VecDeque::new());
-    let mut f = Feed { role: Role::Server, scan: &mut scan, ready: &mut ready, held: &mut held, backlog: &mut backlog };
+    let mut sc = Scanner::new(Role::Server);
     for c in stream.chunks(chunk.max(1)) {
-        feed(&mut f, Bytes::copy_from_slice(c));
+        sc.feed(Bytes::copy_from_slice(c));
     }
-    // What a cut-short stream leaves is handed on as it is.
-    match scan {
-        Scan::Header(buf) => ready.push_back(Bytes::from(buf)),
-        Scan::Collecting(msg, _) => ready.push_back(msg.freeze()),
-        Scan::Passing(_) => {}
-    }
-    ready.iter().flat_map(|b| b.iter().copied()).collect()
+    assert!(sc.held.is_none() && sc.backlog.is_empty(), "no session: nothing is held");
+    sc.end();
+    sc.ready.iter().flat_map(|b| b.iter().copied()).collect()
 }
 
 #[cfg(test)]
@@ -479,13 +463,10 @@ mod tests {
             stream.extend(grpc_frame(body));
         }
         let chunk = Bytes::from(stream);
-        let mut scan = Scan::Header(Vec::new());
-        let (mut ready, mut held, mut backlog) = (VecDeque::new(), None, VecDeque::new());
-        let mut f =
-            Feed { role: Role::Client, scan: &mut scan, ready: &mut ready, held: &mut held, backlog: &mut backlog };
-        feed(&mut f, chunk.clone());
-        assert_eq!(ready.len(), 1);
-        assert_eq!(ready[0].as_ptr(), chunk.as_ptr(), "handed on without a copy");
-        assert_eq!(ready[0], chunk);
+        let mut sc = Scanner::new(Role::Client);
+        sc.feed(chunk.clone());
+        assert_eq!(sc.ready.len(), 1);
+        assert_eq!(sc.ready[0].as_ptr(), chunk.as_ptr(), "handed on without a copy");
+        assert_eq!(sc.ready[0], chunk);
     }
 }

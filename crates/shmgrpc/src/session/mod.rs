@@ -157,6 +157,17 @@ struct Outbound {
 /// Entries by (segment, generation).
 type ByRegion<T> = HashMap<(u32, u32), Vec<T>>;
 
+/// Takes one entry of `map` under `key`, dropping the key when none is left; `None` if there was none (a stale,
+/// repeated or forged message).
+fn take_one<T>(map: &mut ByRegion<T>, key: (u32, u32)) -> Option<T> {
+    let v = map.get_mut(&key)?;
+    let t = v.pop();
+    if v.is_empty() {
+        map.remove(&key);
+    }
+    t
+}
+
 /// One end of an established session.
 pub(crate) struct Session {
     id: SessionId,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::loan::{Incoming, IncomingView, Located, OutgoingView};
-use super::{ByRegion, Session, lock};
+use super::{ByRegion, Session, lock, take_one};
 use crate::attach::AttachCache;
 use crate::proto::v1::{self, part};
 use crate::protocol::{MAX_INLINE, MAX_PARTS, MAX_PEER_SEGMENTS, MAX_PROCESS_PEER_BYTES, MAX_SESSION_PEER_BYTES};
@@ -249,14 +249,7 @@ impl Session {
     /// The peer resolved a `receiver` part of ours: drop one region kept for it (its release follows once nothing
     /// else reads it).
     pub(super) fn on_returned(&self, segment: u32, generation: u32) {
-        let taken = {
-            let mut m = lock(&self.receiver.returning);
-            let t = m.get_mut(&(segment, generation)).and_then(Vec::pop);
-            if m.get(&(segment, generation)).is_some_and(Vec::is_empty) {
-                m.remove(&(segment, generation));
-            }
-            t
-        };
+        let taken = take_one(&mut lock(&self.receiver.returning), (segment, generation));
         // Dropped outside the lock: dropping an `Incoming` queues a frame.
         if taken.is_none() {
             stats::bad_release();

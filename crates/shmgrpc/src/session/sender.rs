@@ -10,7 +10,7 @@ use prost::Message;
 use tokio::sync::Notify;
 
 use super::loan::{Incoming, Loan, Located, Outgoing};
-use super::{ByRegion, Session, lock};
+use super::{ByRegion, Session, lock, take_one};
 use crate::pool::Lease;
 use crate::proto::v1::{self, part};
 use crate::protocol::MAX_INLINE;
@@ -304,14 +304,7 @@ impl Session {
 
     /// The peer no longer reads a `sender` part: one hold goes, and with it its bytes from the window.
     pub(super) fn on_release(&self, segment: u32, generation: u32) {
-        let taken = {
-            let mut holds = lock(&self.sender.holds);
-            let t = holds.get_mut(&(segment, generation)).and_then(Vec::pop);
-            if holds.get(&(segment, generation)).is_some_and(Vec::is_empty) {
-                holds.remove(&(segment, generation));
-            }
-            t
-        };
+        let taken = take_one(&mut lock(&self.sender.holds), (segment, generation));
         match taken {
             Some((buf, n)) => {
                 self.sender.held.fetch_sub(n, Ordering::AcqRel);
