@@ -24,7 +24,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::body::{HoldBack, SessionBody};
 use crate::handshake;
-use crate::pool::{Pool, PoolConfig};
+use crate::pool::Pool;
 use crate::proto::v1::HelloRequest;
 use crate::proto::v1::session_client::SessionClient;
 use crate::protocol::{HANDSHAKE_TIMEOUT, PROTOCOL_VERSION};
@@ -47,39 +47,7 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
-    /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
-    pub fn threshold(mut self, bytes: usize) -> Self {
-        self.send.threshold = bytes;
-        self
-    }
-    /// When the pool's budget is used up (a peer holding many buffers), how long sending a message may wait for a
-    /// buffer before the message goes inline instead (default 0: inline at once). The wait blocks the thread that
-    /// encodes, so keep it short.
-    pub fn exhausted_wait(mut self, wait: Duration) -> Self {
-        self.send.exhausted_wait = wait;
-        self
-    }
-    /// The in-flight window: bytes of the client's buffers the server may hold before a call waits for releases
-    /// (default 512 MiB; see [`crate::protocol::DEFAULT_WINDOW`]).
-    pub fn window(mut self, bytes: u64) -> Self {
-        self.send.window = bytes;
-        self
-    }
-    /// How long a call waits for the window to open before its messages go inline (default 1 s).
-    pub fn window_wait(mut self, wait: Duration) -> Self {
-        self.send.window_wait = wait;
-        self
-    }
-    /// The pool request payloads are written into (default: a new pool with [`PoolConfig::default`]).
-    pub fn pool(mut self, pool: Pool) -> Self {
-        self.send.pool = Some(pool);
-        self
-    }
-    /// Configuration of the pool created when none is given.
-    pub fn pool_config(mut self, config: PoolConfig) -> Self {
-        self.send.pool_config = config;
-        self
-    }
+    crate::session::send_options!("request", "server");
     /// Whether to try shared memory at all (default true); false gives a plain channel.
     pub fn shared_memory(mut self, yes: bool) -> Self {
         self.shared_memory = yes;

@@ -4,9 +4,9 @@
 //! creates it with `Default::default()` for every call, like tonic's own prost codec.
 //!
 //! *Encoding.* tonic gives a codec no connection context, and polls the encoder from the HTTP/2 connection's task.
-//! The shmgrpc channel and server layer therefore wrap each call's outgoing body in [`SessionBody`], which makes
-//! the call's session current on the thread for exactly the duration of each poll; the encoder, which runs inside
-//! that poll, looks it up. A message whose encoded size reaches the session's threshold is encoded straight into a
+//! The shmgrpc channel and server layer therefore wrap each call's outgoing body in a session body (`body.rs`),
+//! which makes the call's session current on the thread for exactly the duration of each poll; the encoder, which
+//! runs inside that poll, looks it up. A message whose encoded size reaches the session's threshold is encoded straight into a
 //! pool buffer lent to the peer, and only a reference goes on the gRPC stream. Without a session (a plain channel
 //! or server, a plain peer, a failed handshake), the codec is byte for byte tonic's prost codec.
 //!

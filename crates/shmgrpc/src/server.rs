@@ -31,7 +31,7 @@ use tonic::body::Body;
 use crate::body::{HoldBack, SessionBody};
 use crate::error::{Error, Result};
 use crate::handshake::{self, Tickets};
-use crate::pool::{Pool, PoolConfig};
+use crate::pool::Pool;
 use crate::proto::v1::session_server::{Session as SessionRpc, SessionServer};
 use crate::proto::v1::{self, HelloRequest, HelloResponse};
 use crate::protocol::{HELLO_PATH, SESSION_HEADER};
@@ -61,39 +61,7 @@ impl ServerConfig {
         self.allowed_uids = Some(uids.into_iter().collect());
         self
     }
-    /// The pool response payloads are written into (default: a new pool with [`PoolConfig::default`]).
-    pub fn pool(mut self, pool: Pool) -> Self {
-        self.send.pool = Some(pool);
-        self
-    }
-    /// Configuration of the pool created when none is given.
-    pub fn pool_config(mut self, config: PoolConfig) -> Self {
-        self.send.pool_config = config;
-        self
-    }
-    /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
-    pub fn threshold(mut self, bytes: usize) -> Self {
-        self.send.threshold = bytes;
-        self
-    }
-    /// When the pool's budget is used up (a peer holding many buffers), how long sending a message may wait for a
-    /// buffer before the message goes inline instead (default 0: inline at once). The wait blocks the thread that
-    /// encodes, so keep it short.
-    pub fn exhausted_wait(mut self, wait: Duration) -> Self {
-        self.send.exhausted_wait = wait;
-        self
-    }
-    /// The in-flight window: bytes of the server's buffers one client may hold before a response waits for
-    /// releases (default 512 MiB; see [`crate::protocol::DEFAULT_WINDOW`]).
-    pub fn window(mut self, bytes: u64) -> Self {
-        self.send.window = bytes;
-        self
-    }
-    /// How long a response waits for the window to open before going inline (default 1 s).
-    pub fn window_wait(mut self, wait: Duration) -> Self {
-        self.send.window_wait = wait;
-        self
-    }
+    crate::session::send_options!("response", "client");
 }
 
 struct Shared {

@@ -101,6 +101,48 @@ impl SendConfig {
     }
 }
 
+/// The sending options `ClientConfig` and `ServerConfig` share, over their `send: SendConfig` field: one
+/// definition and one set of docs. `$payloads` names what the side sends ("request", "response"), `$peer` its peer.
+macro_rules! send_options {
+    ($payloads:literal, $peer:literal) => {
+        /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
+        pub fn threshold(mut self, bytes: usize) -> Self {
+            self.send.threshold = bytes;
+            self
+        }
+        /// When the pool's budget is used up (a peer holding many buffers), how long sending a message may wait
+        /// for a buffer before the message goes inline instead (default 0: inline at once). The wait blocks the
+        /// thread that encodes, so keep it short.
+        pub fn exhausted_wait(mut self, wait: std::time::Duration) -> Self {
+            self.send.exhausted_wait = wait;
+            self
+        }
+        #[doc = concat!("The in-flight window: bytes of our buffers the ", $peer, " may hold before a ", $payloads)]
+        /// waits for releases (default 512 MiB; see [`crate::protocol::DEFAULT_WINDOW`]).
+        pub fn window(mut self, bytes: u64) -> Self {
+            self.send.window = bytes;
+            self
+        }
+        #[doc = concat!("How long a ", $payloads, " waits for the window to open before going inline (default 1 s).")]
+        pub fn window_wait(mut self, wait: std::time::Duration) -> Self {
+            self.send.window_wait = wait;
+            self
+        }
+        #[doc = concat!("The pool ", $payloads, " payloads are written into (default: a new pool with")]
+        /// [`PoolConfig::default`](crate::PoolConfig::default)).
+        pub fn pool(mut self, pool: crate::Pool) -> Self {
+            self.send.pool = Some(pool);
+            self
+        }
+        /// Configuration of the pool created when none is given.
+        pub fn pool_config(mut self, config: crate::PoolConfig) -> Self {
+            self.send.pool_config = config;
+            self
+        }
+    };
+}
+pub(crate) use send_options;
+
 /// Parameters a session is created with.
 #[derive(Clone, Debug)]
 pub(crate) struct SessionParams {
