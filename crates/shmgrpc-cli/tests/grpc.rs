@@ -484,6 +484,39 @@ async fn a_peer_holding_buffers_cannot_take_more_than_the_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_is_waited_for_asynchronously_before_a_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("g.sock");
+    // Room for two 4 MiB-class buffers; a call may wait up to 5 s for one to come back.
+    let pool = Pool::new(PoolConfig::default().budget(8 << 20)).unwrap();
+    let config = ServerConfig::default().pool(pool.clone()).exhausted_wait(Duration::from_secs(5));
+    let shm = ShmServer::new(config).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    let ch = ShmChannel::connect(&format!("unix:{}", sock.display())).await.unwrap();
+    let mut c = client(&ch);
+    let download = |seed| DownloadRequest { size: 3 << 20, seed, count: 1 };
+    let mut kept = Vec::new();
+    for seed in 0..3 {
+        kept.push(c.download(download(seed)).await.unwrap().into_inner());
+    }
+    // The third found the pool exhausted and went inline at once (the encoder never waits).
+    let shared: Vec<bool> = kept.iter().map(|d| shmgrpc::is_shared(&d.data)).collect();
+    assert_eq!(shared, [true, true, false]);
+    // The next call waits, asynchronously, for a buffer to come back.
+    let mut c2 = c.clone();
+    let waiting = tokio::spawn(async move { c2.download(download(7)).await.unwrap().into_inner() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "the call waits for room");
+    kept.remove(0);
+    // Woken by the return (then through shared memory), or at the latest by the bounded wait's end (then inline).
+    let d = tokio::time::timeout(Duration::from_secs(8), waiting).await.expect("the wait is bounded").unwrap();
+    demo::verify(&d).unwrap();
+    drop((kept, d, c, ch));
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_in_flight_window_bounds_what_one_peer_holds_and_waits_a_bounded_time() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("g.sock");

@@ -3,7 +3,7 @@
 //! - [`SessionBody`] wraps a call's *outgoing* body: it makes the call's session current on the thread for exactly
 //!   the duration of each poll (the encoder runs inside that poll and looks it up), and before the call's first
 //!   message it waits, asynchronously and for a bounded time, while the peer holds a full in-flight window of our
-//!   buffers (protocol §7).
+//!   buffers (protocol §7) or, when so configured, while the pool has no budget left.
 //! - [`HoldBack`] wraps a call's *incoming* body: registrations travel on the side channel and references on the
 //!   gRPC stream, which are not ordered with respect to each other, so a reference may arrive before the
 //!   registration of a segment it names. `HoldBack` reads the gRPC message framing, and holds such a message (and
@@ -41,6 +41,11 @@ thread_local! {
 /// The session of the body being polled on this thread, if any.
 pub(crate) fn current() -> Option<Current> {
     CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Whether a session body is being polled on this thread (without cloning its session).
+pub(crate) fn has_current() -> bool {
+    CURRENT.with(|c| c.borrow().is_some())
 }
 
 /// Restores the previous current session when dropped (also on panic).
@@ -124,11 +129,18 @@ impl<B: http_body::Body> http_body::Body for SessionBody<B> {
             // Only before the first message: later polls may be for the trailers or the end of a call whose own
             // messages fill the window, and the peer may release them only once the call is complete.
             let session = this.session.clone();
-            if session.window_full() {
-                let wait = this.wait.get_or_insert_with(|| Wait::new(session.window_wait()));
-                match wait.poll(cx, session.released(), || !session.window_full() || !session.is_alive()) {
+            if session.window_full() || session.pool_short() {
+                // Waiting for the peer's releases (window) or for any buffer to come back (budget), bounded.
+                let (notify, limit) = if session.window_full() {
+                    (session.released(), session.window_wait())
+                } else {
+                    (session.pool_returns(), session.exhausted_wait())
+                };
+                let wait = this.wait.get_or_insert_with(|| Wait::new(limit));
+                let ready = || !session.is_alive() || !(session.window_full() || session.pool_short());
+                match wait.poll(cx, notify, ready) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(opened) => window_full = !opened,
+                    Poll::Ready(opened) => window_full = !opened && session.window_full(),
                 }
             }
             *this.started = true;

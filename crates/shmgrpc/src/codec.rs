@@ -77,7 +77,7 @@ impl<T: Message> Encoder for ShmEncoder<T> {
     /// encode (copy) all its frames before the first one leaves, where handing each on lets the peer work on frame
     /// 1 while frame 2 is encoded. Streams of small inline messages are gathered as by tonic's own codec.
     fn buffer_settings(&self) -> BufferSettings {
-        if crate::body::current().is_some() && !self.last_inline.load(Ordering::Relaxed) {
+        if crate::body::has_current() && !self.last_inline.load(Ordering::Relaxed) {
             BufferSettings::new(8 * 1024, 1)
         } else {
             BufferSettings::default()

@@ -18,9 +18,7 @@ use sha2::Sha256;
 use tokio::net::UnixStream;
 
 use crate::proto::v1;
-use crate::protocol::{
-    CHALLENGE_LEN, HANDSHAKE_TIMEOUT, MAX_TICKET_LEN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TICKET_TTL,
-};
+use crate::protocol::{CHALLENGE_LEN, HANDSHAKE_TIMEOUT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TICKET_TTL};
 use crate::segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
 use crate::session::SessionId;
 use crate::session::side_channel::{FrameReader, write_frame};
@@ -160,9 +158,6 @@ pub(crate) async fn accept(
         };
         if !supported(attach.version) {
             return Err("unsupported protocol version");
-        }
-        if attach.ticket.len() > MAX_TICKET_LEN {
-            return Err("unknown or expired ticket");
         }
         tickets.redeem(&attach.ticket)?;
         // The challenge: random bytes in a sealed memfd. Only a process that can map it can answer.

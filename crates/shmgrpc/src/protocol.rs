@@ -24,9 +24,6 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a ticket from `Hello` stays valid (§2).
 pub(crate) const TICKET_TTL: Duration = Duration::from_secs(30);
 
-/// Longest ticket a client may present (§2; ours are 40 bytes).
-pub(crate) const MAX_TICKET_LEN: usize = 64;
-
 /// Size of the challenge written into a memfd during the handshake (§4).
 pub(crate) const CHALLENGE_LEN: u64 = 32;
 

@@ -248,7 +248,7 @@ struct Inner {
     next_id: AtomicU32,
     /// Buffers lent through [`Lease::lend`], by (segment id, generation).
     lent: Mutex<HashMap<(u32, u32), Lent>>,
-    released: Notify,
+    released: Arc<Notify>,
     /// Release count and condition variable for blocking waits ([`Pool::alloc_blocking`]).
     released_sync: (Mutex<u64>, Condvar),
     counters: Counters,
@@ -311,7 +311,7 @@ impl Pool {
                 reserved: AtomicU64::new(0),
                 next_id: AtomicU32::new(1),
                 lent: Mutex::default(),
-                released: Notify::new(),
+                released: Arc::new(Notify::new()),
                 released_sync: (Mutex::new(0), Condvar::new()),
                 counters: Counters::default(),
             }),
@@ -381,7 +381,7 @@ impl Pool {
     }
 
     /// Allocates, blocking the thread up to `timeout` for a release when the budget is used up (whatever the
-    /// policy). For synchronous code such as a codec; async code uses [`Pool::alloc`].
+    /// policy). For synchronous code off any async runtime; async code uses [`Pool::alloc`].
     pub fn alloc_blocking(&self, size: usize, timeout: std::time::Duration) -> Result<Lease> {
         self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
         let deadline = std::time::Instant::now() + timeout;
@@ -580,6 +580,18 @@ impl Pool {
     /// Drops every idle buffer, returning their memory to the system.
     pub fn trim(&self) {
         self.evict(u64::MAX / 2);
+    }
+
+    /// Woken whenever a buffer comes back to the pool (for async waits outside the pool, such as a call waiting
+    /// for room before its first message).
+    pub(crate) fn returns(&self) -> &Arc<Notify> {
+        &self.inner.released
+    }
+
+    /// How many times a buffer has come back to the pool so far: an allocation that failed at count `n` may succeed
+    /// once the count has moved.
+    pub(crate) fn returned(&self) -> u64 {
+        *lock(&self.inner.released_sync.0)
     }
 
     /// Whether buffer `id` still exists (idle or in use); false once it was dropped to make room.

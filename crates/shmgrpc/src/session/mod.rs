@@ -110,9 +110,10 @@ macro_rules! send_options {
             self.send.threshold = bytes;
             self
         }
-        /// When the pool's budget is used up (a peer holding many buffers), how long sending a message may wait
-        /// for a buffer before the message goes inline instead (default 0: inline at once). The wait blocks the
-        /// thread that encodes, so keep it short.
+        /// When the pool's budget is used up (a peer holding many buffers), how long a call may wait for a
+        /// buffer to come back before its messages go inline (default 0: inline at once). The wait is
+        /// asynchronous, before the call's first message, and only after a message found the pool exhausted; no
+        /// thread ever blocks on it.
         pub fn exhausted_wait(mut self, wait: std::time::Duration) -> Self {
             self.send.exhausted_wait = wait;
             self

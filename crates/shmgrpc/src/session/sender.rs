@@ -43,6 +43,8 @@ pub(super) struct SenderState {
     loans: Mutex<Vec<Weak<Outgoing>>>,
     /// The pool's eviction count when we last looked for dropped buffers the peer still maps.
     seen_evictions: AtomicU64,
+    /// The pool's return count when an allocation last failed for lack of budget (`u64::MAX`: never).
+    short_at: AtomicU64,
 }
 
 impl SenderState {
@@ -54,6 +56,7 @@ impl SenderState {
             released: Arc::new(Notify::new()),
             loans: Mutex::default(),
             seen_evictions: AtomicU64::new(evictions),
+            short_at: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -203,14 +206,32 @@ impl Session {
         })
     }
 
-    /// A pool buffer for sending, waiting up to the configured time when the budget is used up.
+    /// A pool buffer for sending, never waiting (the encoder runs on a poll path). When the budget is used up, the
+    /// pool's return count is noted, so the next call waits asynchronously for a return before its first message
+    /// (see [`Session::pool_short`]).
     pub(crate) fn alloc(&self, len: usize) -> Result<Lease, Fallback> {
-        let r = if self.params.exhausted_wait.is_zero() {
-            self.params.pool.try_alloc(len)
-        } else {
-            self.params.pool.alloc_blocking(len, self.params.exhausted_wait)
-        };
-        r.map_err(|_| Fallback::PoolExhausted)
+        let returned = self.params.pool.returned();
+        self.params.pool.try_alloc(len).map_err(|_| {
+            self.sender.short_at.store(returned, Ordering::Release);
+            Fallback::PoolExhausted
+        })
+    }
+
+    /// Whether the last allocation failed for lack of budget and no buffer has come back to the pool since, while
+    /// the configuration allows a wait for one.
+    pub(crate) fn pool_short(&self) -> bool {
+        !self.params.exhausted_wait.is_zero()
+            && self.sender.short_at.load(Ordering::Acquire) == self.params.pool.returned()
+    }
+
+    /// How long a call may wait for a buffer to come back before its messages go inline.
+    pub(crate) fn exhausted_wait(&self) -> std::time::Duration {
+        self.params.exhausted_wait
+    }
+
+    /// Woken whenever a buffer comes back to the pool.
+    pub(crate) fn pool_returns(&self) -> &Arc<Notify> {
+        self.params.pool.returns()
     }
 
     /// A `sender` part for `len` bytes at `offset` of `buf`, registering the segment first if the peer lacks it.
