@@ -508,9 +508,9 @@ async fn an_exhausted_pool_is_waited_for_asynchronously_before_a_call() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!waiting.is_finished(), "the call waits for room");
     kept.remove(0);
-    // Woken by the return (then through shared memory), or at the latest by the bounded wait's end (then inline).
-    let d = tokio::time::timeout(Duration::from_secs(8), waiting).await.expect("the wait is bounded").unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(4), waiting).await.expect("woken by the return").unwrap();
     demo::verify(&d).unwrap();
+    assert!(shmgrpc::is_shared(&d.data), "the call went through shared memory once a buffer came back");
     drop((kept, d, c, ch));
     let _ = stop.send(());
     server.await.unwrap().unwrap();

@@ -617,9 +617,10 @@ impl Pool {
             st.in_use_bytes -= buffer.capacity() as u64;
             st.free.push(buffer);
         }
-        self.inner.released.notify_waiters();
+        // The count moves before anyone is woken: a waiter that wakes and reads it must see the return.
         let (count, cv) = &self.inner.released_sync;
         *lock(count) += 1;
+        self.inner.released.notify_waiters();
         cv.notify_all();
     }
 
