@@ -1,18 +1,13 @@
-//! Compiles the protocol and demo protos with protox (pure Rust: no system `protoc`).
+//! Compiles the protocol's proto (`proto/shmgrpc.proto`) with protox (pure Rust: no system `protoc`), for the
+//! gRPC layer.
 
+#[cfg(feature = "grpc")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(["proto/shmgrpc.proto"], ["proto"])?;
     tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
-    let fds = protox::compile(["proto/blob.proto"], ["proto"])?;
-    tonic_prost_build::configure().bytes(".").codec_path("crate::codec::ShmCodec").compile_fds(fds.clone())?;
-    // The same service with tonic's own prost codec: the plain gRPC baseline and peer of the tests and benchmarks.
-    let plain = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("plain");
-    std::fs::create_dir_all(&plain)?;
-    tonic_prost_build::configure()
-        .bytes(".")
-        .extern_path(".shmgrpc.demo.v1", "crate::proto::demo")
-        .out_dir(plain)
-        .compile_fds(fds)?;
     Ok(())
 }
+
+#[cfg(not(feature = "grpc"))]
+fn main() {}

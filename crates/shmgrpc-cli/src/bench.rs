@@ -13,12 +13,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use shmgrpc::ShmChannel;
-use shmgrpc::demo::BlobClient;
+use shmgrpc_demo::BlobClient;
 
 use crate::grpc::{Op, call_once, client};
 
 #[derive(clap::Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Payload sizes.
     #[arg(long, value_delimiter = ',', default_value = "1KiB,64KiB,1MiB,20MiB,256MiB,1GiB")]
     sizes: Vec<ByteSize>,
@@ -65,7 +65,7 @@ pub struct BenchArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Transport {
+pub(crate) enum Transport {
     Tcp,
     Uds,
     Shm,
@@ -354,7 +354,7 @@ async fn measure_block(lane: &mut Lane, g: &Group, n: usize, block: usize, bar: 
     Ok(())
 }
 
-pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.clients == 0 {
         bail!("--clients must be at least 1");
     }

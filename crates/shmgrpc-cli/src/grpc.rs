@@ -4,11 +4,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytesize::ByteSize;
-use shmgrpc::demo::{self, Addr, BlobClient, DownloadRequest, Payload};
 use shmgrpc::{ShmChannel, ShmServer};
+use shmgrpc_demo::{Addr, BlobClient, DownloadRequest, Payload};
 
 #[derive(clap::Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Address to listen on: unix:/path or host:port (repeat for several; port 0 picks a free port).
     #[arg(long, required = true)]
     listen: Vec<Addr>,
@@ -27,7 +27,7 @@ pub struct ServeArgs {
 }
 
 #[derive(clap::Args)]
-pub struct CallArgs {
+pub(crate) struct CallArgs {
     /// Server address: unix:/path or host:port.
     #[arg(long)]
     target: String,
@@ -64,7 +64,7 @@ pub struct CallArgs {
 
 /// A demo method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Op {
+pub(crate) enum Op {
     Echo,
     Upload,
     Download,
@@ -80,17 +80,17 @@ pub enum Op {
 
 impl Op {
     /// Whether the method streams frames.
-    pub fn streams(self) -> bool {
+    pub(crate) fn streams(self) -> bool {
         matches!(self, Op::DownloadStream | Op::UploadStream | Op::Bidi)
     }
 
     /// Payload bytes one call moves per frame, counting both directions.
-    pub fn directions(self) -> usize {
+    pub(crate) fn directions(self) -> usize {
         if matches!(self, Op::Echo | Op::Bidi) { 2 } else { 1 }
     }
 }
 
-pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut config = shmgrpc::ServerConfig::default().pool_config(shmgrpc::PoolConfig::default().backend(a.backend));
     if let Some(path) = a.side_channel {
         config = config.side_channel(path);
@@ -119,18 +119,18 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    demo::serve(&a.listen, layer, ready, shutdown).await?;
+    shmgrpc_demo::serve(&a.listen, layer, ready, shutdown).await?;
     drop(shm);
     Ok(())
 }
 
 /// A demo client over a shmgrpc channel (or a plain one), with message limits lifted.
-pub async fn client(target: &str, plain: bool) -> anyhow::Result<(BlobClient<ShmChannel>, ShmChannel)> {
+pub(crate) async fn client(target: &str, plain: bool) -> anyhow::Result<(BlobClient<ShmChannel>, ShmChannel)> {
     client_with(target, shmgrpc::ClientConfig::default().shared_memory(!plain)).await
 }
 
 /// [`client`] with a configuration of its own.
-pub async fn client_with(
+pub(crate) async fn client_with(
     target: &str,
     config: shmgrpc::ClientConfig,
 ) -> anyhow::Result<(BlobClient<ShmChannel>, ShmChannel)> {
@@ -140,7 +140,7 @@ pub async fn client_with(
 }
 
 /// One checked call: the payload is written in full before the call and checksummed in full after.
-pub struct CallResult {
+pub(crate) struct CallResult {
     /// From the call to the response.
     pub transport: Duration,
     /// Including writing the payload and checksumming the reply.
@@ -149,7 +149,7 @@ pub struct CallResult {
     pub shm: (u64, u64),
 }
 
-pub async fn call_once(
+pub(crate) async fn call_once(
     c: &mut BlobClient<ShmChannel>,
     loans: Option<&ShmChannel>,
     op: Op,
@@ -166,18 +166,18 @@ fn request_payload(loans: Option<&ShmChannel>, size: usize, seed: u32) -> Payloa
     match loans {
         Some(ch) => {
             let mut loan = ch.loan(size);
-            demo::fill_pattern(&mut loan, seed);
+            shmgrpc_demo::fill_pattern(&mut loan, seed);
             let crc32 = crc32fast::hash(&loan);
             Payload { data: loan.freeze(), crc32, note: String::new() }
         }
-        None => demo::payload(size, seed),
+        None => shmgrpc_demo::payload(size, seed),
     }
 }
 
 /// Like [`call_once`], pushing the reply's payloads (if any) into `kept`. Streams (`messages` frames) are timed from
 /// the call to the last reply; the receiver checks each frame as it arrives, inside that time, as a streaming
 /// consumer would.
-pub async fn call_keep(
+pub(crate) async fn call_keep(
     c: &mut BlobClient<ShmChannel>,
     loans: Option<&ShmChannel>,
     op: Op,
@@ -196,7 +196,7 @@ pub async fn call_keep(
             if op == Op::Echo {
                 let r: Payload = c.echo(p).await?.into_inner();
                 let t = t1.elapsed();
-                demo::verify(&r)?;
+                shmgrpc_demo::verify(&r)?;
                 let ok = r.crc32 == want && r.data.len() == size;
                 kept.push(r);
                 (t, ok)
@@ -209,7 +209,7 @@ pub async fn call_keep(
             let t1 = Instant::now();
             let r = c.download(DownloadRequest { size: size as u64, seed, count: 1 }).await?.into_inner();
             let t = t1.elapsed();
-            demo::verify(&r)?;
+            shmgrpc_demo::verify(&r)?;
             let ok = r.data.len() == size;
             kept.push(r);
             (t, ok)
@@ -220,7 +220,7 @@ pub async fn call_keep(
             let mut replies = c.download_stream(request).await?.into_inner();
             let (mut n, mut ok) = (0, true);
             while let Some(p) = replies.message().await? {
-                demo::verify(&p)?;
+                shmgrpc_demo::verify(&p)?;
                 ok &= p.data.len() == size;
                 n += 1;
                 kept.push(p);
@@ -241,7 +241,7 @@ pub async fn call_keep(
                 let mut replies = c.echo_stream(tokio_stream::iter(frames)).await?.into_inner();
                 let (mut n, mut ok) = (0, true);
                 while let Some(p) = replies.message().await? {
-                    demo::verify(&p)?;
+                    shmgrpc_demo::verify(&p)?;
                     ok &= want.get(n) == Some(&p.crc32) && p.data.len() == size;
                     n += 1;
                     kept.push(p);
@@ -262,11 +262,11 @@ pub async fn call_keep(
     })
 }
 
-pub fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-pub async fn call(a: CallArgs) -> anyhow::Result<()> {
+pub(crate) async fn call(a: CallArgs) -> anyhow::Result<()> {
     let size = usize::try_from(a.size.as_u64())?;
     let config = shmgrpc::ClientConfig::default()
         .shared_memory(!a.plain)

@@ -5,7 +5,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 /// Draws `series` (name, points of (size in bytes, latency in ms)) into an SVG file.
-pub fn latency_svg(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> anyhow::Result<()> {
+pub(crate) fn latency_svg(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> anyhow::Result<()> {
     let points = series.iter().flat_map(|(_, p)| p.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {

@@ -19,7 +19,7 @@ use shmgrpc::segment::{PosixName, SysVId};
 use shmgrpc::{AttachCache, Backend, Pool, PoolConfig, SegmentHandle, fdpass};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Payload size (for example 20MiB, 1GiB).
     #[arg(long, default_value = "20MiB")]
     size: ByteSize,
@@ -32,7 +32,7 @@ pub struct Args {
 }
 
 #[derive(clap::Args)]
-pub struct ChildArgs {
+pub(crate) struct ChildArgs {
     #[arg(long)]
     socket: PathBuf,
 }
@@ -76,7 +76,7 @@ fn cold_and_warm(v: &[Duration]) -> (Duration, Duration) {
     (v[0], warm[(warm.len() - 1) / 2])
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub(crate) fn run(a: Args) -> anyhow::Result<()> {
     let size = usize::try_from(a.size.as_u64()).context("size does not fit in memory")?;
     if size == 0 || a.repeat == 0 {
         bail!("size and repeat must be above 0");
@@ -115,7 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mut lease = pool.try_alloc(size)?;
         let t_alloc = t0.elapsed();
         let t1 = Instant::now();
-        shmgrpc::demo::fill_pattern(&mut lease, round as u32);
+        shmgrpc_demo::fill_pattern(&mut lease, round as u32);
         let t_write = t1.elapsed();
         let want = crc32fast::hash(&lease);
         let t2 = Instant::now();
@@ -156,7 +156,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut payload = vec![0u8; size];
     for round in 0..a.repeat {
         let t0 = Instant::now();
-        shmgrpc::demo::fill_pattern(&mut payload, round as u32);
+        shmgrpc_demo::fill_pattern(&mut payload, round as u32);
         let t_write = t0.elapsed();
         let want = crc32fast::hash(&payload);
         let t2 = Instant::now();
@@ -212,7 +212,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn child(a: ChildArgs) -> anyhow::Result<()> {
+pub(crate) fn child(a: ChildArgs) -> anyhow::Result<()> {
     let sock = UnixStream::connect(&a.socket)?;
     let cache = AttachCache::<u32>::new();
     let mut buf = Vec::new();

@@ -5,14 +5,14 @@ use std::time::Duration;
 use shmgrpc::inventory::{self, SegmentInfo};
 
 #[derive(clap::Args)]
-pub struct LsArgs {
+pub(crate) struct LsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(clap::Args)]
-pub struct GcArgs {
+pub(crate) struct GcArgs {
     /// Only show what would be removed.
     #[arg(long)]
     dry_run: bool,
@@ -70,7 +70,7 @@ fn table(list: &[SegmentInfo]) {
     }
 }
 
-pub fn ls(a: LsArgs) -> anyhow::Result<()> {
+pub(crate) fn ls(a: LsArgs) -> anyhow::Result<()> {
     let list = inventory::list()?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&json(&list))?);
@@ -82,7 +82,7 @@ pub fn ls(a: LsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn gc(a: GcArgs) -> anyhow::Result<()> {
+pub(crate) fn gc(a: GcArgs) -> anyhow::Result<()> {
     let list = inventory::gc(a.dry_run)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&json(&list))?);

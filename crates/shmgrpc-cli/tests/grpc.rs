@@ -7,11 +7,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shmgrpc::demo::{self, BlobClient, DownloadRequest, Payload};
 use shmgrpc::proto::v1::{Part, Reference, Region, part};
 use shmgrpc::stats::Fallback;
 use shmgrpc::wire;
 use shmgrpc::{ClientConfig, Pool, PoolConfig, ServerConfig, ShmChannel, ShmServer};
+use shmgrpc_demo::{BlobClient, DownloadRequest, Payload};
 use tonic::{Code, Request, Status};
 
 mod common;
@@ -28,26 +28,26 @@ async fn every_rpc_kind_moves_payloads_through_shared_memory_both_ways() {
 
     // (The transfer counters are per process and other tests run alongside: check deltas as lower bounds.)
     let before = shmgrpc::stats::snapshot();
-    let p = demo::payload(size, 1);
+    let p = shmgrpc_demo::payload(size, 1);
     let r = c.echo(p.clone()).await.unwrap().into_inner();
     assert_eq!(r.crc32, p.crc32);
-    demo::verify(&r).unwrap();
+    shmgrpc_demo::verify(&r).unwrap();
     assert!(shmgrpc::is_shared(&r.data), "echo reply not in shared memory");
     let after = shmgrpc::stats::snapshot();
     assert!(after.shm_sent > before.shm_sent);
     assert!(after.shm_received_bytes - before.shm_received_bytes >= size as u64);
 
-    let d = c.upload(demo::payload(size, 2)).await.unwrap().into_inner();
+    let d = c.upload(shmgrpc_demo::payload(size, 2)).await.unwrap().into_inner();
     assert!(d.via_shm, "the server did not receive the upload through shared memory");
     assert_eq!(d.len, size as u64);
 
     let r = c.download(DownloadRequest { size: size as u64, seed: 3, count: 1 }).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    shmgrpc_demo::verify(&r).unwrap();
     assert_eq!(r.data.len(), size);
     assert!(shmgrpc::is_shared(&r.data));
 
     // Client streaming.
-    let sent: Vec<Payload> = (0..3).map(|i| demo::payload(size / 2 + i, 10 + i as u32)).collect();
+    let sent: Vec<Payload> = (0..3).map(|i| shmgrpc_demo::payload(size / 2 + i, 10 + i as u32)).collect();
     let list = c.upload_stream(futures_stream(sent.clone())).await.unwrap().into_inner();
     assert_eq!(list.digests.len(), 3);
     for (d, p) in list.digests.iter().zip(&sent) {
@@ -58,7 +58,7 @@ async fn every_rpc_kind_moves_payloads_through_shared_memory_both_ways() {
     let mut s = c.download_stream(DownloadRequest { size: size as u64, seed: 7, count: 4 }).await.unwrap().into_inner();
     let mut n = 0;
     while let Some(p) = s.message().await.unwrap() {
-        demo::verify(&p).unwrap();
+        shmgrpc_demo::verify(&p).unwrap();
         assert!(shmgrpc::is_shared(&p.data));
         n += 1;
     }
@@ -74,10 +74,10 @@ async fn every_rpc_kind_moves_payloads_through_shared_memory_both_ways() {
     assert_eq!(got, sent.iter().map(|p| p.crc32).collect::<Vec<_>>());
 
     // Below the threshold everything stays inline, both ways.
-    let r = c.echo(demo::payload(1024, 5)).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    let r = c.echo(shmgrpc_demo::payload(1024, 5)).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
     assert!(!shmgrpc::is_shared(&r.data));
-    assert!(!c.upload(demo::payload(1024, 6)).await.unwrap().into_inner().via_shm);
+    assert!(!c.upload(shmgrpc_demo::payload(1024, 6)).await.unwrap().into_inner().via_shm);
 }
 
 fn futures_stream(v: Vec<Payload>) -> impl tokio_stream::Stream<Item = Payload> + Send + 'static {
@@ -92,11 +92,11 @@ async fn metadata_deadlines_status_codes_and_interceptors_keep_working() {
 
     // Metadata both ways, through an interceptor that adds it.
     let mut c = BlobClient::with_interceptor(ch.clone(), |mut req: Request<()>| {
-        req.metadata_mut().insert(demo::ECHO_HEADER, "from-interceptor".parse().unwrap());
+        req.metadata_mut().insert(shmgrpc_demo::ECHO_HEADER, "from-interceptor".parse().unwrap());
         Ok(req)
     });
-    let r = c.echo(demo::payload(256 << 10, 1)).await.unwrap();
-    assert_eq!(r.metadata().get(demo::ECHO_HEADER).unwrap(), "from-interceptor");
+    let r = c.echo(shmgrpc_demo::payload(256 << 10, 1)).await.unwrap();
+    assert_eq!(r.metadata().get(shmgrpc_demo::ECHO_HEADER).unwrap(), "from-interceptor");
     assert!(shmgrpc::is_shared(&r.get_ref().data));
 
     // Status codes from the handler pass through unchanged.
@@ -105,7 +105,7 @@ async fn metadata_deadlines_status_codes_and_interceptors_keep_working() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 
     // A checksum mismatch detected by the server is its own status.
-    let mut p = demo::payload(128 << 10, 2);
+    let mut p = shmgrpc_demo::payload(128 << 10, 2);
     p.crc32 ^= 1;
     assert_eq!(c.upload(p).await.unwrap_err().code(), Code::DataLoss);
 
@@ -116,8 +116,8 @@ async fn metadata_deadlines_status_codes_and_interceptors_keep_working() {
     assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled), "{err}");
 
     // The channel is still fine afterwards.
-    let r = c.echo(demo::payload(1 << 20, 3)).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    let r = c.echo(shmgrpc_demo::payload(1 << 20, 3)).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,8 +129,8 @@ async fn shmgrpc_client_against_a_plain_tonic_server_goes_inline() {
         assert_eq!(ch.fallback(), Some(Fallback::PeerLacksShmgrpc));
         let mut c = client(&ch);
         let before = shmgrpc::stats::snapshot();
-        let r = c.echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner();
-        demo::verify(&r).unwrap();
+        let r = c.echo(shmgrpc_demo::payload(1 << 20, 1)).await.unwrap().into_inner();
+        shmgrpc_demo::verify(&r).unwrap();
         let after = shmgrpc::stats::snapshot();
         assert_eq!(after.shm_sent, before.shm_sent, "a reference was sent to a plain server");
     }
@@ -141,11 +141,11 @@ async fn plain_tonic_client_against_a_shmgrpc_server_works() {
     let srv = serve(&[]);
     for target in [&srv.unix, &srv.tcp] {
         let channel = common::plain_channel(target).await;
-        let mut c = demo::plain::BlobClient::new(channel).max_decoding_message_size(usize::MAX);
-        let p = demo::payload(1 << 20, 4);
+        let mut c = shmgrpc_demo::plain::BlobClient::new(channel).max_decoding_message_size(usize::MAX);
+        let p = shmgrpc_demo::payload(1 << 20, 4);
         let r = c.echo(p.clone()).await.unwrap().into_inner();
         assert_eq!(r, p);
-        let d = c.upload(demo::payload(1 << 20, 5)).await.unwrap().into_inner();
+        let d = c.upload(shmgrpc_demo::payload(1 << 20, 5)).await.unwrap().into_inner();
         assert!(!d.via_shm);
     }
 }
@@ -156,8 +156,8 @@ async fn unreachable_side_channel_falls_back_inline() {
     std::fs::remove_file(srv.side.as_ref().unwrap()).unwrap();
     let ch = ShmChannel::connect(&srv.tcp).await.unwrap();
     assert_eq!(ch.fallback(), Some(Fallback::SideChannelUnreachable));
-    let r = client(&ch).echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    let r = client(&ch).echo(shmgrpc_demo::payload(1 << 20, 1)).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
     assert!(!shmgrpc::is_shared(&r.data));
 }
 
@@ -205,8 +205,8 @@ async fn after_many_calls_both_pools_are_idle_again() {
     let mut c = client(&ch);
     for i in 0..50u32 {
         let size = [100 << 10, 1 << 20, 3 << 20][i as usize % 3];
-        let r = c.echo(demo::payload(size, i)).await.unwrap().into_inner();
-        demo::verify(&r).unwrap();
+        let r = c.echo(shmgrpc_demo::payload(size, i)).await.unwrap().into_inner();
+        shmgrpc_demo::verify(&r).unwrap();
     }
     eventually("the client's buffers are released", || pool.stats().is_idle()).await;
     eventually("the server's buffers are released", || shm.pool().stats().is_idle()).await;
@@ -273,7 +273,7 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
     assert!(ch.is_shared_memory());
     let mut good = client(&ch);
     // Register segment 1 (1 MiB class) with the server by a legitimate call.
-    demo::verify(&good.echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner()).unwrap();
+    shmgrpc_demo::verify(&good.echo(shmgrpc_demo::payload(1 << 20, 1)).await.unwrap().into_inner()).unwrap();
     let id = ch.session_id().unwrap();
     let reg = Region { segment: 1, generation: 0, offset: 0, len: 16 };
     let refer = |session: Vec<u8>, from_server: bool, parts: Vec<part::Kind>| {
@@ -338,10 +338,10 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
     let err = raw_echo(&ch, ok.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     // The server is still up and serves both this client and a fresh one, through shared memory.
-    demo::verify(&good.echo(demo::payload(2 << 20, 2)).await.unwrap().into_inner()).unwrap();
+    shmgrpc_demo::verify(&good.echo(shmgrpc_demo::payload(2 << 20, 2)).await.unwrap().into_inner()).unwrap();
     let other = ShmChannel::connect(&srv.unix).await.unwrap();
     assert!(other.is_shared_memory());
-    demo::verify(&client(&other).echo(demo::payload(2 << 20, 3)).await.unwrap().into_inner()).unwrap();
+    shmgrpc_demo::verify(&client(&other).echo(shmgrpc_demo::payload(2 << 20, 3)).await.unwrap().into_inner()).unwrap();
     let after = shmgrpc::stats::snapshot();
     assert_eq!(after.bad_references, before.bad_references, "the client itself received no bad reference");
 }
@@ -352,8 +352,8 @@ async fn messages_above_tonic_limits_need_no_settings() {
     let ch = ShmChannel::connect(&srv.unix).await.unwrap();
     // Default tonic limits on this client: 4 MiB to decode.
     let mut c = BlobClient::new(ch.clone());
-    let r = c.echo(demo::payload(16 << 20, 9)).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    let r = c.echo(shmgrpc_demo::payload(16 << 20, 9)).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
     assert_eq!(r.data.len(), 16 << 20);
 }
 
@@ -376,13 +376,13 @@ async fn loans_are_sent_and_echoed_back_without_any_copy() {
     for round in 0..3u32 {
         let mut loan = ch.loan(4 << 20);
         assert!(loan.is_shared());
-        demo::fill_pattern(&mut loan, round);
+        shmgrpc_demo::fill_pattern(&mut loan, round);
         let crc32 = crc32fast::hash(&loan);
         let data = loan.freeze();
         let at = data.as_ptr();
         // Other fields around the loaned one travel inline in the reference.
         let r = c.echo(Payload { data, crc32, note: format!("round {round}") }).await.unwrap().into_inner();
-        demo::verify(&r).unwrap();
+        shmgrpc_demo::verify(&r).unwrap();
         assert_eq!(r.note, format!("round {round}"));
         assert_eq!(r.data.as_ptr(), at, "the reply must be the very memory we loaned: no copy either way");
     }
@@ -397,7 +397,7 @@ async fn received_payloads_are_forwarded_back_without_a_copy() {
     let mut c = client(&ch);
     // The server writes downloads into loans of its own.
     let d = c.download(DownloadRequest { size: 3 << 20, seed: 8, count: 1 }).await.unwrap().into_inner();
-    demo::verify(&d).unwrap();
+    shmgrpc_demo::verify(&d).unwrap();
     assert!(shmgrpc::is_shared(&d.data));
     // Sending the server's own bytes back to it: it resolves them in its own buffer.
     let digest = c.upload(d.clone()).await.unwrap().into_inner();
@@ -414,10 +414,10 @@ async fn loans_without_a_session_are_ordinary_memory() {
     let ch = ShmChannel::connect(&srv.unix).await.unwrap();
     let mut loan = ch.loan(1 << 20);
     assert!(!loan.is_shared());
-    demo::fill_pattern(&mut loan, 1);
+    shmgrpc_demo::fill_pattern(&mut loan, 1);
     let crc32 = crc32fast::hash(&loan);
     let r = client(&ch).echo(Payload { data: loan.freeze(), crc32, note: String::new() }).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    shmgrpc_demo::verify(&r).unwrap();
 }
 
 #[test]
@@ -466,7 +466,7 @@ async fn a_peer_holding_buffers_cannot_take_more_than_the_budget() {
     let mut kept = Vec::new();
     for seed in 0..4 {
         let d = c.download(DownloadRequest { size: 3 << 20, seed, count: 1 }).await.unwrap().into_inner();
-        demo::verify(&d).unwrap();
+        shmgrpc_demo::verify(&d).unwrap();
         kept.push(d);
     }
     // The first two are the server's loans; the budget is then used up and the rest came inline.
@@ -509,7 +509,7 @@ async fn an_exhausted_pool_is_waited_for_asynchronously_before_a_call() {
     assert!(!waiting.is_finished(), "the call waits for room");
     kept.remove(0);
     let d = tokio::time::timeout(Duration::from_secs(4), waiting).await.expect("woken by the return").unwrap();
-    demo::verify(&d).unwrap();
+    shmgrpc_demo::verify(&d).unwrap();
     assert!(shmgrpc::is_shared(&d.data), "the call went through shared memory once a buffer came back");
     drop((kept, d, c, ch));
     let _ = stop.send(());
@@ -540,7 +540,7 @@ async fn the_in_flight_window_bounds_what_one_peer_holds_and_waits_a_bounded_tim
     let t = std::time::Instant::now();
     let d = c.download(download(9)).await.unwrap().into_inner();
     assert!(t.elapsed() >= Duration::from_millis(250), "it waited for the window: {:?}", t.elapsed());
-    demo::verify(&d).unwrap();
+    shmgrpc_demo::verify(&d).unwrap();
     assert!(!shmgrpc::is_shared(&d.data));
     assert!(shmgrpc::stats::snapshot().fallback(shmgrpc::stats::Fallback::WindowFull) > before);
     assert_eq!(shm.session_stats().held_bytes, held, "nothing more is held");
@@ -550,7 +550,7 @@ async fn the_in_flight_window_bounds_what_one_peer_holds_and_waits_a_bounded_tim
     tokio::time::sleep(Duration::from_millis(50)).await;
     kept.pop();
     let d = waiting.await.unwrap();
-    demo::verify(&d).unwrap();
+    shmgrpc_demo::verify(&d).unwrap();
     assert!(shmgrpc::is_shared(&d.data), "the reply went through shared memory once a buffer came back");
     drop((kept, d, c, ch));
     let _ = stop.send(());
@@ -567,8 +567,8 @@ async fn a_client_whose_uid_is_not_allowed_is_served_inline() {
     let ch = ShmChannel::connect(&format!("unix:{}", sock.display())).await.unwrap();
     assert_eq!(ch.fallback(), Some(Fallback::HandshakeFailed));
     assert_eq!(shm.sessions(), 0);
-    let r = client(&ch).echo(demo::payload(1 << 20, 1)).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    let r = client(&ch).echo(shmgrpc_demo::payload(1 << 20, 1)).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
     assert!(!shmgrpc::is_shared(&r.data));
     drop(ch);
     let _ = stop.send(());
@@ -587,11 +587,11 @@ async fn buffers_the_pool_drops_are_forgotten_by_the_peer() {
         .await
         .unwrap();
     let mut c = client(&ch);
-    assert!(c.upload(demo::payload(3 << 20, 1)).await.unwrap().into_inner().via_shm);
+    assert!(c.upload(shmgrpc_demo::payload(3 << 20, 1)).await.unwrap().into_inner().via_shm);
     eventually("the server maps one segment of ours", || shm.session_stats().peer_segments == 1).await;
     assert_eq!(ch.session_stats().shared_segments, 1);
     eventually("the first buffer is idle", || pool.stats().is_idle()).await;
-    let d = c.upload(demo::payload(6 << 20, 2)).await.unwrap().into_inner();
+    let d = c.upload(shmgrpc_demo::payload(6 << 20, 2)).await.unwrap().into_inner();
     assert!(d.via_shm);
     assert_eq!(pool.stats().evictions, 1);
     eventually("the server forgets the dropped segment", || shm.session_stats().peer_segments == 1).await;
@@ -623,11 +623,11 @@ async fn clients_carry_on_across_server_crashes_mid_transfer() {
             let (mut ok, mut failed, mut seed) = (0u32, 0u32, 0u32);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 seed += 1;
-                let mut req = tonic::Request::new(demo::payload(16 << 20, seed));
+                let mut req = tonic::Request::new(shmgrpc_demo::payload(16 << 20, seed));
                 req.set_timeout(Duration::from_secs(20));
                 match c.echo(req).await {
                     Ok(r) => {
-                        demo::verify(r.get_ref()).unwrap();
+                        shmgrpc_demo::verify(r.get_ref()).unwrap();
                         ok += 1;
                     }
                     Err(_) => {
@@ -656,9 +656,9 @@ async fn clients_carry_on_across_server_crashes_mid_transfer() {
         let mut c = client(&ch);
         loop {
             assert!(start.elapsed() < Duration::from_secs(20), "round {round}: no shared memory again");
-            if let Ok(r) = c.echo(demo::payload(1 << 20, round)).await {
+            if let Ok(r) = c.echo(shmgrpc_demo::payload(1 << 20, round)).await {
                 let r = r.into_inner();
-                demo::verify(&r).unwrap();
+                shmgrpc_demo::verify(&r).unwrap();
                 if shmgrpc::is_shared(&r.data) && ch.is_shared_memory() {
                     break;
                 }
@@ -706,8 +706,8 @@ async fn killing_clients_mid_transfer_never_hurts_the_server() {
         let _ = child.kill();
         let _ = child.wait();
         // The bystander is served all along, through shared memory.
-        let r = b.echo(demo::payload(2 << 20, i)).await.unwrap().into_inner();
-        demo::verify(&r).unwrap();
+        let r = b.echo(shmgrpc_demo::payload(2 << 20, i)).await.unwrap().into_inner();
+        shmgrpc_demo::verify(&r).unwrap();
         assert!(shmgrpc::is_shared(&r.data));
     }
     drop(b);
@@ -730,14 +730,14 @@ async fn large_fields_beside_live_regions_still_go_through_shared_memory() {
     let held = c.download(DownloadRequest { size: 2 << 20, seed: 1, count: 1 }).await.unwrap().into_inner();
     assert!(shmgrpc::is_shared(&held.data));
     for seed in 0..5 {
-        let p = demo::payload((3 << 20) + seed as usize, seed);
+        let p = shmgrpc_demo::payload((3 << 20) + seed as usize, seed);
         let r = c.echo(Payload { note: "beside a live region".into(), ..p.clone() }).await.unwrap().into_inner();
-        demo::verify(&r).unwrap();
+        shmgrpc_demo::verify(&r).unwrap();
         assert_eq!(r.note, "beside a live region");
         assert!(shmgrpc::is_shared(&r.data));
         // And the held region itself, sent back, is not copied either.
         let d = c.upload(held.clone()).await.unwrap().into_inner();
         assert_eq!(d.crc32, held.crc32);
     }
-    demo::verify(&held).unwrap();
+    shmgrpc_demo::verify(&held).unwrap();
 }

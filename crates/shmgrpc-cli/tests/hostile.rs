@@ -17,7 +17,7 @@ use prost::Message;
 use shmgrpc::proto::v1::{self, HelloRequest, session_client::SessionClient};
 use shmgrpc::protocol::PROTOCOL_VERSION;
 use shmgrpc::wire::{self, Kind};
-use shmgrpc::{PeerSegment, SegmentHandle, ShmChannel, demo};
+use shmgrpc::{PeerSegment, SegmentHandle, ShmChannel};
 
 async fn ticket(srv: &Served) -> Vec<u8> {
     let mut c = SessionClient::new(common::plain_channel(&srv.unix).await);
@@ -66,8 +66,8 @@ async fn handshake(srv: &Served) -> (UnixStream, Vec<u8>) {
 async fn still_serves(srv: &Served) {
     let ch = ShmChannel::connect(&srv.unix).await.unwrap();
     assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
-    let r = client(&ch).echo(demo::payload(1 << 20, 7)).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    let r = client(&ch).echo(shmgrpc_demo::payload(1 << 20, 7)).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
     assert!(shmgrpc::is_shared(&r.data));
 }
 
@@ -195,8 +195,9 @@ async fn one_session_cannot_reach_another_sessions_buffers() {
     let b = ShmChannel::connect(&srv.unix).await.unwrap();
     // A registers its segment 1 and holds a server buffer (a download it keeps).
     let mut ca = client(&a);
-    let kept = ca.download(demo::DownloadRequest { size: 1 << 20, seed: 1, count: 1 }).await.unwrap().into_inner();
-    ca.upload(demo::payload(1 << 20, 2)).await.unwrap();
+    let kept =
+        ca.download(shmgrpc_demo::DownloadRequest { size: 1 << 20, seed: 1, count: 1 }).await.unwrap().into_inner();
+    ca.upload(shmgrpc_demo::payload(1 << 20, 2)).await.unwrap();
     // B names A's segment 1 and the server buffer A holds, under B's own session: both refused.
     let b_id = b.session_id().unwrap();
     let region = v1::Region { segment: 1, generation: 0, offset: 0, len: 16 };
@@ -217,7 +218,7 @@ async fn one_session_cannot_reach_another_sessions_buffers() {
         let err = g.unary(tonic::Request::new(Bytes::from(body)), path, common::Raw).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
     }
-    demo::verify(&kept).unwrap();
+    shmgrpc_demo::verify(&kept).unwrap();
     still_serves(&srv).await;
 }
 
@@ -226,7 +227,7 @@ async fn a_posix_segment_shrunk_after_sharing_is_data_loss_not_sigbus() {
     let srv = serve(&[]);
     let (s, id) = handshake(&srv).await;
     // Our POSIX segment (this process created it, as the server checks) holding a valid 1 MiB Payload.
-    let body = demo::payload(1 << 20, 5).encode_to_vec();
+    let body = shmgrpc_demo::payload(1 << 20, 5).encode_to_vec();
     let mut seg = shmgrpc::Segment::create(2 << 20, &shmgrpc::SegmentOptions::new(shmgrpc::Backend::Posix)).unwrap();
     seg.as_mut_slice()[..body.len()].copy_from_slice(&body);
     let name = seg.posix_name().unwrap().as_str().to_string();
@@ -290,7 +291,7 @@ async fn drive_downloads(unix: String, id: Vec<u8>, stop: Arc<AtomicBool>) -> us
     while !stop.load(Ordering::Relaxed) {
         let mut g = tonic::client::Grpc::new(ch.clone()).max_decoding_message_size(usize::MAX);
         g.ready().await.unwrap();
-        let body = demo::DownloadRequest { size: 20 << 20, seed: calls as u32, count: 1 }.encode_to_vec();
+        let body = shmgrpc_demo::DownloadRequest { size: 20 << 20, seed: calls as u32, count: 1 }.encode_to_vec();
         let mut req = tonic::Request::new(Bytes::from(body));
         req.metadata_mut().insert("shmgrpc-session", hex.parse().unwrap());
         let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Download");
@@ -324,9 +325,9 @@ async fn peers_that_never_answer_or_never_read_cost_a_bystander_no_time() {
     while start.elapsed() < Duration::from_secs(20) {
         let size = if calls % 2 == 0 { 1 << 10 } else { 1 << 20 };
         let t = std::time::Instant::now();
-        let r = c.echo(demo::payload(size, calls as u32)).await.unwrap().into_inner();
+        let r = c.echo(shmgrpc_demo::payload(size, calls as u32)).await.unwrap().into_inner();
         latencies.push(t.elapsed());
-        demo::verify(&r).unwrap();
+        shmgrpc_demo::verify(&r).unwrap();
         calls += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -369,8 +370,8 @@ async fn twenty_thousand_hellos_leave_a_new_client_its_session() {
     // A new client gets its session at once, not after tickets expire.
     let ch = ShmChannel::connect(&srv.unix).await.unwrap();
     assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
-    let r = client(&ch).echo(demo::payload(1 << 20, 3)).await.unwrap().into_inner();
-    demo::verify(&r).unwrap();
+    let r = client(&ch).echo(shmgrpc_demo::payload(1 << 20, 3)).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
     assert!(shmgrpc::is_shared(&r.data));
 }
 

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{client, eventually, serve_here};
-use shmgrpc::demo::{self, DownloadRequest};
 use shmgrpc::{ClientConfig, Pool, PoolConfig, ServerConfig, ShmChannel, ShmServer};
+use shmgrpc_demo::DownloadRequest;
 
 const CLIENTS: usize = 64;
 const CALLS: usize = 12;
@@ -42,13 +42,13 @@ async fn sixty_four_clients_with_checksummed_payloads() {
                 let size = size.min(4 << 20);
                 match (seed >> 8) % 4 {
                     0 => {
-                        let r = c.echo(demo::payload(size, seed)).await.unwrap().into_inner();
-                        demo::verify(&r).unwrap();
+                        let r = c.echo(shmgrpc_demo::payload(size, seed)).await.unwrap().into_inner();
+                        shmgrpc_demo::verify(&r).unwrap();
                         assert_eq!(r.data.len(), size);
                         shared += usize::from(shmgrpc::is_shared(&r.data));
                     }
                     1 => {
-                        let p = demo::payload(size, seed);
+                        let p = shmgrpc_demo::payload(size, seed);
                         let d = c.upload(p.clone()).await.unwrap().into_inner();
                         assert_eq!((d.len, d.crc32), (size as u64, p.crc32), "client {n} call {i}");
                     }
@@ -58,16 +58,16 @@ async fn sixty_four_clients_with_checksummed_payloads() {
                             .await
                             .unwrap()
                             .into_inner();
-                        demo::verify(&r).unwrap();
+                        shmgrpc_demo::verify(&r).unwrap();
                         assert_eq!(r.data.len(), size);
                     }
                     _ => {
                         let mut loan = ch.loan(size);
-                        demo::fill_pattern(&mut loan, seed);
+                        shmgrpc_demo::fill_pattern(&mut loan, seed);
                         let crc32 = crc32fast::hash(&loan);
-                        let p = demo::Payload { data: loan.freeze(), crc32, note: format!("{n}/{i}") };
+                        let p = shmgrpc_demo::Payload { data: loan.freeze(), crc32, note: format!("{n}/{i}") };
                         let r = c.echo(p).await.unwrap().into_inner();
-                        demo::verify(&r).unwrap();
+                        shmgrpc_demo::verify(&r).unwrap();
                         assert_eq!(r.note, format!("{n}/{i}"));
                     }
                 }

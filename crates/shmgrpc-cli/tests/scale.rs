@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{client, eventually, serve};
-use shmgrpc::{ClientConfig, Pool, PoolConfig, ShmChannel, demo};
+use shmgrpc::{ClientConfig, Pool, PoolConfig, ShmChannel};
 
 fn count(dir: String) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
@@ -25,7 +25,7 @@ async fn a_thousand_sessions_need_no_more_server_threads_and_give_every_descript
     let config = ClientConfig::default().pool(pool.clone());
 
     let one = ShmChannel::connect_with(&srv.unix, config.clone()).await.unwrap();
-    let r = client(&one).echo(demo::payload(1 << 20, 0)).await.unwrap().into_inner();
+    let r = client(&one).echo(shmgrpc_demo::payload(1 << 20, 0)).await.unwrap().into_inner();
     assert!(shmgrpc::is_shared(&r.data));
     drop(r);
     let threads_one = threads();
@@ -41,8 +41,8 @@ async fn a_thousand_sessions_need_no_more_server_threads_and_give_every_descript
             assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
             let mut c = client(ch);
             calls.push(tokio::spawn(async move {
-                let r = c.echo(demo::payload(1 << 20, i as u32)).await.unwrap().into_inner();
-                demo::verify(&r).unwrap();
+                let r = c.echo(shmgrpc_demo::payload(1 << 20, i as u32)).await.unwrap().into_inner();
+                shmgrpc_demo::verify(&r).unwrap();
                 shmgrpc::is_shared(&r.data)
             }));
         }

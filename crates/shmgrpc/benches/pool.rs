@@ -1,5 +1,6 @@
 //! Pool micro-benchmarks: alloc + release per size class, and writing 20 MiB into a warm pool buffer, into a freshly
 //! created segment (with and without prefaulting) and into heap memory (the `memcpy` floor).
+#![allow(missing_docs)] // criterion_group! generates an undocumented public function.
 
 use std::hint::black_box;
 

@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-//! use shmgrpc::demo::{BlobClient, Payload};
+//! use shmgrpc_demo::{BlobClient, Payload};
 //! let channel = shmgrpc::ShmChannel::connect("unix:/tmp/blob.sock").await?;
 //! let mut client = BlobClient::new(channel); // generated with .codec_path("shmgrpc::ShmCodec")
 //! # Ok(()) }

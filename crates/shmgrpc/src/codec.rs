@@ -7,7 +7,7 @@
 //! The shmgrpc channel and server layer therefore wrap each call's outgoing body in a session body (`body.rs`),
 //! which makes the call's session current on the thread for exactly the duration of each poll; the encoder, which
 //! runs inside that poll, looks it up. A message whose encoded size reaches the session's threshold is encoded straight into a
-//! pool buffer lent to the peer, and only a reference goes on the gRPC stream. Without a session (a plain channel
+//! pool buffer the peer holds until it releases it, and only a reference goes on the gRPC stream. Without a session (a plain channel
 //! or server, a plain peer, a failed handshake), the codec is byte for byte tonic's prost codec.
 //!
 //! *Decoding.* A reference names its session (16 secret random bytes); the decoder resolves it through that session
@@ -33,6 +33,12 @@ use crate::wire;
 /// A gRPC codec for prost messages that moves large messages through shared memory (see the module docs).
 pub struct ShmCodec<T, U> {
     _marker: PhantomData<(T, U)>,
+}
+
+impl<T, U> std::fmt::Debug for ShmCodec<T, U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShmCodec")
+    }
 }
 
 impl<T, U> Default for ShmCodec<T, U> {

@@ -77,17 +77,6 @@ pub enum Error {
         /// The configured budget.
         budget: u64,
     },
-
-    /// A release named a buffer that is not lent out under that generation (stale, repeated or forged).
-    #[error("release of buffer {id} generation {generation} refused: {reason}")]
-    BadRelease {
-        /// Buffer id within the pool.
-        id: u32,
-        /// The generation the release claimed.
-        generation: u32,
-        /// Why it was refused.
-        reason: &'static str,
-    },
 }
 
 /// Shorthand for `Result<T, shmgrpc::Error>`.

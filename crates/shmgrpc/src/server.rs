@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-//! use shmgrpc::demo::{BlobServer, BlobService};
+//! use shmgrpc_demo::{BlobServer, BlobService};
 //! let shm = shmgrpc::ShmServer::new(shmgrpc::ServerConfig::default())?;
 //! tonic::transport::Server::builder()
 //!     .layer(shm.layer())
@@ -278,6 +278,12 @@ pub struct ShmLayer {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for ShmLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmLayer").field("side_channel", &self.shared.path).finish_non_exhaustive()
+    }
+}
+
 impl<S> tower_layer::Layer<S> for ShmLayer {
     type Service = ShmService<S>;
 
@@ -291,6 +297,12 @@ impl<S> tower_layer::Layer<S> for ShmLayer {
 pub struct ShmService<S> {
     inner: S,
     hello: SessionServer<Hello>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for ShmService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmService").field("inner", &self.inner).finish_non_exhaustive()
+    }
 }
 
 impl<S, ResBody> tower_service::Service<http::Request<Body>> for ShmService<S>

@@ -160,7 +160,17 @@ mod tests {
 
     #[test]
     fn ordinary_messages_are_not_references() {
-        let p = crate::proto::demo::Payload { data: vec![1; 100].into(), crc32: 5, note: "x".into() };
+        // The demo service's payload message, as an ordinary application message.
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Payload {
+            #[prost(bytes = "vec", tag = "1")]
+            data: Vec<u8>,
+            #[prost(uint32, tag = "2")]
+            crc32: u32,
+            #[prost(string, tag = "3")]
+            note: String,
+        }
+        let p = Payload { data: vec![1; 100], crc32: 5, note: "x".into() };
         assert!(!is_reference(&p.encode_to_vec()));
         assert!(!is_reference(&[]));
         assert!(decode_reference(&p.encode_to_vec()).is_err());

@@ -150,29 +150,6 @@ fn idle_buffers_of_other_classes_are_evicted_to_make_room() {
 }
 
 #[test]
-fn lent_buffers_come_back_only_with_the_right_owner_and_generation() {
-    let p = small(1 << 30, OnExhausted::Fail);
-    let loan = p.try_alloc(64 * K).unwrap().lend(7);
-    assert_eq!(p.stats().lent, 1);
-    assert!(!p.stats().is_idle());
-    let bad = |r: shmgrpc::Result<()>| matches!(r, Err(Error::BadRelease { .. }));
-    assert!(bad(p.reclaim(7, loan.id, loan.generation.wrapping_add(1))), "stale generation");
-    assert!(bad(p.reclaim(8, loan.id, loan.generation)), "another owner");
-    assert!(bad(p.reclaim(7, loan.id + 1000, loan.generation)), "unknown id");
-    p.reclaim(7, loan.id, loan.generation).unwrap();
-    assert!(bad(p.reclaim(7, loan.id, loan.generation)), "repeated release");
-    // Reused under a new generation: the old loan can no longer release it.
-    let again = p.try_alloc(64 * K).unwrap();
-    assert_eq!(again.id(), loan.id);
-    let loan2 = again.lend(7);
-    assert!(bad(p.reclaim(7, loan.id, loan.generation)));
-    assert_eq!(p.reclaim_owner(8), 0);
-    assert_eq!(p.reclaim_owner(7), 1);
-    assert!(p.stats().is_idle());
-    let _ = loan2;
-}
-
-#[test]
 fn concurrent_alloc_and_release_keep_contents_and_accounting() {
     let p = small(2 << 20, OnExhausted::Wait);
     let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap());
@@ -204,17 +181,10 @@ fn concurrent_alloc_and_release_keep_contents_and_accounting() {
 enum Op {
     Alloc(usize),
     Free(usize),
-    Lend(usize),
-    Reclaim(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        (1usize..400 * K).prop_map(Op::Alloc),
-        any::<usize>().prop_map(Op::Free),
-        any::<usize>().prop_map(Op::Lend),
-        any::<usize>().prop_map(Op::Reclaim),
-    ]
+    prop_oneof![(1usize..400 * K).prop_map(Op::Alloc), any::<usize>().prop_map(Op::Free),]
 }
 
 proptest! {
@@ -226,7 +196,6 @@ proptest! {
     fn accounting_matches_a_model(ops in proptest::collection::vec(op(), 1..40)) {
         let p = small(1 << 20, OnExhausted::Fail);
         let mut live = Vec::new();
-        let mut lent = Vec::new();
         for op in ops {
             match op {
                 Op::Alloc(n) => match p.try_alloc(n) {
@@ -235,28 +204,15 @@ proptest! {
                     Err(e) => return Err(TestCaseError::fail(e.to_string())),
                 },
                 Op::Free(i) if !live.is_empty() => { let n = live.len(); live.swap_remove(i % n); }
-                Op::Lend(i) if !live.is_empty() => {
-                    let n = live.len();
-                    let l = live.swap_remove(i % n);
-                    let cap = l.capacity() as u64;
-                    lent.push((l.lend(1), cap));
-                }
-                Op::Reclaim(i) if !lent.is_empty() => {
-                    let n = lent.len();
-                    let (l, _) = lent.swap_remove(i % n);
-                    prop_assert!(p.reclaim(1, l.id, l.generation).is_ok());
-                }
                 _ => {}
             }
             let s = p.stats();
-            let want: u64 = live.iter().map(|l| l.capacity() as u64).sum::<u64>() + lent.iter().map(|l| l.1).sum::<u64>();
+            let want: u64 = live.iter().map(|l| l.capacity() as u64).sum::<u64>();
             prop_assert_eq!(s.in_use_bytes, want);
-            prop_assert_eq!(s.lent, lent.len());
             prop_assert!(s.bytes <= s.budget);
-            prop_assert_eq!(s.classes.iter().map(|c| c.in_use).sum::<usize>(), live.len() + lent.len());
+            prop_assert_eq!(s.classes.iter().map(|c| c.in_use).sum::<usize>(), live.len());
         }
         drop(live);
-        prop_assert_eq!(p.reclaim_owner(1), lent.len());
         prop_assert!(p.stats().is_idle());
     }
 }

@@ -6,12 +6,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shmgrpc::ShmChannel;
-use shmgrpc::demo::{self, Addr, BlobClient};
+use shmgrpc_demo::{Addr, BlobClient};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_shmgrpc");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_shmgrpc");
 
 /// A `shmgrpc serve` process; SIGTERM (then SIGKILL) on drop.
-pub struct Served {
+pub(crate) struct Served {
     pub child: Child,
     pub unix: String,
     pub tcp: String,
@@ -19,14 +19,14 @@ pub struct Served {
     _dir: tempfile::TempDir,
 }
 
-pub fn serve(extra: &[&str]) -> Served {
+pub(crate) fn serve(extra: &[&str]) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let unix = format!("unix:{}", dir.path().join("grpc.sock").display());
     serve_in(dir, unix, extra)
 }
 
 /// Like [`serve`], at `unix` (inside `dir`, which the returned value keeps).
-pub fn serve_in(dir: tempfile::TempDir, unix: String, extra: &[&str]) -> Served {
+pub(crate) fn serve_in(dir: tempfile::TempDir, unix: String, extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", &unix, "--listen", "127.0.0.1:0"])
         .args(extra)
@@ -67,12 +67,12 @@ impl Drop for Served {
     }
 }
 
-pub fn client(ch: &ShmChannel) -> BlobClient<ShmChannel> {
+pub(crate) fn client(ch: &ShmChannel) -> BlobClient<ShmChannel> {
     BlobClient::new(ch.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
 }
 
 /// Waits until `f` holds (releases travel asynchronously on the side channel).
-pub async fn eventually(what: &str, f: impl Fn() -> bool) {
+pub(crate) async fn eventually(what: &str, f: impl Fn() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting until {what}");
@@ -81,14 +81,14 @@ pub async fn eventually(what: &str, f: impl Fn() -> bool) {
 }
 
 /// Serves the demo service with shmgrpc in this process; returns once it listens.
-pub async fn serve_here(
+pub(crate) async fn serve_here(
     sock: std::path::PathBuf,
     layer: shmgrpc::ShmLayer,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (ready, is_ready) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
-        demo::serve(
+        shmgrpc_demo::serve(
             &[Addr::Unix(sock)],
             Some(layer),
             move |_| {
@@ -105,7 +105,7 @@ pub async fn serve_here(
 }
 
 /// A plain tonic channel (no shmgrpc session) to `unix:/path` or `host:port`.
-pub async fn plain_channel(target: &str) -> tonic::transport::Channel {
+pub(crate) async fn plain_channel(target: &str) -> tonic::transport::Channel {
     let (ep, unix) = shmgrpc::client::endpoint(target).unwrap();
     match unix {
         Some(path) => ep
@@ -123,7 +123,7 @@ pub async fn plain_channel(target: &str) -> tonic::transport::Channel {
 
 /// Sends raw message bytes, so a test can put any reference on the wire.
 #[derive(Default, Clone)]
-pub struct Raw;
+pub(crate) struct Raw;
 
 impl tonic::codec::Codec for Raw {
     type Encode = bytes::Bytes;

@@ -14,9 +14,9 @@
 //! no memory: memfd pages exist only once written), and slots leave only with their whole slab, which is dropped
 //! when every slot of it is idle and room is needed.
 //!
-//! A [`Lease`] is exclusive use of one buffer; dropping it (or [`Lease::release`]) returns the buffer. A lease can
-//! instead be lent to a peer ([`Lease::lend`]); the buffer then comes back only through [`Pool::reclaim`] with the
-//! exact id and generation, so a stale or repeated release can never free a buffer that was reused since.
+//! A [`Lease`] is exclusive use of one buffer; dropping it (or [`Lease::release`]) returns the buffer. The pool
+//! knows nothing of peers: what a peer holds is tracked by the gRPC layer's session, which keeps the lease until
+//! the peer's generation-checked release arrives (see `docs/protocol.md`, *Releases*).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -214,11 +214,11 @@ struct Class {
 struct ClassState {
     free: Vec<Buffer>,
     slabs: Vec<SlabState>,
-    /// Buffers of this class that exist (free, leased or lent).
+    /// Buffers of this class that exist (free or leased).
     total: usize,
     /// Their bytes.
     bytes: u64,
-    /// Bytes of the buffers currently leased or lent.
+    /// Bytes of the buffers currently leased.
     in_use_bytes: u64,
 }
 
@@ -231,13 +231,6 @@ struct Counters {
     evictions: AtomicU64,
 }
 
-/// A buffer lent to a peer, waiting for its generation-checked release.
-struct Lent {
-    class: usize,
-    owner: u64,
-    buffer: Buffer,
-}
-
 struct Inner {
     config: PoolConfig,
     /// Address ranges of every buffer that exists, by id (for [`Pool::contains`]).
@@ -246,8 +239,6 @@ struct Inner {
     /// Bytes of every segment that exists or is being created; never above the budget.
     reserved: AtomicU64,
     next_id: AtomicU32,
-    /// Buffers lent through [`Lease::lend`], by (segment id, generation).
-    lent: Mutex<HashMap<(u32, u32), Lent>>,
     released: Arc<Notify>,
     /// Release count and condition variable for blocking waits ([`Pool::alloc_blocking`]).
     released_sync: (Mutex<u64>, Condvar),
@@ -310,7 +301,6 @@ impl Pool {
                 classes,
                 reserved: AtomicU64::new(0),
                 next_id: AtomicU32::new(1),
-                lent: Mutex::default(),
                 released: Arc::new(Notify::new()),
                 released_sync: (Mutex::new(0), Condvar::new()),
                 counters: Counters::default(),
@@ -584,12 +574,14 @@ impl Pool {
 
     /// Woken whenever a buffer comes back to the pool (for async waits outside the pool, such as a call waiting
     /// for room before its first message).
+    #[cfg(feature = "grpc")]
     pub(crate) fn returns(&self) -> &Arc<Notify> {
         &self.inner.released
     }
 
     /// How many times a buffer has come back to the pool so far: an allocation that failed at count `n` may succeed
     /// once the count has moved.
+    #[cfg(feature = "grpc")]
     pub(crate) fn returned(&self) -> u64 {
         *lock(&self.inner.released_sync.0)
     }
@@ -624,41 +616,6 @@ impl Pool {
         cv.notify_all();
     }
 
-    /// Returns a buffer lent to `owner`, if `id` is lent to it under exactly `generation`. Anything else (unknown
-    /// id, another owner's buffer, stale or repeated release) is refused and changes nothing.
-    pub fn reclaim(&self, owner: u64, id: u32, generation: u32) -> Result<()> {
-        let entry = {
-            let mut lent = lock(&self.inner.lent);
-            match lent.get(&(id, generation)) {
-                None => {
-                    let reason =
-                        if lent.keys().any(|&(i, _)| i == id) { "stale generation" } else { "buffer is not lent out" };
-                    return Err(Error::BadRelease { id, generation, reason });
-                }
-                Some(l) if l.owner != owner => {
-                    return Err(Error::BadRelease { id, generation, reason: "buffer is lent to another peer" });
-                }
-                Some(_) => lent.remove(&(id, generation)).expect("present"),
-            }
-        };
-        self.put_back(entry.class, entry.buffer);
-        Ok(())
-    }
-
-    /// Returns every buffer lent to `owner` (a peer that went away). Returns how many came back.
-    pub fn reclaim_owner(&self, owner: u64) -> usize {
-        let back: Vec<Lent> = {
-            let mut lent = lock(&self.inner.lent);
-            let ids: Vec<(u32, u32)> = lent.iter().filter(|(_, l)| l.owner == owner).map(|(&k, _)| k).collect();
-            ids.into_iter().filter_map(|id| lent.remove(&id)).collect()
-        };
-        let n = back.len();
-        for l in back {
-            self.put_back(l.class, l.buffer);
-        }
-        n
-    }
-
     /// A snapshot of the pool's figures (the seed's `MemPoolInfo`). Each class is read under its own lock, so
     /// figures of different classes may be from slightly different instants while allocations run.
     pub fn stats(&self) -> PoolStats {
@@ -683,7 +640,6 @@ impl Pool {
             budget: self.inner.config.budget,
             bytes: classes.iter().map(|c| c.bytes).sum(),
             in_use_bytes: classes.iter().map(|c| c.in_use_bytes).sum(),
-            lent: lock(&self.inner.lent).len(),
             allocs: c.allocs.load(Ordering::Relaxed),
             grows: c.grows.load(Ordering::Relaxed),
             waits: c.waits.load(Ordering::Relaxed),
@@ -779,26 +735,6 @@ impl Lease {
 
     /// Returns the buffer to the pool now (the same as dropping the lease).
     pub fn release(self) {}
-
-    /// Lends the buffer to a peer identified by `owner`: it leaves this process's hands and returns only through
-    /// [`Pool::reclaim`] with this id and generation, or [`Pool::reclaim_owner`].
-    pub fn lend(mut self, owner: u64) -> Loan {
-        let buffer = self.buffer.take().expect("a live lease holds its buffer");
-        let loan = Loan { id: buffer.id, generation: buffer.generation, len: self.len };
-        lock(&self.pool.inner.lent).insert((buffer.id, buffer.generation), Lent { class: self.class, owner, buffer });
-        loan
-    }
-}
-
-/// What identifies a lent buffer in a release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Loan {
-    /// Buffer id within the pool.
-    pub id: u32,
-    /// Generation at the time of lending.
-    pub generation: u32,
-    /// Bytes the lease held.
-    pub len: usize,
 }
 
 impl Deref for Lease {
@@ -832,11 +768,11 @@ pub struct ClassStats {
     pub total: usize,
     /// Idle buffers.
     pub free: usize,
-    /// Leased or lent buffers.
+    /// Leased buffers.
     pub in_use: usize,
     /// Bytes of all buffers.
     pub bytes: u64,
-    /// Bytes of leased or lent buffers.
+    /// Bytes of leased buffers.
     pub in_use_bytes: u64,
 }
 
@@ -847,10 +783,8 @@ pub struct PoolStats {
     pub budget: u64,
     /// Bytes of all buffers (idle and in use).
     pub bytes: u64,
-    /// Bytes of leased or lent buffers.
+    /// Bytes of leased buffers.
     pub in_use_bytes: u64,
-    /// Buffers lent to peers.
-    pub lent: usize,
     /// Allocation requests.
     pub allocs: u64,
     /// Buffers created on demand.
@@ -866,9 +800,9 @@ pub struct PoolStats {
 }
 
 impl PoolStats {
-    /// Whether nothing is leased or lent.
+    /// Whether no buffer is leased.
     pub fn is_idle(&self) -> bool {
-        self.in_use_bytes == 0 && self.lent == 0
+        self.in_use_bytes == 0
     }
 }
 
@@ -890,11 +824,10 @@ impl fmt::Display for PoolStats {
         }
         write!(
             f,
-            "total {} of {} budget bytes, {} in use, {} lent; {} allocs, {} grows, {} waits, {} exhausted, {} evictions",
+            "total {} of {} budget bytes, {} in use; {} allocs, {} grows, {} waits, {} exhausted, {} evictions",
             self.bytes,
             self.budget,
             self.in_use_bytes,
-            self.lent,
             self.allocs,
             self.grows,
             self.waits,

@@ -7,11 +7,11 @@
 //!
 //! Each session has a 16-byte random id, secret to its two peers; references carry it, and a receiver resolves a
 //! reference only through the session it names, and only to segments that session's peer registered. When the side
-//! channel closes (the peer ended or died), everything lent to the peer returns to the pool and every mapping of the
+//! channel closes (the peer ended or died), every buffer the peer holds returns to the pool and every mapping of the
 //! peer's segments is dropped (readers still holding payload bytes keep theirs until they drop them).
 //!
 //! - [`side_channel`]: framing and descriptors on the I/O runtime.
-//! - [`sender`]: our buffers lent to the peer: encoding into the pool, registration, holds, the in-flight window.
+//! - [`sender`]: our buffers the peer refers to: encoding into the pool, registration, holds, the in-flight window.
 //! - [`receiver`]: the peer's segments: registrations, resolving references, releases and returns.
 //! - [`loan`]: the owners behind zero-copy `Bytes` ([`Loan`], `Outgoing`, `Incoming`).
 //!

@@ -167,13 +167,13 @@ impl Session {
                     Piece::Inline(v) => {
                         let mut lease = self.alloc(v.len())?;
                         lease.copy_from_slice(&v);
-                        self.lend(Outgoing::new(lease), 0, v.len(), &mut pending)?
+                        self.refer(Outgoing::new(lease), 0, v.len(), &mut pending)?
                     }
                     Piece::Owned(lease) => {
                         let n = lease.len();
-                        self.lend(Outgoing::new(lease), 0, n, &mut pending)?
+                        self.refer(Outgoing::new(lease), 0, n, &mut pending)?
                     }
-                    Piece::Shared(Located::Ours { buf, offset, len }) => self.lend(buf, offset, len, &mut pending)?,
+                    Piece::Shared(Located::Ours { buf, offset, len }) => self.refer(buf, offset, len, &mut pending)?,
                     Piece::Shared(Located::Theirs { region, offset, len }) => {
                         let r = v1::Region { segment: region.segment, generation: region.generation, offset, len };
                         pending.returning.push(region);
@@ -188,7 +188,7 @@ impl Session {
                 let mut dst: &mut [u8] = &mut lease;
                 item.encode(&mut dst).expect("the lease holds exactly encoded_len bytes");
             }
-            vec![self.lend(Outgoing::new(lease), 0, len, &mut pending)?]
+            vec![self.refer(Outgoing::new(lease), 0, len, &mut pending)?]
         };
         // Commit: from here the peer may read and must release.
         {
@@ -235,7 +235,7 @@ impl Session {
     }
 
     /// A `sender` part for `len` bytes at `offset` of `buf`, registering the segment first if the peer lacks it.
-    fn lend(
+    fn refer(
         &self,
         buf: Arc<Outgoing>,
         offset: usize,

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use shmgrpc::fdpass;
 
-pub const ROLE: &str = "SHMGRPC_TEST_CHILD_ROLE";
-pub const SOCK: &str = "SHMGRPC_TEST_CHILD_SOCK";
+pub(crate) const ROLE: &str = "SHMGRPC_TEST_CHILD_ROLE";
+pub(crate) const SOCK: &str = "SHMGRPC_TEST_CHILD_SOCK";
 
 /// A child process of the test binary, killed and reaped on drop (so a failing test leaves no process behind).
-pub struct Child {
+pub(crate) struct Child {
     pub child: std::process::Child,
     pub sock: UnixStream,
     _dir: tempfile::TempDir,
@@ -22,11 +22,11 @@ pub struct Child {
 
 impl Child {
     /// Starts `role` in a child process and waits for it to connect.
-    pub fn spawn(role: &str) -> Child {
+    pub(crate) fn spawn(role: &str) -> Child {
         Self::spawn_with(role, &[])
     }
 
-    pub fn spawn_with(role: &str, env: &[(&str, &str)]) -> Child {
+    pub(crate) fn spawn_with(role: &str, env: &[(&str, &str)]) -> Child {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -60,17 +60,17 @@ impl Child {
         Child { child, sock, _dir: dir }
     }
 
-    pub fn ask(&self, line: &str, fds: &[BorrowedFd<'_>]) -> String {
+    pub(crate) fn ask(&self, line: &str, fds: &[BorrowedFd<'_>]) -> String {
         send(&self.sock, line, fds);
         recv(&self.sock).0
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// `kill -9` and reap.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -83,7 +83,7 @@ impl Drop for Child {
 }
 
 /// Sends one line (with descriptors). Every exchange is a request and a reply, so lines never merge.
-pub fn send(sock: &UnixStream, line: &str, fds: &[BorrowedFd<'_>]) {
+pub(crate) fn send(sock: &UnixStream, line: &str, fds: &[BorrowedFd<'_>]) {
     let msg = format!("{line}\n");
     if fds.is_empty() {
         (&*sock).write_all(msg.as_bytes()).unwrap();
@@ -94,7 +94,7 @@ pub fn send(sock: &UnixStream, line: &str, fds: &[BorrowedFd<'_>]) {
 }
 
 /// Receives one line and the descriptors that came with it; an empty string means the peer closed.
-pub fn recv(sock: &UnixStream) -> (String, Vec<OwnedFd>) {
+pub(crate) fn recv(sock: &UnixStream) -> (String, Vec<OwnedFd>) {
     let mut out = Vec::new();
     let mut fds = Vec::new();
     loop {
@@ -110,28 +110,28 @@ pub fn recv(sock: &UnixStream) -> (String, Vec<OwnedFd>) {
 }
 
 /// The child's end: connects to the parent.
-pub fn child_socket() -> UnixStream {
+pub(crate) fn child_socket() -> UnixStream {
     UnixStream::connect(std::env::var(SOCK).expect("child socket path")).unwrap()
 }
 
 /// Fills `buf` with a pattern that differs per position and per `seed`.
-pub fn fill(buf: &mut [u8], seed: u8) {
+pub(crate) fn fill(buf: &mut [u8], seed: u8) {
     for (i, b) in buf.iter_mut().enumerate() {
         *b = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 12) as u8);
     }
 }
 
-pub fn crc(buf: &[u8]) -> u32 {
+pub(crate) fn crc(buf: &[u8]) -> u32 {
     crc32fast::hash(buf)
 }
 
 /// Whether a POSIX segment name exists in /dev/shm.
-pub fn posix_exists(name: &str) -> bool {
+pub(crate) fn posix_exists(name: &str) -> bool {
     std::path::Path::new("/dev/shm").join(name.trim_start_matches('/')).exists()
 }
 
 /// Whether a System V id still exists.
-pub fn sysv_exists(id: i32) -> bool {
+pub(crate) fn sysv_exists(id: i32) -> bool {
     std::fs::read_to_string("/proc/sysvipc/shm")
         .unwrap()
         .lines()

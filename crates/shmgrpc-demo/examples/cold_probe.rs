@@ -10,7 +10,7 @@
 //! Every payload is written before the call and every reply is checked (crc32) after it.
 use std::time::Instant;
 
-use shmgrpc::demo::{BlobClient, Payload, payload, verify};
+use shmgrpc_demo::{BlobClient, Payload, payload, verify};
 
 async fn burst(c: &mut BlobClient<shmgrpc::ShmChannel>) -> Result<f64, Box<dyn std::error::Error>> {
     let frames: Vec<Payload> = (0..30).map(|i| payload(4 << 20, i)).collect();

@@ -1,8 +1,8 @@
 //! The demo blob service: echo, upload, download and their streaming variants, with every payload checksummed.
 //!
-//! Used by `shmgrpc serve` / `shmgrpc call`, the README and the tests. Built with [`crate::ShmCodec`], so it moves
-//! large payloads through shared memory under [`crate::ShmServer`] and [`crate::ShmChannel`], and is a plain gRPC
-//! service otherwise.
+//! Used by `shmgrpc serve` / `shmgrpc call`, the README, the examples, the benchmarks and the tests. Built with
+//! [`shmgrpc::ShmCodec`], so it moves large payloads through shared memory under [`shmgrpc::ShmServer`] and
+//! [`shmgrpc::ShmChannel`], and is a plain gRPC service otherwise. Its proto is `proto/blob.proto`.
 
 use std::fmt;
 use std::future::Future;
@@ -16,9 +16,24 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-pub use crate::proto::demo::blob_client::BlobClient;
-pub use crate::proto::demo::blob_server::{Blob, BlobServer};
-pub use crate::proto::demo::{Digest, DigestList, DownloadRequest, Payload};
+mod proto {
+    //! Generated code, compiled from `proto/blob.proto` by `build.rs`.
+    #![allow(missing_docs, missing_debug_implementations, unreachable_pub, clippy::all, clippy::pedantic)]
+
+    /// The blob service built with [`shmgrpc::ShmCodec`].
+    pub mod demo {
+        tonic::include_proto!("shmgrpc.demo.v1");
+    }
+
+    /// The blob service generated with tonic's own prost codec: plain gRPC, for baselines and fallback tests.
+    pub mod demo_plain {
+        include!(concat!(env!("OUT_DIR"), "/plain/shmgrpc.demo.v1.rs"));
+    }
+}
+
+pub use proto::demo::blob_client::BlobClient;
+pub use proto::demo::blob_server::{Blob, BlobServer};
+pub use proto::demo::{Digest, DigestList, DownloadRequest, Payload};
 
 /// The same service with tonic's own prost codec (`tonic_prost::ProstCodec`): a plain gRPC client and server.
 pub mod plain {
@@ -63,7 +78,7 @@ pub fn verify(p: &Payload) -> Result<(), Status> {
 
 fn digest(p: &Payload) -> Result<Digest, Status> {
     verify(p)?;
-    Ok(Digest { len: p.data.len() as u64, crc32: p.crc32, via_shm: crate::session::is_shared(&p.data) })
+    Ok(Digest { len: p.data.len() as u64, crc32: p.crc32, via_shm: shmgrpc::is_shared(&p.data) })
 }
 
 /// The blob service.
@@ -101,7 +116,7 @@ impl Blob for BlobService {
         // delays other calls' tasks.
         let size = download_size(request.get_ref())?;
         let make = move || {
-            let mut loan = crate::server::loan(&request, size);
+            let mut loan = shmgrpc::server::loan(&request, size);
             fill_pattern(&mut loan, request.get_ref().seed);
             let crc32 = crc32fast::hash(&loan);
             Payload { data: loan.freeze(), crc32, note: String::new() }
@@ -250,7 +265,7 @@ pub fn server_builder() -> tonic::transport::Server {
 /// any size work too. `ready` gets the bound addresses (TCP port 0 resolved) before serving starts.
 pub async fn serve(
     addrs: &[Addr],
-    shm: Option<crate::ShmLayer>,
+    shm: Option<shmgrpc::ShmLayer>,
     ready: impl FnOnce(&[Addr]),
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {

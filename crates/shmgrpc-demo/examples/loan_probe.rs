@@ -1,6 +1,6 @@
 //! Probe: the same loaned payload echoed again and again, to isolate the transport cost from writing and checking.
 //! `cargo run --release -p shmgrpc --example loan_probe -- SIZE_BYTES CALLS`
-use shmgrpc::demo::{Addr, BlobClient, BlobServer, BlobService, Payload};
+use shmgrpc_demo::{Addr, BlobClient, BlobServer, BlobService, Payload};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -14,7 +14,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addrs = vec![Addr::Unix(path.clone())];
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let _ = shmgrpc::demo::serve(
+        let _ = shmgrpc_demo::serve(
             &addrs,
             Some(layer),
             move |_| {

@@ -7,6 +7,7 @@
 //! * `release`: a lease back to its pool; a loan frozen into `Bytes` and dropped.
 //! * `round_trip`: echo through a real `ShmServer` and `ShmChannel` over a Unix socket in this process, against
 //!   plain tonic over the same kind of socket, at 1 KiB and 20 MiB.
+#![allow(missing_docs)] // criterion_group! generates an undocumented public function.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -14,13 +15,13 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
-use shmgrpc::demo::{self, Addr, BlobClient, Payload};
 use shmgrpc::{PeerSegment, Pool, PoolConfig, Segment, SegmentOptions, ShmChannel, ShmServer};
+use shmgrpc_demo::{Addr, BlobClient, Payload};
 
 const SIZE: usize = 20 << 20;
 
 fn encode(c: &mut Criterion) {
-    let p = demo::payload(SIZE, 1);
+    let p = shmgrpc_demo::payload(SIZE, 1);
     let len = p.encoded_len();
     let pool = Pool::new(PoolConfig::default()).unwrap();
     pool.preallocate(len, 1).unwrap();
@@ -48,7 +49,7 @@ impl AsRef<[u8]> for View {
 }
 
 fn decode(c: &mut Criterion) {
-    let encoded = demo::payload(SIZE, 2).encode_to_vec();
+    let encoded = shmgrpc_demo::payload(SIZE, 2).encode_to_vec();
     let mut seg = Segment::create(encoded.len(), &SegmentOptions::default()).unwrap();
     seg.as_mut_slice().copy_from_slice(&encoded);
     let peer = Arc::new(PeerSegment::open(seg.share().unwrap(), encoded.len() as u64).unwrap());
@@ -89,7 +90,7 @@ fn round_trip(c: &mut Criterion) {
             let done = async move {
                 let _ = stopped.wait_for(|&s| s).await;
             };
-            demo::serve(&[Addr::Unix(sock)], layer, move |_| ready.send(()).unwrap(), done).await.unwrap();
+            shmgrpc_demo::serve(&[Addr::Unix(sock)], layer, move |_| ready.send(()).unwrap(), done).await.unwrap();
         });
         is_ready.recv().unwrap();
     }
@@ -106,7 +107,7 @@ fn round_trip(c: &mut Criterion) {
     let mut g = c.benchmark_group("round_trip");
     g.sample_size(20);
     for size in [1024, SIZE] {
-        let p = demo::payload(size, 3);
+        let p = shmgrpc_demo::payload(size, 3);
         for (name, client) in &clients {
             g.bench_with_input(BenchmarkId::new(*name, size), &size, |b, _| {
                 b.iter(|| {

@@ -1,6 +1,6 @@
 //! Probe: 1 KiB echoes through shmgrpc and through plain tonic over Unix sockets in one process, interleaved call
 //! by call so both see the same machine. `cargo run --release -p shmgrpc --example small_probe -- CALLS`
-use shmgrpc::demo::{Addr, BlobClient};
+use shmgrpc_demo::{Addr, BlobClient};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,14 +17,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let ready = move |_: &[Addr]| {
                 let _ = tx.send(());
             };
-            let _ = shmgrpc::demo::serve(&addrs, layer, ready, std::future::pending()).await;
+            let _ = shmgrpc_demo::serve(&addrs, layer, ready, std::future::pending()).await;
         });
         rx.await?;
         let config = shmgrpc::ClientConfig::default().shared_memory(name == "shm");
         let ch = shmgrpc::ShmChannel::connect_with(&format!("unix:{}", path.display()), config).await?;
         clients.push((name, BlobClient::new(ch), Vec::with_capacity(calls)));
     }
-    let p = shmgrpc::demo::payload(1024, 1);
+    let p = shmgrpc_demo::payload(1024, 1);
     for _ in 0..calls {
         for (name, c, t) in clients.iter_mut() {
             if only.as_deref().is_some_and(|o| o != *name) {
