@@ -118,13 +118,15 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the server process")?;
-        let mut addrs = Vec::new();
         for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-            let line = line?;
-            if let Some(a) = line.strip_prefix("listening ") {
-                addrs.push(a.to_string());
-            }
-            if line == "ready" {
+            // The readiness line (`serve`'s only stdout line): JSON with the bound addresses.
+            if let Ok(ready) = serde_json::from_str::<serde_json::Value>(&line?)
+                && ready["event"] == "ready"
+            {
+                let addrs = ready["listen"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                    .unwrap_or_default();
                 return Ok(Server { child, addrs });
             }
         }
@@ -298,7 +300,8 @@ struct Group {
 struct Lane {
     transport: Transport,
     server_pid: u32,
-    clients: Vec<(BlobClient<ShmChannel>, Option<ShmChannel>)>,
+    /// Each client with its channel, and whether it writes requests into loans.
+    clients: Vec<(BlobClient<ShmChannel>, ShmChannel, bool)>,
     acc: Acc,
 }
 
@@ -314,43 +317,46 @@ struct Acc {
 }
 
 /// Runs `n` calls on every client of `lane` at once, adding times, CPU, peak RSS and shm messages to its figures.
-/// (Only one lane runs at a time, so the process-wide figures belong to it.)
+/// (Only one lane runs at a time, so the process's CPU and RSS figures belong to it.)
 async fn measure_block(lane: &mut Lane, g: &Group, n: usize, block: usize, bar: &ProgressBar) -> anyhow::Result<()> {
     let me = std::process::id();
     reset_peak_rss(me);
     reset_peak_rss(lane.server_pid);
     let (cpu_c0, cpu_s0) = (cpu_seconds(me), cpu_seconds(lane.server_pid));
-    let before = shmgrpc::stats::snapshot();
+    let shm_messages = |clients: &[(BlobClient<ShmChannel>, ShmChannel, bool)]| -> u64 {
+        clients.iter().map(|(_, ch, _)| ch.stats()).map(|s| s.shm_sent + s.shm_received).sum()
+    };
+    let before = shm_messages(&lane.clients);
     let tasks: Vec<_> = std::mem::take(&mut lane.clients)
         .into_iter()
-        .map(|(mut c, loans)| {
+        .map(|(mut c, ch, loan)| {
             let (op, size, messages, bar) = (g.op, g.size, g.messages, bar.clone());
             tokio::spawn(async move {
                 let mut out = Vec::with_capacity(n);
                 for i in 0..n {
                     let seed = (block * 100_000 + i + 1) as u32;
-                    let r = call_once(&mut c, loans.as_ref(), op, size, messages, seed).await?;
+                    let r = call_once(&mut c, &ch, loan.then_some(&ch), op, size, messages, seed).await?;
                     out.push((r.transport.as_nanos() as u64, r.end_to_end.as_nanos() as u64));
                     bar.inc(1);
                 }
-                anyhow::Ok((c, loans, out))
+                anyhow::Ok((c, ch, loan, out))
             })
         })
         .collect();
     for t in tasks {
-        let (c, loans, out) = t.await??;
-        lane.clients.push((c, loans));
+        let (c, ch, loan, out) = t.await??;
+        lane.clients.push((c, ch, loan));
         for (a, b) in out {
             lane.acc.tr.push(a);
             lane.acc.e2e.push(b);
         }
     }
-    let after = shmgrpc::stats::snapshot();
+    let after = shm_messages(&lane.clients);
     lane.acc.client_cpu += cpu_seconds(me) - cpu_c0;
     lane.acc.server_cpu += cpu_seconds(lane.server_pid) - cpu_s0;
     lane.acc.client_rss = lane.acc.client_rss.max(peak_rss_bytes(me));
     lane.acc.server_rss = lane.acc.server_rss.max(peak_rss_bytes(lane.server_pid));
-    lane.acc.shm_messages += (after.shm_sent - before.shm_sent) + (after.shm_received - before.shm_received);
+    lane.acc.shm_messages += after - before;
     Ok(())
 }
 
@@ -422,12 +428,12 @@ pub(crate) async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 if !plain_client && !ch.is_shared_memory() {
                     bail!("no shared-memory session with the shmgrpc server: {:?}", ch.fallback());
                 }
-                let loans = (transport == Transport::Loan).then_some(ch.clone());
+                let loan = transport == Transport::Loan;
                 let warm_up = if g.size * g.messages <= 64 << 20 { WARM_UP } else { 1 };
                 for seed in 0..warm_up {
-                    call_once(&mut c, loans.as_ref(), g.op, g.size, g.messages, seed).await?;
+                    call_once(&mut c, &ch, loan.then_some(&ch), g.op, g.size, g.messages, seed).await?;
                 }
-                clients.push((c, loans));
+                clients.push((c, ch, loan));
             }
             lanes.push(Lane { transport, server_pid: server.pid(), clients, acc: Acc::default() });
         }

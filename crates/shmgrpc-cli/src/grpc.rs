@@ -56,6 +56,10 @@ pub(crate) struct CallArgs {
     /// Print only the last call.
     #[arg(long)]
     quiet: bool,
+    /// Print JSON lines instead of text: `{"event":"connected",...}`, one `{"event":"call",...}` per call, and
+    /// `{"event":"done",...}` with the channel's transfer counters.
+    #[arg(long)]
+    json: bool,
     /// Keep every reply until the command ends, instead of dropping each after checking it (the server's buffers
     /// stay lent: exercises the release protocol and reclamation).
     #[arg(long)]
@@ -90,6 +94,24 @@ impl Op {
     }
 }
 
+/// The readiness line `serve` prints on stdout once every address accepts calls: one line of JSON, for example
+/// `{"event":"ready","pid":42,"listen":["unix:/tmp/g.sock","127.0.0.1:40123"],"side_channel":"/tmp/shmgrpc-42-….sock","shared_memory":true,"protocol_version":2}`.
+#[derive(serde::Serialize, Debug)]
+pub(crate) struct Ready {
+    /// Always `"ready"`.
+    pub(crate) event: &'static str,
+    /// The server's process id.
+    pub(crate) pid: u32,
+    /// Bound addresses (`unix:/path`, `host:port` with the real port), in the order of `--listen`.
+    pub(crate) listen: Vec<String>,
+    /// Path of the side-channel socket; absent with `--plain`.
+    pub(crate) side_channel: Option<String>,
+    /// Whether the server speaks shmgrpc (false with `--plain`).
+    pub(crate) shared_memory: bool,
+    /// The highest protocol version the server speaks.
+    pub(crate) protocol_version: u32,
+}
+
 pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut config = shmgrpc::ServerConfig::default().pool_config(shmgrpc::PoolConfig::default().backend(a.backend));
     if let Some(path) = a.side_channel {
@@ -103,14 +125,23 @@ pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let layer = shm.as_ref().map(|s| s.layer());
     let side = shm.as_ref().map(|s| s.side_channel_path().display().to_string());
     let ready = |bound: &[Addr]| {
+        // People read stderr; programs (the bench, the tests, a supervisor) read the one JSON line on stdout.
         for b in bound {
-            println!("listening {b}");
+            eprintln!("listening {b}");
         }
         match &side {
-            Some(p) => println!("side channel unix:{p}"),
-            None => println!("plain gRPC, no shared memory"),
+            Some(p) => eprintln!("side channel unix:{p}"),
+            None => eprintln!("plain gRPC, no shared memory"),
         }
-        println!("ready");
+        let line = Ready {
+            event: "ready",
+            pid: std::process::id(),
+            listen: bound.iter().map(ToString::to_string).collect(),
+            side_channel: side.clone(),
+            shared_memory: side.is_some(),
+            protocol_version: shmgrpc::protocol::PROTOCOL_VERSION,
+        };
+        println!("{}", serde_json::to_string(&line).expect("plain data serializes"));
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
@@ -151,13 +182,14 @@ pub(crate) struct CallResult {
 
 pub(crate) async fn call_once(
     c: &mut BlobClient<ShmChannel>,
+    ch: &ShmChannel,
     loans: Option<&ShmChannel>,
     op: Op,
     size: usize,
     messages: usize,
     seed: u32,
 ) -> anyhow::Result<CallResult> {
-    call_keep(c, loans, op, size, messages, seed, &mut Vec::new()).await
+    call_keep(c, ch, loans, op, size, messages, seed, &mut Vec::new()).await
 }
 
 /// The request payload: written in full, into a loan of `loans` when given (sent without a copy), else into
@@ -177,8 +209,10 @@ fn request_payload(loans: Option<&ShmChannel>, size: usize, seed: u32) -> Payloa
 /// Like [`call_once`], pushing the reply's payloads (if any) into `kept`. Streams (`messages` frames) are timed from
 /// the call to the last reply; the receiver checks each frame as it arrives, inside that time, as a streaming
 /// consumer would.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn call_keep(
     c: &mut BlobClient<ShmChannel>,
+    ch: &ShmChannel,
     loans: Option<&ShmChannel>,
     op: Op,
     size: usize,
@@ -186,7 +220,8 @@ pub(crate) async fn call_keep(
     seed: u32,
     kept: &mut Vec<Payload>,
 ) -> anyhow::Result<CallResult> {
-    let before = shmgrpc::stats::snapshot();
+    // The channel's own counters (a client's clones share them; concurrent calls on clones blur per-call figures).
+    let before = ch.stats();
     let t0 = Instant::now();
     let (transport, ok) = match op {
         Op::Echo | Op::Upload => {
@@ -254,7 +289,7 @@ pub(crate) async fn call_keep(
     if !ok {
         bail!("the reply does not match what was sent");
     }
-    let after = shmgrpc::stats::snapshot();
+    let after = ch.stats();
     Ok(CallResult {
         transport,
         end_to_end,
@@ -272,20 +307,46 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<()> {
         .shared_memory(!a.plain)
         .pool_config(shmgrpc::PoolConfig::default().backend(a.backend));
     let (mut c, ch) = client_with(&a.target, config).await?;
-    match ch.fallback() {
-        None if ch.is_shared_memory() => println!("connected to {}: shared memory session", a.target),
-        None => println!("connected to {}: plain gRPC (requested)", a.target),
-        Some(why) => println!("connected to {}: inline only ({why})", a.target),
+    if a.json {
+        let line = serde_json::json!({
+            "event": "connected",
+            "target": a.target,
+            "shared_memory": ch.is_shared_memory(),
+            "fallback": ch.fallback().map(|f| f.label()),
+        });
+        println!("{line}");
+    } else {
+        match ch.fallback() {
+            None if ch.is_shared_memory() => println!("connected to {}: shared memory session", a.target),
+            None => println!("connected to {}: plain gRPC (requested)", a.target),
+            Some(why) => println!("connected to {}: inline only ({why})", a.target),
+        }
     }
     let mut kept = Vec::new();
     for i in 0..a.repeat {
         let loans = a.loan.then_some(&ch);
-        let r = call_keep(&mut c, loans, a.op, size, a.messages, i as u32, &mut kept).await?;
+        let r = call_keep(&mut c, &ch, loans, a.op, size, a.messages, i as u32, &mut kept).await?;
         if !a.keep {
             kept.clear();
         }
         let via = |n: u64| if n > 0 { "shm" } else { "inline" };
         if a.quiet && i + 1 < a.repeat {
+            continue;
+        }
+        if a.json {
+            let line = serde_json::json!({
+                "event": "call",
+                "call": i,
+                "op": format!("{:?}", a.op),
+                "size": size,
+                "messages": if a.op.streams() { a.messages } else { 1 },
+                "transport_ms": ms(r.transport),
+                "end_to_end_ms": ms(r.end_to_end),
+                "request": via(r.shm.0),
+                "response": via(r.shm.1),
+                "checksum": "ok",
+            });
+            println!("{line}");
             continue;
         }
         let frames = if a.op.streams() { format!(" x {}", a.messages) } else { String::new() };
@@ -298,6 +359,20 @@ pub(crate) async fn call(a: CallArgs) -> anyhow::Result<()> {
             via(r.shm.0),
             via(r.shm.1)
         );
+    }
+    if a.json {
+        let s = ch.stats();
+        let fallbacks: serde_json::Map<String, serde_json::Value> =
+            s.fallbacks.iter().map(|(f, n)| (f.label().to_string(), (*n).into())).collect();
+        let line = serde_json::json!({
+            "event": "done",
+            "shm_sent": s.shm_sent,
+            "shm_received": s.shm_received,
+            "inline_sent": s.inline_sent,
+            "inline_received": s.inline_received,
+            "fallbacks": fallbacks,
+        });
+        println!("{line}");
     }
     drop(kept);
     if let Some(pool) = ch.pool() {

@@ -16,7 +16,7 @@ use tonic::{Code, Request, Status};
 
 mod common;
 
-use common::{BIN, client, eventually, serve, serve_here};
+use common::{BIN, calls_via, client, eventually, json_lines, serve, serve_here};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_kind_moves_payloads_through_shared_memory_both_ways() {
@@ -26,16 +26,18 @@ async fn every_rpc_kind_moves_payloads_through_shared_memory_both_ways() {
     let mut c = client(&ch);
     let size = 1 << 20;
 
-    // (The transfer counters are per process and other tests run alongside: check deltas as lower bounds.)
-    let before = shmgrpc::stats::snapshot();
+    // The channel's own counters: other tests of this binary run alongside and move the process-wide ones.
+    let before = ch.stats();
     let p = shmgrpc_demo::payload(size, 1);
     let r = c.echo(p.clone()).await.unwrap().into_inner();
     assert_eq!(r.crc32, p.crc32);
     shmgrpc_demo::verify(&r).unwrap();
     assert!(shmgrpc::is_shared(&r.data), "echo reply not in shared memory");
-    let after = shmgrpc::stats::snapshot();
-    assert!(after.shm_sent > before.shm_sent);
+    let after = ch.stats();
+    assert_eq!(after.shm_sent - before.shm_sent, 1);
+    assert_eq!(after.shm_received - before.shm_received, 1);
     assert!(after.shm_received_bytes - before.shm_received_bytes >= size as u64);
+    assert_eq!((after.inline_sent, after.fallbacks_total()), (before.inline_sent, 0));
 
     let d = c.upload(shmgrpc_demo::payload(size, 2)).await.unwrap().into_inner();
     assert!(d.via_shm, "the server did not receive the upload through shared memory");
@@ -128,11 +130,12 @@ async fn shmgrpc_client_against_a_plain_tonic_server_goes_inline() {
         assert!(!ch.is_shared_memory());
         assert_eq!(ch.fallback(), Some(Fallback::PeerLacksShmgrpc));
         let mut c = client(&ch);
-        let before = shmgrpc::stats::snapshot();
         let r = c.echo(shmgrpc_demo::payload(1 << 20, 1)).await.unwrap().into_inner();
         shmgrpc_demo::verify(&r).unwrap();
-        let after = shmgrpc::stats::snapshot();
-        assert_eq!(after.shm_sent, before.shm_sent, "a reference was sent to a plain server");
+        let stats = ch.stats();
+        assert_eq!(stats.shm_sent, 0, "a reference was sent to a plain server");
+        assert_eq!((stats.inline_sent, stats.inline_received), (1, 1), "{stats:?}");
+        assert_eq!(stats.fallback(Fallback::PeerLacksShmgrpc), 1, "{stats:?}");
     }
 }
 
@@ -161,32 +164,24 @@ async fn unreachable_side_channel_falls_back_inline() {
     assert!(!shmgrpc::is_shared(&r.data));
 }
 
+/// Needs root (a private mount namespace); `.ci/run` runs it explicitly with `--ignored`.
 #[test]
+#[ignore = "needs root"]
 fn a_client_in_a_private_mount_namespace_falls_back_inline() {
     let side_dir = tempfile::tempdir().unwrap();
     let side = side_dir.path().join("side.sock");
     let srv = serve(&["--side-channel", side.to_str().unwrap()]);
     // A private view of the side channel's directory and of /dev/shm, as in a container without --ipc=host.
     let script = format!(
-        "mount -t tmpfs none {} && mount -t tmpfs none /dev/shm && exec {BIN} call --target {} --size 1MiB --repeat 2",
+        "mount -t tmpfs none {} && mount -t tmpfs none /dev/shm && exec {BIN} call --target {} --size 1MiB --repeat 2 --json",
         side_dir.path().display(),
         srv.tcp
     );
-    let out = match Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output() {
-        Ok(o) => o,
-        Err(e) => {
-            println!("skipped: unshare is not available here ({e})");
-            return;
-        }
-    };
+    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && (text.contains("Operation not permitted") || text.contains("unshare failed")) {
-        println!("skipped: this machine does not allow a private mount namespace: {text}");
-        return;
-    }
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("inline only (side channel unreachable)"), "{text}");
-    assert_eq!(text.matches("request inline, response inline, checksum ok").count(), 2, "{text}");
+    assert_eq!(json_lines(&out.stdout)[0]["fallback"], "side_channel_unreachable", "{text}");
+    assert_eq!(calls_via(&out.stdout, "inline", "inline"), 2, "{text}");
 }
 
 /// Server in this process (so its pool can be inspected), client too: buffers come back by the release protocol
@@ -228,23 +223,23 @@ async fn a_killed_client_gives_back_every_buffer_it_held() {
     // The client keeps every reply: the server's buffers stay lent until it dies.
     let mut child = Command::new(BIN)
         .args(["call", "--target", &format!("unix:{}", sock.display()), "--op", "download", "--size", "2MiB"])
-        .args(["--repeat", "1000000", "--keep"])
+        .args(["--repeat", "1000000", "--keep", "--json"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    assert!(first.contains("shared memory session"), "{first}");
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["shared_memory"], true, "{first}");
     for _ in 0..5 {
-        let l = lines.next().unwrap().unwrap();
-        assert!(l.contains("response shm"), "{l}");
+        let l: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(l["response"], "shm", "{l}");
     }
     let _ = child.kill();
     let _ = child.wait();
     let start = Instant::now();
     while !(shm.sessions() == 0 && shm.pool().stats().is_idle()) {
         assert!(start.elapsed() < Duration::from_secs(10), "not reclaimed: {}", shm.pool().stats());
-        std::thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(shm.pool().stats().grows >= 5, "{}", shm.pool().stats());
     let _ = stop.send(());
@@ -326,7 +321,7 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
             Code::InvalidArgument,
         ),
     ];
-    let before = shmgrpc::stats::snapshot();
+    let before = ch.stats();
     for (what, body, code) in &cases {
         let err = raw_echo(&ch, body.clone()).await.unwrap_err();
         assert_eq!(err.code(), *code, "{what}: {err}");
@@ -342,8 +337,7 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
     let other = ShmChannel::connect(&srv.unix).await.unwrap();
     assert!(other.is_shared_memory());
     shmgrpc_demo::verify(&client(&other).echo(shmgrpc_demo::payload(2 << 20, 3)).await.unwrap().into_inner()).unwrap();
-    let after = shmgrpc::stats::snapshot();
-    assert_eq!(after.bad_references, before.bad_references, "the client itself received no bad reference");
+    assert_eq!(ch.stats().bad_references, before.bad_references, "the client itself received no bad reference");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,11 +354,13 @@ async fn messages_above_tonic_limits_need_no_settings() {
 #[test]
 fn one_gib_each_way_between_processes() {
     let srv = serve(&[]);
-    let out =
-        Command::new(BIN).args(["call", "--target", &srv.unix, "--size", "1GiB", "--repeat", "1"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["call", "--target", &srv.unix, "--size", "1GiB", "--repeat", "1", "--json"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("request shm, response shm, checksum ok"), "{text}");
+    assert_eq!(calls_via(&out.stdout, "shm", "shm"), 1, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,12 +420,12 @@ async fn loans_without_a_session_are_ordinary_memory() {
 fn call_with_loans_between_processes() {
     let srv = serve(&[]);
     let out = Command::new(BIN)
-        .args(["call", "--target", &srv.unix, "--size", "8MiB", "--repeat", "3", "--loan"])
+        .args(["call", "--target", &srv.unix, "--size", "8MiB", "--repeat", "3", "--loan", "--json"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("request shm, response shm, checksum ok").count(), 3, "{text}");
+    assert_eq!(calls_via(&out.stdout, "shm", "shm"), 3, "{text}");
 }
 
 #[test]
@@ -437,19 +433,19 @@ fn posix_and_sysv_segments_can_be_exchanged_by_name() {
     for (server, client) in [("sysv", "posix"), ("posix", "sysv")] {
         let srv = serve(&["--backend", server]);
         let out = Command::new(BIN)
-            .args(["call", "--target", &srv.unix, "--size", "2MiB", "--repeat", "3", "--backend", client])
+            .args(["call", "--target", &srv.unix, "--size", "2MiB", "--repeat", "3", "--backend", client, "--json"])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{server}/{client}: {text}");
-        assert_eq!(text.matches("request shm, response shm, checksum ok").count(), 3, "{server}/{client}: {text}");
+        assert_eq!(calls_via(&out.stdout, "shm", "shm"), 3, "{server}/{client}: {text}");
         // Downloads come from the server's own (named) segments.
         let out = Command::new(BIN)
-            .args(["call", "--target", &srv.unix, "--size", "2MiB", "--repeat", "2", "--op", "download"])
+            .args(["call", "--target", &srv.unix, "--size", "2MiB", "--repeat", "2", "--op", "download", "--json"])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert_eq!(text.matches("response shm, checksum ok").count(), 2, "{server}/{client}: {text}");
+        assert_eq!(calls_via(&out.stdout, "inline", "shm"), 2, "{server}/{client}: {text}");
     }
 }
 
@@ -536,13 +532,13 @@ async fn the_in_flight_window_bounds_what_one_peer_holds_and_waits_a_bounded_tim
     let held = shm.session_stats().held_bytes;
     assert!((4 << 20..(4 << 20) + 4096).contains(&held), "held {held}");
     // The window is full: the next reply waits for a release, then goes inline.
-    let before = shmgrpc::stats::snapshot().fallback(shmgrpc::stats::Fallback::WindowFull);
+    let before = shm.stats().fallback(Fallback::WindowFull);
     let t = std::time::Instant::now();
     let d = c.download(download(9)).await.unwrap().into_inner();
     assert!(t.elapsed() >= Duration::from_millis(250), "it waited for the window: {:?}", t.elapsed());
     shmgrpc_demo::verify(&d).unwrap();
     assert!(!shmgrpc::is_shared(&d.data));
-    assert!(shmgrpc::stats::snapshot().fallback(shmgrpc::stats::Fallback::WindowFull) > before);
+    assert_eq!(shm.stats().fallback(Fallback::WindowFull), before + 1);
     assert_eq!(shm.session_stats().held_bytes, held, "nothing more is held");
     // A release opens the window: a waiting reply goes through shared memory as soon as it comes.
     let mut c2 = c.clone();
@@ -702,7 +698,7 @@ async fn killing_clients_mid_transfer_never_hurts_the_server() {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(20 + u64::from(seed % 150)));
+        tokio::time::sleep(Duration::from_millis(20 + u64::from(seed % 150))).await;
         let _ = child.kill();
         let _ = child.wait();
         // The bystander is served all along, through shared memory.

@@ -1,24 +1,23 @@
 //! Isolation between uids: another uid cannot open or attach our segments nor reach our side channel, and is
-//! served inline unless the server allows it. Needs root (to create the second uid); otherwise skipped with a
-//! message saying why.
+//! served inline unless the server allows it. Needs root (to create the second uid): the tests are
+//! `#[ignore = "needs root"]`, and `.ci/run` (which runs as root) runs them explicitly with `--ignored`. Run that
+//! way, a missing prerequisite is a failure, not a skip.
 
 mod common;
 
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 
-use common::{BIN, serve};
+use common::{BIN, calls_via, json_lines, serve};
 use shmgrpc::segment::SysVKey;
 use shmgrpc::{Backend, Segment, SegmentHandle, SegmentOptions};
 
 const USER: &str = "shmgrpc-iso";
 
-/// The second uid and gid, created if needed; `None` (after saying why) when this machine cannot have one.
-fn other() -> Option<(u32, u32)> {
-    if rustix::process::getuid().as_raw() != 0 {
-        println!("skipped: creating a second uid needs root");
-        return None;
-    }
+/// The second uid and gid (created if needed), and a copy of the `shmgrpc` binary it may execute (the build
+/// directory may sit under a private home).
+fn other() -> ((u32, u32), UserBin) {
+    assert_eq!(rustix::process::getuid().as_raw(), 0, "creating a second uid needs root");
     let id = |flag: &str| -> Option<u32> {
         let out = Command::new("id").args([flag, USER]).output().ok()?;
         String::from_utf8(out.stdout).ok()?.trim().parse().ok()
@@ -26,18 +25,36 @@ fn other() -> Option<(u32, u32)> {
     if id("-u").is_none() {
         let made = Command::new("useradd")
             .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER])
-            .output();
-        if !made.as_ref().is_ok_and(|o| o.status.success()) {
-            println!("skipped: useradd failed: {made:?}");
-            return None;
-        }
+            .output()
+            .expect("useradd");
+        assert!(made.status.success(), "useradd failed: {made:?}");
     }
-    let (uid, gid) = (id("-u")?, id("-g")?);
-    if !as_user((uid, gid), BIN, &["--version"]).status.success() {
-        println!("skipped: {BIN} is not executable by uid {uid} (a parent directory is private)");
-        return None;
+    let user = (id("-u").unwrap(), id("-g").unwrap());
+    let bin = UserBin::new();
+    let out = as_user(user, bin.path(), &["--version"]);
+    assert!(out.status.success(), "uid {} cannot run {}: {}", user.0, bin.path(), text(&out));
+    (user, bin)
+}
+
+/// A copy of the binary in a fresh world-readable directory under `/tmp`, removed on drop.
+struct UserBin {
+    _dir: tempfile::TempDir,
+    path: String,
+}
+
+impl UserBin {
+    fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new().prefix("shmgrpc-iso").tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("shmgrpc");
+        std::fs::copy(BIN, &path).unwrap();
+        UserBin { path: path.to_str().unwrap().to_string(), _dir: dir }
     }
-    Some((uid, gid))
+
+    fn path(&self) -> &str {
+        &self.path
+    }
 }
 
 fn as_user((uid, gid): (u32, u32), prog: &str, args: &[&str]) -> Output {
@@ -53,27 +70,29 @@ fn text(o: &Output) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn another_uid_is_served_inline_unless_allowed() {
-    let Some(user) = other() else { return };
+    let (user, bin) = other();
     let srv = serve(&[]);
-    let out = as_user(user, BIN, &["call", "--target", &srv.tcp, "--size", "1MiB", "--repeat", "2"]);
+    let out = as_user(user, bin.path(), &["call", "--target", &srv.tcp, "--size", "1MiB", "--repeat", "2", "--json"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("inline only"), "{t}");
-    assert_eq!(t.matches("request inline, response inline, checksum ok").count(), 2, "{t}");
+    assert!(json_lines(&out.stdout)[0]["fallback"].is_string(), "{t}");
+    assert_eq!(calls_via(&out.stdout, "inline", "inline"), 2, "{t}");
 
     let uid = user.0.to_string();
     let srv = serve(&["--allow-uid", &uid]);
-    let out = as_user(user, BIN, &["call", "--target", &srv.tcp, "--size", "1MiB", "--repeat", "2"]);
+    let out = as_user(user, bin.path(), &["call", "--target", &srv.tcp, "--size", "1MiB", "--repeat", "2", "--json"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("shared memory session"), "{t}");
-    assert_eq!(t.matches("request shm, response shm, checksum ok").count(), 2, "{t}");
+    assert_eq!(json_lines(&out.stdout)[0]["shared_memory"], true, "{t}");
+    assert_eq!(calls_via(&out.stdout, "shm", "shm"), 2, "{t}");
 }
 
 #[test]
+#[ignore = "needs root"]
 fn another_uid_cannot_open_attach_or_reach_what_is_ours() {
-    let Some(user) = other() else { return };
+    let (user, _bin) = other();
     // POSIX: mode 0600, so the file cannot even be opened.
     let posix = Segment::create(4096, &SegmentOptions::new(Backend::Posix)).unwrap();
     let path = format!("/dev/shm{}", posix.posix_name().unwrap().as_str());
@@ -91,10 +110,7 @@ fn another_uid_cannot_open_attach_or_reach_what_is_ours() {
     let srv = serve(&[]);
     let side = srv.side.clone().unwrap();
     let py = |code: String| as_user(user, "/usr/bin/env", &["python3", "-c", &code]);
-    if Command::new("python3").arg("--version").output().is_err() {
-        println!("python3 not found: skipping the System V and socket checks");
-        return;
-    }
+    assert!(Command::new("python3").arg("--version").output().is_ok(), "python3 is needed for the socket checks");
     let out = py(format!(
         "import socket\ns=socket.socket(socket.AF_UNIX)\ntry:\n  s.connect({side:?}); print('connected')\nexcept PermissionError: print('denied')"
     ));

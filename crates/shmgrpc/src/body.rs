@@ -24,12 +24,20 @@ use tokio::time::Sleep;
 
 use crate::protocol::{MAX_REFERENCE_LEN, REGISTRATION_WAIT};
 use crate::session::{Role, Session};
+use crate::stats::{Event, Fallback, Recorder};
 use crate::wire;
 
-/// The session of the body being polled on this thread, and whether its messages must go inline.
+/// The call whose outgoing body is being polled on this thread: its session (if it has one), the channel's or
+/// server's counters, and whether its messages must go inline.
 #[derive(Clone)]
 pub(crate) struct Current {
-    pub(crate) session: Arc<Session>,
+    pub(crate) session: Option<Arc<Session>>,
+    pub(crate) recorder: Arc<Recorder>,
+    /// Messages from this size up are meant for shared memory (counted as fallbacks when they go inline).
+    pub(crate) threshold: usize,
+    /// Why a call without a session sends inline (`None`: shared memory is off for this channel or server, or the
+    /// peer never asked for a session).
+    pub(crate) fallback: Option<Fallback>,
     /// The in-flight window stayed full for the whole bounded wait.
     pub(crate) window_full: bool,
 }
@@ -43,9 +51,9 @@ pub(crate) fn current() -> Option<Current> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
-/// Whether a session body is being polled on this thread (without cloning its session).
-pub(crate) fn has_current() -> bool {
-    CURRENT.with(|c| c.borrow().is_some())
+/// Whether the body of a call with a session is being polled on this thread (without cloning anything).
+pub(crate) fn has_current_session() -> bool {
+    CURRENT.with(|c| c.borrow().as_ref().is_some_and(|c| c.session.is_some()))
 }
 
 /// Restores the previous current session when dropped (also on panic).
@@ -106,15 +114,35 @@ pin_project_lite::pin_project! {
     pub(crate) struct SessionBody<B> {
         #[pin]
         inner: B,
-        session: Arc<Session>,
+        current: Current,
         started: bool,
         wait: Option<Wait>,
     }
 }
 
 impl<B> SessionBody<B> {
+    /// Wraps the outgoing body of a call in `session`.
     pub(crate) fn new(inner: B, session: Arc<Session>) -> Self {
-        SessionBody { inner, session, started: false, wait: None }
+        let current = Current {
+            recorder: session.recorder().clone(),
+            threshold: session.threshold(),
+            session: Some(session),
+            fallback: None,
+            window_full: false,
+        };
+        SessionBody { inner, current, started: false, wait: None }
+    }
+
+    /// Wraps the outgoing body of a call without a session, counted for `recorder`: its messages from `threshold`
+    /// up count as fallbacks for `fallback`, if given.
+    pub(crate) fn without_session(
+        inner: B,
+        recorder: Arc<Recorder>,
+        threshold: usize,
+        fallback: Option<Fallback>,
+    ) -> Self {
+        let current = Current { session: None, recorder, threshold, fallback, window_full: false };
+        SessionBody { inner, current, started: true, wait: None }
     }
 }
 
@@ -124,11 +152,11 @@ impl<B: http_body::Body> http_body::Body for SessionBody<B> {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let mut window_full = false;
-        if !*this.started {
+        if !*this.started
+            && let Some(session) = this.current.session.clone()
+        {
             // Only before the first message: later polls may be for the trailers or the end of a call whose own
             // messages fill the window, and the peer may release them only once the call is complete.
-            let session = this.session.clone();
             if session.window_full() || session.pool_short() {
                 // Waiting for the peer's releases (window) or for any buffer to come back (budget), bounded.
                 let (notify, limit) = if session.window_full() {
@@ -140,14 +168,13 @@ impl<B: http_body::Body> http_body::Body for SessionBody<B> {
                 let ready = || !session.is_alive() || !(session.window_full() || session.pool_short());
                 match wait.poll(cx, notify, ready) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(opened) => window_full = !opened && session.window_full(),
+                    Poll::Ready(opened) => this.current.window_full = !opened && session.window_full(),
                 }
             }
             *this.started = true;
             *this.wait = None;
         }
-        let current = Current { session: this.session.clone(), window_full };
-        let prev = CURRENT.with(|c| c.borrow_mut().replace(current));
+        let prev = CURRENT.with(|c| c.borrow_mut().replace(this.current.clone()));
         let _restore = Restore(prev);
         this.inner.poll_frame(cx)
     }
@@ -192,6 +219,8 @@ pin_project_lite::pin_project! {
 /// The gRPC message stream of a call as `HoldBack` reads it.
 struct Scanner {
     role: Role,
+    /// Counts the messages that arrive inline (references are counted by the decoder, which resolves them).
+    recorder: Option<Arc<Recorder>>,
     scan: Scan,
     /// Bytes ready to hand on, in order.
     ready: VecDeque<Bytes>,
@@ -210,9 +239,9 @@ struct Held {
 }
 
 impl<B> HoldBack<B> {
-    /// Wraps the incoming body of a call on `role`'s end of its sessions.
-    pub(crate) fn new(inner: B, role: Role) -> Self {
-        HoldBack { inner, scanner: Scanner::new(role), trailers: None, done: false }
+    /// Wraps the incoming body of a call on `role`'s end, counting its inline messages for `recorder`.
+    pub(crate) fn new(inner: B, role: Role, recorder: Arc<Recorder>) -> Self {
+        HoldBack { inner, scanner: Scanner::new(role, Some(recorder)), trailers: None, done: false }
     }
 }
 
@@ -222,8 +251,22 @@ fn is_reference_message(flag: u8, len: usize, first: &[u8]) -> bool {
 }
 
 impl Scanner {
-    fn new(role: Role) -> Self {
-        Scanner { role, scan: Scan::Header(Vec::new()), ready: VecDeque::new(), held: None, backlog: VecDeque::new() }
+    fn new(role: Role, recorder: Option<Arc<Recorder>>) -> Self {
+        Scanner {
+            role,
+            recorder,
+            scan: Scan::Header(Vec::new()),
+            ready: VecDeque::new(),
+            held: None,
+            backlog: VecDeque::new(),
+        }
+    }
+
+    /// An ordinary (inline) message of `len` bytes begins.
+    fn inline_message(&self, len: usize) {
+        if let Some(r) = &self.recorder {
+            r.record(Event::InlineReceived(len));
+        }
     }
 
     /// Splits received data into pass-through chunks and whole reference messages; once a message is held, the rest
@@ -257,6 +300,7 @@ impl Scanner {
                         pos += take;
                         run = pos;
                     } else {
+                        self.inline_message(len);
                         self.scan = Scan::Passing(HEADER + len - take);
                         pos += take;
                     }
@@ -288,6 +332,7 @@ impl Scanner {
                         msg.extend_from_slice(&header);
                         self.scan = Scan::Collecting(msg, rest);
                     } else {
+                        self.inline_message(len);
                         self.ready.push_back(Bytes::from(header));
                         self.scan = Scan::Passing(rest);
                     }
@@ -432,7 +477,7 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
 /// Runs a byte stream from a peer through the scanner in chunks of `chunk` bytes, as a server that has no session
 /// named by it would; returns what it hands on (for tests and the fuzz target: it must equal the input).
 pub(crate) fn scan_all(stream: &[u8], chunk: usize) -> Vec<u8> {
-    let mut sc = Scanner::new(Role::Server);
+    let mut sc = Scanner::new(Role::Server, None);
     for c in stream.chunks(chunk.max(1)) {
         sc.feed(Bytes::copy_from_slice(c));
     }
@@ -475,7 +520,7 @@ mod tests {
             stream.extend(grpc_frame(body));
         }
         let chunk = Bytes::from(stream);
-        let mut sc = Scanner::new(Role::Client);
+        let mut sc = Scanner::new(Role::Client, None);
         sc.feed(chunk.clone());
         assert_eq!(sc.ready.len(), 1);
         assert_eq!(sc.ready[0].as_ptr(), chunk.as_ptr(), "handed on without a copy");

@@ -29,7 +29,7 @@ use crate::proto::v1::HelloRequest;
 use crate::proto::v1::session_client::SessionClient;
 use crate::protocol::{HANDSHAKE_TIMEOUT, PROTOCOL_VERSION};
 use crate::session::{Role, SendConfig, Session, SessionParams};
-use crate::stats::Fallback;
+use crate::stats::{Fallback, Recorder, Side, TransferStats};
 
 pub use crate::protocol::{DEFAULT_THRESHOLD, SESSION_HEADER};
 
@@ -92,6 +92,10 @@ pub struct ShmChannel {
 struct State {
     /// Session parameters; `None` when shared memory is switched off.
     params: Option<SessionParams>,
+    /// This channel's counters (the sessions' recorder when shared memory is on).
+    recorder: Arc<Recorder>,
+    /// Messages from this size up are meant for shared memory.
+    threshold: usize,
     session: RwLock<Option<Arc<SessionGuard>>>,
     fallback: Mutex<Option<Fallback>>,
     /// When a new session was last tried, and whether a try is running.
@@ -149,9 +153,13 @@ impl ShmChannel {
 
     /// Establishes a session over an existing channel (for channels built with custom tonic settings).
     pub async fn over(channel: Channel, config: ClientConfig) -> Result<ShmChannel, ConnectError> {
-        let params = if config.shared_memory { Some(config.send.into_params()?) } else { None };
+        let threshold = config.send.threshold;
+        let params = if config.shared_memory { Some(config.send.into_params(Side::Client)?) } else { None };
+        let recorder = params.as_ref().map_or_else(|| Recorder::new(Side::Client), |p| p.recorder.clone());
         let state = Arc::new(State {
             params,
+            recorder,
+            threshold,
             session: RwLock::new(None),
             fallback: Mutex::new(None),
             retry: Mutex::new((Some(Instant::now()), false)),
@@ -169,6 +177,13 @@ impl ShmChannel {
     /// Whether large messages currently go through shared memory.
     pub fn is_shared_memory(&self) -> bool {
         self.session().is_some_and(|s| s.is_alive())
+    }
+
+    /// This channel's transfer counters (all its clones together): messages and bytes through shared memory and
+    /// inline, fallbacks by reason, refusals of the server's frames (the process-wide sum is
+    /// [`crate::stats::snapshot`]).
+    pub fn stats(&self) -> TransferStats {
+        self.state.recorder.snapshot()
     }
 
     /// Figures of the session (all zero without one).
@@ -284,15 +299,23 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
         if self.state.params.is_some() && !session.as_ref().is_some_and(|s| s.is_alive()) {
             self.maybe_reopen();
         }
-        match &session {
+        let recorder = self.state.recorder.clone();
+        let req = match &session {
             Some(s) if s.is_alive() => {
                 let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone())));
                 req.headers_mut().insert(SESSION_HEADER, s.header().clone());
-                // References in the response may overtake their segments' registrations: hold them back until in.
-                ResponseFuture { inner: self.inner.call(req), hold_back: true }
+                req
             }
-            _ => ResponseFuture { inner: self.inner.call(req), hold_back: false },
-        }
+            _ => {
+                let fallback = if self.state.params.is_some() { self.fallback() } else { None };
+                req.map(|b| {
+                    Body::new(SessionBody::without_session(b, recorder.clone(), self.state.threshold, fallback))
+                })
+            }
+        };
+        // References in the response may overtake their segments' registrations: held back until in. Responses
+        // of calls without a session go through the same wrapper, which counts their messages for this channel.
+        ResponseFuture { inner: self.inner.call(req), recorder }
     }
 }
 
@@ -301,17 +324,17 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
 #[derive(Debug)]
 pub struct ResponseFuture {
     inner: tonic::transport::channel::ResponseFuture,
-    hold_back: bool,
+    recorder: Arc<Recorder>,
 }
 
 impl std::future::Future for ResponseFuture {
     type Output = Result<http::Response<Body>, tonic::transport::Error>;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let hold_back = self.hold_back;
+        let recorder = self.recorder.clone();
         std::pin::Pin::new(&mut self.inner)
             .poll(cx)
-            .map_ok(|resp| if hold_back { resp.map(|b| Body::new(HoldBack::new(b, Role::Client))) } else { resp })
+            .map_ok(|resp| resp.map(|b| Body::new(HoldBack::new(b, Role::Client, recorder))))
     }
 }
 

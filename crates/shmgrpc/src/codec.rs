@@ -18,6 +18,7 @@
 //! wrapper holds it back until the registration is in (`body.rs`), so the decoder never waits.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Buf;
@@ -27,7 +28,7 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 
 use crate::parts::PartsBuf;
 use crate::session::{Resolved, Role, Session};
-use crate::stats;
+use crate::stats::{self, Event, Fallback};
 use crate::wire;
 
 /// A gRPC codec for prost messages that moves large messages through shared memory (see the module docs).
@@ -83,7 +84,7 @@ impl<T: Message> Encoder for ShmEncoder<T> {
     /// encode (copy) all its frames before the first one leaves, where handing each on lets the peer work on frame
     /// 1 while frame 2 is encoded. Streams of small inline messages are gathered as by tonic's own codec.
     fn buffer_settings(&self) -> BufferSettings {
-        if crate::body::has_current() && !self.last_inline.load(Ordering::Relaxed) {
+        if crate::body::has_current_session() && !self.last_inline.load(Ordering::Relaxed) {
             BufferSettings::new(8 * 1024, 1)
         } else {
             BufferSettings::default()
@@ -92,30 +93,36 @@ impl<T: Message> Encoder for ShmEncoder<T> {
 
     fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         let len = item.encoded_len();
-        if let Some(current) = crate::body::current()
-            && len >= current.session.threshold()
+        let current = crate::body::current();
+        let record = |event| match &current {
+            Some(c) => c.recorder.record_both(event),
+            None => stats::global(event),
+        };
+        if let Some(c) = &current
+            && len >= c.threshold
         {
             let _span = tracing::trace_span!("shmgrpc_send", len).entered();
-            let sent = if current.window_full {
-                Err(stats::Fallback::WindowFull)
-            } else {
-                current.session.encode_to_shm(&item, len)
+            let sent = match &c.session {
+                None => Err(c.fallback),
+                Some(_) if c.window_full => Err(Some(Fallback::WindowFull)),
+                Some(session) => session.encode_to_shm(&item, len).map_err(Some),
             };
             match sent {
                 Ok(reference) => {
                     wire::encode_reference(reference, dst);
-                    stats::shm_sent(len);
+                    record(Event::ShmSent(len));
                     self.last_inline.store(false, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(reason) => {
-                    tracing::debug!(%reason, len, "sending inline");
-                    stats::fallback(reason);
+                Err(Some(reason)) => {
+                    tracing::trace!(%reason, len, "sending inline");
+                    record(Event::Fallback(reason));
                 }
+                Err(None) => {}
             }
         }
         item.encode(dst).map_err(|e| Status::internal(format!("encoding failed: {e}")))?;
-        stats::inline_sent(len);
+        record(Event::InlineSent(len));
         self.last_inline.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -132,33 +139,49 @@ impl<U: Message + Default> Decoder for ShmDecoder<U> {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         if wire::is_reference(src.chunk()) {
             let raw = src.copy_to_bytes(src.remaining());
-            let Resolved { parts, segments } = resolve(&raw).inspect_err(|_| stats::bad_reference())?;
+            let (session, resolved) = resolve(&raw);
+            let record = |event| match &session {
+                Some(s) => s.recorder().record_both(event),
+                None => stats::global(event),
+            };
+            let Resolved { parts, segments } = resolved.inspect_err(|_| record(Event::BadReference))?;
             let payload = PartsBuf::new(parts);
             let len = payload.remaining();
             let _span = tracing::trace_span!("shmgrpc_receive", len).entered();
             let msg = U::decode(payload);
             if segments.iter().any(|s| s.is_poisoned()) {
-                stats::bad_reference();
+                record(Event::BadReference);
                 return Err(Status::data_loss("the peer shrank a shared segment while the message was read"));
             }
             let msg =
                 msg.map_err(|e| Status::invalid_argument(format!("message in shared memory does not decode: {e}")))?;
-            stats::shm_received(len);
+            record(Event::ShmReceived(len));
             return Ok(Some(msg));
         }
         let len = src.remaining();
-        let msg = U::decode(src).map_err(|e| Status::internal(format!("decoding failed: {e}")))?;
-        stats::inline_received(len);
+        // The same status as for an undecodable message in shared memory: the peer sent bytes that are not the
+        // message type (tonic's own codec says INTERNAL, which blames the receiver).
+        let msg = U::decode(src).map_err(|e| Status::invalid_argument(format!("message does not decode: {e}")))?;
+        // Counted for the process here; the channel's or server's count comes from its incoming body, which sees
+        // the gRPC framing (the decoder has no context).
+        stats::global(Event::InlineReceived(len));
         Ok(Some(msg))
     }
 }
 
-/// Turns reference bytes into the message parts they name.
-fn resolve(raw: &[u8]) -> Result<Resolved, Status> {
-    let r = wire::decode_reference(raw).map_err(|e| Status::invalid_argument(format!("bad shmgrpc reference: {e}")))?;
+/// Turns reference bytes into the message parts they name, with the session it named (if it exists).
+fn resolve(raw: &[u8]) -> (Option<Arc<Session>>, Result<Resolved, Status>) {
+    let r = match wire::decode_reference(raw) {
+        Ok(r) => r,
+        Err(e) => return (None, Err(Status::invalid_argument(format!("bad shmgrpc reference: {e}")))),
+    };
     // We are the other end of the session than the sender.
     let ours = if r.from_server { Role::Client } else { Role::Server };
-    let session = Session::lookup(&r.session, ours)
-        .ok_or_else(|| Status::failed_precondition("shmgrpc reference to an unknown or closed session"))?;
-    session.resolve(r)
+    match Session::lookup(&r.session, ours) {
+        Some(session) => {
+            let resolved = session.resolve(r);
+            (Some(session), resolved)
+        }
+        None => (None, Err(Status::failed_precondition("shmgrpc reference to an unknown or closed session"))),
+    }
 }

@@ -37,6 +37,7 @@ use crate::proto::v1::{self, HelloRequest, HelloResponse};
 use crate::protocol::{HELLO_PATH, SESSION_HEADER};
 use crate::segment::Backend;
 use crate::session::{Role, SendConfig, Session};
+use crate::stats::{Event, Side, TransferStats};
 use crate::wire::Kind;
 
 /// Side-channel handshakes in progress at once; connections beyond it are closed at once.
@@ -100,7 +101,7 @@ impl std::fmt::Debug for ShmServer {
 impl ShmServer {
     /// Binds the side channel and starts accepting sessions.
     pub fn new(config: ServerConfig) -> Result<ShmServer> {
-        let params = config.send.into_params()?;
+        let params = config.send.into_params(Side::Server)?;
         let me = rustix::process::getuid().as_raw();
         let allowed = config.allowed_uids.unwrap_or_else(|| [me, 0].into_iter().collect());
         let path = match config.side_channel {
@@ -149,6 +150,12 @@ impl ShmServer {
     /// The pool response payloads are written into.
     pub fn pool(&self) -> &Pool {
         &self.shared.params.pool
+    }
+
+    /// This server's transfer counters: messages and bytes of its calls, through shared memory and inline, fallbacks
+    /// by reason, and refusals of its peers (the process-wide sum is [`crate::stats::snapshot`]).
+    pub fn stats(&self) -> TransferStats {
+        self.shared.params.recorder.snapshot()
     }
 
     /// Figures summed over the open sessions.
@@ -200,14 +207,14 @@ async fn accept_loop(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
             break;
         }
         let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-            crate::stats::peer_refusal();
+            shared.params.recorder.record_both(Event::PeerRefusal);
             tracing::debug!("too many side-channel handshakes in progress; connection closed");
             continue;
         };
         let s = shared.clone();
         tokio::spawn(async move {
             if let Err(why) = establish(&s, stream).await {
-                crate::stats::peer_refusal();
+                s.params.recorder.record_both(Event::PeerRefusal);
                 tracing::debug!(why, "shmgrpc session refused");
             }
             drop(permit);
@@ -288,7 +295,11 @@ impl<S> tower_layer::Layer<S> for ShmLayer {
     type Service = ShmService<S>;
 
     fn layer(&self, inner: S) -> ShmService<S> {
-        ShmService { inner, hello: SessionServer::new(Hello { shared: self.shared.clone() }) }
+        ShmService {
+            inner,
+            hello: SessionServer::new(Hello { shared: self.shared.clone() }),
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -297,6 +308,7 @@ impl<S> tower_layer::Layer<S> for ShmLayer {
 pub struct ShmService<S> {
     inner: S,
     hello: SessionServer<Hello>,
+    shared: Arc<Shared>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for ShmService<S> {
@@ -339,9 +351,12 @@ where
         let mut req = req;
         if let Some(s) = &session {
             req.extensions_mut().insert(CallSession(s.clone()));
-            // References in the request may overtake their segments' registrations: hold them back until in.
-            req = req.map(|b| Body::new(HoldBack::new(b, Role::Server)));
         }
+        // References in the request may overtake their segments' registrations: hold them back until in. (Calls
+        // without a session pass through the same wrapper, which counts their messages for this server.)
+        let recorder = self.shared.params.recorder.clone();
+        req = req.map(|b| Body::new(HoldBack::new(b, Role::Server, recorder.clone())));
+        let threshold = self.shared.params.threshold;
         // The standard tower dance: call the instance that was made ready, keep a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -350,7 +365,7 @@ where
             let resp = fut.await?;
             Ok(match session {
                 Some(s) => resp.map(|b| Body::new(SessionBody::new(b, s))),
-                None => resp.map(Body::new),
+                None => resp.map(|b| Body::new(SessionBody::without_session(b, recorder, threshold, None))),
             })
         })
     }

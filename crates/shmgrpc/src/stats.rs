@@ -46,6 +46,21 @@ impl Fallback {
     fn index(self) -> usize {
         Fallback::ALL.iter().position(|&f| f == self).expect("listed")
     }
+
+    /// A short snake-case name (the `reason` label of the exported fallback metric).
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::PeerLacksShmgrpc => "peer_lacks_shmgrpc",
+            Fallback::DiscoveryFailed => "discovery_failed",
+            Fallback::UnsupportedVersion => "unsupported_version",
+            Fallback::SideChannelUnreachable => "side_channel_unreachable",
+            Fallback::HandshakeFailed => "handshake_failed",
+            Fallback::SessionClosed => "session_closed",
+            Fallback::PoolExhausted => "pool_exhausted",
+            Fallback::RegistrationFailed => "registration_failed",
+            Fallback::WindowFull => "window_full",
+        }
+    }
 }
 
 impl std::fmt::Display for Fallback {
@@ -64,6 +79,28 @@ impl std::fmt::Display for Fallback {
     }
 }
 
+/// One message, refusal or fallback, as counted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Event {
+    /// A message sent as a reference, and its payload bytes.
+    ShmSent(usize),
+    /// A message received as a reference, and its payload bytes.
+    ShmReceived(usize),
+    /// A message sent inline, and its bytes.
+    InlineSent(usize),
+    /// A message received inline, and its bytes.
+    InlineReceived(usize),
+    /// A reference from the peer that was refused.
+    BadReference,
+    /// A release from the peer that was refused.
+    BadRelease,
+    /// A frame, registration or reference from the peer that was refused.
+    PeerRefusal,
+    /// A message above the threshold that went inline, and why.
+    Fallback(Fallback),
+}
+
+#[derive(Debug)]
 struct Counters {
     shm_sent: AtomicU64,
     shm_sent_bytes: AtomicU64,
@@ -79,25 +116,66 @@ struct Counters {
     fallbacks: [AtomicU64; Fallback::ALL.len()],
 }
 
-static COUNTERS: Counters = Counters {
-    shm_sent: AtomicU64::new(0),
-    shm_sent_bytes: AtomicU64::new(0),
-    shm_received: AtomicU64::new(0),
-    shm_received_bytes: AtomicU64::new(0),
-    inline_sent: AtomicU64::new(0),
-    inline_sent_bytes: AtomicU64::new(0),
-    inline_received: AtomicU64::new(0),
-    inline_received_bytes: AtomicU64::new(0),
-    bad_references: AtomicU64::new(0),
-    bad_releases: AtomicU64::new(0),
-    peer_refusals: AtomicU64::new(0),
-    fallbacks: [const { AtomicU64::new(0) }; Fallback::ALL.len()],
-};
+impl Counters {
+    const fn new() -> Self {
+        Counters {
+            shm_sent: AtomicU64::new(0),
+            shm_sent_bytes: AtomicU64::new(0),
+            shm_received: AtomicU64::new(0),
+            shm_received_bytes: AtomicU64::new(0),
+            inline_sent: AtomicU64::new(0),
+            inline_sent_bytes: AtomicU64::new(0),
+            inline_received: AtomicU64::new(0),
+            inline_received_bytes: AtomicU64::new(0),
+            bad_references: AtomicU64::new(0),
+            bad_releases: AtomicU64::new(0),
+            peer_refusals: AtomicU64::new(0),
+            fallbacks: [const { AtomicU64::new(0) }; Fallback::ALL.len()],
+        }
+    }
 
-/// A snapshot of the process's transfer counters.
+    fn add(&self, event: Event) {
+        let message = |n: &AtomicU64, b: &AtomicU64, bytes: usize| {
+            n.fetch_add(1, Relaxed);
+            b.fetch_add(bytes as u64, Relaxed);
+        };
+        match event {
+            Event::ShmSent(bytes) => message(&self.shm_sent, &self.shm_sent_bytes, bytes),
+            Event::ShmReceived(bytes) => message(&self.shm_received, &self.shm_received_bytes, bytes),
+            Event::InlineSent(bytes) => message(&self.inline_sent, &self.inline_sent_bytes, bytes),
+            Event::InlineReceived(bytes) => message(&self.inline_received, &self.inline_received_bytes, bytes),
+            Event::BadReference => _ = self.bad_references.fetch_add(1, Relaxed),
+            Event::BadRelease => _ = self.bad_releases.fetch_add(1, Relaxed),
+            Event::PeerRefusal => _ = self.peer_refusals.fetch_add(1, Relaxed),
+            Event::Fallback(reason) => _ = self.fallbacks[reason.index()].fetch_add(1, Relaxed),
+        }
+    }
+
+    fn snapshot(&self) -> TransferStats {
+        TransferStats {
+            shm_sent: self.shm_sent.load(Relaxed),
+            shm_sent_bytes: self.shm_sent_bytes.load(Relaxed),
+            shm_received: self.shm_received.load(Relaxed),
+            shm_received_bytes: self.shm_received_bytes.load(Relaxed),
+            inline_sent: self.inline_sent.load(Relaxed),
+            inline_sent_bytes: self.inline_sent_bytes.load(Relaxed),
+            inline_received: self.inline_received.load(Relaxed),
+            inline_received_bytes: self.inline_received_bytes.load(Relaxed),
+            bad_references: self.bad_references.load(Relaxed),
+            bad_releases: self.bad_releases.load(Relaxed),
+            peer_refusals: self.peer_refusals.load(Relaxed),
+            fallbacks: Fallback::ALL.iter().map(|&f| (f, self.fallbacks[f.index()].load(Relaxed))).collect(),
+        }
+    }
+}
+
+static GLOBAL: Counters = Counters::new();
+
+/// A snapshot of transfer counters: the process's ([`snapshot`]), one channel's ([`crate::ShmChannel::stats`]) or
+/// one server's ([`crate::ShmServer::stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TransferStats {
-    /// Messages sent as a reference to shared memory, and their payload bytes.
+    /// Messages sent as a reference to shared memory.
     pub shm_sent: u64,
     /// Payload bytes of those messages.
     pub shm_sent_bytes: u64,
@@ -111,7 +189,7 @@ pub struct TransferStats {
     pub inline_sent_bytes: u64,
     /// Messages received inline.
     pub inline_received: u64,
-    /// Their bytes.
+    /// Their bytes (as framed on the gRPC stream: compressed size for compressed messages).
     pub inline_received_bytes: u64,
     /// References from a peer that were refused (unknown session or segment, bad range, malformed).
     pub bad_references: u64,
@@ -120,7 +198,7 @@ pub struct TransferStats {
     /// Frames, registrations and references from peers that were refused (each is logged at `debug` only, so a
     /// hostile peer cannot flood the logs).
     pub peer_refusals: u64,
-    /// Messages above the threshold that went inline, by reason.
+    /// Messages at or above the threshold that went inline, by reason.
     pub fallbacks: Vec<(Fallback, u64)>,
 }
 
@@ -129,52 +207,155 @@ impl TransferStats {
     pub fn fallback(&self, reason: Fallback) -> u64 {
         self.fallbacks.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n)
     }
-}
 
-/// Reads the counters.
-pub fn snapshot() -> TransferStats {
-    let c = &COUNTERS;
-    TransferStats {
-        shm_sent: c.shm_sent.load(Relaxed),
-        shm_sent_bytes: c.shm_sent_bytes.load(Relaxed),
-        shm_received: c.shm_received.load(Relaxed),
-        shm_received_bytes: c.shm_received_bytes.load(Relaxed),
-        inline_sent: c.inline_sent.load(Relaxed),
-        inline_sent_bytes: c.inline_sent_bytes.load(Relaxed),
-        inline_received: c.inline_received.load(Relaxed),
-        inline_received_bytes: c.inline_received_bytes.load(Relaxed),
-        bad_references: c.bad_references.load(Relaxed),
-        bad_releases: c.bad_releases.load(Relaxed),
-        peer_refusals: c.peer_refusals.load(Relaxed),
-        fallbacks: Fallback::ALL.iter().map(|&f| (f, c.fallbacks[f.index()].load(Relaxed))).collect(),
+    /// Messages at or above the threshold that went inline, whatever the reason.
+    pub fn fallbacks_total(&self) -> u64 {
+        self.fallbacks.iter().map(|(_, n)| n).sum()
     }
 }
 
-pub(crate) fn shm_sent(bytes: usize) {
-    COUNTERS.shm_sent.fetch_add(1, Relaxed);
-    COUNTERS.shm_sent_bytes.fetch_add(bytes as u64, Relaxed);
+/// Reads the process-wide counters: every message any [`crate::ShmCodec`] of this process encoded or decoded, with
+/// or without a [`crate::ShmChannel`] or [`crate::ShmServer`] around it. Other code of the process (other tests, other
+/// channels) moves them too: to see what one channel or server did, use its own `stats()`.
+pub fn snapshot() -> TransferStats {
+    GLOBAL.snapshot()
 }
-pub(crate) fn shm_received(bytes: usize) {
-    COUNTERS.shm_received.fetch_add(1, Relaxed);
-    COUNTERS.shm_received_bytes.fetch_add(bytes as u64, Relaxed);
+
+/// Counts `event` in the process-wide counters only (the codec's view, which has no channel or server).
+pub(crate) fn global(event: Event) {
+    GLOBAL.add(event);
 }
-pub(crate) fn inline_sent(bytes: usize) {
-    COUNTERS.inline_sent.fetch_add(1, Relaxed);
-    COUNTERS.inline_sent_bytes.fetch_add(bytes as u64, Relaxed);
+
+/// Which end a [`Recorder`] counts for: the `side` label of exported metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Server,
 }
-pub(crate) fn inline_received(bytes: usize) {
-    COUNTERS.inline_received.fetch_add(1, Relaxed);
-    COUNTERS.inline_received_bytes.fetch_add(bytes as u64, Relaxed);
+
+impl Side {
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
 }
-pub(crate) fn bad_reference() {
-    COUNTERS.bad_references.fetch_add(1, Relaxed);
+
+/// The counters of one channel or one server (shared by its sessions and calls), exported through the `metrics`
+/// facade when that feature is on.
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    side: Side,
+    counters: Counters,
 }
-pub(crate) fn bad_release() {
-    COUNTERS.bad_releases.fetch_add(1, Relaxed);
+
+impl Recorder {
+    pub(crate) fn new(side: Side) -> std::sync::Arc<Recorder> {
+        std::sync::Arc::new(Recorder { side, counters: Counters::new() })
+    }
+
+    /// Counts `event` for this channel or server (not in the process-wide counters: see [`global`]).
+    pub(crate) fn record(&self, event: Event) {
+        self.counters.add(event);
+        #[cfg(feature = "metrics")]
+        export::event(self.side, event);
+    }
+
+    /// Counts `event` here and in the process-wide counters.
+    pub(crate) fn record_both(&self, event: Event) {
+        global(event);
+        self.record(event);
+    }
+
+    pub(crate) fn snapshot(&self) -> TransferStats {
+        self.counters.snapshot()
+    }
+
+    /// A session of this channel or server opened (`+1`) or ended (`-1`).
+    pub(crate) fn session(&self, delta: i8) {
+        #[cfg(feature = "metrics")]
+        export::sessions(self.side, delta);
+        let _ = (delta, self.side.label());
+    }
+
+    /// The peer released a hold it had for `held`.
+    pub(crate) fn release_latency(&self, held: std::time::Duration) {
+        #[cfg(feature = "metrics")]
+        export::release(self.side, held);
+        let _ = held;
+    }
+
+    /// The peer acknowledged a registration `took` after we queued it.
+    pub(crate) fn registration_latency(&self, took: std::time::Duration) {
+        #[cfg(feature = "metrics")]
+        export::registration(self.side, took);
+        let _ = took;
+    }
 }
-pub(crate) fn fallback(reason: Fallback) {
-    COUNTERS.fallbacks[reason.index()].fetch_add(1, Relaxed);
+
+/// Names of the metrics shmgrpc exports through the [`metrics`](https://docs.rs/metrics) facade (feature
+/// `metrics`). Every metric carries a `side` label (`client` for a [`crate::ShmChannel`], `server` for a
+/// [`crate::ShmServer`]); message metrics also `direction` (`sent`, `received`) and `path` (`shm`, `inline`).
+pub mod metric_names {
+    /// Counter: messages, by `side`, `direction` and `path`.
+    pub const MESSAGES: &str = "shmgrpc_messages_total";
+    /// Counter: their payload bytes, by `side`, `direction` and `path`.
+    pub const MESSAGE_BYTES: &str = "shmgrpc_message_bytes_total";
+    /// Counter: messages at or above the threshold that went inline, by `side` and `reason`
+    /// ([`crate::Fallback::label`]).
+    pub const FALLBACKS: &str = "shmgrpc_fallbacks_total";
+    /// Counter: frames, registrations, references and releases from peers that were refused, by `side`.
+    pub const PEER_REFUSALS: &str = "shmgrpc_peer_refusals_total";
+    /// Counter: references from peers that were refused (also counted in [`PEER_REFUSALS`]), by `side`.
+    pub const BAD_REFERENCES: &str = "shmgrpc_bad_references_total";
+    /// Counter: releases from peers that were refused (also counted in [`PEER_REFUSALS`]), by `side`.
+    pub const BAD_RELEASES: &str = "shmgrpc_bad_releases_total";
+    /// Gauge: open sessions, by `side`.
+    pub const SESSIONS: &str = "shmgrpc_sessions";
+    /// Gauge: bytes of pool buffers, by `state` (`in_use`, `idle`), summed over the process's pools.
+    pub const POOL_BYTES: &str = "shmgrpc_pool_bytes";
+    /// Histogram: seconds from queueing a segment's `Register` to the peer's `Registered`, by `side`.
+    pub const REGISTRATION_SECONDS: &str = "shmgrpc_registration_seconds";
+    /// Histogram: seconds a peer held one of our buffers (reference sent to release received), by `side`.
+    pub const RELEASE_SECONDS: &str = "shmgrpc_release_seconds";
 }
-pub(crate) fn peer_refusal() {
-    COUNTERS.peer_refusals.fetch_add(1, Relaxed);
+
+#[cfg(feature = "metrics")]
+mod export {
+    use super::{Event, Side, metric_names as m};
+
+    pub(super) fn event(side: Side, event: Event) {
+        let side = side.label();
+        let message = |direction: &'static str, path: &'static str, bytes: usize| {
+            let labels = [("side", side), ("direction", direction), ("path", path)];
+            metrics::counter!(m::MESSAGES, &labels).increment(1);
+            metrics::counter!(m::MESSAGE_BYTES, &labels).increment(bytes as u64);
+        };
+        match event {
+            Event::ShmSent(b) => message("sent", "shm", b),
+            Event::ShmReceived(b) => message("received", "shm", b),
+            Event::InlineSent(b) => message("sent", "inline", b),
+            Event::InlineReceived(b) => message("received", "inline", b),
+            Event::BadReference => metrics::counter!(m::BAD_REFERENCES, "side" => side).increment(1),
+            Event::BadRelease => metrics::counter!(m::BAD_RELEASES, "side" => side).increment(1),
+            Event::PeerRefusal => metrics::counter!(m::PEER_REFUSALS, "side" => side).increment(1),
+            Event::Fallback(reason) => {
+                metrics::counter!(m::FALLBACKS, "side" => side, "reason" => reason.label()).increment(1)
+            }
+        }
+    }
+
+    pub(super) fn sessions(side: Side, delta: i8) {
+        metrics::gauge!(m::SESSIONS, "side" => side.label()).increment(f64::from(delta));
+    }
+
+    pub(super) fn release(side: Side, held: std::time::Duration) {
+        metrics::histogram!(m::RELEASE_SECONDS, "side" => side.label()).record(held.as_secs_f64());
+    }
+
+    pub(super) fn registration(side: Side, took: std::time::Duration) {
+        metrics::histogram!(m::REGISTRATION_SECONDS, "side" => side.label()).record(took.as_secs_f64());
+    }
 }

@@ -34,22 +34,16 @@ pub(crate) fn serve_in(dir: tempfile::TempDir, unix: String, extra: &[&str]) -> 
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let (mut tcp, mut side) = (None, None);
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if let Some(a) = line.strip_prefix("listening ")
-            && !a.starts_with("unix:")
-        {
-            tcp = Some(a.to_string());
-        }
-        if let Some(p) = line.strip_prefix("side channel unix:") {
-            side = Some(p.to_string());
-        }
-        if line == "ready" {
-            break;
-        }
-    }
-    Served { child, unix, tcp: tcp.expect("tcp address"), side, _dir: dir }
+    // `serve` prints one line on stdout, its readiness line (JSON), once every address accepts calls.
+    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().expect("a readiness line").unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("the readiness line is JSON");
+    assert_eq!(ready["event"], "ready", "{line}");
+    assert_eq!(ready["pid"], child.id(), "{line}");
+    let listen: Vec<&str> = ready["listen"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let tcp = listen.iter().find(|a| !a.starts_with("unix:")).expect("tcp address").to_string();
+    let side = ready["side_channel"].as_str().map(String::from);
+    assert_eq!(ready["shared_memory"], side.is_some(), "{line}");
+    Served { child, unix, tcp, side, _dir: dir }
 }
 
 impl Drop for Served {
@@ -69,6 +63,22 @@ impl Drop for Served {
 
 pub(crate) fn client(ch: &ShmChannel) -> BlobClient<ShmChannel> {
     BlobClient::new(ch.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
+}
+
+/// The JSON lines of `shmgrpc call --json` output.
+pub(crate) fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// How many calls of `shmgrpc call --json` output sent their request and got their response as `request` and
+/// `response` (`"shm"` or `"inline"`).
+pub(crate) fn calls_via(stdout: &[u8], request: &str, response: &str) -> usize {
+    json_lines(stdout)
+        .iter()
+        .filter(|l| {
+            l["event"] == "call" && l["request"] == request && l["response"] == response && l["checksum"] == "ok"
+        })
+        .count()
 }
 
 /// Waits until `f` holds (releases travel asynchronously on the side channel).

@@ -39,6 +39,7 @@ use crate::pool::{Pool, PoolConfig};
 use crate::protocol::{
     COALESCE, DEFAULT_THRESHOLD, DEFAULT_WINDOW, DEFAULT_WINDOW_WAIT, MAX_QUEUED_FRAMES, MAX_SESSION_PEER_BYTES,
 };
+use crate::stats::{Event, Recorder, Side};
 use crate::wire::{self, Kind};
 use side_channel::FrameReader;
 
@@ -85,8 +86,8 @@ impl Default for SendConfig {
 }
 
 impl SendConfig {
-    /// The session parameters: the given pool, or a new one of `pool_config`.
-    pub(crate) fn into_params(self) -> crate::Result<SessionParams> {
+    /// The session parameters of `side`: the given pool, or a new one of `pool_config`, and a fresh recorder.
+    pub(crate) fn into_params(self, side: Side) -> crate::Result<SessionParams> {
         let pool = match self.pool {
             Some(p) => p,
             None => Pool::new(self.pool_config)?,
@@ -97,6 +98,7 @@ impl SendConfig {
             exhausted_wait: self.exhausted_wait,
             window: self.window.max(1),
             window_wait: self.window_wait,
+            recorder: Recorder::new(side),
         })
     }
 }
@@ -155,6 +157,8 @@ pub(crate) struct SessionParams {
     pub(crate) window: u64,
     /// How long sending waits for the window before going inline.
     pub(crate) window_wait: Duration,
+    /// The counters of the channel or server the session belongs to.
+    pub(crate) recorder: Arc<Recorder>,
 }
 
 /// Figures of one session (or the sum over a server's sessions).
@@ -282,8 +286,14 @@ impl Session {
             session.close();
             return Err(e);
         }
+        session.params.recorder.session(1);
         tracing::debug!(?role, peer_pid, "shmgrpc session established");
         Ok(session)
+    }
+
+    /// The counters of the channel or server this session belongs to.
+    pub(crate) fn recorder(&self) -> &Arc<Recorder> {
+        &self.params.recorder
     }
 
     pub(crate) fn id(&self) -> SessionId {
@@ -360,7 +370,7 @@ impl Session {
             self.queued.fetch_sub(1, Ordering::AcqRel);
         }
         tracing::debug!(role = ?self.role, "the peer does not read its side channel; closing the session");
-        crate::stats::peer_refusal();
+        self.params.recorder.record_both(Event::PeerRefusal);
         self.close();
         Err(closed())
     }
@@ -477,6 +487,7 @@ impl Session {
         side_channel::shutdown(&self.socket);
         let back = self.sender.close();
         self.receiver.close();
+        self.params.recorder.session(-1);
         tracing::debug!(role = ?self.role, reclaimed = back, "shmgrpc session torn down");
     }
 

@@ -15,7 +15,7 @@ use crate::attach::AttachCache;
 use crate::proto::v1::{self, part};
 use crate::protocol::{MAX_INLINE, MAX_PARTS, MAX_PEER_SEGMENTS, MAX_PROCESS_PEER_BYTES, MAX_SESSION_PEER_BYTES};
 use crate::segment::{PeerSegment, PosixName, SegmentHandle, SysVId};
-use crate::stats;
+use crate::stats::Event;
 use crate::wire::{Kind, Reference};
 
 /// Bytes of peer segments mapped by all sessions of this process.
@@ -80,7 +80,7 @@ impl Session {
                 String::new()
             }
             Err(e) => {
-                stats::peer_refusal();
+                self.params.recorder.record_both(Event::PeerRefusal);
                 tracing::debug!(error = %e, "refused a segment from the peer");
                 let mut refused = lock(&self.receiver.refused);
                 if refused.len() < MAX_PEER_SEGMENTS {
@@ -252,8 +252,8 @@ impl Session {
         let taken = take_one(&mut lock(&self.receiver.returning), (segment, generation));
         // Dropped outside the lock: dropping an `Incoming` queues a frame.
         if taken.is_none() {
-            stats::bad_release();
-            stats::peer_refusal();
+            self.params.recorder.record_both(Event::BadRelease);
+            self.params.recorder.record_both(Event::PeerRefusal);
             tracing::debug!(segment, "refused a return of a region we did not send back");
         }
     }

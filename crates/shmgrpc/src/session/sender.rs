@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
@@ -15,20 +16,22 @@ use crate::pool::Lease;
 use crate::proto::v1::{self, part};
 use crate::protocol::MAX_INLINE;
 use crate::segment::SegmentHandle;
-use crate::stats::{self, Fallback};
+use crate::stats::{Event, Fallback};
 use crate::wire::{Kind, Reference};
 
 /// What the peer made of one of our segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Registration {
-    /// `Register` queued: references may name the segment at once (protocol §5).
-    Sent,
+    /// `Register` queued at this instant: references may name the segment at once (protocol §5).
+    Sent(Instant),
+    /// The peer answered `Registered` without an error.
+    Acknowledged,
     /// The peer answered `Registered` with an error: the segment is not used with this peer again.
     Refused,
 }
 
-/// A hold: one `sender` part the peer may read, and the bytes it covers.
-type Hold = (Arc<Outgoing>, u64);
+/// A hold: one `sender` part the peer may read, the bytes it covers, and when it was made.
+type Hold = (Arc<Outgoing>, u64, Instant);
 
 /// The sender's bookkeeping of one session.
 pub(super) struct SenderState {
@@ -63,7 +66,7 @@ impl SenderState {
     /// Holds, held bytes, registered segments.
     pub(super) fn figures(&self) -> (usize, u64, usize) {
         let holds = lock(&self.holds).values().map(Vec::len).sum();
-        let registered = lock(&self.registrations).values().filter(|r| **r == Registration::Sent).count();
+        let registered = lock(&self.registrations).values().filter(|r| !matches!(r, Registration::Refused)).count();
         (holds, self.held.load(Ordering::Acquire), registered)
     }
 
@@ -83,7 +86,7 @@ impl SenderState {
 /// Holds and returns taken while building one reference, committed only if the whole reference is built.
 #[derive(Default)]
 struct Pending {
-    holds: Vec<Hold>,
+    holds: Vec<(Arc<Outgoing>, u64)>,
     returning: Vec<Arc<Incoming>>,
 }
 
@@ -98,7 +101,7 @@ impl Session {
             Ok(lease) => Loan::shared(lease, Arc::downgrade(self)),
             Err(e) => {
                 tracing::debug!(error = %e, "loan from ordinary memory");
-                stats::fallback(Fallback::PoolExhausted);
+                self.params.recorder.record_both(Event::Fallback(Fallback::PoolExhausted));
                 Loan::heap(len)
             }
         }
@@ -193,9 +196,10 @@ impl Session {
         // Commit: from here the peer may read and must release.
         {
             let mut holds = lock(&self.sender.holds);
+            let now = Instant::now();
             for (buf, n) in pending.holds {
                 self.sender.held.fetch_add(n, Ordering::AcqRel);
-                holds.entry((buf.lease.id(), buf.lease.generation())).or_default().push((buf, n));
+                holds.entry((buf.lease.id(), buf.lease.generation())).or_default().push((buf, n, now));
             }
         }
         self.keep_returning(pending.returning);
@@ -268,7 +272,7 @@ impl Session {
             gone
         };
         for (segment, reg) in gone {
-            if reg == Registration::Sent
+            if reg != Registration::Refused
                 && let Err(e) = self.send(Kind::Forget(v1::Forget { segment }), None)
             {
                 tracing::debug!(error = %e, "forget not sent; the session is closing");
@@ -284,11 +288,11 @@ impl Session {
         {
             let mut regs = lock(&self.sender.registrations);
             match regs.get(&id) {
-                Some(Registration::Sent) => return Ok(()),
+                Some(Registration::Sent(_) | Registration::Acknowledged) => return Ok(()),
                 Some(Registration::Refused) => return Err(Fallback::RegistrationFailed),
                 None => {}
             }
-            regs.insert(id, Registration::Sent);
+            regs.insert(id, Registration::Sent(Instant::now()));
         }
         let len = lease.segment_len() as u64;
         let register = |source| Kind::Register(v1::Register { segment: id, len, source });
@@ -314,6 +318,14 @@ impl Session {
     /// already named it fail there with a status; later ones go inline or use other buffers).
     pub(super) fn on_registered(&self, ack: v1::Registered) {
         if ack.error.is_empty() {
+            let mut regs = lock(&self.sender.registrations);
+            if let Some(r) = regs.get_mut(&ack.segment)
+                && let Registration::Sent(at) = *r
+            {
+                *r = Registration::Acknowledged;
+                drop(regs);
+                self.params.recorder.registration_latency(at.elapsed());
+            }
             return;
         }
         tracing::debug!(error = %ack.error, "the peer refused one of our segments");
@@ -327,15 +339,16 @@ impl Session {
     pub(super) fn on_release(&self, segment: u32, generation: u32) {
         let taken = take_one(&mut lock(&self.sender.holds), (segment, generation));
         match taken {
-            Some((buf, n)) => {
+            Some((buf, n, at)) => {
+                self.params.recorder.release_latency(at.elapsed());
                 self.sender.held.fetch_sub(n, Ordering::AcqRel);
                 // The buffer may go back to the pool here, outside every session lock.
                 drop(buf);
                 self.sender.released.notify_waiters();
             }
             None => {
-                stats::bad_release();
-                stats::peer_refusal();
+                self.params.recorder.record_both(Event::BadRelease);
+                self.params.recorder.record_both(Event::PeerRefusal);
                 tracing::debug!(segment, "refused a release of a buffer the peer does not hold");
             }
         }
@@ -343,7 +356,7 @@ impl Session {
 
     /// Our buffer held for the peer under `(segment, generation)`, for a `receiver` part the peer sent back.
     pub(super) fn held_buffer(&self, segment: u32, generation: u32) -> Option<Arc<Outgoing>> {
-        lock(&self.sender.holds).get(&(segment, generation)).and_then(|v| v.first().map(|(b, _)| b.clone()))
+        lock(&self.sender.holds).get(&(segment, generation)).and_then(|v| v.first().map(|(b, _, _)| b.clone()))
     }
 }
 
