@@ -245,6 +245,14 @@ struct Inner {
     counters: Counters,
 }
 
+impl Drop for Inner {
+    /// The last lease and the last clone of the pool are gone: every buffer left is idle and goes now.
+    fn drop(&mut self) {
+        let idle: u64 = self.classes.iter().map(|c| lock(&c.state).bytes).sum();
+        gauges(0, -(idle as i64));
+    }
+}
+
 /// A pool of shared-memory buffers. Cheap to clone; clones share the pool.
 #[derive(Clone)]
 pub struct Pool {
@@ -255,6 +263,22 @@ impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool").field("config", &self.inner.config).finish_non_exhaustive()
     }
+}
+
+/// Moves the exported pool-bytes gauges by these many bytes (feature `metrics`; summed over the process's pools).
+#[inline]
+fn gauges(in_use: i64, idle: i64) {
+    #[cfg(feature = "metrics")]
+    {
+        use crate::stats::metric_names::POOL_BYTES;
+        if in_use != 0 {
+            metrics::gauge!(POOL_BYTES, "state" => "in_use").increment(in_use as f64);
+        }
+        if idle != 0 {
+            metrics::gauge!(POOL_BYTES, "state" => "idle").increment(idle as f64);
+        }
+    }
+    let _ = (in_use, idle);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -340,6 +364,7 @@ impl Pool {
             st.total += 1;
             st.bytes += cap as u64;
             st.free.push(buffer);
+            gauges(0, cap as i64);
         }
         Ok(())
     }
@@ -441,6 +466,7 @@ impl Pool {
                 let mut buffer = st.free.swap_remove(i);
                 st.in_use_bytes += buffer.capacity() as u64;
                 drop(st);
+                gauges(buffer.capacity() as i64, -(buffer.capacity() as i64));
                 buffer.renew();
                 return Ok(self.lease(buffer, ci, size));
             }
@@ -459,6 +485,7 @@ impl Pool {
             st.bytes += cap as u64;
             st.in_use_bytes += cap as u64;
         }
+        gauges(cap as i64, 0);
         self.inner.counters.grows.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(class = cap, "pool grew by one buffer");
         Ok(self.lease(buffer, ci, size))
@@ -555,6 +582,7 @@ impl Pool {
                     let bytes: u64 = victims.iter().map(|b: &Buffer| b.capacity() as u64).sum();
                     st.total -= victims.len();
                     st.bytes -= bytes;
+                    gauges(0, -(bytes as i64));
                     (id, victims)
                 };
                 let n = victims.len() as u64;
@@ -607,6 +635,7 @@ impl Pool {
         {
             let mut st = lock(&self.inner.classes[class].state);
             st.in_use_bytes -= buffer.capacity() as u64;
+            gauges(-(buffer.capacity() as i64), buffer.capacity() as i64);
             st.free.push(buffer);
         }
         // The count moves before anyone is woken: a waiter that wakes and reads it must see the return.
