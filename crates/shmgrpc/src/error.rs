@@ -61,6 +61,30 @@ pub enum Error {
     #[error("invalid segment handle: {0}")]
     InvalidHandle(&'static str),
 
+    /// A system call on something other than a segment failed (a socket, a file, a thread).
+    #[error("{op} failed: {source}")]
+    Io {
+        /// What was being done, for example `bind side channel`.
+        op: &'static str,
+        /// The errno, as an `io::Error`.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The operating system gave no randomness (segment names, session ids and ticket secrets need it).
+    #[error("no randomness for {purpose}: {source}")]
+    Randomness {
+        /// What it was for.
+        purpose: &'static str,
+        /// The error of `getrandom`.
+        #[source]
+        source: getrandom::Error,
+    },
+
+    /// A resource limit of this process was reached (not the caller's argument, not the peer's fault).
+    #[error("limit reached: {0}")]
+    Limit(&'static str),
+
     /// An argument was out of its valid range (zero size, size above the limit, bad configuration...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -83,6 +107,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    pub(crate) fn randomness(purpose: &'static str) -> impl FnOnce(getrandom::Error) -> Error {
+        move |source| Error::Randomness { purpose, source }
+    }
+
     pub(crate) fn os(op: &'static str, backend: Backend, errno: impl Into<io::Error>) -> Self {
         Error::Os { op, backend, source: errno.into() }
     }

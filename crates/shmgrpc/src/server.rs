@@ -35,7 +35,6 @@ use crate::pool::Pool;
 use crate::proto::v1::session_server::{Session as SessionRpc, SessionServer};
 use crate::proto::v1::{self, HelloRequest, HelloResponse};
 use crate::protocol::{HELLO_PATH, SESSION_HEADER};
-use crate::segment::Backend;
 use crate::session::{Role, SendConfig, Session};
 use crate::stats::{Event, Side, TransferStats};
 use crate::wire::Kind;
@@ -108,12 +107,12 @@ impl ShmServer {
             Some(p) => p,
             None => {
                 let mut r = [0u8; 8];
-                getrandom::fill(&mut r).map_err(|e| Error::InvalidArgument(format!("no randomness: {e}")))?;
+                getrandom::fill(&mut r).map_err(Error::randomness("a side-channel path"))?;
                 std::env::temp_dir().join(format!("shmgrpc-{}-{:016x}.sock", std::process::id(), u64::from_le_bytes(r)))
             }
         };
-        let os = |op, e| Error::Os { op, backend: Backend::Memfd, source: e };
-        let tickets = Tickets::new().map_err(|e| Error::InvalidArgument(format!("no randomness: {e}")))?;
+        let os = |op, source| Error::Io { op, source };
+        let tickets = Tickets::new().map_err(Error::randomness("the ticket secret"))?;
         let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| os("bind side channel", e))?;
         // Only the allowed uids may connect; the uid check on every connection is what enforces it.
         let mode = if allowed.iter().all(|&u| u == me || u == 0) { 0o600 } else { 0o666 };

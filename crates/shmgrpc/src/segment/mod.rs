@@ -319,7 +319,7 @@ impl PeerSegment {
         let guard = match backend {
             Backend::Posix => Some(
                 guard::protect(map.as_slice().as_ptr(), map.len())
-                    .ok_or(Error::InvalidArgument("too many unsealed peer segments mapped at once".into()))?,
+                    .ok_or(Error::Limit("too many unsealed (POSIX) peer segments mapped at once"))?,
             ),
             _ => None,
         };

@@ -25,8 +25,7 @@ impl PosixName {
     /// A fresh, unguessable name for a segment created by this process.
     pub(crate) fn generate() -> Result<PosixName> {
         let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| Error::InvalidArgument(format!("no randomness for a segment name: {e}")))?;
+        getrandom::fill(&mut bytes).map_err(Error::randomness("a segment name"))?;
         let pid = std::process::id();
         Ok(PosixName { name: format!("/{POSIX_PREFIX}{pid}-{:016x}", u64::from_le_bytes(bytes)), pid })
     }

@@ -21,6 +21,8 @@ mod loan;
 mod receiver;
 mod sender;
 pub(crate) mod side_channel;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;

@@ -1,0 +1,128 @@
+//! A pair of sessions over a socketpair, inside one process: registration without a round trip, resolving a
+//! reference, holds and their releases keyed by (segment, generation), refusals of stale and repeated releases,
+//! and what closing gives back. No gRPC and no second process: the side channel alone.
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::side_channel::{FrameReader, adopt};
+use super::*;
+use crate::proto::v1::{self, part};
+use crate::stats::Side;
+use crate::wire::Reference;
+
+/// An application message with one large `bytes` field.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Blob {
+    #[prost(bytes = "vec", tag = "1")]
+    data: Vec<u8>,
+}
+
+fn blob(len: usize) -> Blob {
+    Blob { data: (0..len).map(|i| (i * 7 + 3) as u8).collect() }
+}
+
+/// Client and server ends of one session, connected by a socketpair.
+fn pair() -> (Arc<Session>, Arc<Session>) {
+    let (a, b) = StdUnixStream::pair().unwrap();
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).unwrap();
+    let params = |side| SendConfig::default().into_params(side).unwrap();
+    let pid = std::process::id();
+    let client =
+        Session::start(id, Role::Client, params(Side::Client), adopt(a).unwrap(), FrameReader::default(), pid).unwrap();
+    let server =
+        Session::start(id, Role::Server, params(Side::Server), adopt(b).unwrap(), FrameReader::default(), pid).unwrap();
+    (client, server)
+}
+
+/// Waits (this is a plain test thread, not a runtime worker) until `f` holds; frames cross on the I/O thread.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The one `sender` region of a reference.
+fn region(r: &Reference) -> v1::Region {
+    assert_eq!(r.parts.len(), 1, "{r:?}");
+    match r.parts[0].kind.as_ref() {
+        Some(part::Kind::Sender(region)) => *region,
+        other => panic!("expected a sender part, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_reference_resolves_at_the_peer_and_its_release_drops_the_hold() {
+    let (client, server) = pair();
+    let msg = blob(1 << 20);
+    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    assert_eq!(client.stats().holds, 1);
+    // The reference was made before the peer has the segment (no round trip); the peer learns of it in order.
+    eventually("the server has the segment", || !server.awaits_registration(&r));
+    let Resolved { parts, segments } = server.resolve(r).unwrap();
+    assert_eq!(segments.len(), 1);
+    let bytes: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+    assert_eq!(<Blob as prost::Message>::decode(&bytes[..]).unwrap(), msg);
+    assert_eq!(client.stats().held_bytes, bytes.len() as u64);
+    // Dropping the parts sends the release.
+    drop(parts);
+    eventually("the release arrived", || client.stats().holds == 0);
+    assert_eq!(client.stats().held_bytes, 0);
+    assert_eq!(client.recorder().snapshot().bad_releases, 0);
+}
+
+#[test]
+fn stale_and_repeated_releases_are_refused_and_change_nothing() {
+    let (client, server) = pair();
+    let msg = blob(256 << 10);
+    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    let v1::Region { segment, generation, .. } = region(&r);
+    let release = |generation| server.send(Kind::Release(v1::Release { segment, generation }), None).unwrap();
+    let refused = || client.recorder().snapshot().bad_releases;
+
+    // Another generation of the same buffer (stale, or forged): refused, the hold stays.
+    release(generation.wrapping_add(1));
+    eventually("the stale release is refused", || refused() == 1);
+    assert_eq!(client.stats().holds, 1);
+    // A buffer the peer never held.
+    server.send(Kind::Release(v1::Release { segment: segment + 1000, generation }), None).unwrap();
+    eventually("the unknown release is refused", || refused() == 2);
+    assert_eq!(client.stats().holds, 1);
+    // The right one releases it.
+    release(generation);
+    eventually("the release arrived", || client.stats().holds == 0);
+    // Once more: nothing is held any more, so it is refused.
+    release(generation);
+    eventually("the repeated release is refused", || refused() == 3);
+    assert_eq!(client.recorder().snapshot().peer_refusals, 3);
+    // The buffer is reused under a new generation, which the old release cannot free.
+    let r2 = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    let again = region(&r2);
+    assert_eq!((again.segment, again.offset), (segment, region(&r).offset), "the same slot is reused");
+    assert_ne!(again.generation, generation);
+    release(generation);
+    eventually("the old generation is refused", || refused() == 4);
+    assert_eq!(client.stats().holds, 1);
+    assert!(client.is_alive() && server.is_alive(), "refusals do not end the session");
+}
+
+#[test]
+fn closing_gives_back_every_hold_and_mapping() {
+    let (client, server) = pair();
+    let msg = blob(1 << 20);
+    let refs: Vec<Reference> =
+        (0..3).map(|_| client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap()).collect();
+    eventually("the server has the segment", || refs.iter().all(|r| !server.awaits_registration(r)));
+    assert_eq!(client.stats().holds, 3);
+    assert!(server.stats().peer_segments >= 1);
+    client.close();
+    assert_eq!(client.stats().holds, 0);
+    assert!(client.params.pool.stats().is_idle(), "{}", client.params.pool.stats());
+    // The server sees the end of the side channel and drops the client's mappings.
+    eventually("the server session ends", || !server.is_alive());
+    assert_eq!(server.stats().peer_segments, 0);
+}
