@@ -130,6 +130,27 @@ pub fn endpoint(target: &str) -> Result<(Endpoint, Option<PathBuf>), ConnectErro
 
 impl ShmChannel {
     /// Connects to `target` (`unix:/path`, `http://host:port` or `host:port`) with the default configuration.
+    ///
+    /// Shared memory is tried on connect (discovery, then the side-channel handshake); when it cannot be had the
+    /// channel works inline and [`ShmChannel::fallback`] says why. Only the gRPC connection itself can fail.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnectError`]: the target does not parse, or the gRPC connection cannot be made.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let channel = shmgrpc::ShmChannel::connect("unix:/run/blob.sock").await?;
+    /// if let Some(why) = channel.fallback() {
+    ///     eprintln!("messages go inline: {why}");
+    /// }
+    /// let mut client = shmgrpc_demo::BlobClient::new(channel.clone());
+    /// let reply = client.echo(shmgrpc_demo::payload(20 << 20, 1)).await?;
+    /// println!("{:?}", channel.stats());
+    /// # drop(reply); Ok(()) }
+    /// ```
     pub async fn connect(target: &str) -> Result<ShmChannel, ConnectError> {
         Self::connect_with(target, ClientConfig::default()).await
     }

@@ -98,7 +98,26 @@ impl std::fmt::Debug for ShmServer {
 }
 
 impl ShmServer {
-    /// Binds the side channel and starts accepting sessions.
+    /// Binds the side channel and starts accepting sessions (on the process's I/O thread, started if needed).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the side-channel socket cannot be bound or the I/O thread cannot start;
+    /// [`Error::Randomness`] for the ticket secret or the socket's name; pool configuration errors
+    /// ([`Error::InvalidArgument`]) when a pool is created from [`ServerConfig::pool_config`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let shm = shmgrpc::ShmServer::new(shmgrpc::ServerConfig::default())?;
+    /// tonic::transport::Server::builder()
+    ///     .layer(shm.layer())
+    ///     .add_service(shmgrpc_demo::BlobServer::new(shmgrpc_demo::BlobService))
+    ///     .serve("127.0.0.1:50051".parse()?)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn new(config: ServerConfig) -> Result<ShmServer> {
         let params = config.send.into_params(Side::Server)?;
         let me = rustix::process::getuid().as_raw();

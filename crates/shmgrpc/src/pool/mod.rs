@@ -373,6 +373,26 @@ impl Pool {
     ///
     /// Over budget it drops idle buffers of other classes; if that is not enough it waits for a release or fails,
     /// per [`PoolConfig::on_exhausted`]. A request larger than the whole budget fails at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a size of 0 or above the budget; [`Error::Exhausted`] when the budget is used
+    /// up and the pool is configured to fail ([`OnExhausted::Fail`]); [`Error::Os`] or [`Error::Randomness`] when a
+    /// new segment cannot be created.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> shmgrpc::Result<()> {
+    /// let pool = shmgrpc::Pool::new(shmgrpc::PoolConfig::default().budget(64 << 20))?;
+    /// let mut lease = pool.alloc(3 << 20).await?; // a buffer of the 4 MiB class
+    /// assert_eq!(lease.len(), 3 << 20);
+    /// lease.fill(1);
+    /// drop(lease); // back to the pool
+    /// assert!(pool.stats().is_idle());
+    /// # Ok(()) }
+    /// ```
     pub async fn alloc(&self, size: usize) -> Result<Lease> {
         self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
         loop {

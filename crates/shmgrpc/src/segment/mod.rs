@@ -167,6 +167,23 @@ impl fmt::Debug for Segment {
 
 impl Segment {
     /// Creates a segment of exactly `len` bytes (zero-filled) and maps it read-write.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a length of 0; [`Error::Os`] when the kernel refuses (out of memory, limits
+    /// such as `kernel.shmmax`, no `/dev/shm`); [`Error::Randomness`] when no name can be drawn.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use shmgrpc::{Backend, Segment, SegmentOptions};
+    /// # fn main() -> shmgrpc::Result<()> {
+    /// let mut seg = Segment::create(1 << 20, &SegmentOptions::new(Backend::Memfd))?;
+    /// seg.as_mut_slice()[..5].copy_from_slice(b"hello");
+    /// let handle = seg.share()?; // what a peer opens: here a sealed memfd
+    /// # drop(handle);
+    /// # Ok(()) }
+    /// ```
     pub fn create(len: usize, opts: &SegmentOptions) -> Result<Segment> {
         if len == 0 {
             return Err(Error::InvalidArgument("a segment cannot be empty".into()));
@@ -287,6 +304,27 @@ impl PeerSegment {
     /// `claimed_len` is what the peer says the segment holds; it is checked against `fstat` / `IPC_STAT` and the
     /// whole real segment is mapped. A memfd must carry the shrink and grow seals (otherwise it could shrink while
     /// mapped and a read would raise SIGBUS).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] when the segment is smaller than claimed, [`Error::MissingSeals`] for an unsealed
+    /// memfd, [`Error::InvalidHandle`] for a handle that is not a shmgrpc segment, [`Error::Limit`] when too many
+    /// unsealed (POSIX) peer segments are mapped, [`Error::Os`] when opening or mapping fails.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use shmgrpc::{Backend, PeerSegment, Segment, SegmentOptions};
+    /// # fn main() -> shmgrpc::Result<()> {
+    /// let mut seg = Segment::create(4096, &SegmentOptions::new(Backend::Posix))?;
+    /// seg.as_mut_slice()[0] = 42;
+    /// // In the peer (normally another process, given the handle):
+    /// let peer = PeerSegment::open(seg.share()?, 4096)?;
+    /// assert_eq!(peer.range(0, 1)?, &[42]);
+    /// // A claim beyond the real size is refused, never mapped.
+    /// assert!(PeerSegment::open(seg.share()?, 1 << 20).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn open(handle: SegmentHandle, claimed_len: u64) -> Result<PeerSegment> {
         Self::open_checked(handle, claimed_len, None)
     }
