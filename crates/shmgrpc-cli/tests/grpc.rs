@@ -332,6 +332,9 @@ async fn hostile_references_get_clear_statuses_and_the_server_keeps_serving() {
     // does not decode from 16 bytes. The server says so; it does not crash.
     let err = raw_echo(&ch, ok.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    // The same undecodable bytes sent inline get the same status (tonic's own codec would say INTERNAL).
+    let err = raw_echo(&ch, Bytes::from_static(&[0x0a, 0xff, 0x01])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "inline: {err}");
     // The server is still up and serves both this client and a fresh one, through shared memory.
     shmgrpc_demo::verify(&good.echo(shmgrpc_demo::payload(2 << 20, 2)).await.unwrap().into_inner()).unwrap();
     let other = ShmChannel::connect(&srv.unix).await.unwrap();
