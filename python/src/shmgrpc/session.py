@@ -1,0 +1,368 @@
+"""
+Sessions: what a client and a server share once they have proven they share memory (``docs/protocol.md``).
+
+A :class:`Session` is one side-channel connection after the handshake. It registers our segments with the peer
+(without waiting for the answer), keeps the peer's holds on our buffers until their releases, maps the peer's
+segments, resolves references into bytes and sends the releases. Frames are handled on the I/O thread
+(:mod:`shmgrpc._io`); nothing there waits on the peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+from . import protocol
+from ._io import LOOP, Conn
+from .pool import Lease, Pool, PoolExhausted
+from .protocol import BadReference
+from .segment import PeerSegment, SegmentError
+from .stats import Both, Fallback
+
+log = logging.getLogger("shmgrpc")
+
+CLIENT = "client"
+SERVER = "server"
+
+_REGISTRY: dict[tuple[bytes, str], weakref.ref[Session]] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def lookup(session_id: bytes, role: str) -> Session | None:
+    """A live session of this process by id and role."""
+    with _REGISTRY_LOCK:
+        ref = _REGISTRY.get((bytes(session_id), role))
+    s = ref() if ref is not None else None
+    return s if s is not None and s.alive else None
+
+
+def lookup_hex(value: str, role: str) -> Session | None:
+    """Like :func:`lookup`, from the ``shmgrpc-session`` header's hex."""
+    if len(value) != 32:
+        return None
+    try:
+        return lookup(bytes.fromhex(value), role)
+    except ValueError:
+        return None
+
+
+class Session(Conn):
+    """One end of a session over an established side channel."""
+
+    def __init__(
+        self,
+        sock: Any,
+        session_id: bytes,
+        role: str,
+        peer_pid: int,
+        pool: Pool,
+        threshold: int,
+        recorder: Both,
+        reader: Any = None,
+    ) -> None:
+        super().__init__(sock)
+        if reader is not None:
+            self.reader = reader
+        self.id = bytes(session_id)
+        self.role = role
+        self.peer_pid = peer_pid
+        self.pool = pool
+        self.threshold = threshold
+        self.recorder = recorder
+        self.header = self.id.hex()
+        self.alive = True
+        self._cv = threading.Condition()
+        self._peer: dict[int, PeerSegment] = {}
+        self._peer_bytes = 0
+        self._refused: set[int] = set()
+        self._registered: set[int] = set()  # our segments the peer has (or is being sent)
+        self._unusable: set[int] = set()  # our segments the peer refused
+        self._holds: dict[tuple[int, int], Lease] = {}
+        with _REGISTRY_LOCK:
+            _REGISTRY[(self.id, role)] = weakref.ref(self)
+
+    def start(self) -> None:
+        """Starts reading frames on the I/O thread."""
+        LOOP.add(self)
+
+    # ---- frames from the peer (I/O thread) ----
+    def on_frame(self, msg: Any, fd: int | None) -> None:
+        """Handles one frame of an established session."""
+        kind = msg.WhichOneof("kind")
+        if kind == "register":
+            self._on_register(msg.register, fd)
+        elif kind == "registered":
+            if msg.registered.error:
+                log.debug("the peer refused one of our segments: %s", msg.registered.error)
+                with self._cv:
+                    self._unusable.add(msg.registered.segment)
+        elif kind == "release":
+            lease = None
+            with self._cv:
+                lease = self._holds.pop((msg.release.segment, msg.release.generation), None)
+            if lease is None:
+                self.recorder.add("bad_releases")
+                self.recorder.add("peer_refusals")
+                log.debug("refused a release of a buffer the peer does not hold")
+            else:
+                lease.release()
+        elif kind == "returned":
+            # We never send `receiver` parts, so nothing can be returned to us.
+            self.recorder.add("bad_releases")
+            self.recorder.add("peer_refusals")
+        elif kind == "forget":
+            with self._cv:
+                seg = self._peer.pop(msg.forget.segment, None)
+                if seg is not None:
+                    self._peer_bytes -= seg.size
+            if seg is not None:
+                seg.close()
+        elif kind == "refused":
+            raise protocol.ProtocolError(f"peer refused: {msg.refused.reason}")
+        else:
+            raise protocol.ProtocolError(f"unexpected {kind} frame on an established side channel")
+
+    def _on_register(self, reg: Any, fd: int | None) -> None:
+        error = ""
+        source = reg.WhichOneof("source")
+        with self._cv:
+            known = reg.segment in self._peer
+            count = len(self._peer)
+        if fd is None:
+            error = "registrations by name are not accepted by this implementation" if source else "no descriptor"
+        elif source is not None:
+            error = "a descriptor and a name at once"
+        elif known:
+            error = "segment id already registered"
+        elif count >= protocol.MAX_PEER_SEGMENTS:
+            error = "too many segments"
+        if error:
+            if fd is not None:
+                os.close(fd)
+        else:
+            assert fd is not None
+            try:
+                seg = PeerSegment(fd, reg.len)
+            except (SegmentError, OSError) as e:
+                error = str(e)
+            else:
+                with self._cv:
+                    if self._peer_bytes + seg.size > protocol.MAX_SESSION_PEER_BYTES:
+                        error = "too many bytes of segments"
+                    else:
+                        self._peer[reg.segment] = seg
+                        self._peer_bytes += seg.size
+                        self._refused.discard(reg.segment)
+                if error:
+                    seg.close()
+        if error:
+            self.recorder.add("peer_refusals")
+            log.debug("refused a segment from the peer: %s", error)
+            with self._cv:
+                if len(self._refused) < protocol.MAX_PEER_SEGMENTS:
+                    self._refused.add(reg.segment)
+        with self._cv:
+            self._cv.notify_all()
+        self.send(protocol.side(registered=protocol.Registered(segment=reg.segment, error=error)))
+
+    def on_close(self) -> None:
+        """The side channel ended: holds return to the pool, the peer's mappings go."""
+        with self._cv:
+            self.alive = False
+            holds = list(self._holds.values())
+            self._holds.clear()
+            peer = list(self._peer.values())
+            self._peer.clear()
+            self._peer_bytes = 0
+            self._cv.notify_all()
+        for lease in holds:
+            lease.release()
+        for seg in peer:
+            seg.close()
+        with _REGISTRY_LOCK:
+            ref = _REGISTRY.get((self.id, self.role))
+            if ref is not None and ref() is self:
+                del _REGISTRY[(self.id, self.role)]
+
+    # ---- sending ----
+    def encode(self, data: bytes | memoryview) -> bytes | None:
+        """
+        Writes ``data`` (an encoded message) into a pool buffer and returns the reference to send, registering
+        the buffer's segment first if the peer lacks it; ``None`` (counted) when it must go inline.
+        """
+        if not self.alive:
+            self.recorder.fallback(Fallback.SESSION_CLOSED)
+            return None
+        n = len(data)
+        try:
+            lease = self.pool.alloc(n)
+        except (PoolExhausted, OSError) as e:
+            log.debug("sending inline: %s", e)
+            self.recorder.fallback(Fallback.POOL_EXHAUSTED)
+            return None
+        lease.view[:n] = data
+        return self._refer(lease, n)
+
+    def _refer(self, lease: Lease, n: int) -> bytes | None:
+        sid = lease.segment_id
+        with self._cv:
+            unusable = sid in self._unusable
+            new = sid not in self._registered
+            if new and not unusable:
+                self._registered.add(sid)
+        if unusable:
+            lease.release()
+            self.recorder.fallback(Fallback.REGISTRATION_FAILED)
+            return None
+        if new:
+            reg = protocol.Register(segment=sid, len=lease.segment.size)
+            if not self.send(protocol.side(register=reg), lease.segment.fd):
+                lease.release()
+                self.recorder.fallback(Fallback.SESSION_CLOSED)
+                return None
+        with self._cv:
+            if not self.alive:
+                lease.release()
+                self.recorder.fallback(Fallback.SESSION_CLOSED)
+                return None
+            self._holds[(sid, lease.generation)] = lease
+        region = protocol.Region(segment=sid, generation=lease.generation, offset=0, len=n)
+        ref = protocol.Reference(session=self.id, from_server=self.role == SERVER, parts=[protocol.Part(sender=region)])
+        self.recorder.message("sent", "shm", n)
+        return protocol.encode_reference(ref)
+
+    def forget_evicted(self) -> None:
+        """
+        Nothing to do in this implementation: buffers leave the pool only when idle, and their segment ids are
+        never reused, so a stale mapping at the peer only costs memory until the session ends.
+        """
+
+    # ---- receiving ----
+    def resolve(self, ref: Any) -> tuple[bytes | memoryview, list[tuple[str, int, int]]]:
+        """
+        The message bytes a reference names, and the answers (``Release`` for each ``sender`` part, ``Returned``
+        for each ``receiver`` part) to send once they were parsed.
+
+        Waits (at most :data:`protocol.REGISTRATION_WAIT`) for the registration of a segment the reference names
+        and the peer has neither registered nor been refused yet (protocol section 6). Raises
+        :class:`protocol.BadReference` with the protocol's status for anything else.
+        """
+        parts = list(ref.parts)
+        if not parts or len(parts) > protocol.MAX_PARTS:
+            raise BadReference("INVALID_ARGUMENT", "a reference needs 1 to 64 parts")
+        inline = sum(len(p.inline) for p in parts if p.WhichOneof("kind") == "inline")
+        if inline > protocol.MAX_INLINE:
+            raise BadReference("INVALID_ARGUMENT", "too many inline bytes in a reference")
+        views: list[bytes | memoryview] = []
+        releases: list[tuple[str, int, int]] = []
+        for p in parts:
+            kind = p.WhichOneof("kind")
+            if kind == "inline":
+                views.append(p.inline)
+            elif kind == "sender":
+                r = p.sender
+                seg = self._peer_segment(r.segment)
+                if r.offset + r.len > seg.size:
+                    raise BadReference("OUT_OF_RANGE", "reference range is outside the segment")
+                views.append(seg.range(r.offset, r.len))
+                releases.append(("release", r.segment, r.generation))
+            elif kind == "receiver":
+                # One of our own buffers, sent back while the peer still holds it (zero-copy echo, forwarding).
+                r = p.receiver
+                with self._cv:
+                    lease = self._holds.get((r.segment, r.generation))
+                if lease is None:
+                    raise BadReference("INVALID_ARGUMENT", "receiver part naming a buffer the peer does not hold")
+                if r.offset + r.len > lease.segment.size:
+                    raise BadReference("OUT_OF_RANGE", "reference range is outside the segment")
+                views.append(lease.segment.view[r.offset : r.offset + r.len])
+                releases.append(("returned", r.segment, r.generation))
+            else:
+                raise BadReference("INVALID_ARGUMENT", "a part without a kind")
+        data: bytes | memoryview = views[0] if len(views) == 1 else b"".join(views)
+        return data, releases
+
+    def _peer_segment(self, segment: int) -> PeerSegment:
+        deadline = time.monotonic() + protocol.REGISTRATION_WAIT
+        with self._cv:
+            while True:
+                seg = self._peer.get(segment)
+                if seg is not None:
+                    return seg
+                left = deadline - time.monotonic()
+                if segment in self._refused or not self.alive or left <= 0:
+                    raise BadReference("INVALID_ARGUMENT", "reference to a segment the peer never registered")
+                self._cv.wait(left)
+
+    def release(self, answers: list[tuple[str, int, int]]) -> None:
+        """Sends one ``Release`` per ``sender`` part and one ``Returned`` per ``receiver`` part that was read."""
+        for kind, segment, generation in answers:
+            if kind == "release":
+                self.send(protocol.side(release=protocol.Release(segment=segment, generation=generation)))
+            else:
+                self.send(protocol.side(returned=protocol.Returned(segment=segment, generation=generation)))
+
+    def figures(self) -> dict[str, int]:
+        """Holds the peer has on our buffers, and the peer's segments mapped here."""
+        with self._cv:
+            return {"holds": len(self._holds), "peer_segments": len(self._peer)}
+
+
+def decode_message(
+    data: bytes,
+    deserializer: Any,
+    role: str,
+    recorder: Both | None,
+) -> Any:
+    """
+    Decodes one incoming gRPC message (inline or a reference) with ``deserializer``; raises
+    :class:`protocol.BadReference` with the protocol's status when it cannot.
+    """
+    if not protocol.is_reference(data):
+        try:
+            msg = deserializer(data)
+        except Exception as e:
+            raise BadReference("INVALID_ARGUMENT", f"message does not decode: {e}") from None
+        if recorder is not None:
+            recorder.message("received", "inline", len(data))
+        return msg
+    try:
+        ref = protocol.decode_reference(bytes(data))
+    except BadReference:
+        if recorder is not None:
+            recorder.add("bad_references")
+        raise
+    if len(ref.session) != 16 or ref.from_server != (role == CLIENT):
+        raise BadReference("FAILED_PRECONDITION", "shmgrpc reference to an unknown or closed session")
+    session = lookup(ref.session, role)
+    if session is None:
+        raise BadReference("FAILED_PRECONDITION", "shmgrpc reference to an unknown or closed session")
+    try:
+        payload, releases = session.resolve(ref)
+    except BadReference:
+        session.recorder.add("bad_references")
+        raise
+    n = msg_len(ref)
+    try:
+        msg = deserializer(payload)
+    except Exception as e:
+        raise BadReference("INVALID_ARGUMENT", f"message in shared memory does not decode: {e}") from None
+    finally:
+        if isinstance(payload, memoryview):
+            payload.release()
+        session.release(releases)
+    session.recorder.message("received", "shm", n)
+    return msg
+
+
+def msg_len(ref: Any) -> int:
+    """Bytes a reference names."""
+    total = 0
+    for p in ref.parts:
+        kind = p.WhichOneof("kind")
+        total += len(p.inline) if kind == "inline" else getattr(p, kind).len if kind else 0
+    return total

@@ -1,0 +1,74 @@
+"""The demo blob service in Python (for the interop tests): ``blob_server.py ADDRESS [--plain]``.
+
+Prints one JSON readiness line on stdout, like ``shmgrpc serve``; stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import zlib
+from concurrent import futures
+from typing import Any
+
+import blob_pb2  # type: ignore[import-not-found]
+import blob_pb2_grpc  # type: ignore[import-not-found]
+import grpc
+
+import shmgrpc
+
+
+def pattern(size: int, seed: int) -> bytes:
+    block = bytes((seed + i) & 0xFF for i in range(256))
+    return (block * (size // 256 + 1))[:size]
+
+
+def payload(size: int, seed: int) -> Any:
+    d = pattern(size, seed)
+    return blob_pb2.Payload(data=d, crc32=zlib.crc32(d))
+
+
+class Blob(blob_pb2_grpc.BlobServicer):  # type: ignore[misc]
+    def Echo(self, request: Any, context: Any) -> Any:
+        return request
+
+    def Upload(self, request: Any, context: Any) -> Any:
+        return blob_pb2.Digest(len=len(request.data), crc32=zlib.crc32(request.data))
+
+    def Download(self, request: Any, context: Any) -> Any:
+        return payload(request.size, request.seed)
+
+    def DownloadStream(self, request: Any, context: Any) -> Any:
+        for i in range(request.count):
+            yield payload(request.size, request.seed + i)
+
+    def UploadStream(self, requests: Any, context: Any) -> Any:
+        return blob_pb2.DigestList(
+            digests=[blob_pb2.Digest(len=len(p.data), crc32=zlib.crc32(p.data)) for p in requests]
+        )
+
+    def EchoStream(self, requests: Any, context: Any) -> Any:
+        yield from requests
+
+
+def main() -> None:
+    address = sys.argv[1]
+    plain = "--plain" in sys.argv
+    pool = futures.ThreadPoolExecutor(8)
+    big = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    server: Any = grpc.server(pool, options=big) if plain else shmgrpc.server(pool)
+    blob_pb2_grpc.add_BlobServicer_to_server(Blob(), server)
+    server.add_insecure_port(address)
+    server.start()
+    side = None if plain else server.side_channel_path
+    print(
+        json.dumps({"event": "ready", "listen": [address], "side_channel": side, "shared_memory": not plain}),
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(None))
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

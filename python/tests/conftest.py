@@ -1,0 +1,145 @@
+"""Fixtures: the Rust ``shmgrpc`` binary, generated demo-service stubs, server processes of both languages."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def rust_bin() -> str:
+    """The ``shmgrpc`` binary: ``$SHMGRPC_BIN`` (set by the cargo test that runs this suite), else built here."""
+    path = os.environ.get("SHMGRPC_BIN")
+    if path:
+        return path
+    subprocess.run(["cargo", "build", "-q", "-p", "shmgrpc-cli"], cwd=ROOT, check=True)
+    return str(ROOT / "target" / "debug" / "shmgrpc")
+
+
+@pytest.fixture(scope="session")
+def bin_path() -> str:
+    return rust_bin()
+
+
+@pytest.fixture(scope="session")
+def stubs_dir() -> Iterator[str]:
+    """The demo service's ``blob_pb2`` / ``blob_pb2_grpc``, generated with grpcio-tools (no system protoc)."""
+    from grpc_tools import protoc  # type: ignore[import-untyped]
+
+    with tempfile.TemporaryDirectory() as d:
+        proto = ROOT / "crates" / "shmgrpc-demo" / "proto"
+        rc = protoc.main(["protoc", f"-I{proto}", f"--python_out={d}", f"--grpc_python_out={d}", "blob.proto"])
+        assert rc == 0
+        sys.path.insert(0, d)
+        yield d
+        sys.path.remove(d)
+
+
+@pytest.fixture(scope="session")
+def blob(stubs_dir: str) -> Any:
+    return importlib.import_module("blob_pb2")
+
+
+@pytest.fixture(scope="session")
+def blob_grpc(stubs_dir: str) -> Any:
+    return importlib.import_module("blob_pb2_grpc")
+
+
+@dataclass
+class Served:
+    """A server process; killed on teardown."""
+
+    proc: subprocess.Popen[str]
+    unix: str
+    ready: dict[str, Any]
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _start(cmd: list[str], unix: str, env: dict[str, str] | None = None) -> Served:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, f"{cmd[0]} ended before it was ready"
+    ready = json.loads(line)
+    assert ready["event"] == "ready", line
+    return Served(proc, unix, ready)
+
+
+def _stop(s: Served) -> None:
+    if s.proc.poll() is None:
+        s.proc.send_signal(signal.SIGTERM)
+        try:
+            s.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+            s.proc.wait()
+
+
+@pytest.fixture
+def rust_server(bin_path: str, tmp_path: pathlib.Path) -> Iterator[Served]:
+    """``shmgrpc serve`` on a Unix socket."""
+    unix = f"unix:{tmp_path / 'rust.sock'}"
+    s = _start([bin_path, "serve", "--listen", unix], unix)
+    yield s
+    _stop(s)
+
+
+@pytest.fixture
+def rust_plain_server(bin_path: str, tmp_path: pathlib.Path) -> Iterator[Served]:
+    """``shmgrpc serve --plain``: tonic without shmgrpc."""
+    unix = f"unix:{tmp_path / 'plain.sock'}"
+    s = _start([bin_path, "serve", "--plain", "--listen", unix], unix)
+    yield s
+    _stop(s)
+
+
+def start_py_server(stubs_dir: str, unix: str, *extra: str) -> Served:
+    """``tests/blob_server.py``: the demo service in Python, in a process of its own."""
+    env = {"PYTHONPATH": os.pathsep.join([stubs_dir, str(ROOT / "python" / "src"), os.environ.get("PYTHONPATH", "")])}
+    return _start([sys.executable, str(HERE / "blob_server.py"), unix, *extra], unix, env)
+
+
+@pytest.fixture
+def py_server(stubs_dir: str, tmp_path: pathlib.Path) -> Iterator[Served]:
+    s = start_py_server(stubs_dir, f"unix:{tmp_path / 'py.sock'}")
+    yield s
+    _stop(s)
+
+
+@pytest.fixture
+def py_plain_server(stubs_dir: str, tmp_path: pathlib.Path) -> Iterator[Served]:
+    s = start_py_server(stubs_dir, f"unix:{tmp_path / 'pyplain.sock'}", "--plain")
+    yield s
+    _stop(s)
+
+
+def segments_of(bin_path: str, pids: set[int]) -> list[dict[str, Any]]:
+    """shmgrpc segments on the machine created by or mapped in ``pids`` (``shmgrpc ls --json``)."""
+    out = subprocess.run([bin_path, "ls", "--json"], capture_output=True, text=True, check=True).stdout
+    return [s for s in json.loads(out) if s.get("pid") in pids]
+
+
+def eventually(what: str, f: Any, timeout: float = 10.0) -> None:
+    start = time.monotonic()
+    while not f():
+        assert time.monotonic() - start < timeout, f"timed out waiting until {what}"
+        time.sleep(0.01)
