@@ -15,7 +15,7 @@ import pytest
 import shmgrpc
 from shmgrpc import Fallback
 
-from .conftest import Served
+from .conftest import Served, eventually
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -164,3 +164,30 @@ def test_python_client_and_python_server_in_one_process(blob: Any, blob_grpc: An
             assert server.stats()["shm_received"] == 1 and server.stats()["shm_sent"] == 2
     finally:
         server.stop(None)
+
+
+def test_loans_send_a_bytes_field_without_a_copy(rust_server: Served, blob: Any, blob_grpc: Any) -> None:
+    with shmgrpc.insecure_channel(rust_server.unix) as ch:
+        stub = blob_grpc.BlobStub(ch)
+        size = 8 * MIB
+        data = payload(blob, size, 3).data
+        loan = ch.loan(size)
+        assert loan.shared
+        loan.view[:] = data
+        r = stub.Echo(shmgrpc.loaned(blob.Payload(crc32=zlib.crc32(data), note="n"), "data", loan))
+        check(r, size)
+        assert r.note == "n" and r.data == data
+        assert ch.stats()["shm_sent"] == 1
+        with pytest.raises(ValueError, match="sent once"):
+            stub.Echo(shmgrpc.loaned(blob.Payload(), "data", loan))
+        with pytest.raises(ValueError, match="unset"):
+            shmgrpc.loaned(blob.Payload(data=b"x"), "data", ch.loan(1))
+        eventually("the server released the loan", lambda: ch.session_figures()["holds"] == 0)
+        assert ch.pool.stats().in_use_bytes == 0
+    # Without a session a loan is ordinary memory, and the message goes inline as usual.
+    with shmgrpc.insecure_channel(rust_server.unix, shared_memory=False) as plain:
+        loan = plain.loan(MIB)
+        assert not loan.shared
+        loan.view[:] = data[:MIB]
+        r = blob_grpc.BlobStub(plain).Echo(shmgrpc.loaned(blob.Payload(crc32=zlib.crc32(data[:MIB])), "data", loan))
+        check(r, MIB)

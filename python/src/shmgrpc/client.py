@@ -25,7 +25,7 @@ from ._io import FrameReader, peer_cred, recv_with_fds
 from .pool import DEFAULT_BUDGET, Pool
 from .protocol import BadReference
 from .segment import REQUIRED_SEALS
-from .session import CLIENT, Session, decode_message
+from .session import CLIENT, Loan, Loaned, Session, decode_message
 from .stats import Both, Fallback, Recorder
 
 log = logging.getLogger("shmgrpc")
@@ -173,6 +173,16 @@ class ShmChannel(grpc.Channel):
         """Transfer counters of this channel (see :func:`shmgrpc.stats`)."""
         return self._own.snapshot()
 
+    def loan(self, n: int) -> Loan:
+        """
+        A buffer of ``n`` bytes to write a request payload into and send without a copy (see :class:`Loan` and
+        :func:`shmgrpc.loaned`); ordinary memory when this channel has no session.
+        """
+        s = self._session
+        if s is not None and s.alive:
+            return s.loan(n)
+        return Loan(n, None, None)
+
     def session_figures(self) -> dict[str, int]:
         """Holds the server has on our buffers and the server's segments mapped here (zeros without a session)."""
         return self._session.figures() if self._session is not None else {"holds": 0, "peer_segments": 0}
@@ -229,7 +239,16 @@ class ShmChannel(grpc.Channel):
         fallback = self._fallback
 
         def serialize(message: Any) -> bytes:
-            data = inner(message) if inner is not None else message
+            if isinstance(message, Loaned):
+                head = message.head(inner)
+                if session is not None:
+                    ref = session.encode_loaned(head, message.loan)
+                    if ref is not None:
+                        return ref
+                data = head + message.loan.bytes()
+                message.loan.release()
+            else:
+                data = inner(message) if inner is not None else message
             n = len(data)
             if n >= threshold:
                 if session is not None:
@@ -278,6 +297,8 @@ class _Callable:
         return inner, md
 
     def _invoke(self, attr: str, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if isinstance(request, Loaned) and request.loan._sent:
+            raise ValueError("a loan is sent once")
         if len(args) >= 2:  # (timeout, metadata, ...) positionally
             args = list(args)  # type: ignore[assignment]
             inner, args[1] = self._for_call(args[1])  # type: ignore[index]

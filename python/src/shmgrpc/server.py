@@ -28,7 +28,7 @@ from ._io import LOOP, Conn, peer_cred
 from .pool import DEFAULT_BUDGET, Pool
 from .protocol import BadReference
 from .segment import Segment
-from .session import SERVER, Session, decode_message, lookup_hex
+from .session import SERVER, Loan, Loaned, Session, decode_message, lookup_hex
 from .stats import Both, Recorder
 
 log = logging.getLogger("shmgrpc")
@@ -329,8 +329,18 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             return _Failed(e.code, str(e))
 
     def serialize(message: Any) -> bytes:
-        data = ser(message)
         session: Session | None = getattr(_current, "session", None)
+        if isinstance(message, Loaned):
+            head = message.head(ser)
+            if session is not None:
+                ref = session.encode_loaned(head, message.loan)
+                if ref is not None:
+                    return ref
+            data = head + message.loan.bytes()
+            message.loan.release()
+            recorder.message("sent", "inline", len(data))
+            return data
+        data = ser(message)
         if session is not None and len(data) >= threshold:
             ref = session.encode(data)
             if ref is not None:
@@ -378,6 +388,17 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if h.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(stream_in(h.stream_unary), **kw)
     return grpc.stream_stream_rpc_method_handler(stream_in(h.stream_stream), **kw)
+
+
+def loan(n: int) -> Loan:
+    """
+    Inside a handler: a buffer of ``n`` bytes to write a response payload into and send without a copy (see
+    :class:`shmgrpc.session.Loan`); ordinary memory when the call has no session.
+    """
+    session: Session | None = getattr(_current, "session", None)
+    if session is not None and session.alive:
+        return session.loan(n)
+    return Loan(n, None, None)
 
 
 def server(

@@ -81,7 +81,7 @@ class Session(Conn):
         self._refused: set[int] = set()
         self._registered: set[int] = set()  # our segments the peer has (or is being sent)
         self._unusable: set[int] = set()  # our segments the peer refused
-        self._holds: dict[tuple[int, int], Lease] = {}
+        self._holds: dict[tuple[int, int], Lease] = {}  # one per sender part: every send uses a fresh lease
         with _REGISTRY_LOCK:
             _REGISTRY[(self.id, role)] = weakref.ref(self)
 
@@ -207,7 +207,27 @@ class Session(Conn):
         lease.view[:n] = data
         return self._refer(lease, n)
 
-    def _refer(self, lease: Lease, n: int) -> bytes | None:
+    def loan(self, n: int) -> Loan:
+        """
+        A buffer of ``n`` bytes to write a payload into (see :class:`Loan`); ordinary memory when the pool has no
+        room or the session is closed.
+        """
+        if self.alive:
+            try:
+                return Loan(n, self.pool.alloc(n), self)
+            except (PoolExhausted, OSError) as e:
+                log.debug("loan from ordinary memory: %s", e)
+                self.recorder.fallback(Fallback.POOL_EXHAUSTED)
+        return Loan(n, None, None)
+
+    def encode_loaned(self, head: bytes, loan: Loan) -> bytes | None:
+        """A reference whose message is ``head`` (inline) followed by the loan's bytes in place, or ``None``."""
+        lease = loan._take(self)
+        if lease is None:
+            return None
+        return self._refer(lease, loan.length, head)
+
+    def _refer(self, lease: Lease, n: int, head: bytes = b"") -> bytes | None:
         sid = lease.segment_id
         with self._cv:
             unusable = sid in self._unusable
@@ -231,8 +251,10 @@ class Session(Conn):
                 return None
             self._holds[(sid, lease.generation)] = lease
         region = protocol.Region(segment=sid, generation=lease.generation, offset=0, len=n)
-        ref = protocol.Reference(session=self.id, from_server=self.role == SERVER, parts=[protocol.Part(sender=region)])
-        self.recorder.message("sent", "shm", n)
+        parts = [protocol.Part(inline=head)] if head else []
+        parts.append(protocol.Part(sender=region))
+        ref = protocol.Reference(session=self.id, from_server=self.role == SERVER, parts=parts)
+        self.recorder.message("sent", "shm", len(head) + n)
         return protocol.encode_reference(ref)
 
     def forget_evicted(self) -> None:
@@ -310,6 +332,75 @@ class Session(Conn):
         """Holds the peer has on our buffers, and the peer's segments mapped here."""
         with self._cv:
             return {"holds": len(self._holds), "peer_segments": len(self._peer)}
+
+
+class Loan:
+    """
+    A buffer to write a large ``bytes`` field into before sending it, so that it goes out without a copy.
+
+    Write the payload into :attr:`view`, then send :func:`shmgrpc.loaned` ``(message, field, loan)`` in place of
+    ``message`` (with ``field`` left unset): the message's other fields are encoded as usual and the loan's bytes
+    follow in place. Through shared memory nothing of the payload is copied; without a session (or when the pool
+    had no room: :attr:`shared` is false) the message is encoded normally from the loan's bytes. A loan is sent
+    once; sending it hands the buffer to the peer until it releases it. :meth:`release` (or dropping the last
+    reference) returns an unsent loan.
+    """
+
+    def __init__(self, n: int, lease: Lease | None, session: Session | None) -> None:
+        self.length = n
+        self._lease = lease
+        self._session = session
+        self._sent = False
+        self.view: memoryview = lease.view if lease is not None else memoryview(bytearray(n))
+
+    @property
+    def shared(self) -> bool:
+        """Whether the loan lies in shared memory (sending it copies nothing)."""
+        return self._lease is not None
+
+    def _take(self, session: Session) -> Lease | None:
+        if self._sent:
+            raise ValueError("a loan is sent once")
+        if self._lease is None or session is not self._session:
+            return None
+        self._sent = True
+        lease, self._lease = self._lease, None
+        return lease
+
+    def bytes(self) -> bytes:
+        """A copy of the loan's bytes (what an inline message carries)."""
+        return bytes(self.view)
+
+    def release(self) -> None:
+        """Returns an unsent loan's buffer to the pool (also done when the loan is garbage-collected)."""
+        if self._lease is not None and not self._sent:
+            self._lease.release()
+            self._lease = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class Loaned:
+    """A message whose ``bytes`` field ``field`` is a :class:`Loan` (built by :func:`shmgrpc.loaned`)."""
+
+    def __init__(self, message: Any, field: str, loan: Loan) -> None:
+        desc = message.DESCRIPTOR.fields_by_name.get(field)
+        if desc is None or desc.type != desc.TYPE_BYTES:
+            raise ValueError(f"{field} is not a bytes field of {message.DESCRIPTOR.full_name}")
+        if message.HasField(field) if desc.has_presence else getattr(message, field):
+            raise ValueError(f"{field} must be left unset: the loan carries it")
+        self.message = message
+        self.loan = loan
+        self.tag = protocol._varint(desc.number << 3 | 2)
+
+    def head(self, serialize: Any) -> bytes:
+        """The message without the field, then the field's key and length: what precedes the loan's bytes."""
+        return bytes(serialize(self.message)) + self.tag + protocol._varint(self.loan.length)
+
+    def encode(self, serialize: Any) -> bytes:
+        """The whole message, inline (copies the loan's bytes)."""
+        return self.head(serialize) + self.loan.bytes()
 
 
 def decode_message(
