@@ -285,16 +285,21 @@ class _Callable:
         self._ch, self._kind, self._method, self._ser, self._kw = ch, kind, method, ser, kw
         self._de = ch._deserializer(de)
         self._plain = getattr(ch._channel, kind)(method, ch._serializer(None, ser), self._de, **kw)
+        self._bound: tuple[Session, Any, tuple[tuple[str, str], ...]] | None = None
 
     def _for_call(self, metadata: Sequence[tuple[str, str]] | None) -> tuple[Any, Any]:
         s = self._ch._session
         if s is None or not s.alive:
             return self._plain, metadata
-        inner = getattr(self._ch._channel, self._kind)(
-            self._method, self._ch._serializer(s, self._ser), self._de, **self._kw
-        )
-        md = [*(metadata or ()), (protocol.SESSION_HEADER, s.header)]
-        return inner, md
+        cached = self._bound
+        if cached is None or cached[0] is not s:
+            # Made once per session: the serializer sends through this session, whose header the call carries.
+            inner = getattr(self._ch._channel, self._kind)(
+                self._method, self._ch._serializer(s, self._ser), self._de, **self._kw
+            )
+            cached = self._bound = (s, inner, ((protocol.SESSION_HEADER, s.header),))
+        md = cached[2] if not metadata else (*metadata, *cached[2])
+        return cached[1], md
 
     def _invoke(self, attr: str, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if isinstance(request, Loaned) and request.loan._sent:

@@ -41,13 +41,17 @@ class Segment:
         self.view = memoryview(self.map)
 
     def close(self) -> None:
-        """Unmaps and closes (callers must hold no view of it any more)."""
+        """Closes the descriptor and unmaps; a view still held elsewhere (a loan kept after sending) keeps the
+        mapping until it is dropped."""
         if self.fd < 0:
             return
-        self.view.release()
-        self.map.close()
         os.close(self.fd)
         self.fd = -1
+        try:
+            self.view.release()
+            self.map.close()
+        except BufferError:
+            pass  # the last view's release lets the mapping go
 
 
 class PeerSegment:

@@ -25,6 +25,9 @@ from .stats import Both, Fallback
 
 log = logging.getLogger("shmgrpc")
 
+LOAN_HEADROOM = 64
+"""Bytes a loan keeps free before its payload, for the message's other fields and the payload's key and length."""
+
 CLIENT = "client"
 SERVER = "server"
 
@@ -214,20 +217,28 @@ class Session(Conn):
         """
         if self.alive:
             try:
-                return Loan(n, self.pool.alloc(n), self)
+                return Loan(n, self.pool.alloc(n + LOAN_HEADROOM), self, LOAN_HEADROOM)
             except (PoolExhausted, OSError) as e:
                 log.debug("loan from ordinary memory: %s", e)
                 self.recorder.fallback(Fallback.POOL_EXHAUSTED)
         return Loan(n, None, None)
 
     def encode_loaned(self, head: bytes, loan: Loan) -> bytes | None:
-        """A reference whose message is ``head`` (inline) followed by the loan's bytes in place, or ``None``."""
+        """
+        A reference whose message is ``head`` followed by the loan's bytes in place, or ``None``. A head that fits
+        the loan's headroom is written right before the payload, so the message is one contiguous region (the
+        receiver parses it without joining anything); a longer one travels inline.
+        """
         lease = loan._take(self)
         if lease is None:
             return None
-        return self._refer(lease, loan.length, head)
+        k = len(head)
+        if k <= loan.offset:
+            lease.view[loan.offset - k : loan.offset] = head
+            return self._refer(lease, k + loan.length, offset=loan.offset - k)
+        return self._refer(lease, loan.length, head, offset=loan.offset)
 
-    def _refer(self, lease: Lease, n: int, head: bytes = b"") -> bytes | None:
+    def _refer(self, lease: Lease, n: int, head: bytes = b"", offset: int = 0) -> bytes | None:
         sid = lease.segment_id
         with self._cv:
             unusable = sid in self._unusable
@@ -250,7 +261,7 @@ class Session(Conn):
                 self.recorder.fallback(Fallback.SESSION_CLOSED)
                 return None
             self._holds[(sid, lease.generation)] = lease
-        region = protocol.Region(segment=sid, generation=lease.generation, offset=0, len=n)
+        region = protocol.Region(segment=sid, generation=lease.generation, offset=offset, len=n)
         parts = [protocol.Part(inline=head)] if head else []
         parts.append(protocol.Part(sender=region))
         ref = protocol.Reference(session=self.id, from_server=self.role == SERVER, parts=parts)
@@ -264,7 +275,7 @@ class Session(Conn):
         """
 
     # ---- receiving ----
-    def resolve(self, ref: Any) -> tuple[bytes | memoryview, list[tuple[str, int, int]]]:
+    def resolve(self, ref: Any) -> tuple[list[bytes | memoryview], list[tuple[str, int, int]]]:
         """
         The message bytes a reference names, and the answers (``Release`` for each ``sender`` part, ``Returned``
         for each ``receiver`` part) to send once they were parsed.
@@ -290,7 +301,7 @@ class Session(Conn):
                 seg = self._peer_segment(r.segment)
                 if r.offset + r.len > seg.size:
                     raise BadReference("OUT_OF_RANGE", "reference range is outside the segment")
-                views.append(seg.range(r.offset, r.len))
+                views.append(_fold(views, seg.view, r.offset, r.len))
                 releases.append(("release", r.segment, r.generation))
             elif kind == "receiver":
                 # One of our own buffers, sent back while the peer still holds it (zero-copy echo, forwarding).
@@ -301,12 +312,11 @@ class Session(Conn):
                     raise BadReference("INVALID_ARGUMENT", "receiver part naming a buffer the peer does not hold")
                 if r.offset + r.len > lease.segment.size:
                     raise BadReference("OUT_OF_RANGE", "reference range is outside the segment")
-                views.append(lease.segment.view[r.offset : r.offset + r.len])
+                views.append(_fold(views, lease.segment.view, r.offset, r.len))
                 releases.append(("returned", r.segment, r.generation))
             else:
                 raise BadReference("INVALID_ARGUMENT", "a part without a kind")
-        data: bytes | memoryview = views[0] if len(views) == 1 else b"".join(views)
-        return data, releases
+        return views, releases
 
     def _peer_segment(self, segment: int) -> PeerSegment:
         deadline = time.monotonic() + protocol.REGISTRATION_WAIT
@@ -346,12 +356,13 @@ class Loan:
     reference) returns an unsent loan.
     """
 
-    def __init__(self, n: int, lease: Lease | None, session: Session | None) -> None:
+    def __init__(self, n: int, lease: Lease | None, session: Session | None, offset: int = 0) -> None:
         self.length = n
+        self.offset = offset
         self._lease = lease
         self._session = session
         self._sent = False
-        self.view: memoryview = lease.view if lease is not None else memoryview(bytearray(n))
+        self.view: memoryview = lease.view[offset : offset + n] if lease is not None else memoryview(bytearray(n))
 
     @property
     def shared(self) -> bool:
@@ -439,15 +450,50 @@ def decode_message(
         raise
     n = msg_len(ref)
     try:
-        msg = deserializer(payload)
+        msg = _parse(payload, deserializer)
     except Exception as e:
         raise BadReference("INVALID_ARGUMENT", f"message in shared memory does not decode: {e}") from None
     finally:
-        if isinstance(payload, memoryview):
-            payload.release()
+        for v in payload:
+            if isinstance(v, memoryview):
+                v.release()
         session.release(releases)
     session.recorder.message("received", "shm", n)
     return msg
+
+
+def _fold(views: list[bytes | memoryview], memory: memoryview, offset: int, length: int) -> memoryview:
+    """
+    The region ``memory[offset:offset+length]``; when the inline part before it (``views[-1]``) holds exactly the
+    bytes that precede the region in memory (a field's key and length written in front of a payload, as shmgrpc's
+    loans do), that part is folded in and the view starts earlier, so the two parse without being joined.
+    """
+    if views and isinstance(views[-1], bytes):
+        head = views[-1]
+        k = len(head)
+        if 0 < k <= offset and memory[offset - k : offset] == head:
+            views.pop()
+            return memory[offset - k : offset + length]
+    return memory[offset : offset + length]
+
+
+def _parse(spans: list[bytes | memoryview], deserializer: Any) -> Any:
+    """
+    Parses a message from its spans without joining them when they split at top-level field boundaries (a
+    protobuf message parsed from A+B equals A parsed, then B merged); joins them otherwise.
+    """
+    if len(spans) == 1:
+        return deserializer(spans[0])
+    try:
+        msg = deserializer(spans[0])
+        merge = getattr(msg, "MergeFromString", None)
+        if merge is None:
+            raise TypeError("not a protobuf message")
+        for span in spans[1:]:
+            merge(span)
+        return msg
+    except Exception:
+        return deserializer(b"".join(spans))
 
 
 def msg_len(ref: Any) -> int:
