@@ -89,7 +89,7 @@ class BadReference(Exception):
 
 def is_reference(data: bytes | memoryview) -> bool:
     """Whether a gRPC message is a reference rather than an ordinary message."""
-    return bytes(data[:3]) == REFERENCE_KEY
+    return data[:3] == REFERENCE_KEY
 
 
 def _varint(n: int) -> bytes:

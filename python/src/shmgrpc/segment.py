@@ -41,8 +41,10 @@ class Segment:
         self.view = memoryview(self.map)
 
     def close(self) -> None:
-        """Closes the descriptor and unmaps; a view still held elsewhere (a loan kept after sending) keeps the
-        mapping until it is dropped."""
+        """
+        Closes the descriptor and unmaps; a view still held elsewhere (a loan kept after sending) keeps the
+        mapping until it is dropped.
+        """
         if self.fd < 0:
             return
         os.close(self.fd)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from enum import Enum
 
 
@@ -20,23 +19,28 @@ class Fallback(Enum):
     REGISTRATION_FAILED = "registration_failed"
 
 
+_MESSAGE_KEYS = {(d, p): (f"{p}_{d}", f"{p}_{d}_bytes") for d in ("sent", "received") for p in ("shm", "inline")}
+
+
 class Recorder:
     """Counters of one channel or server, or of the process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._c: Counter[str] = Counter()
+        self._c: dict[str, int] = {}
 
     def add(self, key: str, n: int = 1) -> None:
         """Adds ``n`` to counter ``key``."""
         with self._lock:
-            self._c[key] += n
+            self._c[key] = self._c.get(key, 0) + n
 
     def message(self, direction: str, path: str, nbytes: int) -> None:
         """Counts one message: ``direction`` is ``sent`` or ``received``, ``path`` ``shm`` or ``inline``."""
+        count, size = _MESSAGE_KEYS[(direction, path)]
+        c = self._c
         with self._lock:
-            self._c[f"{path}_{direction}"] += 1
-            self._c[f"{path}_{direction}_bytes"] += nbytes
+            c[count] = c.get(count, 0) + 1
+            c[size] = c.get(size, 0) + nbytes
 
     def snapshot(self) -> dict[str, object]:
         """
