@@ -4,10 +4,10 @@ shared machine hit both alike; every reply is checked (outside the timed region)
 
     python bench.py [--bin target/release/shmgrpc] [--sizes 1KiB,1MiB,20MiB,256MiB] [--json out.json]
 
-Three lanes: stock grpcio, shmgrpc with ordinary messages, and shmgrpc with the request payload written into a loan
-(``shmgrpc.loaned``). Prints a table and writes JSON: per size and lane the median, p90 and p99 in milliseconds, and
-the ratios stock / shmgrpc of the medians. Needs the demo service's stubs; they are generated into a temporary
-directory with grpcio-tools.
+Four lanes: stock grpcio, shmgrpc with ordinary messages, shmgrpc with the request payload written into a loan
+(``shmgrpc.loaned``), and the same with the reply's payload read in place (``views=``, a ``shmgrpc.View``). Prints a
+table and writes JSON: per size and lane the median, p90 and p99 in milliseconds, and the ratios stock / shmgrpc of
+the medians. Needs the demo service's stubs; they are generated into a temporary directory with grpcio-tools.
 """
 
 from __future__ import annotations
@@ -85,18 +85,24 @@ def main() -> None:
             big = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
             stock = grpc.insecure_channel(sock, options=[("grpc.default_authority", "localhost"), *big])
             shm = shmgrpc.insecure_channel(sock)
-            assert shm.is_shared_memory(), shm.fallback()
-            lanes = {"grpcio": blob_grpc.BlobStub(stock), "shmgrpc": blob_grpc.BlobStub(shm), "shmgrpc+loan": None}
-            loan_stub = blob_grpc.BlobStub(shm)
+            viewing = shmgrpc.insecure_channel(sock, views={"/shmgrpc.demo.v1.Blob/Echo": "data"})
+            assert shm.is_shared_memory() and viewing.is_shared_memory(), shm.fallback()
+            lanes = {
+                "grpcio": blob_grpc.BlobStub(stock),
+                "shmgrpc": blob_grpc.BlobStub(shm),
+                "shmgrpc+loan": blob_grpc.BlobStub(shm),
+                "shmgrpc+loan+view": blob_grpc.BlobStub(viewing),
+            }
 
             def echo(name: str, stub: Any, msg: Any, data: bytes) -> Any:
-                if name != "shmgrpc+loan":
+                if name in ("grpcio", "shmgrpc"):
                     return stub.Echo(msg)
                 # The request payload is written into a loan (timed: it is the copy a producer makes anyway) and
-                # sent in place; the reply is parsed as usual.
-                loan = shm.loan(len(data))
+                # sent in place; the reply is parsed as usual, or read in place (a View).
+                ch = shm if name == "shmgrpc+loan" else viewing
+                loan = ch.loan(len(data))
                 loan.view[:] = data
-                return loan_stub.Echo(shmgrpc.loaned(blob.Payload(crc32=0), "data", loan))
+                return stub.Echo(shmgrpc.loaned(blob.Payload(crc32=0), "data", loan))
 
             results = []
             for size in [parse_size(s) for s in a.sizes.split(",")]:
@@ -105,16 +111,23 @@ def main() -> None:
                 times: dict[str, list[float]] = {k: [] for k in lanes}
                 for name, stub in lanes.items():
                     for _ in range(3):  # warm-up: connections, first buffers, mappings
-                        echo(name, stub, msg, data)
+                        r = echo(name, stub, msg, data)
+                        if isinstance(r, shmgrpc.View):
+                            r.release()
                 n = max(1, iterations(size) // a.blocks)
                 for _ in range(a.blocks):
                     for name, stub in lanes.items():
                         for _ in range(n):
                             t = time.perf_counter()
                             r = echo(name, stub, msg, data)
-                            times[name].append(time.perf_counter() - t)
+                            took = time.perf_counter() - t
                             if r.data != data:
                                 raise SystemExit(f"{name}: the reply differs from the request")
+                            if isinstance(r, shmgrpc.View):
+                                t = time.perf_counter()
+                                r.release()  # timed: the release is part of every call's cycle
+                                took += time.perf_counter() - t
+                            times[name].append(took)
                             del r
                 row: dict[str, Any] = {"size": size, "calls": n * a.blocks}
                 for name, ts in times.items():
@@ -122,13 +135,16 @@ def main() -> None:
                     row[name] = {"median_ms": statistics.median(ms), "p90_ms": pct(ms, 0.9), "p99_ms": pct(ms, 0.99)}
                 row["speedup"] = row["grpcio"]["median_ms"] / row["shmgrpc"]["median_ms"]
                 row["speedup_loan"] = row["grpcio"]["median_ms"] / row["shmgrpc+loan"]["median_ms"]
+                row["speedup_loan_view"] = row["grpcio"]["median_ms"] / row["shmgrpc+loan+view"]["median_ms"]
                 results.append(row)
-                g, s_, lo = row["grpcio"], row["shmgrpc"], row["shmgrpc+loan"]
+                g, s_, lo, lv = row["grpcio"], row["shmgrpc"], row["shmgrpc+loan"], row["shmgrpc+loan+view"]
                 print(
                     f"{size:>11} B  grpcio {g['median_ms']:9.3f}"
                     f"  shmgrpc {s_['median_ms']:9.3f} (x{row['speedup']:.2f})"
-                    f"  +loan {lo['median_ms']:9.3f} (x{row['speedup_loan']:.2f}) ms median;"
-                    f"  p99 {g['p99_ms']:.3f} / {s_['p99_ms']:.3f} / {lo['p99_ms']:.3f} ms; {n * a.blocks} calls",
+                    f"  +loan {lo['median_ms']:9.3f} (x{row['speedup_loan']:.2f})"
+                    f"  +view {lv['median_ms']:9.3f} (x{row['speedup_loan_view']:.2f}) ms median;"
+                    f"  p99 {g['p99_ms']:.3f} / {s_['p99_ms']:.3f} / {lo['p99_ms']:.3f} / {lv['p99_ms']:.3f} ms;"
+                    f" {n * a.blocks} calls",
                     flush=True,
                 )
             report = {
@@ -141,6 +157,7 @@ def main() -> None:
             if a.json:
                 pathlib.Path(a.json).write_text(json.dumps(report, indent=2))
             shm.close()
+            viewing.close()
             stock.close()
         finally:
             server.terminate()

@@ -191,3 +191,30 @@ def test_loans_send_a_bytes_field_without_a_copy(rust_server: Served, blob: Any,
         loan.view[:] = data[:MIB]
         r = blob_grpc.BlobStub(plain).Echo(shmgrpc.loaned(blob.Payload(crc32=zlib.crc32(data[:MIB])), "data", loan))
         check(r, MIB)
+
+
+def test_views_read_a_response_field_in_place(rust_server: Served, blob: Any, blob_grpc: Any) -> None:
+    echo, download = "/shmgrpc.demo.v1.Blob/Echo", "/shmgrpc.demo.v1.Blob/Download"
+    with shmgrpc.insecure_channel(rust_server.unix, views={echo: "data", download: "data"}) as ch:
+        stub = blob_grpc.BlobStub(ch)
+        # From the server's segment (its download is written into a loan of its own).
+        with stub.Download(blob.DownloadRequest(size=3 * MIB, seed=4, count=1)) as v:
+            assert isinstance(v, shmgrpc.View) and v.shared
+            assert len(v.data) == 3 * MIB and zlib.crc32(v.data) == v.message.crc32
+            assert not v.message.data, "the field is not copied into the message"
+        # Our own buffer echoed back (a `receiver` part): held until the view is released.
+        size = 8 * MIB
+        data = payload(blob, size, 5).data
+        loan = ch.loan(size)
+        loan.view[:] = data
+        v = stub.Echo(shmgrpc.loaned(blob.Payload(crc32=zlib.crc32(data), note="kept"), "data", loan))
+        assert v.shared and v.data == data and v.message.note == "kept"
+        assert ch.pool.stats().in_use_bytes > 0, "the echoed buffer is still read"
+        v.release()
+        v.release()
+        eventually("our buffer comes back", lambda: ch.pool.stats().in_use_bytes == 0)
+        # Inline replies (below the threshold) give a view of a copy.
+        small = stub.Echo(payload(blob, 1024, 6))
+        assert not small.shared and len(small.data) == 1024
+        # Other methods are untouched.
+        assert stub.Upload(payload(blob, MIB, 7)).len == MIB

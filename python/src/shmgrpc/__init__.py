@@ -5,7 +5,8 @@ shmgrpc for grpcio: gRPC over shared memory between co-located peers, speaking t
 - :func:`server`: a drop-in for ``grpc.server``.
 - :func:`stats`: process-wide transfer counters; :class:`Fallback`: why a message went inline.
 - :meth:`ShmChannel.loan` / :func:`loan` (in a handler) and :func:`loaned`: write a large ``bytes`` field in place
-  and send it without a copy.
+  and send it without a copy; ``views=`` on :func:`insecure_channel` reads a large response field in place
+  (:class:`View`).
 
 The protocol is ``docs/protocol.md`` (version 2) in the repository; ``docs/python.md`` says what is copied where.
 """
@@ -16,7 +17,7 @@ from .client import ShmChannel, insecure_channel
 from .pool import Pool, PoolExhausted
 from .protocol import PROTOCOL_VERSION
 from .server import ShmServer, loan, server
-from .session import Loan, Loaned
+from .session import Loan, Loaned, View
 from .stats import Fallback, stats
 
 
@@ -39,6 +40,7 @@ __all__ = [
     "PoolExhausted",
     "ShmChannel",
     "ShmServer",
+    "View",
     "insecure_channel",
     "loan",
     "loaned",

@@ -25,7 +25,7 @@ from ._io import FrameReader, peer_cred, recv_with_fds
 from .pool import DEFAULT_BUDGET, Pool
 from .protocol import BadReference
 from .segment import REQUIRED_SEALS
-from .session import CLIENT, Loan, Loaned, Session, decode_message
+from .session import CLIENT, Loan, Loaned, Session, ViewOf, decode_message
 from .stats import Both, Fallback, Recorder
 
 log = logging.getLogger("shmgrpc")
@@ -133,8 +133,10 @@ class ShmChannel(grpc.Channel):
         threshold: int = protocol.DEFAULT_THRESHOLD,
         pool: Pool | None = None,
         budget: int = DEFAULT_BUDGET,
+        views: dict[str, str] | None = None,
     ) -> None:
         self._channel = channel
+        self._views = dict(views or {})
         self.threshold = threshold
         self.pool = pool if pool is not None else Pool(budget=budget)
         self._own = Recorder()
@@ -265,6 +267,19 @@ class ShmChannel(grpc.Channel):
     def _deserializer(self, inner: Any) -> Callable[[bytes], Any]:
         recorder = self._recorder
         parse = inner if inner is not None else (lambda b: b)
+        if isinstance(inner, ViewOf):
+            view_of = inner
+
+            def deserialize_view(data: bytes) -> Any:
+                try:
+                    if protocol.is_reference(data):
+                        return decode_message(data, view_of, CLIENT, recorder)
+                    recorder.message("received", "inline", len(data))
+                    return view_of(data)
+                except BadReference as e:
+                    raise ValueError(f"{e.code}: {e}") from None
+
+            return deserialize_view
 
         def deserialize(data: bytes) -> Any:
             try:
@@ -283,6 +298,9 @@ class _Callable:
 
     def __init__(self, ch: ShmChannel, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> None:
         self._ch, self._kind, self._method, self._ser, self._kw = ch, kind, method, ser, kw
+        field = ch._views.get(method)
+        if field is not None and de is not None:
+            de = ViewOf(de, field)
         self._de = ch._deserializer(de)
         self._plain = getattr(ch._channel, kind)(method, ch._serializer(None, ser), self._de, **kw)
         self._bound: tuple[Session, Any, tuple[tuple[str, str], ...]] | None = None
@@ -330,6 +348,7 @@ def insecure_channel(
     threshold: int = protocol.DEFAULT_THRESHOLD,
     pool: Pool | None = None,
     budget: int = DEFAULT_BUDGET,
+    views: dict[str, str] | None = None,
 ) -> ShmChannel:
     """
     Like ``grpc.insecure_channel``, with shared memory when the server speaks shmgrpc.
@@ -337,6 +356,10 @@ def insecure_channel(
     ``unix:`` targets get ``grpc.default_authority=localhost`` unless ``options`` set one: grpcio otherwise sends
     the percent-encoded socket path as ``:authority``, which tonic (h2) rejects. Message size limits are lifted
     (``-1``) unless set: through shared memory only a small reference crosses the gRPC stream.
+
+    ``views`` maps full method names (``/package.Service/Method``) to a singular ``bytes`` field of the response:
+    those methods return a :class:`shmgrpc.View` (the field read in place from shared memory, the other fields in
+    ``.message``) instead of the message, which saves protobuf's copy of the field; release each view once used.
     """
     opts = list(options or ())
     names = {k for k, _ in opts}
@@ -346,7 +369,7 @@ def insecure_channel(
         if key not in names:
             opts.append((key, -1))
     channel = grpc.insecure_channel(target, options=opts, compression=compression)
-    return ShmChannel(channel, shared_memory=shared_memory, threshold=threshold, pool=pool, budget=budget)
+    return ShmChannel(channel, shared_memory=shared_memory, threshold=threshold, pool=pool, budget=budget, views=views)
 
 
 def _iter(x: Iterator[Any]) -> Iterator[Any]:

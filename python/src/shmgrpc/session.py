@@ -449,6 +449,11 @@ def decode_message(
         session.recorder.add("bad_references")
         raise
     n = msg_len(ref)
+    if isinstance(deserializer, ViewOf):
+        view = deserializer.view(payload, session, releases)
+        if view is not None:
+            session.recorder.message("received", "shm", n)
+            return view
     try:
         msg = _parse(payload, deserializer)
     except Exception as e:
@@ -460,6 +465,152 @@ def decode_message(
         session.release(releases)
     session.recorder.message("received", "shm", n)
     return msg
+
+
+class View:
+    """
+    A response whose large ``bytes`` field is read in place from shared memory, without a copy.
+
+    :attr:`message` holds every other field; :attr:`data` is a read-only ``memoryview`` of the field's bytes in the
+    sender's segment (or, when the message came inline or the field could not be located in one piece, of a
+    ``bytes`` copy). The sender's buffer stays held until :meth:`release` (or until the view is garbage-collected):
+    release it as soon as the bytes were used. Made by channels created with ``views=`` (see
+    :func:`shmgrpc.insecure_channel`).
+    """
+
+    def __init__(self, message: Any, data: memoryview, done: Any = None) -> None:
+        self.message = message
+        self.data = data
+        self._done = done
+
+    @property
+    def shared(self) -> bool:
+        """Whether :attr:`data` lies in shared memory."""
+        return self._done is not None
+
+    def release(self) -> None:
+        """Lets the sender reuse its buffer (idempotent); :attr:`data` must not be used afterwards."""
+        done, self._done = self._done, None
+        if done is not None:
+            self.data.release()
+            done()
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> View:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ViewOf:
+    """A response deserializer that returns a :class:`View` of field ``field`` instead of the parsed message."""
+
+    def __init__(self, parse: Any, field: str) -> None:
+        cls = getattr(parse, "__self__", None)
+        desc = getattr(cls, "DESCRIPTOR", None)
+        f = desc.fields_by_name.get(field) if desc is not None else None
+        repeated = f is not None and (
+            f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED  # protobuf < 6.31
+        )
+        if f is None or f.type != f.TYPE_BYTES or repeated:
+            raise ValueError(f"{field} is not a singular bytes field of the response message")
+        self.parse = parse
+        self.number = f.number
+        self.field = field
+
+    def __call__(self, data: bytes | memoryview) -> View:
+        """An inline message: parsed, the field copied out (no shared memory to point into)."""
+        msg = self.parse(data)
+        value = getattr(msg, self.field)
+        msg.ClearField(self.field)
+        return View(msg, memoryview(value))
+
+    def view(
+        self, spans: list[bytes | memoryview], session: Session, answers: list[tuple[str, int, int]]
+    ) -> View | None:
+        """
+        The view of a resolved reference, or ``None`` when the field is not one piece of one span (the message
+        is then parsed as usual).
+        """
+        fields = _top_level_fields(spans)
+        if fields is None:
+            return None
+        found = [content for number, _, content in fields if number == self.number]
+        if len(found) != 1 or found[0] is None or not isinstance(spans[found[0][0]], memoryview):
+            return None
+        si, a, b = found[0]
+        span = spans[si]
+        assert isinstance(span, memoryview)
+        rest = b"".join(
+            bytes(spans[j][x:y]) for number, pieces, _ in fields if number != self.number for j, x, y in pieces
+        )
+        msg = self.parse(rest)
+        return View(msg, span[a:b], lambda: session.release(answers))
+
+
+Piece = tuple[int, int, int]
+
+
+def _top_level_fields(spans: list[bytes | memoryview]) -> list[tuple[int, list[Piece], Piece | None]] | None:
+    """
+    The top-level fields of a message given as spans: ``(number, pieces, content)`` where the field's encoding is
+    the concatenation of ``spans[i][a:b]`` for ``(i, a, b)`` in ``pieces``, and ``content`` locates a
+    length-delimited field's content when it lies in one span (``None`` otherwise). A field's key and length must
+    lie in one span; its content may be the start of the next one (how a field written in place travels: key and
+    length inline, then the region). ``None`` when the encoding is malformed.
+    """
+    out: list[tuple[int, list[Piece], Piece | None]] = []
+    si, pos = 0, 0
+    while si < len(spans):
+        buf = spans[si]
+        end = len(buf)
+        if pos >= end:
+            si, pos = si + 1, 0
+            continue
+        start = pos
+        try:
+            key, pos = _varint_at(buf, pos, end)
+            wire = key & 7
+            if wire == 0:
+                _, pos = _varint_at(buf, pos, end)
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            elif wire == 2:
+                n, pos = _varint_at(buf, pos, end)
+                if pos == end and n > 0 and si + 1 < len(spans) and len(spans[si + 1]) >= n:
+                    # Key and length end this span; the content opens the next.
+                    out.append((key >> 3, [(si, start, end), (si + 1, 0, n)], (si + 1, 0, n)))
+                    si, pos = si + 1, n
+                    continue
+                content = (si, pos, pos + n)
+                pos += n
+                if pos > end:
+                    return None
+                out.append((key >> 3, [(si, start, pos)], content))
+                continue
+            else:
+                return None
+        except ValueError:
+            return None
+        if pos > end:
+            return None
+        out.append((key >> 3, [(si, start, pos)], None))
+    return out
+
+
+def _varint_at(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+    n = shift = 0
+    while pos < end and shift < 64:
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, pos
+        shift += 7
+    raise ValueError("truncated varint")
 
 
 def _fold(views: list[bytes | memoryview], memory: memoryview, offset: int, length: int) -> memoryview:

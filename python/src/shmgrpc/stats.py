@@ -19,7 +19,22 @@ class Fallback(Enum):
     REGISTRATION_FAILED = "registration_failed"
 
 
-_MESSAGE_KEYS = {(d, p): (f"{p}_{d}", f"{p}_{d}_bytes") for d in ("sent", "received") for p in ("shm", "inline")}
+_MESSAGE_SLOTS = {
+    ("sent", "shm"): 0,
+    ("received", "shm"): 2,
+    ("sent", "inline"): 4,
+    ("received", "inline"): 6,
+}
+_SLOT_NAMES = (
+    "shm_sent",
+    "shm_sent_bytes",
+    "shm_received",
+    "shm_received_bytes",
+    "inline_sent",
+    "inline_sent_bytes",
+    "inline_received",
+    "inline_received_bytes",
+)
 
 
 class Recorder:
@@ -27,6 +42,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._messages = [0] * len(_SLOT_NAMES)
         self._c: dict[str, int] = {}
 
     def add(self, key: str, n: int = 1) -> None:
@@ -36,11 +52,11 @@ class Recorder:
 
     def message(self, direction: str, path: str, nbytes: int) -> None:
         """Counts one message: ``direction`` is ``sent`` or ``received``, ``path`` ``shm`` or ``inline``."""
-        count, size = _MESSAGE_KEYS[(direction, path)]
-        c = self._c
+        i = _MESSAGE_SLOTS[(direction, path)]
         with self._lock:
-            c[count] = c.get(count, 0) + 1
-            c[size] = c.get(size, 0) + nbytes
+            m = self._messages
+            m[i] += 1
+            m[i + 1] += nbytes
 
     def snapshot(self) -> dict[str, object]:
         """
@@ -49,11 +65,8 @@ class Recorder:
         """
         with self._lock:
             c = dict(self._c)
-        out: dict[str, object] = {}
-        for path in ("shm", "inline"):
-            for direction in ("sent", "received"):
-                out[f"{path}_{direction}"] = c.get(f"{path}_{direction}", 0)
-                out[f"{path}_{direction}_bytes"] = c.get(f"{path}_{direction}_bytes", 0)
+            m = list(self._messages)
+        out: dict[str, object] = dict(zip(_SLOT_NAMES, m))
         for k in ("bad_references", "bad_releases", "peer_refusals"):
             out[k] = c.get(k, 0)
         out["fallbacks"] = {f.value: c.get(f"fallback:{f.value}", 0) for f in Fallback}
@@ -76,8 +89,12 @@ class Both:
 
     def message(self, direction: str, path: str, nbytes: int) -> None:
         """See :meth:`Recorder.message`."""
-        self.own.message(direction, path, nbytes)
-        GLOBAL.message(direction, path, nbytes)
+        i = _MESSAGE_SLOTS[(direction, path)]
+        for r in (self.own, GLOBAL):
+            with r._lock:
+                m = r._messages
+                m[i] += 1
+                m[i + 1] += nbytes
 
     def fallback(self, reason: Fallback) -> None:
         """Counts one message at or above the threshold that went inline."""
