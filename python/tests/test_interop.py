@@ -218,3 +218,25 @@ def test_views_read_a_response_field_in_place(rust_server: Served, blob: Any, bl
         assert not small.shared and len(small.data) == 1024
         # Other methods are untouched.
         assert stub.Upload(payload(blob, MIB, 7)).len == MIB
+
+
+def test_evicted_buffers_are_forgotten_by_the_peer(blob: Any, blob_grpc: Any, tmp_path: Any) -> None:
+    from .blob_server import Blob
+
+    server = shmgrpc.server(futures.ThreadPoolExecutor(4))
+    blob_grpc.add_BlobServicer_to_server(Blob(), server)
+    target = f"unix:{tmp_path / 'forget.sock'}"
+    server.add_insecure_port(target)
+    server.start()
+    try:
+        # Room for one 4 MiB buffer: each larger class evicts the idle smaller one.
+        with shmgrpc.insecure_channel(target, budget=4 * MIB) as ch:
+            stub = blob_grpc.BlobStub(ch)
+            assert stub.Upload(payload(blob, MIB, 1)).len == MIB  # a 2 MiB buffer, registered with the server
+            eventually("the server maps it", lambda: server.session_figures()["peer_segments"] == 1)
+            eventually("it is released", lambda: ch.pool.stats().in_use_bytes == 0)
+            assert stub.Upload(payload(blob, 3 * MIB, 2)).len == 3 * MIB  # evicts it: the server is told
+            eventually("the server forgets it", lambda: server.session_figures()["peer_segments"] == 1)
+            assert ch.pool.stats().buffers == 1
+    finally:
+        server.stop(None)

@@ -15,7 +15,7 @@ import mmap
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import grpc
@@ -370,7 +370,3 @@ def insecure_channel(
             opts.append((key, -1))
     channel = grpc.insecure_channel(target, options=opts, compression=compression)
     return ShmChannel(channel, shared_memory=shared_memory, threshold=threshold, pool=pool, budget=budget, views=views)
-
-
-def _iter(x: Iterator[Any]) -> Iterator[Any]:
-    return x

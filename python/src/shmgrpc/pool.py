@@ -19,6 +19,7 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 DEFAULT_CLASSES = tuple(64 * KIB << i for i in range(15))  # 64 KiB .. 1 GiB
 DEFAULT_BUDGET = 4 * GIB
+MAX_EVICTED = 4096
 
 
 class PoolExhausted(Exception):
@@ -73,6 +74,8 @@ class Pool:
         self._buffers = 0
         self._allocs = 0
         self._grows = 0
+        self._evicted: list[int] = []  # ids of buffers dropped, in order (the last MAX_EVICTED)
+        self._evictions = 0
 
     def _class_for(self, size: int) -> int:
         for c in self.classes:
@@ -121,16 +124,30 @@ class Pool:
         for cap in sorted(self._free, reverse=True):
             free = self._free[cap]
             while free and needed > 0:
-                _, seg = free.pop()
+                sid, seg = free.pop()
                 seg.close()
                 self._bytes -= cap
                 self._buffers -= 1
                 needed -= cap
+                self._evictions += 1
+                self._evicted.append(sid)
+                if len(self._evicted) > MAX_EVICTED:
+                    del self._evicted[: len(self._evicted) - MAX_EVICTED]
 
     def _put_back(self, segment_id: int, segment: Segment) -> None:
         with self._lock:
             self._in_use -= segment.size
             self._free.setdefault(segment.size, []).append((segment_id, segment))
+
+    def evicted_since(self, seen: int) -> tuple[int, list[int]]:
+        """
+        The eviction count now, and the ids of buffers dropped after count ``seen`` (at most the last
+        :data:`MAX_EVICTED`): sessions tell their peers to forget those segments.
+        """
+        with self._lock:
+            n = self._evictions
+            k = min(n - seen, len(self._evicted))
+            return n, self._evicted[len(self._evicted) - k :] if k > 0 else []
 
     def exists(self, segment_id: int) -> bool:
         """Whether buffer ``segment_id`` still exists (idle or leased)."""

@@ -85,6 +85,7 @@ class Session(Conn):
         self._registered: set[int] = set()  # our segments the peer has (or is being sent)
         self._unusable: set[int] = set()  # our segments the peer refused
         self._holds: dict[tuple[int, int], Lease] = {}  # one per sender part: every send uses a fresh lease
+        self._seen_evictions = pool.evicted_since(0)[0]
         with _REGISTRY_LOCK:
             _REGISTRY[(self.id, role)] = weakref.ref(self)
 
@@ -238,7 +239,24 @@ class Session(Conn):
             return self._refer(lease, k + loan.length, offset=loan.offset - k)
         return self._refer(lease, loan.length, head, offset=loan.offset)
 
+    def _forget_evicted(self) -> None:
+        """
+        Tells the peer to drop its mappings of our buffers the pool has dropped since (their memory would
+        otherwise live on in the peer's mapping).
+        """
+        now, gone = self.pool.evicted_since(self._seen_evictions)
+        if now == self._seen_evictions:
+            return
+        self._seen_evictions = now
+        with self._cv:
+            forget = [sid for sid in gone if sid in self._registered]
+            for sid in forget:
+                self._registered.discard(sid)
+        for sid in forget:
+            self.send(protocol.side(forget=protocol.Forget(segment=sid)))
+
     def _refer(self, lease: Lease, n: int, head: bytes = b"", offset: int = 0) -> bytes | None:
+        self._forget_evicted()
         sid = lease.segment_id
         with self._cv:
             unusable = sid in self._unusable
@@ -267,12 +285,6 @@ class Session(Conn):
         ref = protocol.Reference(session=self.id, from_server=self.role == SERVER, parts=parts)
         self.recorder.message("sent", "shm", len(head) + n)
         return protocol.encode_reference(ref)
-
-    def forget_evicted(self) -> None:
-        """
-        Nothing to do in this implementation: buffers leave the pool only when idle, and their segment ids are
-        never reused, so a stale mapping at the peer only costs memory until the session ends.
-        """
 
     # ---- receiving ----
     def resolve(self, ref: Any) -> tuple[list[bytes | memoryview], list[tuple[str, int, int]]]:
