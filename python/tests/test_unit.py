@@ -176,6 +176,18 @@ def test_the_embedded_descriptor_matches_the_proto() -> None:
     subprocess.run([sys.executable, tool, "--check"], check=True)
 
 
+def test_frames_are_split_and_joined_at_any_boundary() -> None:
+    frames = [frame(release=protocol.Release(segment=i, generation=i)) for i in range(50)]
+    stream = b"".join(frames)
+    for step in (1, 3, 7, 64, len(stream)):
+        r = FrameReader()
+        got = []
+        for i in range(0, len(stream), step):
+            got += r.feed(stream[i : i + step], [])
+        assert [m.release.segment for m, _ in got] == list(range(50)), step  # type: ignore[attr-defined]
+        assert not r.pending()
+
+
 def test_hello_round_trips_through_the_embedded_messages() -> None:
     m = protocol.HelloResponse(version=2, side_channel="/tmp/x.sock", ticket=b"t" * 56)
     assert protocol.HelloResponse.FromString(memoryview(m.SerializeToString())) == m

@@ -3,6 +3,7 @@ shmgrpc for grpcio: gRPC over shared memory between co-located peers, speaking t
 
 - :func:`insecure_channel`: a drop-in for ``grpc.insecure_channel`` (generated stubs work unchanged).
 - :func:`server`: a drop-in for ``grpc.server``.
+- :mod:`shmgrpc.aio`: ``insecure_channel`` for ``grpc.aio`` (nothing blocks the event loop).
 - :func:`stats`: process-wide transfer counters; :class:`Fallback`: why a message went inline.
 - :meth:`ShmChannel.loan` / :func:`loan` (in a handler) and :func:`loaned`: write a large ``bytes`` field in place
   and send it without a copy; ``views=`` on :func:`insecure_channel` reads a large response field in place

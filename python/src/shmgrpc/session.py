@@ -86,6 +86,7 @@ class Session(Conn):
         self._unusable: set[int] = set()  # our segments the peer refused
         self._holds: dict[tuple[int, int], Lease] = {}  # one per sender part: every send uses a fresh lease
         self._seen_evictions = pool.evicted_since(0)[0]
+        self._async_waiters: list[tuple[Any, Any]] = []
         with _REGISTRY_LOCK:
             _REGISTRY[(self.id, role)] = weakref.ref(self)
 
@@ -169,9 +170,16 @@ class Session(Conn):
             with self._cv:
                 if len(self._refused) < protocol.MAX_PEER_SEGMENTS:
                     self._refused.add(reg.segment)
+        self._wake()
+        self.send(protocol.side(registered=protocol.Registered(segment=reg.segment, error=error)))
+
+    def _wake(self) -> None:
+        """Wakes every waiter for registrations: threads, and asyncio futures (on their own loops)."""
         with self._cv:
             self._cv.notify_all()
-        self.send(protocol.side(registered=protocol.Registered(segment=reg.segment, error=error)))
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_set_done, fut)
 
     def on_close(self) -> None:
         """The side channel ended: holds return to the pool, the peer's mappings go."""
@@ -182,7 +190,7 @@ class Session(Conn):
             peer = list(self._peer.values())
             self._peer.clear()
             self._peer_bytes = 0
-            self._cv.notify_all()
+        self._wake()
         for lease in holds:
             lease.release()
         for seg in peer:
@@ -330,6 +338,38 @@ class Session(Conn):
                 raise BadReference("INVALID_ARGUMENT", "a part without a kind")
         return views, releases
 
+    def _missing(self, ref: Any) -> bool:
+        """Whether a reference names a segment the peer has neither registered nor been refused (lock held)."""
+        for p in ref.parts:
+            if p.WhichOneof("kind") == "sender":
+                sid = p.sender.segment
+                if sid not in self._peer and sid not in self._refused:
+                    return True
+        return False
+
+    async def wait_registered(self, ref: Any) -> None:
+        """
+        Waits, without blocking the event loop, until every segment ``ref`` names is registered or refused, the
+        session ends, or :data:`protocol.REGISTRATION_WAIT` has passed (then resolving fails with a status).
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + protocol.REGISTRATION_WAIT
+        while True:
+            with self._cv:
+                if not self.alive or not self._missing(ref):
+                    return
+                fut = loop.create_future()
+                self._async_waiters.append((loop, fut))
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(fut, left)
+            except asyncio.TimeoutError:
+                return
+
     def _peer_segment(self, segment: int) -> PeerSegment:
         deadline = time.monotonic() + protocol.REGISTRATION_WAIT
         with self._cv:
@@ -354,6 +394,11 @@ class Session(Conn):
         """Holds the peer has on our buffers, and the peer's segments mapped here."""
         with self._cv:
             return {"holds": len(self._holds), "peer_segments": len(self._peer)}
+
+
+def _set_done(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Loan:
