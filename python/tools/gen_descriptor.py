@@ -2,7 +2,7 @@
 
 The package embeds the serialized ``FileDescriptorProto`` instead of generated ``_pb2`` modules: generated modules
 pin the protobuf runtime to at least the version that generated them, while a serialized descriptor works with any
-protobuf runtime from 4.21 on. Run with grpcio-tools installed (its bundled protoc; no system protoc)::
+protobuf runtime from 4.25 on (tested). Run with grpcio-tools installed (its bundled protoc; no system protoc)::
 
     python tools/gen_descriptor.py
 """
