@@ -132,6 +132,31 @@ def py_plain_server(stubs_dir: str, tmp_path: pathlib.Path) -> Iterator[Served]:
     _stop(s)
 
 
+@dataclass
+class InProcess:
+    """A Python shmgrpc server of the demo service in this process."""
+
+    server: Any
+    target: str
+
+
+@pytest.fixture
+def inproc(blob_grpc: Any, tmp_path: pathlib.Path) -> Iterator[InProcess]:
+    from concurrent import futures
+
+    import shmgrpc
+
+    from .blob_server import Blob
+
+    server = shmgrpc.server(futures.ThreadPoolExecutor(4))
+    blob_grpc.add_BlobServicer_to_server(Blob(), server)
+    target = f"unix:{tmp_path / 'inproc.sock'}"
+    server.add_insecure_port(target)
+    server.start()
+    yield InProcess(server, target)
+    server.stop(None)
+
+
 def segments_of(bin_path: str, pids: set[int]) -> list[dict[str, Any]]:
     """shmgrpc segments on the machine created by or mapped in ``pids`` (``shmgrpc ls --json``)."""
     out = subprocess.run([bin_path, "ls", "--json"], capture_output=True, text=True, check=True).stdout

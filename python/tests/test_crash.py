@@ -8,12 +8,11 @@ import os
 import subprocess
 import sys
 import zlib
-from concurrent import futures
 from typing import Any
 
 import shmgrpc
 
-from .conftest import ROOT, Served, eventually, segments_of, start_py_server
+from .conftest import ROOT, InProcess, Served, eventually, segments_of, start_py_server
 
 HERE = os.path.dirname(__file__)
 
@@ -38,32 +37,23 @@ def wait_calls(p: subprocess.Popen[str], n: int) -> None:
 
 
 def test_kill9_of_a_python_client_leaves_nothing(
-    bin_path: str, stubs_dir: str, blob: Any, blob_grpc: Any, tmp_path: Any
+    bin_path: str, stubs_dir: str, blob: Any, blob_grpc: Any, inproc: InProcess
 ) -> None:
-    from .blob_server import Blob
-
-    server = shmgrpc.server(futures.ThreadPoolExecutor(4))
-    blob_grpc.add_BlobServicer_to_server(Blob(), server)
-    target = f"unix:{tmp_path / 'k.sock'}"
-    server.add_insecure_port(target)
-    server.start()
-    try:
-        p = start_loop(stubs_dir, target, 3 << 20)
-        wait_calls(p, 5)
-        assert server.sessions() == 1
-        p.kill()
-        p.wait()
-        eventually("the server's session ends", lambda: server.sessions() == 0)
-        eventually("the server's buffers come back", lambda: server.pool.stats().in_use_bytes == 0)
-        assert server.session_figures() == {"holds": 0, "peer_segments": 0}
-        assert segments_of(bin_path, {p.pid}) == []
-        # Another client is served at once, through shared memory.
-        with shmgrpc.insecure_channel(target) as ch:
-            d = os.urandom(1 << 20)
-            assert blob_grpc.BlobStub(ch).Echo(blob.Payload(data=d, crc32=zlib.crc32(d))).data == d
-            assert ch.stats()["shm_sent"] == 1
-    finally:
-        server.stop(None)
+    server, target = inproc.server, inproc.target
+    p = start_loop(stubs_dir, target, 3 << 20)
+    wait_calls(p, 5)
+    assert server.sessions() == 1
+    p.kill()
+    p.wait()
+    eventually("the server's session ends", lambda: server.sessions() == 0)
+    eventually("the server's buffers come back", lambda: server.pool.stats().in_use_bytes == 0)
+    assert server.session_figures() == {"holds": 0, "peer_segments": 0}
+    assert segments_of(bin_path, {p.pid}) == []
+    # Another client is served at once, through shared memory.
+    with shmgrpc.insecure_channel(target) as ch:
+        d = os.urandom(1 << 20)
+        assert blob_grpc.BlobStub(ch).Echo(blob.Payload(data=d, crc32=zlib.crc32(d))).data == d
+        assert ch.stats()["shm_sent"] == 1
 
 
 def test_kill9_of_a_python_client_with_the_rust_server(

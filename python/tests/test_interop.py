@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import zlib
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -15,7 +14,7 @@ import pytest
 import shmgrpc
 from shmgrpc import Fallback
 
-from .conftest import Served, eventually
+from .conftest import InProcess, Served, eventually
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -147,23 +146,13 @@ def test_plain_clients_work_with_a_python_shmgrpc_server(
         check(blob_grpc.BlobStub(ch).Echo(payload(blob, MIB, 8)), MIB)
 
 
-def test_python_client_and_python_server_in_one_process(blob: Any, blob_grpc: Any, tmp_path: Any) -> None:
-    from .blob_server import Blob
-
-    server = shmgrpc.server(futures.ThreadPoolExecutor(4))
-    blob_grpc.add_BlobServicer_to_server(Blob(), server)
-    target = f"unix:{tmp_path / 'same.sock'}"
-    server.add_insecure_port(target)
-    server.start()
-    try:
-        with shmgrpc.insecure_channel(target) as ch:
-            assert ch.is_shared_memory()
-            stub = blob_grpc.BlobStub(ch)
-            check(stub.Echo(payload(blob, 3 * MIB, 9)), 3 * MIB)
-            check(stub.Download(blob.DownloadRequest(size=MIB, seed=1, count=1)), MIB)
-            assert server.stats()["shm_received"] == 1 and server.stats()["shm_sent"] == 2
-    finally:
-        server.stop(None)
+def test_python_client_and_python_server_in_one_process(blob: Any, blob_grpc: Any, inproc: InProcess) -> None:
+    with shmgrpc.insecure_channel(inproc.target) as ch:
+        assert ch.is_shared_memory()
+        stub = blob_grpc.BlobStub(ch)
+        check(stub.Echo(payload(blob, 3 * MIB, 9)), 3 * MIB)
+        check(stub.Download(blob.DownloadRequest(size=MIB, seed=1, count=1)), MIB)
+        assert inproc.server.stats()["shm_received"] == 1 and inproc.server.stats()["shm_sent"] == 2
 
 
 def test_loans_send_a_bytes_field_without_a_copy(rust_server: Served, blob: Any, blob_grpc: Any) -> None:
@@ -220,23 +209,14 @@ def test_views_read_a_response_field_in_place(rust_server: Served, blob: Any, bl
         assert stub.Upload(payload(blob, MIB, 7)).len == MIB
 
 
-def test_evicted_buffers_are_forgotten_by_the_peer(blob: Any, blob_grpc: Any, tmp_path: Any) -> None:
-    from .blob_server import Blob
-
-    server = shmgrpc.server(futures.ThreadPoolExecutor(4))
-    blob_grpc.add_BlobServicer_to_server(Blob(), server)
-    target = f"unix:{tmp_path / 'forget.sock'}"
-    server.add_insecure_port(target)
-    server.start()
-    try:
-        # Room for one 4 MiB buffer: each larger class evicts the idle smaller one.
-        with shmgrpc.insecure_channel(target, budget=4 * MIB) as ch:
-            stub = blob_grpc.BlobStub(ch)
-            assert stub.Upload(payload(blob, MIB, 1)).len == MIB  # a 2 MiB buffer, registered with the server
-            eventually("the server maps it", lambda: server.session_figures()["peer_segments"] == 1)
-            eventually("it is released", lambda: ch.pool.stats().in_use_bytes == 0)
-            assert stub.Upload(payload(blob, 3 * MIB, 2)).len == 3 * MIB  # evicts it: the server is told
-            eventually("the server forgets it", lambda: server.session_figures()["peer_segments"] == 1)
-            assert ch.pool.stats().buffers == 1
-    finally:
-        server.stop(None)
+def test_evicted_buffers_are_forgotten_by_the_peer(blob: Any, blob_grpc: Any, inproc: InProcess) -> None:
+    server = inproc.server
+    # Room for one 4 MiB buffer: each larger class evicts the idle smaller one.
+    with shmgrpc.insecure_channel(inproc.target, budget=4 * MIB) as ch:
+        stub = blob_grpc.BlobStub(ch)
+        assert stub.Upload(payload(blob, MIB, 1)).len == MIB  # a 2 MiB buffer, registered with the server
+        eventually("the server maps it", lambda: server.session_figures()["peer_segments"] == 1)
+        eventually("it is released", lambda: ch.pool.stats().in_use_bytes == 0)
+        assert stub.Upload(payload(blob, 3 * MIB, 2)).len == 3 * MIB  # evicts it: the server is told
+        eventually("the server forgets it", lambda: server.session_figures()["peer_segments"] == 1)
+        assert ch.pool.stats().buffers == 1

@@ -23,23 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr: Addr = format!("unix:{}", dir.path().join("grpc.sock").display()).parse()?;
     let shm = ShmServer::new(ServerConfig::default())?;
     let layer = shm.layer();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let addrs = vec![addr.clone()];
-    let server = tokio::spawn(async move {
-        shmgrpc_demo::serve(
-            &addrs,
-            Some(layer),
-            move |_| {
-                let _ = ready_tx.send(());
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-    });
-    ready_rx.await?;
+    let (stop_tx, server) = shmgrpc_demo::spawn(vec![addr.clone()], Some(layer)).await?;
 
     let channel = ShmChannel::connect(&addr.to_string()).await?;
     let mut client = BlobClient::new(channel.clone()).max_decoding_message_size(usize::MAX);

@@ -341,3 +341,31 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// A [`serve`] running in a task of the current tokio runtime (see [`spawn`]).
+pub type Spawned = (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>);
+
+/// Serves [`BlobService`] on `addrs` in a task of the current runtime, returning once every address accepts calls:
+/// the sender that stops it, and the task to await for its end.
+///
+/// # Errors
+///
+/// Binding an address failed (the error `serve` returned).
+pub async fn spawn(addrs: Vec<Addr>, shm: Option<shmgrpc::ShmLayer>) -> std::io::Result<Spawned> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready, is_ready) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let ready = move |_: &[Addr]| {
+            let _ = ready.send(());
+        };
+        serve(&addrs, shm, ready, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    if is_ready.await.is_err() {
+        // `serve` ended before it was ready: its error says why.
+        return Err(task.await.map_err(std::io::Error::other)?.err().unwrap_or_else(|| std::io::Error::other("ended")));
+    }
+    Ok((stop, task))
+}

@@ -23,23 +23,7 @@ async fn prometheus_shows_shmgrpc_counters() {
     let addr: Addr = format!("unix:{}", dir.path().join("grpc.sock").display()).parse().unwrap();
     let shm = ShmServer::new(ServerConfig::default()).unwrap();
     let layer = shm.layer();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let addrs = vec![addr.clone()];
-    let server = tokio::spawn(async move {
-        shmgrpc_demo::serve(
-            &addrs,
-            Some(layer),
-            move |_| {
-                let _ = ready_tx.send(());
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-    });
-    ready_rx.await.unwrap();
+    let (stop_tx, server) = shmgrpc_demo::spawn(vec![addr.clone()], Some(layer)).await.unwrap();
 
     let channel = ShmChannel::connect(&addr.to_string()).await.unwrap();
     assert!(channel.is_shared_memory(), "{:?}", channel.fallback());

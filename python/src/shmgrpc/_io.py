@@ -356,12 +356,7 @@ class Loop:
 
     def forget(self, conn: Conn) -> None:
         """Drops a closed connection (I/O thread only)."""
-        if conn in self._conns:
-            self._conns.discard(conn)
-            try:
-                self.sel.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
+        self.forget_keep_open(conn)
         conn.sock.close()
 
     def _run(self) -> None:

@@ -21,16 +21,16 @@ import grpc
 import grpc.aio
 
 from . import protocol
-from .client import _handshake, _Refused
+from .client import _channel_options, _ChannelBase, _check_hello, _discovery_failed, _handshake, _hello_call, _Refused
 from .pool import DEFAULT_BUDGET, Pool
 from .protocol import BadReference
-from .session import CLIENT, Loan, Loaned, Session, decode_message, lookup
+from .session import CLIENT, Loaned, Session, decode_message, encode_outgoing, lookup
 from .stats import Both, Fallback, Recorder
 
 log = logging.getLogger("shmgrpc")
 
 
-class AioShmChannel:
+class AioShmChannel(_ChannelBase):
     """
     A ``grpc.aio`` channel whose calls move large messages through shared memory. Generated ``*Stub`` classes
     work with it: their calls are awaited (``await stub.Echo(...)``) or iterated (``async for``).
@@ -69,26 +69,15 @@ class AioShmChannel:
         return self.is_shared_memory()
 
     async def _establish(self) -> None:
-        hello = self._channel.unary_unary(
-            protocol.HELLO_PATH,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=protocol.HelloResponse.FromString,
-        )
         try:
             try:
-                r = await hello(
-                    protocol.HelloRequest(version=protocol.PROTOCOL_VERSION), timeout=protocol.HANDSHAKE_TIMEOUT
+                r = _check_hello(
+                    await _hello_call(self._channel)(
+                        protocol.HelloRequest(version=protocol.PROTOCOL_VERSION), timeout=protocol.HANDSHAKE_TIMEOUT
+                    )
                 )
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    raise _Refused(Fallback.PEER_LACKS_SHMGRPC, "UNIMPLEMENTED") from None
-                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise _Refused(Fallback.UNSUPPORTED_VERSION, str(e)) from None
-                raise _Refused(Fallback.DISCOVERY_FAILED, str(e)) from None
-            if not protocol.MIN_PROTOCOL_VERSION <= r.version <= protocol.PROTOCOL_VERSION:
-                raise _Refused(Fallback.UNSUPPORTED_VERSION, f"version {r.version}")
-            if len(r.ticket) > protocol.MAX_TICKET_LEN:
-                raise _Refused(Fallback.DISCOVERY_FAILED, "ticket too long")
+                raise _discovery_failed(e) from None
             loop = asyncio.get_running_loop()
             self._session = await loop.run_in_executor(
                 None, _handshake, r.side_channel, r.ticket, r.version, self.pool, self.threshold, self._recorder
@@ -97,48 +86,8 @@ class AioShmChannel:
             log.info("shmgrpc: no shared memory with this server (%s); messages go inline", e.reason.value)
             self._fallback = e.reason
 
-    def is_shared_memory(self) -> bool:
-        """Whether large messages currently go through shared memory."""
-        return self._session is not None and self._session.alive
-
-    def fallback(self) -> Fallback | None:
-        """Why this channel sends inline, if it does (``None`` also while the session is being opened)."""
-        if self._session is not None:
-            return None if self._session.alive else Fallback.SESSION_CLOSED
-        return self._fallback
-
-    def stats(self) -> dict[str, object]:
-        """Transfer counters of this channel (see :func:`shmgrpc.stats`)."""
-        return self._own.snapshot()
-
-    def loan(self, n: int) -> Loan:
-        """See :meth:`shmgrpc.ShmChannel.loan`."""
-        s = self._session
-        return s.loan(n) if s is not None and s.alive else Loan(n, None, None)
-
-    def unary_unary(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
-    ) -> Any:
-        """See ``grpc.aio.Channel.unary_unary``."""
-        return _AioCallable(self, "unary_unary", method, request_serializer, response_deserializer, kw)
-
-    def unary_stream(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
-    ) -> Any:
-        """See ``grpc.aio.Channel.unary_stream``."""
-        return _AioCallable(self, "unary_stream", method, request_serializer, response_deserializer, kw)
-
-    def stream_unary(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
-    ) -> Any:
-        """See ``grpc.aio.Channel.stream_unary``."""
-        return _AioCallable(self, "stream_unary", method, request_serializer, response_deserializer, kw)
-
-    def stream_stream(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
-    ) -> Any:
-        """See ``grpc.aio.Channel.stream_stream``."""
-        return _AioCallable(self, "stream_stream", method, request_serializer, response_deserializer, kw)
+    def _callable(self, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> Any:
+        return _AioCallable(self, kind, method, ser, de, kw)
 
     async def close(self) -> None:
         """Closes the session and the gRPC channel."""
@@ -158,25 +107,7 @@ class AioShmChannel:
         recorder, threshold, fallback = self._recorder, self.threshold, self._fallback
 
         def serialize(message: Any) -> bytes:
-            if isinstance(message, Loaned):
-                head = message.head(inner)
-                if session is not None:
-                    ref = session.encode_loaned(head, message.loan)
-                    if ref is not None:
-                        return ref
-                data = head + message.loan.bytes()
-                message.loan.release()
-            else:
-                data = inner(message) if inner is not None else message
-            if len(data) >= threshold:
-                if session is not None:
-                    ref = session.encode(data)
-                    if ref is not None:
-                        return ref
-                elif fallback is not None:
-                    recorder.fallback(fallback)
-            recorder.message("sent", "inline", len(data))
-            return data
+            return encode_outgoing(message, inner, session, threshold, recorder, fallback)
 
         return serialize
 
@@ -265,12 +196,5 @@ def insecure_channel(
     Like ``grpc.aio.insecure_channel``, with shared memory once the session is open (``await
     channel.connect()``, or ``async with``); the same options as :func:`shmgrpc.insecure_channel`.
     """
-    opts = list(options or ())
-    names = {k for k, _ in opts}
-    if target.startswith("unix:") and "grpc.default_authority" not in names:
-        opts.append(("grpc.default_authority", "localhost"))
-    for key in ("grpc.max_receive_message_length", "grpc.max_send_message_length"):
-        if key not in names:
-            opts.append((key, -1))
-    channel = grpc.aio.insecure_channel(target, options=opts, compression=compression)
+    channel = grpc.aio.insecure_channel(target, options=_channel_options(target, options), compression=compression)
     return AioShmChannel(channel, shared_memory=shared_memory, threshold=threshold, pool=pool, budget=budget)

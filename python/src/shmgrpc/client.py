@@ -25,7 +25,7 @@ from ._io import FrameReader, peer_cred, recv_with_fds
 from .pool import DEFAULT_BUDGET, Pool
 from .protocol import BadReference
 from .segment import REQUIRED_SEALS
-from .session import CLIENT, Loan, Loaned, Session, ViewOf, decode_message
+from .session import CLIENT, Loan, Loaned, Session, ViewOf, decode_message, encode_outgoing
 from .stats import Both, Fallback, Recorder
 
 log = logging.getLogger("shmgrpc")
@@ -105,24 +105,116 @@ def _handshake(path: str, ticket: bytes, version: int, pool: Pool, threshold: in
     return session
 
 
-def _hello(channel: grpc.Channel) -> Any:
-    call = channel.unary_unary(
+def _hello_call(channel: Any) -> Any:
+    """The discovery method on a ``grpc`` or ``grpc.aio`` channel."""
+    return channel.unary_unary(
         protocol.HELLO_PATH,
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=protocol.HelloResponse.FromString,
     )
+
+
+def _discovery_failed(e: grpc.RpcError) -> _Refused:
+    """The fallback reason for a failed ``Hello`` (protocol section 2)."""
+    code = e.code() if hasattr(e, "code") else None
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return _Refused(Fallback.PEER_LACKS_SHMGRPC, "UNIMPLEMENTED")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return _Refused(Fallback.UNSUPPORTED_VERSION, str(e))
+    return _Refused(Fallback.DISCOVERY_FAILED, str(e))
+
+
+def _check_hello(hello: Any) -> Any:
+    """A ``HelloResponse`` this client can use, or the reason it cannot."""
+    if not protocol.MIN_PROTOCOL_VERSION <= hello.version <= protocol.PROTOCOL_VERSION:
+        raise _Refused(Fallback.UNSUPPORTED_VERSION, f"version {hello.version}")
+    if len(hello.ticket) > protocol.MAX_TICKET_LEN:
+        raise _Refused(Fallback.DISCOVERY_FAILED, "ticket too long")
+    return hello
+
+
+def _hello(channel: grpc.Channel) -> Any:
     try:
-        return call(protocol.HelloRequest(version=protocol.PROTOCOL_VERSION), timeout=protocol.HANDSHAKE_TIMEOUT)
+        hello = _hello_call(channel)(
+            protocol.HelloRequest(version=protocol.PROTOCOL_VERSION), timeout=protocol.HANDSHAKE_TIMEOUT
+        )
     except grpc.RpcError as e:
-        code = e.code() if hasattr(e, "code") else None
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            raise _Refused(Fallback.PEER_LACKS_SHMGRPC, "UNIMPLEMENTED") from None
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            raise _Refused(Fallback.UNSUPPORTED_VERSION, str(e)) from None
-        raise _Refused(Fallback.DISCOVERY_FAILED, str(e)) from None
+        raise _discovery_failed(e) from None
+    return _check_hello(hello)
 
 
-class ShmChannel(grpc.Channel):
+def _channel_options(target: str, options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    """``options`` with the authority for ``unix:`` targets and lifted size limits, unless set."""
+    opts = list(options or ())
+    names = {k for k, _ in opts}
+    if target.startswith("unix:") and "grpc.default_authority" not in names:
+        opts.append(("grpc.default_authority", "localhost"))
+    for key in ("grpc.max_receive_message_length", "grpc.max_send_message_length"):
+        if key not in names:
+            opts.append((key, -1))
+    return opts
+
+
+class _ChannelBase:
+    """What the sync and asyncio channels share: their session state and the four multi-callable factories."""
+
+    _session: Session | None
+    _fallback: Fallback | None
+    _own: Recorder
+
+    def is_shared_memory(self) -> bool:
+        """Whether large messages currently go through shared memory."""
+        return self._session is not None and self._session.alive
+
+    def fallback(self) -> Fallback | None:
+        """Why this channel sends inline, if it does (``None`` also while an asyncio channel opens its session)."""
+        if self._session is not None:
+            return None if self._session.alive else Fallback.SESSION_CLOSED
+        return self._fallback
+
+    def stats(self) -> dict[str, object]:
+        """Transfer counters of this channel (see :func:`shmgrpc.stats`)."""
+        return self._own.snapshot()
+
+    def loan(self, n: int) -> Loan:
+        """
+        A buffer of ``n`` bytes to write a request payload into and send without a copy (see :class:`Loan` and
+        :func:`shmgrpc.loaned`); ordinary memory when this channel has no session.
+        """
+        s = self._session
+        if s is not None and s.alive:
+            return s.loan(n)
+        return Loan(n, None, None)
+
+    def _callable(self, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def unary_unary(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
+    ) -> Any:
+        """See ``grpc.Channel.unary_unary``."""
+        return self._callable("unary_unary", method, request_serializer, response_deserializer, kw)
+
+    def unary_stream(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
+    ) -> Any:
+        """See ``grpc.Channel.unary_stream``."""
+        return self._callable("unary_stream", method, request_serializer, response_deserializer, kw)
+
+    def stream_unary(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
+    ) -> Any:
+        """See ``grpc.Channel.stream_unary``."""
+        return self._callable("stream_unary", method, request_serializer, response_deserializer, kw)
+
+    def stream_stream(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
+    ) -> Any:
+        """See ``grpc.Channel.stream_stream``."""
+        return self._callable("stream_stream", method, request_serializer, response_deserializer, kw)
+
+
+class ShmChannel(_ChannelBase, grpc.Channel):
     """A ``grpc.Channel`` whose calls move large messages through shared memory (see the module docs)."""
 
     def __init__(
@@ -149,10 +241,6 @@ class ShmChannel(grpc.Channel):
     def _connect(self) -> None:
         try:
             hello = _hello(self._channel)
-            if not protocol.MIN_PROTOCOL_VERSION <= hello.version <= protocol.PROTOCOL_VERSION:
-                raise _Refused(Fallback.UNSUPPORTED_VERSION, f"version {hello.version}")
-            if len(hello.ticket) > protocol.MAX_TICKET_LEN:
-                raise _Refused(Fallback.DISCOVERY_FAILED, "ticket too long")
             self._session = _handshake(
                 hello.side_channel, hello.ticket, hello.version, self.pool, self.threshold, self._recorder
             )
@@ -160,31 +248,7 @@ class ShmChannel(grpc.Channel):
             log.info("shmgrpc: no shared memory with this server (%s); messages go inline", e.reason.value)
             self._fallback = e.reason
 
-    # ---- what shmgrpc adds ----
-    def is_shared_memory(self) -> bool:
-        """Whether large messages currently go through shared memory."""
-        return self._session is not None and self._session.alive
-
-    def fallback(self) -> Fallback | None:
-        """Why this channel sends inline, if it does."""
-        if self._session is not None:
-            return None if self._session.alive else Fallback.SESSION_CLOSED
-        return self._fallback
-
-    def stats(self) -> dict[str, object]:
-        """Transfer counters of this channel (see :func:`shmgrpc.stats`)."""
-        return self._own.snapshot()
-
-    def loan(self, n: int) -> Loan:
-        """
-        A buffer of ``n`` bytes to write a request payload into and send without a copy (see :class:`Loan` and
-        :func:`shmgrpc.loaned`); ordinary memory when this channel has no session.
-        """
-        s = self._session
-        if s is not None and s.alive:
-            return s.loan(n)
-        return Loan(n, None, None)
-
+    # ---- what shmgrpc adds (and see _ChannelBase) ----
     def session_figures(self) -> dict[str, int]:
         """Holds the server has on our buffers and the server's segments mapped here (zeros without a session)."""
         return self._session.figures() if self._session is not None else {"holds": 0, "peer_segments": 0}
@@ -198,29 +262,8 @@ class ShmChannel(grpc.Channel):
         """See ``grpc.Channel.unsubscribe``."""
         self._channel.unsubscribe(callback)
 
-    def unary_unary(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
-    ) -> Any:
-        """See ``grpc.Channel.unary_unary``."""
-        return _Callable(self, "unary_unary", method, request_serializer, response_deserializer, kw)
-
-    def unary_stream(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
-    ) -> Any:
-        """See ``grpc.Channel.unary_stream``."""
-        return _Callable(self, "unary_stream", method, request_serializer, response_deserializer, kw)
-
-    def stream_unary(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
-    ) -> Any:
-        """See ``grpc.Channel.stream_unary``."""
-        return _Callable(self, "stream_unary", method, request_serializer, response_deserializer, kw)
-
-    def stream_stream(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
-    ) -> Any:
-        """See ``grpc.Channel.stream_stream``."""
-        return _Callable(self, "stream_stream", method, request_serializer, response_deserializer, kw)
+    def _callable(self, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> Any:
+        return _Callable(self, kind, method, ser, de, kw)
 
     def close(self) -> None:
         """Closes the session (the server's holds and mappings go) and the gRPC channel."""
@@ -237,30 +280,10 @@ class ShmChannel(grpc.Channel):
 
     # ---- per call ----
     def _serializer(self, session: Session | None, inner: Any) -> Callable[[Any], bytes]:
-        recorder, threshold = self._recorder, self.threshold
-        fallback = self._fallback
+        recorder, threshold, fallback = self._recorder, self.threshold, self._fallback
 
         def serialize(message: Any) -> bytes:
-            if isinstance(message, Loaned):
-                head = message.head(inner)
-                if session is not None:
-                    ref = session.encode_loaned(head, message.loan)
-                    if ref is not None:
-                        return ref
-                data = head + message.loan.bytes()
-                message.loan.release()
-            else:
-                data = inner(message) if inner is not None else message
-            n = len(data)
-            if n >= threshold:
-                if session is not None:
-                    ref = session.encode(data)
-                    if ref is not None:
-                        return ref
-                elif fallback is not None:
-                    recorder.fallback(fallback)
-            recorder.message("sent", "inline", n)
-            return data
+            return encode_outgoing(message, inner, session, threshold, recorder, fallback)
 
         return serialize
 
@@ -361,12 +384,5 @@ def insecure_channel(
     those methods return a :class:`shmgrpc.View` (the field read in place from shared memory, the other fields in
     ``.message``) instead of the message, which saves protobuf's copy of the field; release each view once used.
     """
-    opts = list(options or ())
-    names = {k for k, _ in opts}
-    if target.startswith("unix:") and "grpc.default_authority" not in names:
-        opts.append(("grpc.default_authority", "localhost"))
-    for key in ("grpc.max_receive_message_length", "grpc.max_send_message_length"):
-        if key not in names:
-            opts.append((key, -1))
-    channel = grpc.insecure_channel(target, options=opts, compression=compression)
+    channel = grpc.insecure_channel(target, options=_channel_options(target, options), compression=compression)
     return ShmChannel(channel, shared_memory=shared_memory, threshold=threshold, pool=pool, budget=budget, views=views)

@@ -104,17 +104,17 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+    """The varint at ``buf[pos:]`` (not past ``end``) and the position after it; ``ValueError`` when truncated."""
     n = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise BadReference("INVALID_ARGUMENT", "bad shmgrpc reference: truncated length")
-        b = data[pos]
+    while pos < end and shift < 64:
+        b = buf[pos]
         pos += 1
         n |= (b & 0x7F) << shift
         if not b & 0x80:
             return n, pos
         shift += 7
+    raise ValueError("truncated varint")
 
 
 def encode_reference(reference: Any) -> bytes:
@@ -129,7 +129,10 @@ def decode_reference(data: bytes) -> Any:
         raise BadReference("INVALID_ARGUMENT", "bad shmgrpc reference: too long")
     if not is_reference(data):
         raise BadReference("INVALID_ARGUMENT", "bad shmgrpc reference: not a reference")
-    n, pos = _read_varint(data, 3)
+    try:
+        n, pos = read_varint(data, 3, len(data))
+    except ValueError:
+        raise BadReference("INVALID_ARGUMENT", "bad shmgrpc reference: truncated length") from None
     if pos + n != len(data):
         raise BadReference("INVALID_ARGUMENT", "bad shmgrpc reference: length does not match")
     r = Reference()

@@ -28,7 +28,7 @@ from ._io import LOOP, Conn, peer_cred
 from .pool import DEFAULT_BUDGET, Pool
 from .protocol import BadReference
 from .segment import Segment
-from .session import SERVER, Loan, Loaned, Session, decode_message, lookup_hex
+from .session import SERVER, Loan, Session, decode_message, encode_outgoing, lookup_hex
 from .stats import Both, Recorder
 
 log = logging.getLogger("shmgrpc")
@@ -330,23 +330,7 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
     def serialize(message: Any) -> bytes:
         session: Session | None = getattr(_current, "session", None)
-        if isinstance(message, Loaned):
-            head = message.head(ser)
-            if session is not None:
-                ref = session.encode_loaned(head, message.loan)
-                if ref is not None:
-                    return ref
-            data = head + message.loan.bytes()
-            message.loan.release()
-            recorder.message("sent", "inline", len(data))
-            return data
-        data = ser(message)
-        if session is not None and len(data) >= threshold:
-            ref = session.encode(data)
-            if ref is not None:
-                return ref
-        recorder.message("sent", "inline", len(data))
-        return data
+        return encode_outgoing(message, ser, session, threshold, recorder)
 
     def enter(context: grpc.ServicerContext) -> None:
         # The response serializer runs on this thread after the behaviour returns (and while a response iterator

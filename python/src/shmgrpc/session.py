@@ -471,6 +471,41 @@ class Loaned:
         return self.head(serialize) + self.loan.bytes()
 
 
+def encode_outgoing(
+    message: Any,
+    inner: Any,
+    session: Session | None,
+    threshold: int,
+    recorder: Both,
+    fallback: Fallback | None = None,
+) -> bytes:
+    """
+    One outgoing gRPC message: a reference through ``session`` when the message is loaned or its encoding (by
+    ``inner``) reaches ``threshold``, else the encoding itself (counted inline, and as a fallback for ``fallback``
+    when there is no session).
+    """
+    if isinstance(message, Loaned):
+        head = message.head(inner)
+        if session is not None:
+            ref = session.encode_loaned(head, message.loan)
+            if ref is not None:
+                return ref
+        data = head + message.loan.bytes()
+        message.loan.release()
+    else:
+        data = inner(message) if inner is not None else message
+    n = len(data)
+    if n >= threshold:
+        if session is not None:
+            ref = session.encode(data)
+            if ref is not None:
+                return ref
+        elif fallback is not None:
+            recorder.fallback(fallback)
+    recorder.message("sent", "inline", n)
+    return data
+
+
 def decode_message(
     data: bytes,
     deserializer: Any,
@@ -629,14 +664,14 @@ def _top_level_fields(spans: list[bytes | memoryview]) -> list[tuple[int, list[P
             continue
         start = pos
         try:
-            key, pos = _varint_at(buf, pos, end)
+            key, pos = protocol.read_varint(buf, pos, end)
             wire = key & 7
             if wire == 0:
-                _, pos = _varint_at(buf, pos, end)
+                _, pos = protocol.read_varint(buf, pos, end)
             elif wire in (1, 5):
                 pos += 8 if wire == 1 else 4
             elif wire == 2:
-                n, pos = _varint_at(buf, pos, end)
+                n, pos = protocol.read_varint(buf, pos, end)
                 if pos == end and n > 0 and si + 1 < len(spans) and len(spans[si + 1]) >= n:
                     # Key and length end this span; the content opens the next.
                     out.append((key >> 3, [(si, start, end), (si + 1, 0, n)], (si + 1, 0, n)))
@@ -656,18 +691,6 @@ def _top_level_fields(spans: list[bytes | memoryview]) -> list[tuple[int, list[P
             return None
         out.append((key >> 3, [(si, start, pos)], None))
     return out
-
-
-def _varint_at(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
-    n = shift = 0
-    while pos < end and shift < 64:
-        b = buf[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, pos
-        shift += 7
-    raise ValueError("truncated varint")
 
 
 def _fold(views: list[bytes | memoryview], memory: memoryview, offset: int, length: int) -> memoryview:

@@ -91,27 +91,8 @@ pub(crate) async fn eventually(what: &str, f: impl Fn() -> bool) {
 }
 
 /// Serves the demo service with shmgrpc in this process; returns once it listens.
-pub(crate) async fn serve_here(
-    sock: std::path::PathBuf,
-    layer: shmgrpc::ShmLayer,
-) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ready, is_ready) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        shmgrpc_demo::serve(
-            &[Addr::Unix(sock)],
-            Some(layer),
-            move |_| {
-                let _ = ready.send(());
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-    });
-    is_ready.await.unwrap();
-    (stop, handle)
+pub(crate) async fn serve_here(sock: std::path::PathBuf, layer: shmgrpc::ShmLayer) -> shmgrpc_demo::Spawned {
+    shmgrpc_demo::spawn(vec![Addr::Unix(sock)], Some(layer)).await.unwrap()
 }
 
 /// A plain tonic channel (no shmgrpc session) to `unix:/path` or `host:port`.
