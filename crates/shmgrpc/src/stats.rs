@@ -247,6 +247,8 @@ impl Side {
 /// facade when that feature is on.
 #[derive(Debug)]
 pub(crate) struct Recorder {
+    /// The `side` label of exported metrics (read only with the `metrics` feature).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     side: Side,
     counters: Counters,
 }
@@ -277,7 +279,7 @@ impl Recorder {
     pub(crate) fn session(&self, delta: i8) {
         #[cfg(feature = "metrics")]
         export::sessions(self.side, delta);
-        let _ = (delta, self.side.label());
+        let _ = delta;
     }
 
     /// The peer released a hold it had for `held`.
