@@ -46,7 +46,7 @@ impl<K: Eq + Hash + Clone> AttachCache<K> {
     }
 
     fn entries(&self) -> MutexGuard<'_, HashMap<K, Arc<PeerSegment>>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.entries)
     }
 
     /// The mapping of `key`, opening it with `handle()` and checking `claimed_len` on first use.

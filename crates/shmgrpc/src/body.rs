@@ -22,8 +22,9 @@ use http_body::Frame;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
 
+use crate::protocol::Side;
 use crate::protocol::{MAX_REFERENCE_LEN, REGISTRATION_WAIT};
-use crate::session::{Role, Session};
+use crate::session::Session;
 use crate::stats::{Event, Fallback, Recorder};
 use crate::wire;
 
@@ -160,11 +161,15 @@ impl<B: http_body::Body> http_body::Body for SessionBody<B> {
             if session.window_full() || session.pool_short() {
                 // Waiting for the peer's releases (window) or for any buffer to come back (budget), bounded.
                 let (notify, limit) = if session.window_full() {
-                    (session.released(), session.window_wait())
+                    (session.releases(), session.window_wait())
                 } else {
                     (session.pool_returns(), session.exhausted_wait())
                 };
-                let wait = this.wait.get_or_insert_with(|| Wait::new(limit));
+                let wait = this.wait.get_or_insert_with(|| {
+                    let why = if session.window_full() { Event::WindowWait } else { Event::PoolWait };
+                    this.current.recorder.record_both(why);
+                    Wait::new(limit)
+                });
                 let ready = || !session.is_alive() || !(session.window_full() || session.pool_short());
                 match wait.poll(cx, notify, ready) {
                     Poll::Pending => return Poll::Pending,
@@ -218,7 +223,7 @@ pin_project_lite::pin_project! {
 
 /// The gRPC message stream of a call as `HoldBack` reads it.
 struct Scanner {
-    role: Role,
+    side: Side,
     /// Counts the messages that arrive inline (references are counted by the decoder, which resolves them).
     recorder: Option<Arc<Recorder>>,
     scan: Scan,
@@ -239,9 +244,9 @@ struct Held {
 }
 
 impl<B> HoldBack<B> {
-    /// Wraps the incoming body of a call on `role`'s end, counting its inline messages for `recorder`.
-    pub(crate) fn new(inner: B, role: Role, recorder: Arc<Recorder>) -> Self {
-        HoldBack { inner, scanner: Scanner::new(role, Some(recorder)), trailers: None, done: false }
+    /// Wraps the incoming body of a call on `side`'s end, counting its inline messages for `recorder`.
+    pub(crate) fn new(inner: B, side: Side, recorder: Arc<Recorder>) -> Self {
+        HoldBack { inner, scanner: Scanner::new(side, Some(recorder)), trailers: None, done: false }
     }
 }
 
@@ -251,9 +256,9 @@ fn is_reference_message(flag: u8, len: usize, first: &[u8]) -> bool {
 }
 
 impl Scanner {
-    fn new(role: Role, recorder: Option<Arc<Recorder>>) -> Self {
+    fn new(side: Side, recorder: Option<Arc<Recorder>>) -> Self {
         Scanner {
-            role,
+            side,
             recorder,
             scan: Scan::Header(Vec::new()),
             ready: VecDeque::new(),
@@ -370,7 +375,7 @@ impl Scanner {
                     unreachable!("matched above")
                 };
                 let message = msg.freeze();
-                match hold(self.role, &message) {
+                match hold(self.side, &message) {
                     Some((session, reference)) => {
                         self.held = Some(Held { message, session, reference, wait: Wait::new(REGISTRATION_WAIT) })
                     }
@@ -411,13 +416,13 @@ fn push_slice(ready: &mut VecDeque<Bytes>, data: &Bytes, from: usize, to: usize)
 }
 
 /// The session and reference of a reference message that must wait for a registration, if it must.
-fn hold(role: Role, message: &[u8]) -> Option<(Arc<Session>, wire::Reference)> {
+fn hold(side: Side, message: &[u8]) -> Option<(Arc<Session>, wire::Reference)> {
     let reference = wire::decode_reference(&message[HEADER..]).ok()?;
     // We are the other end of the session than the sender; the decoder reports a wrong or unknown session.
-    if (role == Role::Client) != reference.from_server {
+    if Side::of_sender(reference.from_server) != side.peer() {
         return None;
     }
-    let session = Session::lookup(&reference.session, role)?;
+    let session = Session::lookup(&reference.session, side)?;
     session.awaits_registration(&reference).then_some((session, reference))
 }
 
@@ -476,8 +481,9 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
 
 /// Runs a byte stream from a peer through the scanner in chunks of `chunk` bytes, as a server that has no session
 /// named by it would; returns what it hands on (for tests and the fuzz target: it must equal the input).
+#[cfg(any(test, fuzzing))]
 pub(crate) fn scan_all(stream: &[u8], chunk: usize) -> Vec<u8> {
-    let mut sc = Scanner::new(Role::Server, None);
+    let mut sc = Scanner::new(Side::Server, None);
     for c in stream.chunks(chunk.max(1)) {
         sc.feed(Bytes::copy_from_slice(c));
     }
@@ -520,7 +526,7 @@ mod tests {
             stream.extend(grpc_frame(body));
         }
         let chunk = Bytes::from(stream);
-        let mut sc = Scanner::new(Role::Client, None);
+        let mut sc = Scanner::new(Side::Client, None);
         sc.feed(chunk.clone());
         assert_eq!(sc.ready.len(), 1);
         assert_eq!(sc.ready[0].as_ptr(), chunk.as_ptr(), "handed on without a copy");

@@ -14,7 +14,7 @@
 //! works: every message then goes inline, and [`ShmChannel::fallback`] says why.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,37 +23,19 @@ use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::body::{HoldBack, SessionBody};
+pub use crate::config::ClientConfig;
+use crate::config::SessionParams;
 use crate::handshake;
 use crate::pool::Pool;
 use crate::proto::v1::HelloRequest;
 use crate::proto::v1::session_client::SessionClient;
+use crate::protocol::Side;
 use crate::protocol::{HANDSHAKE_TIMEOUT, PROTOCOL_VERSION};
-use crate::session::{Role, SendConfig, Session, SessionParams};
-use crate::stats::{Fallback, Recorder, Side, TransferStats};
+use crate::session::Session;
+use crate::stats::{Fallback, Recorder, TransferStats};
+use crate::sync::{lock, read, write};
 
 pub use crate::protocol::{DEFAULT_THRESHOLD, SESSION_HEADER};
-
-/// Client configuration.
-#[derive(Debug, Clone)]
-pub struct ClientConfig {
-    send: SendConfig,
-    shared_memory: bool,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig { send: SendConfig::default(), shared_memory: true }
-    }
-}
-
-impl ClientConfig {
-    crate::session::send_options!("request", "server");
-    /// Whether to try shared memory at all (default true); false gives a plain channel.
-    pub fn shared_memory(mut self, yes: bool) -> Self {
-        self.shared_memory = yes;
-        self
-    }
-}
 
 /// Errors of [`ShmChannel::connect`]: only the gRPC connection itself can fail; shared memory falls back.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +89,7 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The endpoint settings shmgrpc uses: large HTTP/2 windows and `TCP_NODELAY`, so inline messages are not
 /// throttled by flow control.
-pub fn endpoint(target: &str) -> Result<(Endpoint, Option<PathBuf>), ConnectError> {
+fn endpoint(target: &str) -> Result<(Endpoint, Option<PathBuf>), ConnectError> {
     let bad = || ConnectError::InvalidTarget(target.to_string());
     let (uri, unix) = if let Some(path) = target.strip_prefix("unix:") {
         if path.is_empty() {
@@ -294,18 +276,6 @@ impl State {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
 impl tower_service::Service<http::Request<Body>> for ShmChannel {
     type Response = http::Response<Body>;
     type Error = tonic::transport::Error;
@@ -355,7 +325,7 @@ impl std::future::Future for ResponseFuture {
         let recorder = self.recorder.clone();
         std::pin::Pin::new(&mut self.inner)
             .poll(cx)
-            .map_ok(|resp| resp.map(|b| Body::new(HoldBack::new(b, Role::Client, recorder))))
+            .map_ok(|resp| resp.map(|b| Body::new(HoldBack::new(b, Side::Client, recorder))))
     }
 }
 
@@ -400,7 +370,7 @@ async fn establish(channel: &Channel, params: SessionParams) -> Result<Arc<Sessi
         .map_err(|_| Fallback::HandshakeFailed)?
         .await
         .map_err(|_| Fallback::HandshakeFailed)??;
-    Session::start(joined.id, Role::Client, params, joined.socket, joined.reader, joined.peer_pid).map_err(|e| {
+    Session::start(joined.id, Side::Client, params, joined.socket, joined.reader, joined.peer_pid).map_err(|e| {
         tracing::debug!(error = %e, "shmgrpc session tasks could not start");
         Fallback::HandshakeFailed
     })

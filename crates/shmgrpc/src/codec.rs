@@ -27,7 +27,8 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::parts::PartsBuf;
-use crate::session::{Resolved, Role, Session};
+use crate::protocol::Side;
+use crate::session::{Resolved, Session};
 use crate::stats::{self, Event, Fallback};
 use crate::wire;
 
@@ -176,7 +177,7 @@ fn resolve(raw: &[u8]) -> (Option<Arc<Session>>, Result<Resolved, Status>) {
         Err(e) => return (None, Err(Status::invalid_argument(format!("bad shmgrpc reference: {e}")))),
     };
     // We are the other end of the session than the sender.
-    let ours = if r.from_server { Role::Client } else { Role::Server };
+    let ours = Side::of_sender(r.from_server).peer();
     match Session::lookup(&r.session, ours) {
         Some(session) => {
             let resolved = session.resolve(r);

@@ -21,7 +21,7 @@ use crate::proto::v1;
 use crate::protocol::{CHALLENGE_LEN, HANDSHAKE_TIMEOUT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TICKET_TTL};
 use crate::segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
 use crate::session::SessionId;
-use crate::session::side_channel::{FrameReader, write_frame};
+use crate::side_channel::{FrameReader, write_frame};
 use crate::stats::Fallback;
 use crate::wire::Kind;
 
@@ -114,7 +114,7 @@ impl Tickets {
         if expiry <= now {
             return Err(BAD);
         }
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut used = crate::sync::lock(&self.used);
         if used.len() >= MAX_USED / 2 {
             used.retain(|_, &mut e| e > now);
         }

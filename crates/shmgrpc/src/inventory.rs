@@ -40,7 +40,7 @@ pub struct SegmentInfo {
 }
 
 /// Whether a process with this pid exists (in our pid namespace).
-pub fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
         return false;
     };

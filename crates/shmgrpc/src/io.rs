@@ -26,7 +26,7 @@ pub(crate) fn handle() -> std::io::Result<&'static Handle> {
     }
     // One builder at a time: a runtime built in a race and then dropped would have to be dropped outside any
     // async context, which a caller cannot promise.
-    let _init = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    let _init = crate::sync::lock(&INIT);
     if let Some(rt) = RUNTIME.get() {
         return Ok(rt.handle());
     }

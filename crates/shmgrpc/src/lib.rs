@@ -30,6 +30,7 @@ pub mod error;
 pub mod inventory;
 pub mod pool;
 pub mod segment;
+mod sync;
 
 #[cfg(feature = "grpc")]
 mod body;
@@ -37,6 +38,8 @@ mod body;
 pub mod client;
 #[cfg(feature = "grpc")]
 pub mod codec;
+#[cfg(feature = "grpc")]
+mod config;
 #[cfg(feature = "grpc")]
 mod handshake;
 #[cfg(feature = "grpc")]
@@ -50,6 +53,8 @@ pub mod server;
 #[cfg(feature = "grpc")]
 mod session;
 #[cfg(feature = "grpc")]
+mod side_channel;
+#[cfg(feature = "grpc")]
 pub mod stats;
 
 pub use attach::AttachCache;
@@ -58,11 +63,13 @@ pub use pool::{Lease, OnExhausted, Pool, PoolConfig, PoolStats};
 pub use segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
 
 #[cfg(feature = "grpc")]
-pub use client::{ClientConfig, ShmChannel};
+pub use client::ShmChannel;
 #[cfg(feature = "grpc")]
 pub use codec::ShmCodec;
 #[cfg(feature = "grpc")]
-pub use server::{ServerConfig, ShmLayer, ShmServer};
+pub use config::{ClientConfig, ServerConfig};
+#[cfg(feature = "grpc")]
+pub use server::{ShmLayer, ShmServer};
 #[cfg(feature = "grpc")]
 pub use session::{Loan, SessionStats, is_shared};
 #[cfg(feature = "grpc")]
@@ -79,8 +86,9 @@ pub mod proto;
 #[doc(hidden)]
 pub mod wire;
 
-/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
-#[cfg(feature = "grpc")]
+/// Entry points for the fuzz targets in `fuzz/`; built only under `cfg(fuzzing)` (set by `cargo fuzz`), never in
+/// a release.
+#[cfg(all(fuzzing, feature = "grpc"))]
 #[doc(hidden)]
 pub mod __fuzz {
     /// Runs gRPC message bytes from a peer through the receiving body's scanner in chunks of `chunk` bytes;
@@ -92,7 +100,7 @@ pub mod __fuzz {
     /// Sends `data` over a socket pair, a memfd attached to the write of `data[split..]` when `fd` is set, and
     /// reads side-channel frames until the end or the first error; returns how many frames were read.
     pub fn read_side_frames(data: &[u8], split: usize, fd: bool) -> usize {
-        crate::session::side_channel::read_all_for_fuzzing(data, split, fd)
+        crate::side_channel::read_all_for_fuzzing(data, split, fd)
     }
 }
 

@@ -3,6 +3,41 @@
 
 use std::time::Duration;
 
+/// Which end of a session (and of each of its calls) this process is. A reference says which end sent it
+/// (`from_server`, §6), so a receiver resolves it through its own end of the session it names. Also the `side`
+/// label of exported metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Side {
+    /// The end that opened the session: a [`crate::ShmChannel`].
+    Client,
+    /// The end that accepted it: a [`crate::ShmServer`].
+    Server,
+}
+
+impl Side {
+    /// The other end.
+    pub(crate) fn peer(self) -> Side {
+        match self {
+            Side::Client => Side::Server,
+            Side::Server => Side::Client,
+        }
+    }
+
+    /// The end that sent a reference whose `from_server` flag is `from_server`.
+    pub(crate) fn of_sender(from_server: bool) -> Side {
+        if from_server { Side::Server } else { Side::Client }
+    }
+
+    /// `client` or `server`: the `side` label of exported metrics.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
 /// Protocol version this implementation speaks (§2). Version 2 registers segments without a round trip: a
 /// reference may name a segment whose `Register` the receiver has not read yet, and the receiver holds the
 /// message back until it has (§5, §6).

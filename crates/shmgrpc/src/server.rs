@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,45 +29,27 @@ use futures_util::future::BoxFuture;
 use tonic::body::Body;
 
 use crate::body::{HoldBack, SessionBody};
+pub use crate::config::ServerConfig;
+use crate::config::SessionParams;
 use crate::error::{Error, Result};
 use crate::handshake::{self, Tickets};
 use crate::pool::Pool;
 use crate::proto::v1::session_server::{Session as SessionRpc, SessionServer};
 use crate::proto::v1::{self, HelloRequest, HelloResponse};
+use crate::protocol::Side;
 use crate::protocol::{HELLO_PATH, SESSION_HEADER};
-use crate::session::{Role, SendConfig, Session};
-use crate::stats::{Event, Side, TransferStats};
+use crate::session::Session;
+use crate::stats::{Event, TransferStats};
+use crate::sync::lock;
 use crate::wire::Kind;
 
 /// Side-channel handshakes in progress at once; connections beyond it are closed at once.
 const MAX_HANDSHAKES: usize = 1024;
 
-/// Server configuration.
-#[derive(Debug, Clone, Default)]
-pub struct ServerConfig {
-    side_channel: Option<PathBuf>,
-    allowed_uids: Option<HashSet<u32>>,
-    send: SendConfig,
-}
-
-impl ServerConfig {
-    /// Where the side-channel socket goes (default: a fresh path in the temporary directory).
-    pub fn side_channel(mut self, path: impl Into<PathBuf>) -> Self {
-        self.side_channel = Some(path.into());
-        self
-    }
-    /// The uids allowed to open a session (default: the server's own uid and root). Others are served inline.
-    pub fn allowed_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {
-        self.allowed_uids = Some(uids.into_iter().collect());
-        self
-    }
-    crate::session::send_options!("response", "client");
-}
-
 struct Shared {
     path: PathBuf,
     allowed: HashSet<u32>,
-    params: crate::session::SessionParams,
+    params: SessionParams,
     tickets: Tickets,
     /// Sessions opened on the side channel (each is held by its own reader task; gone ones are pruned as new
     /// ones come).
@@ -75,10 +57,6 @@ struct Shared {
     /// Handshakes in progress.
     handshakes: Arc<tokio::sync::Semaphore>,
     stop: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The server half of shmgrpc: owns the side-channel socket and the sessions opened on it. Dropping it removes the
@@ -249,7 +227,7 @@ async fn establish(shared: &Shared, stream: tokio::net::UnixStream) -> std::resu
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|_| "randomness")?;
     let session =
-        Session::start(id, Role::Server, shared.params.clone(), accepted.socket, accepted.reader, accepted.peer_pid)
+        Session::start(id, Side::Server, shared.params.clone(), accepted.socket, accepted.reader, accepted.peer_pid)
             .map_err(|_| "session tasks")?;
     {
         let mut sessions = lock(&shared.sessions);
@@ -365,7 +343,7 @@ where
             .headers()
             .get(SESSION_HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|hex| Session::lookup_hex(hex, Role::Server));
+            .and_then(|hex| Session::lookup_hex(hex, Side::Server));
         let mut req = req;
         if let Some(s) = &session {
             req.extensions_mut().insert(CallSession(s.clone()));
@@ -373,7 +351,7 @@ where
         // References in the request may overtake their segments' registrations: hold them back until in. (Calls
         // without a session pass through the same wrapper, which counts their messages for this server.)
         let recorder = self.shared.params.recorder.clone();
-        req = req.map(|b| Body::new(HoldBack::new(b, Role::Server, recorder.clone())));
+        req = req.map(|b| Body::new(HoldBack::new(b, Side::Server, recorder.clone())));
         let threshold = self.shared.params.threshold;
         // The standard tower dance: call the instance that was made ready, keep a fresh clone.
         let clone = self.inner.clone();

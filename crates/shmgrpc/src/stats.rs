@@ -5,6 +5,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::protocol::Side;
+
 /// Why a message that could have gone through shared memory went inline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -98,6 +100,10 @@ pub(crate) enum Event {
     PeerRefusal,
     /// A message above the threshold that went inline, and why.
     Fallback(Fallback),
+    /// A call began waiting (asynchronously, before its first message) for the peer to release window space.
+    WindowWait,
+    /// A call began waiting (asynchronously, before its first message) for a buffer to come back to the pool.
+    PoolWait,
 }
 
 #[derive(Debug)]
@@ -113,6 +119,8 @@ struct Counters {
     bad_references: AtomicU64,
     bad_releases: AtomicU64,
     peer_refusals: AtomicU64,
+    window_waits: AtomicU64,
+    pool_waits: AtomicU64,
     fallbacks: [AtomicU64; Fallback::ALL.len()],
 }
 
@@ -130,6 +138,8 @@ impl Counters {
             bad_references: AtomicU64::new(0),
             bad_releases: AtomicU64::new(0),
             peer_refusals: AtomicU64::new(0),
+            window_waits: AtomicU64::new(0),
+            pool_waits: AtomicU64::new(0),
             fallbacks: [const { AtomicU64::new(0) }; Fallback::ALL.len()],
         }
     }
@@ -148,6 +158,8 @@ impl Counters {
             Event::BadRelease => _ = self.bad_releases.fetch_add(1, Relaxed),
             Event::PeerRefusal => _ = self.peer_refusals.fetch_add(1, Relaxed),
             Event::Fallback(reason) => _ = self.fallbacks[reason.index()].fetch_add(1, Relaxed),
+            Event::WindowWait => _ = self.window_waits.fetch_add(1, Relaxed),
+            Event::PoolWait => _ = self.pool_waits.fetch_add(1, Relaxed),
         }
     }
 
@@ -164,6 +176,8 @@ impl Counters {
             bad_references: self.bad_references.load(Relaxed),
             bad_releases: self.bad_releases.load(Relaxed),
             peer_refusals: self.peer_refusals.load(Relaxed),
+            window_waits: self.window_waits.load(Relaxed),
+            pool_waits: self.pool_waits.load(Relaxed),
             fallbacks: Fallback::ALL.iter().map(|&f| (f, self.fallbacks[f.index()].load(Relaxed))).collect(),
         }
     }
@@ -198,6 +212,12 @@ pub struct TransferStats {
     /// Frames, registrations and references from peers that were refused (each is logged at `debug` only, so a
     /// hostile peer cannot flood the logs).
     pub peer_refusals: u64,
+    /// Calls that waited (asynchronously, before their first message, bounded by the window wait) because the
+    /// peer held a full in-flight window of our buffers.
+    pub window_waits: u64,
+    /// Calls that waited (asynchronously, before their first message, bounded by the exhausted wait) for a buffer
+    /// to come back to an exhausted pool.
+    pub pool_waits: u64,
     /// Messages at or above the threshold that went inline, by reason.
     pub fallbacks: Vec<(Fallback, u64)>,
 }
@@ -224,23 +244,6 @@ pub fn snapshot() -> TransferStats {
 /// Counts `event` in the process-wide counters only (the codec's view, which has no channel or server).
 pub(crate) fn global(event: Event) {
     GLOBAL.add(event);
-}
-
-/// Which end a [`Recorder`] counts for: the `side` label of exported metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
-    Client,
-    Server,
-}
-
-impl Side {
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    fn label(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Server => "server",
-        }
-    }
 }
 
 /// The counters of one channel or one server (shared by its sessions and calls), exported through the `metrics`
@@ -314,10 +317,13 @@ pub mod metric_names {
     pub const BAD_REFERENCES: &str = "shmgrpc_bad_references_total";
     /// Counter: releases from peers that were refused (also counted in [`PEER_REFUSALS`]), by `side`.
     pub const BAD_RELEASES: &str = "shmgrpc_bad_releases_total";
+    /// Counter: calls that waited before their first message, by `side` and `reason` (`window`, `pool`).
+    pub const WAITS: &str = "shmgrpc_waits_total";
     /// Gauge: open sessions, by `side`.
     pub const SESSIONS: &str = "shmgrpc_sessions";
     /// Gauge: bytes of pool buffers, by `state` (`in_use`, `idle`), summed over the process's pools.
-    pub const POOL_BYTES: &str = "shmgrpc_pool_bytes";
+    /// (Moved by the pool itself, which is built without the gRPC layer: [`crate::pool::POOL_BYTES_METRIC`].)
+    pub const POOL_BYTES: &str = crate::pool::POOL_BYTES_METRIC;
     /// Histogram: seconds from queueing a segment's `Register` to the peer's `Registered`, by `side`.
     pub const REGISTRATION_SECONDS: &str = "shmgrpc_registration_seconds";
     /// Histogram: seconds a peer held one of our buffers (reference sent to release received), by `side`.
@@ -326,7 +332,8 @@ pub mod metric_names {
 
 #[cfg(feature = "metrics")]
 mod export {
-    use super::{Event, Side, metric_names as m};
+    use super::{Event, metric_names as m};
+    use crate::protocol::Side;
 
     pub(super) fn event(side: Side, event: Event) {
         let side = side.label();
@@ -346,6 +353,8 @@ mod export {
             Event::Fallback(reason) => {
                 metrics::counter!(m::FALLBACKS, "side" => side, "reason" => reason.label()).increment(1)
             }
+            Event::WindowWait => metrics::counter!(m::WAITS, "side" => side, "reason" => "window").increment(1),
+            Event::PoolWait => metrics::counter!(m::WAITS, "side" => side, "reason" => "pool").increment(1),
         }
     }
 

@@ -70,15 +70,6 @@ pub fn encode_frame(msg: &SideMessage, buf: &mut Vec<u8>) {
     msg.encode(buf).expect("Vec grows");
 }
 
-/// Writes out and clears `buf` (frames gathered with [`encode_frame`]).
-pub fn flush(sock: &UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
-    if !buf.is_empty() {
-        (&*sock).write_all(buf)?;
-        buf.clear();
-    }
-    Ok(())
-}
-
 /// Writes one side-channel frame, with `fd` attached if given.
 pub fn write_frame(sock: &UnixStream, msg: &SideMessage, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
     let mut buf = Vec::new();

@@ -98,7 +98,7 @@ fn leases_hold_what_was_written_and_return_on_drop_or_release() {
     assert!(l.iter().enumerate().all(|(i, &b)| b == i as u8));
     l.set_len(128 * K).unwrap();
     assert!(l.set_len(128 * K + 1).is_err());
-    l.release();
+    drop(l);
     assert!(p.stats().is_idle());
 }
 
@@ -127,7 +127,9 @@ async fn budget_wait_policy_waits_for_a_release() {
     let b = p.alloc(128 * K).await.unwrap();
     let p2 = p.clone();
     let waiter = tokio::spawn(async move { p2.alloc(128 * K).await.map(|l| l.id()) });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    while p.stats().waits == 0 {
+        tokio::task::yield_now().await; // until the waiter has found the budget used up
+    }
     assert!(!waiter.is_finished(), "allocation should wait while the budget is used up");
     let id = a.id();
     drop(a);
@@ -226,7 +228,10 @@ fn alloc_blocking_waits_for_a_release_and_times_out_without_one() {
     assert!(t.elapsed() >= Duration::from_millis(50));
     let p2 = p.clone();
     let releaser = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+        // Once the allocation below is waiting (its second wait), not after a guessed delay.
+        while p2.stats().waits < 2 {
+            std::thread::yield_now();
+        }
         drop(held);
         p2
     });

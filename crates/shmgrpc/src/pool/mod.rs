@@ -14,187 +14,35 @@
 //! no memory: memfd pages exist only once written), and slots leave only with their whole slab, which is dropped
 //! when every slot of it is idle and room is needed.
 //!
-//! A [`Lease`] is exclusive use of one buffer; dropping it (or [`Lease::release`]) returns the buffer. The pool
-//! knows nothing of peers: what a peer holds is tracked by the gRPC layer's session, which keeps the lease until
-//! the peer's generation-checked release arrives (see `docs/protocol.md`, *Releases*).
+//! A [`Lease`] is exclusive use of one buffer; dropping it *returns* the buffer to the pool. The pool knows nothing
+//! of peers or gRPC: what a peer holds is tracked by the gRPC layer's session, which keeps the lease until the peer's
+//! generation-checked release arrives (see `docs/protocol.md`, *Holds and releases*).
+//!
+//! Files: `config.rs` ([`PoolConfig`]), `lease.rs` (buffers and [`Lease`]), `slab.rs` (slabs and their slots),
+//! `stats.rs` ([`PoolStats`] and the exported gauges); this file is the allocator.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::Notify;
 
+mod config;
+mod lease;
 mod slab;
+mod stats;
+
+pub use config::{OnExhausted, PoolConfig};
+pub use lease::Lease;
+pub use stats::{ClassStats, POOL_BYTES_METRIC, PoolStats};
 
 use crate::error::{Error, Result};
-use crate::segment::{Backend, Segment, SegmentHandle, SegmentOptions, page_size};
+use crate::segment::{Backend, Segment, page_size};
+use crate::sync::lock;
+use lease::{Buffer, Storage};
 use slab::{Slab, Slot};
-
-const KIB: usize = 1024;
-const MIB: usize = 1024 * KIB;
-const GIB: usize = 1024 * MIB;
-
-/// What [`Pool::alloc`] does when the budget is used up and nothing idle can be dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnExhausted {
-    /// Wait until a lease is released. The default.
-    #[default]
-    Wait,
-    /// Fail at once with [`Error::Exhausted`].
-    Fail,
-}
-
-/// Configuration of a [`Pool`].
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    classes: Vec<usize>,
-    budget: u64,
-    on_exhausted: OnExhausted,
-    segment: SegmentOptions,
-    slab_max_class: usize,
-    slab_size: usize,
-}
-
-impl Default for PoolConfig {
-    /// Classes 64 KiB, 128 KiB, ... 1 GiB; a 4 GiB budget; wait when exhausted; prefaulted memfd segments;
-    /// classes up to 4 MiB carved out of 64 MiB slabs.
-    fn default() -> Self {
-        PoolConfig {
-            classes: (0..=14).map(|k| (64 * KIB) << k).collect(),
-            budget: 4 * GIB as u64,
-            on_exhausted: OnExhausted::Wait,
-            segment: SegmentOptions::new(Backend::Memfd).prefault(true),
-            slab_max_class: 4 * MIB,
-            slab_size: 64 * MIB,
-        }
-    }
-}
-
-impl PoolConfig {
-    /// Sets the size classes (bytes). They are rounded up to whole pages, sorted and deduplicated.
-    pub fn classes(mut self, sizes: impl IntoIterator<Item = usize>) -> Self {
-        self.classes = sizes.into_iter().collect();
-        self
-    }
-    /// Sets the most bytes the pool may hold in segments, idle or leased.
-    pub fn budget(mut self, bytes: u64) -> Self {
-        self.budget = bytes;
-        self
-    }
-    /// Sets what `alloc` does when the budget is used up.
-    pub fn on_exhausted(mut self, policy: OnExhausted) -> Self {
-        self.on_exhausted = policy;
-        self
-    }
-    /// Sets the backend of new segments.
-    pub fn backend(mut self, backend: Backend) -> Self {
-        self.segment = self.segment.with_backend(backend);
-        self
-    }
-    /// Sets the full segment options (backend, prefaulting, huge pages, System V key).
-    pub fn segment_options(mut self, opts: SegmentOptions) -> Self {
-        self.segment = opts;
-        self
-    }
-    /// Prefault new buffers (default on).
-    pub fn prefault(mut self, yes: bool) -> Self {
-        self.segment = self.segment.prefault(yes);
-        self
-    }
-    /// Ask for transparent huge pages on new buffers (default off).
-    pub fn huge_pages(mut self, yes: bool) -> Self {
-        self.segment = self.segment.huge_pages(yes);
-        self
-    }
-    /// Carves the buffers of classes up to `max_class` bytes out of slab segments of `slab_size` bytes (default
-    /// 4 MiB and 64 MiB; memfd backend only). A class gets slabs only if at least two of its buffers fit in one.
-    /// `max_class` 0 gives every buffer a segment of its own.
-    pub fn slabs(mut self, max_class: usize, slab_size: usize) -> Self {
-        self.slab_max_class = max_class;
-        self.slab_size = slab_size;
-        self
-    }
-    /// The configured budget in bytes.
-    pub fn budget_bytes(&self) -> u64 {
-        self.budget
-    }
-
-    /// Slots per slab for a class of `size` bytes, if the class uses slabs.
-    fn slots_for(&self, size: usize) -> Option<usize> {
-        let slots = self.slab_size / size.max(1);
-        (self.segment.backend() == Backend::Memfd && size <= self.slab_max_class && slots >= 2).then_some(slots)
-    }
-}
-
-/// A buffer of the pool: its memory plus its identity. `id` names the segment (its own, or its slab), and
-/// `(id, generation)` names one lease of it.
-struct Buffer {
-    id: u32,
-    generation: u32,
-    storage: Storage,
-}
-
-enum Storage {
-    /// A segment of its own.
-    Own(Segment),
-    /// A slot of a slab.
-    Slot(Slot),
-}
-
-impl Buffer {
-    fn capacity(&self) -> usize {
-        match &self.storage {
-            Storage::Own(s) => s.len(),
-            Storage::Slot(s) => s.len(),
-        }
-    }
-
-    fn offset(&self) -> usize {
-        match &self.storage {
-            Storage::Own(_) => 0,
-            Storage::Slot(s) => s.offset(),
-        }
-    }
-
-    fn segment_len(&self) -> usize {
-        match &self.storage {
-            Storage::Own(s) => s.len(),
-            Storage::Slot(s) => s.slab().len(),
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match &self.storage {
-            Storage::Own(s) => s.as_slice(),
-            Storage::Slot(s) => s.as_slice(),
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        match &mut self.storage {
-            Storage::Own(s) => s.as_mut_slice(),
-            Storage::Slot(s) => s.as_mut_slice(),
-        }
-    }
-
-    fn share(&self) -> Result<SegmentHandle> {
-        match &self.storage {
-            Storage::Own(s) => s.share(),
-            Storage::Slot(s) => s.slab().share(),
-        }
-    }
-
-    /// A new generation for the next lease: per buffer for a segment of its own, per slab for a slot (two slots
-    /// of one slab share the segment id, so their generations must differ).
-    fn renew(&mut self) {
-        self.generation = match &self.storage {
-            Storage::Own(_) => self.generation.wrapping_add(1),
-            Storage::Slot(s) => s.slab().next_generation(),
-        };
-    }
-}
+use stats::gauges;
 
 /// A slab of a class and how far it has been carved (slot indices `carved..` are untouched).
 struct SlabState {
@@ -239,9 +87,9 @@ struct Inner {
     /// Bytes of every segment that exists or is being created; never above the budget.
     reserved: AtomicU64,
     next_id: AtomicU32,
-    released: Arc<Notify>,
+    returns: Arc<Notify>,
     /// Release count and condition variable for blocking waits ([`Pool::alloc_blocking`]).
-    released_sync: (Mutex<u64>, Condvar),
+    returns_sync: (Mutex<u64>, Condvar),
     counters: Counters,
 }
 
@@ -263,27 +111,6 @@ impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool").field("config", &self.inner.config).finish_non_exhaustive()
     }
-}
-
-/// Moves the exported pool-bytes gauges by these many bytes (feature `metrics`; summed over the process's pools).
-#[inline]
-fn gauges(in_use: i64, idle: i64) {
-    #[cfg(feature = "metrics")]
-    {
-        use crate::stats::metric_names::POOL_BYTES;
-        if in_use != 0 {
-            metrics::gauge!(POOL_BYTES, "state" => "in_use").increment(in_use as f64);
-        }
-        if idle != 0 {
-            metrics::gauge!(POOL_BYTES, "state" => "idle").increment(idle as f64);
-        }
-    }
-    let _ = (in_use, idle);
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these short locks leaves consistent data (every update is a single step).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Why one allocation attempt did not produce a lease.
@@ -325,8 +152,8 @@ impl Pool {
                 classes,
                 reserved: AtomicU64::new(0),
                 next_id: AtomicU32::new(1),
-                released: Arc::new(Notify::new()),
-                released_sync: (Mutex::new(0), Condvar::new()),
+                returns: Arc::new(Notify::new()),
+                returns_sync: (Mutex::new(0), Condvar::new()),
                 counters: Counters::default(),
             }),
         })
@@ -371,7 +198,7 @@ impl Pool {
 
     /// Allocates a buffer of at least `size` bytes; the lease's length is `size`.
     ///
-    /// Over budget it drops idle buffers of other classes; if that is not enough it waits for a release or fails,
+    /// Over budget it drops idle buffers of other classes; if that is not enough it waits for a return or fails,
     /// per [`PoolConfig::on_exhausted`]. A request larger than the whole budget fails at once.
     ///
     /// # Errors
@@ -396,10 +223,10 @@ impl Pool {
     pub async fn alloc(&self, size: usize) -> Result<Lease> {
         self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
         loop {
-            let released = self.inner.released.notified();
-            let mut released = std::pin::pin!(released);
-            // Register before trying, so a release between the attempt and the await is not missed.
-            released.as_mut().enable();
+            let returned = self.returns().notified();
+            let mut returned = std::pin::pin!(returned);
+            // Register before trying, so a return between the attempt and the await is not missed.
+            returned.as_mut().enable();
             match self.attempt(size) {
                 Ok(lease) => return Ok(lease),
                 Err(Miss::Fatal(e)) => return Err(e),
@@ -408,21 +235,21 @@ impl Pool {
                         return Err(self.exhausted(needed));
                     }
                     self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(size, "pool budget exhausted; waiting for a release");
-                    released.await;
+                    tracing::debug!(size, "pool budget exhausted; waiting for a buffer to come back");
+                    returned.await;
                 }
             }
         }
     }
 
-    /// Allocates, blocking the thread up to `timeout` for a release when the budget is used up (whatever the
+    /// Allocates, blocking the thread up to `timeout` for a return when the budget is used up (whatever the
     /// policy). For synchronous code off any async runtime; async code uses [`Pool::alloc`].
     pub fn alloc_blocking(&self, size: usize, timeout: std::time::Duration) -> Result<Lease> {
         self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
         let deadline = std::time::Instant::now() + timeout;
-        let (count, cv) = &self.inner.released_sync;
+        let (count, cv) = &self.inner.returns_sync;
         loop {
-            let seen = *lock(count);
+            let seen = self.returned();
             match self.attempt(size) {
                 Ok(lease) => return Ok(lease),
                 Err(Miss::Fatal(e)) => return Err(e),
@@ -433,7 +260,7 @@ impl Pool {
                     }
                     self.inner.counters.waits.fetch_add(1, Ordering::Relaxed);
                     let guard = lock(count);
-                    // A release between the attempt and here bumped the count: try again at once.
+                    // A return between the attempt and here bumped the count: try again at once.
                     if *guard == seen {
                         let _ = cv.wait_timeout(guard, deadline - now).unwrap_or_else(|p| p.into_inner());
                     }
@@ -512,7 +339,7 @@ impl Pool {
     }
 
     fn lease(&self, buffer: Buffer, class: usize, len: usize) -> Lease {
-        Lease { buffer: Some(buffer), class, len, pool: self.clone() }
+        Lease::new(buffer, class, len, self.clone())
     }
 
     /// Adds `bytes` to the reservation if the budget allows.
@@ -622,19 +449,22 @@ impl Pool {
 
     /// Woken whenever a buffer comes back to the pool (for async waits outside the pool, such as a call waiting
     /// for room before its first message).
-    #[cfg(feature = "grpc")]
     pub(crate) fn returns(&self) -> &Arc<Notify> {
-        &self.inner.released
+        &self.inner.returns
     }
 
     /// How many times a buffer has come back to the pool so far: an allocation that failed at count `n` may succeed
     /// once the count has moved.
-    #[cfg(feature = "grpc")]
     pub(crate) fn returned(&self) -> u64 {
-        *lock(&self.inner.released_sync.0)
+        *lock(&self.inner.returns_sync.0)
     }
 
-    /// Whether buffer `id` still exists (idle or in use); false once it was dropped to make room.
+    /// Whether the segment `id` ([`Lease::id`]) still exists, idle or in use; false once the pool dropped it (to
+    /// make room, or by [`Pool::trim`]).
+    ///
+    /// Part of the API for code that shares the pool's segments with another process by id (as the gRPC layer
+    /// does): a segment the pool dropped lives on in the peer's mapping until the peer is told to unmap it, and
+    /// [`Pool::evictions`] says when it is worth looking.
     pub fn exists(&self, id: u32) -> bool {
         lock(&self.inner.ranges).contains_key(&id)
     }
@@ -659,9 +489,9 @@ impl Pool {
             st.free.push(buffer);
         }
         // The count moves before anyone is woken: a waiter that wakes and reads it must see the return.
-        let (count, cv) = &self.inner.released_sync;
+        let (count, cv) = &self.inner.returns_sync;
         *lock(count) += 1;
-        self.inner.released.notify_waiters();
+        self.inner.returns.notify_waiters();
         cv.notify_all();
     }
 
@@ -696,192 +526,5 @@ impl Pool {
             evictions: c.evictions.load(Ordering::Relaxed),
             classes,
         }
-    }
-}
-
-/// Exclusive use of one pool buffer. Derefs to its first `len()` bytes; returns to the pool when dropped.
-pub struct Lease {
-    buffer: Option<Buffer>,
-    class: usize,
-    len: usize,
-    pool: Pool,
-}
-
-impl fmt::Debug for Lease {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lease")
-            .field("id", &self.id())
-            .field("generation", &self.generation())
-            .field("len", &self.len)
-            .field("capacity", &self.capacity())
-            .finish()
-    }
-}
-
-impl Lease {
-    fn buf(&self) -> &Buffer {
-        self.buffer.as_ref().expect("a live lease holds its buffer")
-    }
-
-    /// The id of the buffer's segment, unique within its pool (buffers carved out of one slab share it).
-    pub fn id(&self) -> u32 {
-        self.buf().id
-    }
-
-    /// The lease's generation: `(id, generation)` names this lease and no other, past or future (until the 32-bit
-    /// counter wraps).
-    pub fn generation(&self) -> u32 {
-        self.buf().generation
-    }
-
-    /// Bytes in use (what was asked for, or set by [`Lease::set_len`]).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether `len()` is 0.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Size of the underlying buffer.
-    pub fn capacity(&self) -> usize {
-        self.buf().capacity()
-    }
-
-    /// Offset of the buffer in its segment (0 unless it is a slot of a slab).
-    pub fn offset(&self) -> usize {
-        self.buf().offset()
-    }
-
-    /// Length of the buffer's whole segment: what a peer maps when it opens [`Lease::share`]'s handle.
-    pub fn segment_len(&self) -> usize {
-        self.buf().segment_len()
-    }
-
-    /// Changes the length within the capacity.
-    pub fn set_len(&mut self, len: usize) -> Result<()> {
-        if len > self.capacity() {
-            return Err(Error::InvalidArgument(format!(
-                "length {len} exceeds the buffer's capacity {}",
-                self.capacity()
-            )));
-        }
-        self.len = len;
-        Ok(())
-    }
-
-    /// The whole buffer, up to its capacity.
-    pub fn as_capacity_mut(&mut self) -> &mut [u8] {
-        self.buffer.as_mut().expect("a live lease holds its buffer").as_mut_slice()
-    }
-
-    /// A handle on the buffer's whole segment that a peer can open (see [`Segment::share`]); the buffer lies at
-    /// [`Lease::offset`] in it.
-    pub fn share(&self) -> Result<SegmentHandle> {
-        self.buf().share()
-    }
-
-    /// Returns the buffer to the pool now (the same as dropping the lease).
-    pub fn release(self) {}
-}
-
-impl Deref for Lease {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.buf().as_slice()[..self.len]
-    }
-}
-
-impl DerefMut for Lease {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        let len = self.len;
-        &mut self.as_capacity_mut()[..len]
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(buffer) = self.buffer.take() {
-            self.pool.put_back(self.class, buffer);
-        }
-    }
-}
-
-/// Figures of one size class.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClassStats {
-    /// Buffer size of the class; `None` for the oversize class (requests above the largest class).
-    pub size: Option<usize>,
-    /// Buffers that exist.
-    pub total: usize,
-    /// Idle buffers.
-    pub free: usize,
-    /// Leased buffers.
-    pub in_use: usize,
-    /// Bytes of all buffers.
-    pub bytes: u64,
-    /// Bytes of leased buffers.
-    pub in_use_bytes: u64,
-}
-
-/// A snapshot of a pool, from [`Pool::stats`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolStats {
-    /// The configured budget.
-    pub budget: u64,
-    /// Bytes of all buffers (idle and in use).
-    pub bytes: u64,
-    /// Bytes of leased buffers.
-    pub in_use_bytes: u64,
-    /// Allocation requests.
-    pub allocs: u64,
-    /// Buffers created on demand.
-    pub grows: u64,
-    /// Times an allocation waited for a release.
-    pub waits: u64,
-    /// Times an allocation or preallocation failed for lack of budget.
-    pub exhausted: u64,
-    /// Idle buffers dropped to make room for another class.
-    pub evictions: u64,
-    /// Per class, smallest first; the last entry is the oversize class.
-    pub classes: Vec<ClassStats>,
-}
-
-impl PoolStats {
-    /// Whether no buffer is leased.
-    pub fn is_idle(&self) -> bool {
-        self.in_use_bytes == 0
-    }
-}
-
-impl fmt::Display for PoolStats {
-    /// A table in the spirit of the seed's `MemPoolInfo`: only classes that hold buffers, then the totals.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{:>12} {:>7} {:>7} {:>7} {:>14} {:>14}",
-            "class", "total", "free", "in use", "bytes", "in use bytes"
-        )?;
-        for c in self.classes.iter().filter(|c| c.total > 0) {
-            let size = c.size.map_or_else(|| "oversize".to_string(), |s| s.to_string());
-            writeln!(
-                f,
-                "{size:>12} {:>7} {:>7} {:>7} {:>14} {:>14}",
-                c.total, c.free, c.in_use, c.bytes, c.in_use_bytes
-            )?;
-        }
-        write!(
-            f,
-            "total {} of {} budget bytes, {} in use; {} allocs, {} grows, {} waits, {} exhausted, {} evictions",
-            self.bytes,
-            self.budget,
-            self.in_use_bytes,
-            self.allocs,
-            self.grows,
-            self.waits,
-            self.exhausted,
-            self.evictions
-        )
     }
 }

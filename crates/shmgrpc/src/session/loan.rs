@@ -1,14 +1,18 @@
 //! The owners behind zero-copy `Bytes`: [`Outgoing`] (one of our pool buffers while it serves for sending),
 //! [`Incoming`] (a region of the peer's memory we read; its drop sends the release) and [`Loan`] (a buffer the
-//! user writes a payload into before sending it).
+//! user writes a payload into before sending it). They are what the [`Sender`](super::sender::Sender) and the
+//! [`Receiver`](super::receiver::Receiver) hand each other, through the session, without knowing each other.
 
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 
 use super::Session;
+use super::outbox::Outbox;
 use crate::pool::Lease;
+use crate::proto::v1;
 use crate::segment::PeerSegment;
+use crate::wire::Kind;
 
 /// One of our pool buffers while it serves for sending. It lives as long as any `Bytes` over it (a loan, or a
 /// received echo of it) or any hold for the peer; then the lease returns to the pool.
@@ -46,7 +50,8 @@ pub(crate) struct Incoming {
     pub(super) generation: u32,
     pub(super) start: usize,
     pub(super) end: usize,
-    pub(super) session: Weak<Session>,
+    /// Where the release goes: the outbox of the session that received the region.
+    pub(super) outbox: Weak<Outbox>,
 }
 
 impl Incoming {
@@ -65,9 +70,13 @@ impl AsRef<[u8]> for Incoming {
 }
 
 impl Drop for Incoming {
+    /// Queues the release (never blocks); a closed session needs none: the peer got everything back when it ended.
     fn drop(&mut self) {
-        if let Some(s) = self.session.upgrade() {
-            s.send_release(self.segment, self.generation);
+        if let Some(outbox) = self.outbox.upgrade() {
+            let release = Kind::Release(v1::Release { segment: self.segment, generation: self.generation });
+            if let Err(e) = outbox.send(release, None) {
+                tracing::debug!(?e, "release not sent; the session is closing");
+            }
         }
     }
 }
@@ -78,6 +87,29 @@ pub(super) struct IncomingView(pub(super) Arc<Incoming>);
 impl AsRef<[u8]> for IncomingView {
     fn as_ref(&self) -> &[u8] {
         self.0.as_ref().as_ref()
+    }
+}
+
+/// Where the sender may find slices that already lie in the peer's memory: the receiver's live regions, which the
+/// session lends the sender while it encodes (so neither half knows the other).
+pub(crate) trait PeerRegions {
+    /// Whether any region of the peer's is alive (if none is, the encoder need not look).
+    fn any(&self) -> bool;
+    /// The live region `s` lies wholly inside, and `s`'s offset in the peer's segment.
+    fn locate(&self, s: &[u8]) -> Option<(Arc<Incoming>, u64)>;
+}
+
+/// No regions: for a sender used without a receiver.
+#[cfg(test)]
+pub(crate) struct NoRegions;
+
+#[cfg(test)]
+impl PeerRegions for NoRegions {
+    fn any(&self) -> bool {
+        false
+    }
+    fn locate(&self, _: &[u8]) -> Option<(Arc<Incoming>, u64)> {
+        None
     }
 }
 
@@ -139,7 +171,7 @@ impl Loan {
             LoanInner::Heap(v) => Bytes::from(v),
             LoanInner::Shared { buf, session } => {
                 if let Some(s) = session.upgrade() {
-                    s.note_loan(&buf);
+                    s.sender.note_loan(&buf);
                 }
                 Bytes::from_owner(OutgoingView(buf))
             }

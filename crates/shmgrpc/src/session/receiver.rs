@@ -1,5 +1,10 @@
 //! The receiving half of a session: the peer's segments (registrations, within per-session and process-wide
-//! caps), resolving references into message parts, and releases and returns back to the peer.
+//! caps), resolving references into message parts, and the peer's regions we send back.
+//!
+//! [`Receiver`] owns that state and knows nothing of the sending half: frames go out through the session's
+//! [`Outbox`] (a received region's drop queues its release there), and our own buffers that the peer sends back
+//! (`receiver` parts) are found through a lookup the session lends to [`Receiver::resolve`]. Its unit tests (below)
+//! drive it alone with segments made in the test.
 
 use std::collections::HashSet;
 use std::os::fd::OwnedFd;
@@ -9,50 +14,19 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::loan::{Incoming, IncomingView, Located, OutgoingView};
-use super::{ByRegion, Session, lock, take_one};
+use super::loan::{Incoming, IncomingView, Outgoing, OutgoingView, PeerRegions};
+use super::outbox::Outbox;
+use super::{ByRegion, take_one};
 use crate::attach::AttachCache;
 use crate::proto::v1::{self, part};
 use crate::protocol::{MAX_INLINE, MAX_PARTS, MAX_PEER_SEGMENTS, MAX_PROCESS_PEER_BYTES, MAX_SESSION_PEER_BYTES};
 use crate::segment::{PeerSegment, PosixName, SegmentHandle, SysVId};
-use crate::stats::Event;
+use crate::stats::{Event, Recorder};
+use crate::sync::lock;
 use crate::wire::{Kind, Reference};
 
-/// Bytes of peer segments mapped by all sessions of this process.
+/// Bytes of peer segments mapped by all sessions of this process (the process-wide cap of §5 counts them).
 static PROCESS_PEER_BYTES: AtomicU64 = AtomicU64::new(0);
-
-/// The receiver's bookkeeping of one session.
-#[derive(Default)]
-pub(super) struct ReceiverState {
-    /// The peer's segments we have mapped.
-    pub(super) peer: AttachCache<u32>,
-    /// Their bytes, as counted against the process-wide cap.
-    mapped: AtomicU64,
-    /// Segment ids whose registration we refused (bounded): messages naming them are not held back.
-    refused: Mutex<HashSet<u32>>,
-    /// Woken by every registration (accepted or refused), and when the session closes.
-    pub(super) registered: Arc<Notify>,
-    /// Live regions of the peer's memory: slices of them are sent back without a copy.
-    regions: Mutex<Vec<Weak<Incoming>>>,
-    /// Regions we sent back to the peer, kept until it answers `Returned`.
-    returning: Mutex<ByRegion<Arc<Incoming>>>,
-}
-
-impl ReceiverState {
-    pub(super) fn returning_count(&self) -> usize {
-        lock(&self.returning).values().map(Vec::len).sum()
-    }
-
-    pub(super) fn close(&self) {
-        let returning = std::mem::take(&mut *lock(&self.returning));
-        drop(returning);
-        lock(&self.regions).clear();
-        lock(&self.refused).clear();
-        self.peer.clear();
-        PROCESS_PEER_BYTES.fetch_sub(self.mapped.swap(0, Ordering::AcqRel), Ordering::AcqRel);
-        self.registered.notify_waiters();
-    }
-}
 
 /// A resolved reference: the message's parts, and the peer segments they lie in (to check afterwards that none
 /// was shrunk under the reader).
@@ -61,8 +35,78 @@ pub(crate) struct Resolved {
     pub(crate) segments: Vec<Arc<PeerSegment>>,
 }
 
-impl Session {
+/// The receiving half of one session (see the module docs).
+pub(super) struct Receiver {
+    recorder: Arc<Recorder>,
+    outbox: Arc<Outbox>,
+    /// The peer's pid as the kernel reported it at the handshake: a named segment must have been created by it.
+    peer_pid: u32,
+    /// The peer's segments we have mapped.
+    peer: AttachCache<u32>,
+    /// Their bytes, as counted against the process-wide cap.
+    mapped: AtomicU64,
+    /// Segment ids whose registration we refused (bounded): messages naming them are not held back.
+    refused: Mutex<HashSet<u32>>,
+    /// Woken by every registration (accepted or refused), and when the session closes.
+    registrations: Arc<Notify>,
+    /// Live regions of the peer's memory: slices of them are sent back without a copy.
+    regions: Mutex<Vec<Weak<Incoming>>>,
+    /// Regions we sent back to the peer, kept until it answers `Returned`.
+    sent_back: Mutex<ByRegion<Arc<Incoming>>>,
+}
+
+impl Receiver {
+    pub(super) fn new(recorder: Arc<Recorder>, outbox: Arc<Outbox>, peer_pid: u32) -> Receiver {
+        Receiver {
+            recorder,
+            outbox,
+            peer_pid,
+            peer: AttachCache::default(),
+            mapped: AtomicU64::new(0),
+            refused: Mutex::default(),
+            registrations: Arc::new(Notify::new()),
+            regions: Mutex::default(),
+            sent_back: Mutex::default(),
+        }
+    }
+
+    /// The peer's segments mapped here and their bytes.
+    pub(super) fn mapped(&self) -> (usize, u64) {
+        let st = self.peer.stats();
+        (st.segments, st.bytes)
+    }
+
+    /// Regions sent back and not yet answered with `Returned`.
+    pub(super) fn sent_back_count(&self) -> usize {
+        lock(&self.sent_back).values().map(Vec::len).sum()
+    }
+
+    /// Whether `data` lies inside one of the peer's segments we have mapped.
+    pub(super) fn maps(&self, data: &[u8]) -> bool {
+        self.peer.contains(data)
+    }
+
+    /// Woken when the peer registers (or we refuse) a segment, or the session closes.
+    pub(super) fn registrations(&self) -> &Arc<Notify> {
+        &self.registrations
+    }
+
+    /// Drops every mapping and everything kept for the peer, and wakes every waiter.
+    pub(super) fn close(&self) {
+        let sent_back = std::mem::take(&mut *lock(&self.sent_back));
+        drop(sent_back);
+        lock(&self.regions).clear();
+        lock(&self.refused).clear();
+        self.peer.clear();
+        PROCESS_PEER_BYTES.fetch_sub(self.mapped.swap(0, Ordering::AcqRel), Ordering::AcqRel);
+        self.registrations.notify_waiters();
+    }
+
     /// A `Register` from the peer: map the segment (or refuse it), and answer `Registered` either way.
+    ///
+    /// # Errors
+    ///
+    /// The answer could not be queued: the session is over.
     pub(super) fn on_register(&self, reg: v1::Register, fd: Option<OwnedFd>) -> Result<(), String> {
         let handle = match (fd, reg.source) {
             (Some(fd), None) => Ok(SegmentHandle::Memfd(fd)),
@@ -76,32 +120,32 @@ impl Session {
         let result = handle.and_then(|h| self.accept_segment(reg.segment, reg.len, h));
         let error = match result {
             Ok(()) => {
-                lock(&self.receiver.refused).remove(&reg.segment);
+                lock(&self.refused).remove(&reg.segment);
                 String::new()
             }
             Err(e) => {
-                self.params.recorder.record_both(Event::PeerRefusal);
+                self.recorder.record_both(Event::PeerRefusal);
                 tracing::debug!(error = %e, "refused a segment from the peer");
-                let mut refused = lock(&self.receiver.refused);
+                let mut refused = lock(&self.refused);
                 if refused.len() < MAX_PEER_SEGMENTS {
                     refused.insert(reg.segment);
                 }
                 e
             }
         };
-        self.receiver.registered.notify_waiters();
-        self.send(Kind::Registered(v1::Registered { segment: reg.segment, error }), None)
-            .map_err(|e| format!("side channel: {e}"))
+        self.registrations.notify_waiters();
+        self.outbox
+            .send(Kind::Registered(v1::Registered { segment: reg.segment, error }), None)
+            .map_err(|e| format!("side channel: {}", std::io::Error::from(e)))
     }
 
     /// Maps a segment the peer registered, within the per-session and process-wide caps. A named segment (POSIX,
     /// System V) must have been created by the peer process itself: a name or id alone proves nothing.
     fn accept_segment(&self, segment: u32, len: u64, handle: SegmentHandle) -> Result<(), String> {
-        let rx = &self.receiver;
-        if rx.peer.get(&segment).is_some() {
+        if self.peer.get(&segment).is_some() {
             return Err("segment id already registered in this session".into());
         }
-        let st = rx.peer.stats();
+        let st = self.peer.stats();
         if st.segments >= MAX_PEER_SEGMENTS {
             return Err(format!("too many segments registered (at most {MAX_PEER_SEGMENTS} per session)"));
         }
@@ -116,9 +160,9 @@ impl Session {
                 b.checked_add(size).filter(|&t| t <= MAX_PROCESS_PEER_BYTES)
             })
             .map_err(|_| "this process maps as many peer bytes as it allows".to_string())?;
-        rx.mapped.fetch_add(size, Ordering::AcqRel);
-        rx.peer.insert(segment, seg);
-        if !self.is_alive() {
+        self.mapped.fetch_add(size, Ordering::AcqRel);
+        self.peer.insert(segment, seg);
+        if self.outbox.is_closed() {
             // Closed meanwhile: `close` may have cleared the cache before this insert.
             self.on_forget(segment);
         }
@@ -127,12 +171,11 @@ impl Session {
 
     /// The peer's segment no longer exists: drop our mapping (readers keep theirs until they are done).
     pub(super) fn on_forget(&self, segment: u32) {
-        let rx = &self.receiver;
-        if let Some(seg) = rx.peer.get(&segment)
-            && rx.peer.detach(&segment)
+        if let Some(seg) = self.peer.get(&segment)
+            && self.peer.detach(&segment)
         {
             let size = seg.len() as u64;
-            let before = rx.mapped.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| m.checked_sub(size));
+            let before = self.mapped.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| m.checked_sub(size));
             if before.is_ok() {
                 PROCESS_PEER_BYTES.fetch_sub(size, Ordering::AcqRel);
             }
@@ -141,22 +184,29 @@ impl Session {
 
     /// Whether a reference names a segment of the peer's whose registration has not arrived yet (neither mapped
     /// nor refused). The body wrappers hold such a message back until it has (protocol §6).
-    pub(crate) fn awaits_registration(&self, r: &Reference) -> bool {
-        if !self.is_alive() {
+    pub(super) fn awaits_registration(&self, r: &Reference) -> bool {
+        if self.outbox.is_closed() {
             return false;
         }
-        let refused = lock(&self.receiver.refused);
+        let refused = lock(&self.refused);
         r.parts.iter().any(|p| match &p.kind {
-            Some(part::Kind::Sender(reg)) => {
-                self.receiver.peer.get(&reg.segment).is_none() && !refused.contains(&reg.segment)
-            }
+            Some(part::Kind::Sender(reg)) => self.peer.get(&reg.segment).is_none() && !refused.contains(&reg.segment),
             _ => false,
         })
     }
 
     /// Resolves a reference the peer sent into the parts of the message, zero-copy: `sender` parts over the peer's
-    /// segments (released when their last `Bytes` is dropped), `receiver` parts over our own buffers.
-    pub(crate) fn resolve(self: &Arc<Self>, r: Reference) -> Result<Resolved, tonic::Status> {
+    /// segments (released when their last `Bytes` is dropped), `receiver` parts over our own buffers, which `ours`
+    /// finds among those the peer holds.
+    ///
+    /// # Errors
+    ///
+    /// The status of protocol §9 for a reference that breaks a rule; nothing is held or released then.
+    pub(super) fn resolve(
+        &self,
+        r: Reference,
+        ours: impl Fn(u32, u32) -> Option<Arc<Outgoing>>,
+    ) -> Result<Resolved, tonic::Status> {
         use tonic::Status;
         if r.parts.is_empty() || r.parts.len() > MAX_PARTS {
             return Err(Status::invalid_argument("shmgrpc reference with no parts or too many"));
@@ -177,7 +227,7 @@ impl Session {
                 None => return Err(Status::invalid_argument("shmgrpc reference part without a kind")),
                 Some(part::Kind::Inline(b)) => b,
                 Some(part::Kind::Sender(reg)) => {
-                    let seg = self.receiver.peer.get(&reg.segment).ok_or_else(|| {
+                    let seg = self.peer.get(&reg.segment).ok_or_else(|| {
                         Status::invalid_argument("shmgrpc reference to a segment the peer never registered")
                     })?;
                     let (start, end) = crate::segment::check_range(seg.backend(), reg.offset, reg.len, seg.len())
@@ -189,17 +239,17 @@ impl Session {
                         generation: reg.generation,
                         start,
                         end,
-                        session: Arc::downgrade(self),
+                        outbox: Arc::downgrade(&self.outbox),
                     });
                     {
-                        let mut regions = lock(&self.receiver.regions);
+                        let mut regions = lock(&self.regions);
                         regions.retain(|w| w.strong_count() > 0);
                         regions.push(Arc::downgrade(&incoming));
                     }
                     Bytes::from_owner(IncomingView(incoming))
                 }
                 Some(part::Kind::Receiver(reg)) => {
-                    let buf = self.held_buffer(reg.segment, reg.generation).ok_or_else(|| {
+                    let buf = ours(reg.segment, reg.generation).ok_or_else(|| {
                         Status::invalid_argument("shmgrpc reference to a buffer of ours that the peer does not hold")
                     })?;
                     // The peer names the range in our segment; the buffer may be a slab slot at an offset in it.
@@ -218,59 +268,194 @@ impl Session {
         }
         // We hold our own buffers again through the Bytes just made: the peer may drop its holds.
         for (segment, generation) in returned {
-            if let Err(e) = self.send(Kind::Returned(v1::Returned { segment, generation }), None) {
-                tracing::debug!(error = %e, "returned not sent; the session is closing");
+            if let Err(e) = self.outbox.send(Kind::Returned(v1::Returned { segment, generation }), None) {
+                tracing::debug!(?e, "returned not sent; the session is closing");
             }
         }
         Ok(Resolved { parts: out, segments })
     }
 
-    /// Sends a release for a region of the peer's (best effort: a closed session needs none).
-    pub(super) fn send_release(&self, segment: u32, generation: u32) {
-        if !self.is_alive() {
-            return;
-        }
-        if let Err(e) = self.send(Kind::Release(v1::Release { segment, generation }), None) {
-            tracing::debug!(error = %e, "release not sent; the session is closing");
-        }
-    }
-
     /// Keeps regions we sent back as `receiver` parts until the peer answers `Returned`.
-    pub(super) fn keep_returning(&self, regions: Vec<Arc<Incoming>>) {
+    pub(super) fn keep_sent_back(&self, regions: Vec<Arc<Incoming>>) {
         if regions.is_empty() {
             return;
         }
-        let mut returning = lock(&self.receiver.returning);
+        let mut sent_back = lock(&self.sent_back);
         for region in regions {
-            returning.entry((region.segment, region.generation)).or_default().push(region);
+            sent_back.entry((region.segment, region.generation)).or_default().push(region);
         }
     }
 
     /// The peer resolved a `receiver` part of ours: drop one region kept for it (its release follows once nothing
-    /// else reads it).
+    /// else reads it). One the peer was never sent is counted as refused.
     pub(super) fn on_returned(&self, segment: u32, generation: u32) {
-        let taken = take_one(&mut lock(&self.receiver.returning), (segment, generation));
+        let taken = take_one(&mut lock(&self.sent_back), (segment, generation));
         // Dropped outside the lock: dropping an `Incoming` queues a frame.
         if taken.is_none() {
-            self.params.recorder.record_both(Event::BadRelease);
-            self.params.recorder.record_both(Event::PeerRefusal);
+            self.recorder.record_both(Event::BadRelease);
+            self.recorder.record_both(Event::PeerRefusal);
             tracing::debug!(segment, "refused a return of a region we did not send back");
         }
     }
+}
 
-    /// Finds `s` in one of the peer's live regions.
-    pub(super) fn locate_region(&self, s: &[u8]) -> Option<Located> {
-        for region in lock(&self.receiver.regions).iter().filter_map(Weak::upgrade) {
-            if let Some(offset) = region.contains(s) {
-                return Some(Located::Theirs { region, offset, len: s.len() as u64 });
-            }
+impl PeerRegions for Receiver {
+    fn any(&self) -> bool {
+        let mut regions = lock(&self.regions);
+        regions.retain(|w| w.strong_count() > 0);
+        !regions.is_empty()
+    }
+
+    fn locate(&self, s: &[u8]) -> Option<(Arc<Incoming>, u64)> {
+        lock(&self.regions).iter().filter_map(Weak::upgrade).find_map(|region| {
+            let offset = region.contains(s)?;
+            Some((region, offset))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The receiver alone: no socket, no sender, no peer. Segments are made in the test and registered as the peer
+    //! would; the frames the receiver queues (answers, releases, returns) are read from its outbox.
+
+    use super::*;
+    use crate::protocol::Side;
+    use crate::segment::{Backend, Segment, SegmentOptions};
+    use crate::session::outbox::Drain;
+    use tonic::Code;
+
+    fn receiver() -> (Receiver, Drain) {
+        let (outbox, drain) = Outbox::new(None);
+        (Receiver::new(Recorder::new(Side::Server), outbox, std::process::id()), drain)
+    }
+
+    /// A sealed memfd segment of `len` bytes holding `i as u8` at offset `i`.
+    fn segment(len: usize) -> Segment {
+        let mut seg = Segment::create(len, &SegmentOptions::new(Backend::Memfd)).unwrap();
+        for (i, b) in seg.as_mut_slice().iter_mut().enumerate() {
+            *b = i as u8;
         }
+        seg
+    }
+
+    /// Registers `seg` under `id` as the peer would, and returns the receiver's answer (empty: accepted).
+    fn register(rx: &Receiver, drain: &mut Drain, id: u32, seg: &Segment) -> String {
+        let Ok(SegmentHandle::Memfd(fd)) = seg.share() else { panic!("a memfd segment shares a descriptor") };
+        rx.on_register(v1::Register { segment: id, len: seg.len() as u64, source: None }, Some(fd)).unwrap();
+        match drain.try_next().map(|o| o.kind) {
+            Some(Kind::Registered(r)) if r.segment == id => r.error,
+            other => panic!("expected Registered for {id}, got {other:?}"),
+        }
+    }
+
+    fn reference(parts: Vec<part::Kind>) -> Reference {
+        Reference {
+            session: Bytes::from_static(&[0; 16]),
+            from_server: false,
+            parts: parts.into_iter().map(|k| v1::Part { kind: Some(k) }).collect(),
+        }
+    }
+
+    fn sender_part(segment: u32, generation: u32, offset: u64, len: u64) -> part::Kind {
+        part::Kind::Sender(v1::Region { segment, generation, offset, len })
+    }
+
+    fn none(_: u32, _: u32) -> Option<Arc<Outgoing>> {
         None
     }
 
-    pub(super) fn has_live_regions(&self) -> bool {
-        let mut regions = lock(&self.receiver.regions);
-        regions.retain(|w| w.strong_count() > 0);
-        !regions.is_empty()
+    #[test]
+    fn a_registered_segment_resolves_in_place_and_dropping_the_bytes_releases_it() {
+        let (rx, mut drain) = receiver();
+        let seg = segment(1 << 20);
+        assert_eq!(register(&rx, &mut drain, 5, &seg), "");
+        let r = reference(vec![part::Kind::Inline(Bytes::from_static(b"head")), sender_part(5, 9, 100, 1000)]);
+        assert!(!rx.awaits_registration(&r));
+        let Resolved { parts, segments } = rx.resolve(r, none).unwrap();
+        assert_eq!(segments.len(), 1);
+        assert_eq!(&parts[0][..], b"head");
+        assert_eq!(parts[1].len(), 1000);
+        assert_eq!(parts[1][0], 100, "the part starts at its offset");
+        assert!(rx.maps(&parts[1]), "read in place, not copied");
+        assert!(drain.try_next().is_none(), "nothing is released while the bytes live");
+        drop(parts);
+        match drain.try_next().map(|o| o.kind) {
+            Some(Kind::Release(v1::Release { segment: 5, generation: 9 })) => {}
+            other => panic!("expected the release of (5, 9), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn references_that_break_a_rule_get_their_status_and_hold_nothing() {
+        let (rx, mut drain) = receiver();
+        let seg = segment(64 << 10);
+        assert_eq!(register(&rx, &mut drain, 1, &seg), "");
+        let cases: Vec<(&str, Vec<part::Kind>, Code)> = vec![
+            ("no parts", vec![], Code::InvalidArgument),
+            ("too many parts", vec![part::Kind::Inline(Bytes::new()); MAX_PARTS + 1], Code::InvalidArgument),
+            ("too much inline", vec![part::Kind::Inline(vec![0; MAX_INLINE + 1].into())], Code::InvalidArgument),
+            ("unknown segment", vec![sender_part(2, 0, 0, 1)], Code::InvalidArgument),
+            ("past the end", vec![sender_part(1, 0, 64 << 10, 1)], Code::OutOfRange),
+            ("overflowing range", vec![sender_part(1, 0, u64::MAX, 2)], Code::OutOfRange),
+            (
+                "a buffer of ours the peer does not hold",
+                vec![part::Kind::Receiver(v1::Region::default())],
+                Code::InvalidArgument,
+            ),
+        ];
+        for (what, parts, code) in cases {
+            let err = rx.resolve(reference(parts), none).err().unwrap_or_else(|| panic!("{what}: resolved"));
+            assert_eq!(err.code(), code, "{what}: {err}");
+        }
+        assert!(drain.try_next().is_none(), "no release or return for a refused reference");
+    }
+
+    #[test]
+    fn bad_registrations_are_answered_with_an_error_and_are_not_awaited() {
+        let (rx, mut drain) = receiver();
+        let seg = segment(64 << 10);
+        assert_eq!(register(&rx, &mut drain, 1, &seg), "");
+        assert!(register(&rx, &mut drain, 1, &seg).contains("already registered"));
+        // Longer than the segment really is.
+        let Ok(SegmentHandle::Memfd(fd)) = seg.share() else { unreachable!() };
+        rx.on_register(v1::Register { segment: 2, len: 1 << 30, source: None }, Some(fd)).unwrap();
+        let Some(Kind::Registered(r)) = drain.try_next().map(|o| o.kind) else { panic!("no answer") };
+        assert!(!r.error.is_empty());
+        // Neither a descriptor nor a name.
+        rx.on_register(v1::Register { segment: 3, len: 1, source: None }, None).unwrap();
+        let Some(Kind::Registered(r)) = drain.try_next().map(|o| o.kind) else { panic!("no answer") };
+        assert!(!r.error.is_empty());
+        // A reference to a refused segment is not held back: it fails at once.
+        assert!(!rx.awaits_registration(&reference(vec![sender_part(2, 0, 0, 1)])));
+        assert!(rx.awaits_registration(&reference(vec![sender_part(4, 0, 0, 1)])), "4 may still come");
+        assert_eq!(rx.recorder.snapshot().peer_refusals, 3);
+    }
+
+    #[test]
+    fn returns_of_regions_never_sent_back_are_refused_and_forget_unmaps() {
+        let (rx, mut drain) = receiver();
+        let seg = segment(64 << 10);
+        assert_eq!(register(&rx, &mut drain, 1, &seg), "");
+        rx.on_returned(1, 0);
+        assert_eq!(rx.recorder.snapshot().bad_releases, 1);
+        assert_eq!(rx.mapped(), (1, seg.len() as u64));
+        rx.on_forget(1);
+        assert_eq!(rx.mapped(), (0, 0));
+        let err = rx.resolve(reference(vec![sender_part(1, 0, 0, 1)]), none).err().unwrap();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    }
+
+    #[test]
+    fn closing_drops_every_mapping_and_stops_waiting() {
+        let (rx, mut drain) = receiver();
+        let seg = segment(64 << 10);
+        assert_eq!(register(&rx, &mut drain, 1, &seg), "");
+        let r = reference(vec![sender_part(7, 0, 0, 1)]);
+        assert!(rx.awaits_registration(&r));
+        rx.outbox.close();
+        rx.close();
+        assert_eq!(rx.mapped(), (0, 0));
+        assert!(!rx.awaits_registration(&r), "nothing is held back once the session is closed");
     }
 }

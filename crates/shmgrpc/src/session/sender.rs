@@ -1,23 +1,30 @@
 //! The sending half of a session: messages encoded into our pool buffers, segments registered with the peer
 //! without a round trip, holds until the peer releases, and the in-flight window that bounds those holds.
+//!
+//! [`Sender`] owns that state and knows nothing of the receiving half: frames go out through the session's
+//! [`Outbox`], and the peer's regions it may echo without a copy are lent to [`Sender::encode`] as
+//! [`PeerRegions`]. Its unit tests (below) drive it alone, reading the frames it queues.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, BufMut};
 use prost::Message;
 use tokio::sync::Notify;
 
-use super::loan::{Incoming, Loan, Located, Outgoing};
-use super::{ByRegion, Session, lock, take_one};
+use super::loan::{Incoming, Located, Outgoing, PeerRegions};
+use super::outbox::Outbox;
+use super::{ByRegion, take_one};
+use crate::config::SessionParams;
 use crate::pool::Lease;
 use crate::proto::v1::{self, part};
 use crate::protocol::MAX_INLINE;
 use crate::segment::SegmentHandle;
-use crate::stats::{Event, Fallback};
-use crate::wire::{Kind, Reference};
+use crate::stats::{Event, Fallback, Recorder};
+use crate::sync::lock;
+use crate::wire::Kind;
 
 /// What the peer made of one of our segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,15 +40,24 @@ enum Registration {
 /// A hold: one `sender` part the peer may read, the bytes it covers, and when it was made.
 type Hold = (Arc<Outgoing>, u64, Instant);
 
-/// The sender's bookkeeping of one session.
-pub(super) struct SenderState {
+/// A message encoded for the peer: the reference's parts, and the peer's regions it sends back (`receiver`
+/// parts), which the receiving half keeps until the peer answers `Returned`.
+pub(super) struct Encoded {
+    pub(super) parts: Vec<v1::Part>,
+    pub(super) sent_back: Vec<Arc<Incoming>>,
+}
+
+/// The sending half of one session (see the module docs).
+pub(super) struct Sender {
+    params: SessionParams,
+    outbox: Arc<Outbox>,
     registrations: Mutex<HashMap<u32, Registration>>,
     /// Our buffers the peer may read: one entry per `sender` part sent and not yet released.
     holds: Mutex<ByRegion<Hold>>,
     /// Bytes the holds cover.
     held: AtomicU64,
     /// Woken by every release, and when the session closes.
-    pub(super) released: Arc<Notify>,
+    releases: Arc<Notify>,
     /// Live loans made for this session: slices of them are sent without a copy.
     loans: Mutex<Vec<Weak<Outgoing>>>,
     /// The pool's eviction count when we last looked for dropped buffers the peer still maps.
@@ -50,17 +66,35 @@ pub(super) struct SenderState {
     short_at: AtomicU64,
 }
 
-impl SenderState {
-    pub(super) fn new(evictions: u64) -> Self {
-        SenderState {
+/// Holds and returns taken while building one reference, committed only if the whole reference is built.
+#[derive(Default)]
+struct Pending {
+    holds: Vec<(Arc<Outgoing>, u64)>,
+    sent_back: Vec<Arc<Incoming>>,
+}
+
+impl Sender {
+    pub(super) fn new(params: SessionParams, outbox: Arc<Outbox>) -> Sender {
+        let evictions = params.pool.evictions();
+        Sender {
+            params,
+            outbox,
             registrations: Mutex::default(),
             holds: Mutex::default(),
             held: AtomicU64::new(0),
-            released: Arc::new(Notify::new()),
+            releases: Arc::new(Notify::new()),
             loans: Mutex::default(),
             seen_evictions: AtomicU64::new(evictions),
             short_at: AtomicU64::new(u64::MAX),
         }
+    }
+
+    pub(super) fn params(&self) -> &SessionParams {
+        &self.params
+    }
+
+    fn recorder(&self) -> &Recorder {
+        &self.params.recorder
     }
 
     /// Holds, held bytes, registered segments.
@@ -78,86 +112,74 @@ impl SenderState {
         self.held.store(0, Ordering::Release);
         lock(&self.loans).clear();
         lock(&self.registrations).clear();
-        self.released.notify_waiters();
+        self.releases.notify_waiters();
         back
     }
-}
 
-/// Holds and returns taken while building one reference, committed only if the whole reference is built.
-#[derive(Default)]
-struct Pending {
-    holds: Vec<(Arc<Outgoing>, u64)>,
-    returning: Vec<Arc<Incoming>>,
-}
-
-impl Session {
-    /// A loan of `len` bytes from this session's pool; ordinary memory when the session is closed or the pool is
-    /// out of budget.
-    pub(crate) fn loan(self: &Arc<Self>, len: usize) -> Loan {
-        if !self.is_alive() {
-            return Loan::heap(len);
-        }
+    /// A pool buffer for a loan, never waiting; `None` (counted as a fallback) when the pool is out of budget.
+    pub(super) fn loan_lease(&self, len: usize) -> Option<Lease> {
         match self.params.pool.try_alloc(len) {
-            Ok(lease) => Loan::shared(lease, Arc::downgrade(self)),
+            Ok(lease) => Some(lease),
             Err(e) => {
                 tracing::debug!(error = %e, "loan from ordinary memory");
-                self.params.recorder.record_both(Event::Fallback(Fallback::PoolExhausted));
-                Loan::heap(len)
+                self.recorder().record_both(Event::Fallback(Fallback::PoolExhausted));
+                None
             }
         }
     }
 
+    /// Remembers a frozen loan: slices of it are then sent without a copy.
     pub(super) fn note_loan(&self, buf: &Arc<Outgoing>) {
-        let mut loans = lock(&self.sender.loans);
+        let mut loans = lock(&self.loans);
         loans.retain(|w| w.strong_count() > 0);
         loans.push(Arc::downgrade(buf));
     }
 
     /// Finds `s` in one of our live loans or one of the peer's live regions.
-    pub(crate) fn locate(&self, s: &[u8]) -> Option<Located> {
-        for buf in lock(&self.sender.loans).iter().filter_map(Weak::upgrade) {
+    fn locate(&self, s: &[u8], peer: &dyn PeerRegions) -> Option<Located> {
+        for buf in lock(&self.loans).iter().filter_map(Weak::upgrade) {
             if let Some(offset) = buf.contains(s) {
                 return Some(Located::Ours { buf, offset, len: s.len() });
             }
         }
-        self.locate_region(s)
+        peer.locate(s).map(|(region, offset)| Located::Theirs { region, offset, len: s.len() as u64 })
     }
 
     /// Whether anything the encoder could refer to without a copy is alive.
-    fn has_shared_candidates(&self) -> bool {
-        let mut loans = lock(&self.sender.loans);
+    fn has_shared_candidates(&self, peer: &dyn PeerRegions) -> bool {
+        let mut loans = lock(&self.loans);
         loans.retain(|w| w.strong_count() > 0);
-        !loans.is_empty() || self.has_live_regions()
+        !loans.is_empty() || peer.any()
     }
 
     /// Whether the peer holds as many bytes of ours as the window allows (sending then waits, protocol §7).
-    pub(crate) fn window_full(&self) -> bool {
-        self.sender.held.load(Ordering::Acquire) >= self.params.window
-    }
-
-    /// How long sending waits for the window before going inline.
-    pub(crate) fn window_wait(&self) -> std::time::Duration {
-        self.params.window_wait
+    pub(super) fn window_full(&self) -> bool {
+        self.held.load(Ordering::Acquire) >= self.params.window
     }
 
     /// Woken by every release of the peer's, and when the session closes.
-    pub(crate) fn released(&self) -> &Arc<Notify> {
-        &self.sender.released
+    pub(super) fn releases(&self) -> &Arc<Notify> {
+        &self.releases
     }
 
-    /// Encodes `item` (of `len` encoded bytes) for the peer and returns the reference to send in its place.
+    /// Encodes `item` (of `len` encoded bytes) for the peer into the parts of a reference.
     ///
-    /// Slices that already lie in shared memory (our loans, the peer's regions) are referred to where they are;
+    /// Slices that already lie in shared memory (our loans, the peer's `regions`) are referred to where they are;
     /// everything else is encoded straight into a pool buffer. Any failure is a reason to send inline instead, and
     /// then nothing stays held. Never waits on the peer: a new segment's registration is queued and the reference
     /// may overtake it (the receiver holds the message back until it has the segment).
-    pub(crate) fn encode_to_shm<M: Message>(self: &Arc<Self>, item: &M, len: usize) -> Result<Reference, Fallback> {
-        if !self.is_alive() {
+    pub(super) fn encode<M: Message>(
+        &self,
+        item: &M,
+        len: usize,
+        regions: &dyn PeerRegions,
+    ) -> Result<Encoded, Fallback> {
+        if self.outbox.is_closed() {
             return Err(Fallback::SessionClosed);
         }
         let mut pending = Pending::default();
-        let parts = if self.has_shared_candidates() {
-            let mut buf = SplitBuf::new(self, len.min(MAX_INLINE));
+        let parts = if self.has_shared_candidates(regions) {
+            let mut buf = SplitBuf::new(self, regions, len.min(MAX_INLINE));
             item.encode(&mut buf).expect("a growing buffer never runs out");
             let mut parts = Vec::new();
             let mut inline_budget = MAX_INLINE;
@@ -179,7 +201,7 @@ impl Session {
                     Piece::Shared(Located::Ours { buf, offset, len }) => self.refer(buf, offset, len, &mut pending)?,
                     Piece::Shared(Located::Theirs { region, offset, len }) => {
                         let r = v1::Region { segment: region.segment, generation: region.generation, offset, len };
-                        pending.returning.push(region);
+                        pending.sent_back.push(region);
                         part::Kind::Receiver(r)
                     }
                 });
@@ -195,47 +217,39 @@ impl Session {
         };
         // Commit: from here the peer may read and must release.
         {
-            let mut holds = lock(&self.sender.holds);
+            let mut holds = lock(&self.holds);
             let now = Instant::now();
             for (buf, n) in pending.holds {
-                self.sender.held.fetch_add(n, Ordering::AcqRel);
+                self.held.fetch_add(n, Ordering::AcqRel);
                 holds.entry((buf.lease.id(), buf.lease.generation())).or_default().push((buf, n, now));
             }
         }
-        self.keep_returning(pending.returning);
-        Ok(Reference {
-            session: Bytes::copy_from_slice(&self.id),
-            from_server: self.role == super::Role::Server,
+        Ok(Encoded {
             parts: parts.into_iter().map(|k| v1::Part { kind: Some(k) }).collect(),
+            sent_back: pending.sent_back,
         })
     }
 
     /// A pool buffer for sending, never waiting (the encoder runs on a poll path). When the budget is used up, the
     /// pool's return count is noted, so the next call waits asynchronously for a return before its first message
-    /// (see [`Session::pool_short`]).
-    pub(crate) fn alloc(&self, len: usize) -> Result<Lease, Fallback> {
+    /// (see [`Sender::pool_short`]).
+    fn alloc(&self, len: usize) -> Result<Lease, Fallback> {
         let returned = self.params.pool.returned();
         self.params.pool.try_alloc(len).map_err(|_| {
-            self.sender.short_at.store(returned, Ordering::Release);
+            self.short_at.store(returned, Ordering::Release);
             Fallback::PoolExhausted
         })
     }
 
     /// Whether the last allocation failed for lack of budget and no buffer has come back to the pool since, while
     /// the configuration allows a wait for one.
-    pub(crate) fn pool_short(&self) -> bool {
-        !self.params.exhausted_wait.is_zero()
-            && self.sender.short_at.load(Ordering::Acquire) == self.params.pool.returned()
+    pub(super) fn pool_short(&self) -> bool {
+        !self.params.exhausted_wait.is_zero() && self.short_at.load(Ordering::Acquire) == self.params.pool.returned()
     }
 
     /// How long a call may wait for a buffer to come back before its messages go inline.
-    pub(crate) fn exhausted_wait(&self) -> std::time::Duration {
+    pub(super) fn exhausted_wait(&self) -> Duration {
         self.params.exhausted_wait
-    }
-
-    /// Woken whenever a buffer comes back to the pool.
-    pub(crate) fn pool_returns(&self) -> &Arc<Notify> {
-        self.params.pool.returns()
     }
 
     /// A `sender` part for `len` bytes at `offset` of `buf`, registering the segment first if the peer lacks it.
@@ -259,11 +273,11 @@ impl Session {
     /// mapping would keep their memory alive). Runs only when the pool's eviction count moved.
     fn forget_evicted(&self) {
         let evictions = self.params.pool.evictions();
-        if self.sender.seen_evictions.swap(evictions, Ordering::Relaxed) == evictions {
+        if self.seen_evictions.swap(evictions, Ordering::Relaxed) == evictions {
             return;
         }
         let gone: Vec<(u32, Registration)> = {
-            let mut regs = lock(&self.sender.registrations);
+            let mut regs = lock(&self.registrations);
             let gone: Vec<(u32, Registration)> =
                 regs.iter().filter(|(id, _)| !self.params.pool.exists(**id)).map(|(&id, &r)| (id, r)).collect();
             for (id, _) in &gone {
@@ -273,9 +287,9 @@ impl Session {
         };
         for (segment, reg) in gone {
             if reg != Registration::Refused
-                && let Err(e) = self.send(Kind::Forget(v1::Forget { segment }), None)
+                && let Err(e) = self.outbox.send(Kind::Forget(v1::Forget { segment }), None)
             {
-                tracing::debug!(error = %e, "forget not sent; the session is closing");
+                tracing::debug!(?e, "forget not sent; the session is closing");
             }
         }
     }
@@ -286,7 +300,7 @@ impl Session {
         self.forget_evicted();
         let id = lease.id();
         {
-            let mut regs = lock(&self.sender.registrations);
+            let mut regs = lock(&self.registrations);
             match regs.get(&id) {
                 Some(Registration::Sent(_) | Registration::Acknowledged) => return Ok(()),
                 Some(Registration::Refused) => return Err(Fallback::RegistrationFailed),
@@ -297,19 +311,21 @@ impl Session {
         let len = lease.segment_len() as u64;
         let register = |source| Kind::Register(v1::Register { segment: id, len, source });
         let sent = match lease.share() {
-            Ok(SegmentHandle::Memfd(fd)) => self.send(register(None), Some(fd)),
+            Ok(SegmentHandle::Memfd(fd)) => self.outbox.send(register(None), Some(fd)),
             Ok(SegmentHandle::Posix(name)) => {
-                self.send(register(Some(v1::register::Source::PosixName(name.as_str().to_string()))), None)
+                self.outbox.send(register(Some(v1::register::Source::PosixName(name.as_str().to_string()))), None)
             }
-            Ok(SegmentHandle::SysV(sid)) => self.send(register(Some(v1::register::Source::SysvId(sid.as_raw()))), None),
+            Ok(SegmentHandle::SysV(sid)) => {
+                self.outbox.send(register(Some(v1::register::Source::SysvId(sid.as_raw()))), None)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "segment not shareable; sending inline");
-                lock(&self.sender.registrations).insert(id, Registration::Refused);
+                lock(&self.registrations).insert(id, Registration::Refused);
                 return Err(Fallback::RegistrationFailed);
             }
         };
         sent.map_err(|_| {
-            lock(&self.sender.registrations).remove(&id);
+            lock(&self.registrations).remove(&id);
             Fallback::SessionClosed
         })
     }
@@ -318,37 +334,38 @@ impl Session {
     /// already named it fail there with a status; later ones go inline or use other buffers).
     pub(super) fn on_registered(&self, ack: v1::Registered) {
         if ack.error.is_empty() {
-            let mut regs = lock(&self.sender.registrations);
+            let mut regs = lock(&self.registrations);
             if let Some(r) = regs.get_mut(&ack.segment)
                 && let Registration::Sent(at) = *r
             {
                 *r = Registration::Acknowledged;
                 drop(regs);
-                self.params.recorder.registration_latency(at.elapsed());
+                self.recorder().registration_latency(at.elapsed());
             }
             return;
         }
         tracing::debug!(error = %ack.error, "the peer refused one of our segments");
-        let mut regs = lock(&self.sender.registrations);
+        let mut regs = lock(&self.registrations);
         if let Some(r) = regs.get_mut(&ack.segment) {
             *r = Registration::Refused;
         }
     }
 
-    /// The peer no longer reads a `sender` part: one hold goes, and with it its bytes from the window.
+    /// The peer no longer reads a `sender` part: one hold goes, and with it its bytes from the window. A release
+    /// of something the peer does not hold (stale, repeated, forged) changes nothing and is counted as refused.
     pub(super) fn on_release(&self, segment: u32, generation: u32) {
-        let taken = take_one(&mut lock(&self.sender.holds), (segment, generation));
+        let taken = take_one(&mut lock(&self.holds), (segment, generation));
         match taken {
             Some((buf, n, at)) => {
-                self.params.recorder.release_latency(at.elapsed());
-                self.sender.held.fetch_sub(n, Ordering::AcqRel);
+                self.recorder().release_latency(at.elapsed());
+                self.held.fetch_sub(n, Ordering::AcqRel);
                 // The buffer may go back to the pool here, outside every session lock.
                 drop(buf);
-                self.sender.released.notify_waiters();
+                self.releases.notify_waiters();
             }
             None => {
-                self.params.recorder.record_both(Event::BadRelease);
-                self.params.recorder.record_both(Event::PeerRefusal);
+                self.recorder().record_both(Event::BadRelease);
+                self.recorder().record_both(Event::PeerRefusal);
                 tracing::debug!(segment, "refused a release of a buffer the peer does not hold");
             }
         }
@@ -356,7 +373,7 @@ impl Session {
 
     /// Our buffer held for the peer under `(segment, generation)`, for a `receiver` part the peer sent back.
     pub(super) fn held_buffer(&self, segment: u32, generation: u32) -> Option<Arc<Outgoing>> {
-        lock(&self.sender.holds).get(&(segment, generation)).and_then(|v| v.first().map(|(b, _, _)| b.clone()))
+        lock(&self.holds).get(&(segment, generation)).and_then(|v| v.first().map(|(b, _, _)| b.clone()))
     }
 }
 
@@ -368,7 +385,7 @@ const MIN_LOCATE: usize = 4096;
 const MIN_OWN: usize = 64 * 1024;
 
 /// One piece of an encoded message.
-pub(crate) enum Piece {
+enum Piece {
     /// Bytes the encoder wrote.
     Inline(Vec<u8>),
     /// A slice that already lies in shared memory (one of our loans, or a region of the peer's).
@@ -379,15 +396,16 @@ pub(crate) enum Piece {
 
 /// A `BufMut` that writes like a `Vec<u8>`, except that a slice lying in shared memory this session can refer to
 /// becomes a [`Piece::Shared`] instead of being copied.
-pub(crate) struct SplitBuf<'a> {
-    session: &'a Arc<Session>,
+struct SplitBuf<'a> {
+    sender: &'a Sender,
+    peer: &'a dyn PeerRegions,
     current: Vec<u8>,
     pieces: Vec<Piece>,
 }
 
 impl<'a> SplitBuf<'a> {
-    pub(crate) fn new(session: &'a Arc<Session>, capacity: usize) -> Self {
-        SplitBuf { session, current: Vec::with_capacity(capacity), pieces: Vec::new() }
+    fn new(sender: &'a Sender, peer: &'a dyn PeerRegions, capacity: usize) -> Self {
+        SplitBuf { sender, peer, current: Vec::with_capacity(capacity), pieces: Vec::new() }
     }
 
     /// Takes `s` as a piece of its own if it is large: referred to where it is if it already lies in shared
@@ -396,9 +414,9 @@ impl<'a> SplitBuf<'a> {
         if s.len() < MIN_LOCATE {
             return false;
         }
-        let piece = match self.session.locate(s) {
+        let piece = match self.sender.locate(s, self.peer) {
             Some(loc) => Piece::Shared(loc),
-            None if s.len() >= MIN_OWN => match self.session.alloc(s.len()) {
+            None if s.len() >= MIN_OWN => match self.sender.alloc(s.len()) {
                 Ok(mut lease) => {
                     lease.copy_from_slice(s);
                     Piece::Owned(lease)
@@ -415,7 +433,7 @@ impl<'a> SplitBuf<'a> {
     }
 
     /// The pieces, in order.
-    pub(crate) fn finish(mut self) -> Vec<Piece> {
+    fn finish(mut self) -> Vec<Piece> {
         if !self.current.is_empty() {
             self.pieces.push(Piece::Inline(self.current));
         }
@@ -455,5 +473,127 @@ unsafe impl BufMut for SplitBuf<'_> {
         if !self.try_share(src) {
             self.current.extend_from_slice(src);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The sender alone: no socket, no receiver, no peer. Frames it queues are read from its outbox; the peer's
+    //! answers are handed to it as the session would.
+
+    use super::*;
+    use crate::config::SendConfig;
+    use crate::pool::PoolConfig;
+    use crate::protocol::Side;
+    use crate::session::loan::NoRegions;
+    use crate::session::outbox::Drain;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Blob {
+        #[prost(bytes = "vec", tag = "1")]
+        data: Vec<u8>,
+    }
+
+    fn sender(config: SendConfig) -> (Sender, Drain) {
+        let (outbox, drain) = Outbox::new(None);
+        (Sender::new(config.into_params(Side::Client).unwrap(), outbox), drain)
+    }
+
+    fn encode(s: &Sender, len: usize) -> Result<v1::Region, Fallback> {
+        let msg = Blob { data: vec![7; len] };
+        let encoded = s.encode(&msg, msg.encoded_len(), &NoRegions)?;
+        assert!(encoded.sent_back.is_empty());
+        match encoded.parts.as_slice() {
+            [v1::Part { kind: Some(part::Kind::Sender(r)) }] => Ok(*r),
+            other => panic!("expected one sender part, got {other:?}"),
+        }
+    }
+
+    /// The frames queued so far: (kind, whether a descriptor rides with it).
+    fn queued(drain: &mut Drain) -> Vec<(Kind, bool)> {
+        std::iter::from_fn(|| drain.try_next()).map(|o| (o.kind, o.fd.is_some())).collect()
+    }
+
+    #[test]
+    fn a_new_segment_is_registered_once_with_its_memfd_and_every_part_is_held() {
+        let (s, mut drain) = sender(SendConfig::default());
+        let first = encode(&s, 1 << 20).unwrap();
+        let frames = queued(&mut drain);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        let (Kind::Register(reg), true) = &frames[0] else { panic!("expected a Register with a memfd: {frames:?}") };
+        assert_eq!(reg.segment, first.segment);
+        assert!(reg.source.is_none(), "a memfd travels as a descriptor, not a name");
+        assert!(first.offset + first.len <= reg.len, "the part lies inside the registered segment");
+        // A second message in another slot of the same slab: no second registration.
+        let second = encode(&s, 1 << 20).unwrap();
+        assert_eq!(second.segment, first.segment);
+        assert_ne!((second.offset, second.generation), (first.offset, first.generation));
+        assert!(queued(&mut drain).is_empty(), "the segment is registered already");
+        let (holds, held, registered) = s.figures();
+        assert_eq!((holds, registered), (2, 1));
+        assert_eq!(held, first.len + second.len);
+    }
+
+    #[test]
+    fn only_the_right_generation_releases_a_hold() {
+        let (s, _drain) = sender(SendConfig::default());
+        let r = encode(&s, 256 << 10).unwrap();
+        let bad = || s.params.recorder.snapshot().bad_releases;
+        s.on_release(r.segment, r.generation.wrapping_add(1));
+        s.on_release(r.segment + 1, r.generation);
+        assert_eq!((s.figures().0, bad()), (1, 2), "stale and unknown releases change nothing");
+        s.on_release(r.segment, r.generation);
+        assert_eq!(s.figures().0, 0);
+        assert!(s.params.pool.stats().is_idle(), "the buffer went back to the pool");
+        s.on_release(r.segment, r.generation);
+        assert_eq!(bad(), 3, "a repeated release is refused");
+    }
+
+    #[test]
+    fn the_window_fills_with_held_bytes_and_a_release_opens_it() {
+        let (s, _drain) = sender(SendConfig { window: 1 << 20, ..SendConfig::default() });
+        let r = encode(&s, 1 << 20).unwrap();
+        assert!(s.window_full());
+        let woken = s.releases().clone();
+        let notified = woken.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        s.on_release(r.segment, r.generation);
+        assert!(!s.window_full());
+        assert!(futures_util::FutureExt::now_or_never(notified).is_some(), "a release wakes window waiters");
+    }
+
+    #[test]
+    fn a_refused_segment_is_not_referred_to_again() {
+        let (s, _drain) = sender(SendConfig::default());
+        let r = encode(&s, 1 << 20).unwrap();
+        s.on_registered(v1::Registered { segment: r.segment, error: "no".into() });
+        assert_eq!(encode(&s, 1 << 20), Err(Fallback::RegistrationFailed));
+        assert_eq!(s.figures().2, 0, "a refused segment does not count as registered");
+        // Nothing of the failed message stays held.
+        assert_eq!(s.figures().0, 1);
+    }
+
+    #[test]
+    fn an_exhausted_pool_is_a_fallback_that_marks_the_pool_short_until_a_return() {
+        let pool = PoolConfig::default().budget(1 << 20).slabs(0, 0);
+        let config = SendConfig { pool_config: pool, exhausted_wait: Duration::from_secs(1), ..SendConfig::default() };
+        let (s, _drain) = sender(config);
+        let r = encode(&s, 900 << 10).unwrap();
+        assert!(!s.pool_short());
+        assert_eq!(encode(&s, 900 << 10), Err(Fallback::PoolExhausted));
+        assert!(s.pool_short(), "the next call may wait for a return");
+        s.on_release(r.segment, r.generation);
+        assert!(!s.pool_short(), "a buffer came back");
+    }
+
+    #[test]
+    fn a_closed_session_encodes_nothing_and_closing_gives_every_hold_back() {
+        let (s, _drain) = sender(SendConfig::default());
+        encode(&s, 1 << 20).unwrap();
+        assert_eq!(s.close(), 1);
+        assert!(s.params.pool.stats().is_idle());
+        s.outbox.close();
+        assert_eq!(encode(&s, 1 << 20), Err(Fallback::SessionClosed));
     }
 }

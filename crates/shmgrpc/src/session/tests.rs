@@ -1,15 +1,16 @@
-//! A pair of sessions over a socketpair, inside one process: registration without a round trip, resolving a
-//! reference, holds and their releases keyed by (segment, generation), refusals of stale and repeated releases,
-//! and what closing gives back. No gRPC and no second process: the side channel alone.
+//! A pair of sessions over a socketpair, inside one process: the two halves of each end working together through
+//! the side channel (registration without a round trip, resolving a reference, holds and their releases keyed by
+//! (segment, generation), refusals of stale and repeated releases, what closing gives back). No gRPC and no second
+//! process. Each half alone is tested in its own file (`sender.rs`, `receiver.rs`).
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::side_channel::{FrameReader, adopt};
 use super::*;
+use crate::config::SendConfig;
 use crate::proto::v1::{self, part};
-use crate::stats::Side;
+use crate::side_channel::{FrameReader, adopt};
 use crate::wire::Reference;
 
 /// An application message with one large `bytes` field.
@@ -31,9 +32,9 @@ fn pair() -> (Arc<Session>, Arc<Session>) {
     let params = |side| SendConfig::default().into_params(side).unwrap();
     let pid = std::process::id();
     let client =
-        Session::start(id, Role::Client, params(Side::Client), adopt(a).unwrap(), FrameReader::default(), pid).unwrap();
+        Session::start(id, Side::Client, params(Side::Client), adopt(a).unwrap(), FrameReader::default(), pid).unwrap();
     let server =
-        Session::start(id, Role::Server, params(Side::Server), adopt(b).unwrap(), FrameReader::default(), pid).unwrap();
+        Session::start(id, Side::Server, params(Side::Server), adopt(b).unwrap(), FrameReader::default(), pid).unwrap();
     (client, server)
 }
 
@@ -121,7 +122,7 @@ fn closing_gives_back_every_hold_and_mapping() {
     assert!(server.stats().peer_segments >= 1);
     client.close();
     assert_eq!(client.stats().holds, 0);
-    assert!(client.params.pool.stats().is_idle(), "{}", client.params.pool.stats());
+    assert!(client.sender.params().pool.stats().is_idle(), "{}", client.sender.params().pool.stats());
     // The server sees the end of the side channel and drops the client's mappings.
     eventually("the server session ends", || !server.is_alive());
     assert_eq!(server.stats().peer_segments, 0);

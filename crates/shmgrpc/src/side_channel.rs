@@ -194,6 +194,7 @@ pub(crate) fn shutdown(sock: &UnixStream) {
 }
 
 /// See `crate::__fuzz::read_side_frames`.
+#[cfg(fuzzing)]
 pub(crate) fn read_all_for_fuzzing(data: &[u8], split: usize, with_fd: bool) -> usize {
     let Ok(rt) = crate::io::handle() else { return 0 };
     let Ok((a, b)) = std::os::unix::net::UnixStream::pair() else { return 0 };

@@ -1,0 +1,161 @@
+//! Configuration of the gRPC layer: [`ClientConfig`], [`ServerConfig`], and the sending options they share.
+//!
+//! Both ends send the same way (threshold, pool, in-flight window, waits), so those options are one
+//! [`SendConfig`] inside each configuration, with one set of builder methods written once by `send_options!`.
+//! A configuration becomes a session's [`SessionParams`] when the channel or server is built.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::pool::{Pool, PoolConfig};
+use crate::protocol::{DEFAULT_THRESHOLD, DEFAULT_WINDOW, DEFAULT_WINDOW_WAIT, Side};
+use crate::stats::Recorder;
+
+/// How one end sends (shared by the client and server configurations).
+#[derive(Debug, Clone)]
+pub(crate) struct SendConfig {
+    pub(crate) pool: Option<Pool>,
+    pub(crate) pool_config: PoolConfig,
+    pub(crate) threshold: usize,
+    pub(crate) exhausted_wait: Duration,
+    pub(crate) window: u64,
+    pub(crate) window_wait: Duration,
+}
+
+impl Default for SendConfig {
+    fn default() -> Self {
+        SendConfig {
+            pool: None,
+            pool_config: PoolConfig::default(),
+            threshold: DEFAULT_THRESHOLD,
+            exhausted_wait: Duration::ZERO,
+            window: DEFAULT_WINDOW,
+            window_wait: DEFAULT_WINDOW_WAIT,
+        }
+    }
+}
+
+impl SendConfig {
+    /// The session parameters of `side`: the given pool, or a new one of `pool_config`, and a fresh recorder.
+    ///
+    /// # Errors
+    ///
+    /// The pool configuration is invalid.
+    pub(crate) fn into_params(self, side: Side) -> crate::Result<SessionParams> {
+        let pool = match self.pool {
+            Some(p) => p,
+            None => Pool::new(self.pool_config)?,
+        };
+        Ok(SessionParams {
+            pool,
+            threshold: self.threshold,
+            exhausted_wait: self.exhausted_wait,
+            window: self.window.max(1),
+            window_wait: self.window_wait,
+            recorder: Recorder::new(side),
+        })
+    }
+}
+
+/// What every session of one channel or server is created with.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionParams {
+    pub(crate) pool: Pool,
+    pub(crate) threshold: usize,
+    /// How long a call may wait (asynchronously, before its first message) for a buffer to come back.
+    pub(crate) exhausted_wait: Duration,
+    /// Bytes of our buffers the peer may hold before sending waits.
+    pub(crate) window: u64,
+    /// How long sending waits for the window before going inline.
+    pub(crate) window_wait: Duration,
+    /// The counters of the channel or server the session belongs to.
+    pub(crate) recorder: Arc<Recorder>,
+}
+
+/// The sending options `ClientConfig` and `ServerConfig` share, over their `send: SendConfig` field: one
+/// definition and one set of docs. `$payloads` names what the side sends ("request", "response"), `$peer` its peer.
+macro_rules! send_options {
+    ($payloads:literal, $peer:literal) => {
+        /// Messages whose encoded size reaches `bytes` go through shared memory (default 64 KiB).
+        pub fn threshold(mut self, bytes: usize) -> Self {
+            self.send.threshold = bytes;
+            self
+        }
+        /// When the pool's budget is used up (a peer holding many buffers), how long a call may wait for a
+        /// buffer to come back before its messages go inline (default 0: inline at once). The wait is
+        /// asynchronous, before the call's first message, and only after a message found the pool exhausted; no
+        /// thread ever blocks on it.
+        pub fn exhausted_wait(mut self, wait: Duration) -> Self {
+            self.send.exhausted_wait = wait;
+            self
+        }
+        #[doc = concat!("The in-flight window: bytes of our buffers the ", $peer, " may hold before a ", $payloads)]
+        /// waits for releases (default 512 MiB; see [`crate::protocol::DEFAULT_WINDOW`]).
+        pub fn window(mut self, bytes: u64) -> Self {
+            self.send.window = bytes;
+            self
+        }
+        #[doc = concat!("How long a ", $payloads, " waits for the window to open before going inline (default 1 s).")]
+        pub fn window_wait(mut self, wait: Duration) -> Self {
+            self.send.window_wait = wait;
+            self
+        }
+        #[doc = concat!("The pool ", $payloads, " payloads are written into (default: a new pool with")]
+        /// [`PoolConfig::default`](crate::PoolConfig::default)).
+        pub fn pool(mut self, pool: Pool) -> Self {
+            self.send.pool = Some(pool);
+            self
+        }
+        /// Configuration of the pool created when none is given.
+        pub fn pool_config(mut self, config: PoolConfig) -> Self {
+            self.send.pool_config = config;
+            self
+        }
+    };
+}
+
+/// Client configuration, for [`crate::ShmChannel::connect_with`] and [`crate::ShmChannel::over`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub(crate) send: SendConfig,
+    pub(crate) shared_memory: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig { send: SendConfig::default(), shared_memory: true }
+    }
+}
+
+impl ClientConfig {
+    send_options!("request", "server");
+    /// Whether to try shared memory at all (default true); false gives a plain channel.
+    pub fn shared_memory(mut self, yes: bool) -> Self {
+        self.shared_memory = yes;
+        self
+    }
+}
+
+/// Server configuration, for [`crate::ShmServer::new`].
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    pub(crate) side_channel: Option<PathBuf>,
+    pub(crate) allowed_uids: Option<HashSet<u32>>,
+    pub(crate) send: SendConfig,
+}
+
+impl ServerConfig {
+    /// Where the side-channel socket goes (default: a fresh path in the temporary directory).
+    pub fn side_channel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.side_channel = Some(path.into());
+        self
+    }
+    /// The uids allowed to open a session (default: the server's own uid and root). Others are served inline.
+    pub fn allowed_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {
+        self.allowed_uids = Some(uids.into_iter().collect());
+        self
+    }
+    send_options!("response", "client");
+}

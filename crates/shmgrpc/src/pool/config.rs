@@ -1,0 +1,99 @@
+//! Pool configuration: size classes, byte budget, what an exhausted pool does, segment options and slabs.
+
+use crate::segment::{Backend, SegmentOptions};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+const GIB: usize = 1024 * MIB;
+
+/// What [`Pool::alloc`] does when the budget is used up and nothing idle can be dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnExhausted {
+    /// Wait until a buffer comes back (a lease is dropped). The default.
+    #[default]
+    Wait,
+    /// Fail at once with [`Error::Exhausted`].
+    Fail,
+}
+
+/// Configuration of a [`Pool`].
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub(super) classes: Vec<usize>,
+    pub(super) budget: u64,
+    pub(super) on_exhausted: OnExhausted,
+    pub(super) segment: SegmentOptions,
+    pub(super) slab_max_class: usize,
+    pub(super) slab_size: usize,
+}
+
+impl Default for PoolConfig {
+    /// Classes 64 KiB, 128 KiB, ... 1 GiB; a 4 GiB budget; wait when exhausted; prefaulted memfd segments;
+    /// classes up to 4 MiB carved out of 64 MiB slabs.
+    fn default() -> Self {
+        PoolConfig {
+            classes: (0..=14).map(|k| (64 * KIB) << k).collect(),
+            budget: 4 * GIB as u64,
+            on_exhausted: OnExhausted::Wait,
+            segment: SegmentOptions::new(Backend::Memfd).prefault(true),
+            slab_max_class: 4 * MIB,
+            slab_size: 64 * MIB,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Sets the size classes (bytes). They are rounded up to whole pages, sorted and deduplicated.
+    pub fn classes(mut self, sizes: impl IntoIterator<Item = usize>) -> Self {
+        self.classes = sizes.into_iter().collect();
+        self
+    }
+    /// Sets the most bytes the pool may hold in segments, idle or leased.
+    pub fn budget(mut self, bytes: u64) -> Self {
+        self.budget = bytes;
+        self
+    }
+    /// Sets what `alloc` does when the budget is used up.
+    pub fn on_exhausted(mut self, policy: OnExhausted) -> Self {
+        self.on_exhausted = policy;
+        self
+    }
+    /// Sets the backend of new segments.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.segment = self.segment.with_backend(backend);
+        self
+    }
+    /// Sets the full segment options (backend, prefaulting, huge pages, System V key).
+    pub fn segment_options(mut self, opts: SegmentOptions) -> Self {
+        self.segment = opts;
+        self
+    }
+    /// Prefault new buffers (default on).
+    pub fn prefault(mut self, yes: bool) -> Self {
+        self.segment = self.segment.prefault(yes);
+        self
+    }
+    /// Ask for transparent huge pages on new buffers (default off).
+    pub fn huge_pages(mut self, yes: bool) -> Self {
+        self.segment = self.segment.huge_pages(yes);
+        self
+    }
+    /// Carves the buffers of classes up to `max_class` bytes out of slab segments of `slab_size` bytes (default
+    /// 4 MiB and 64 MiB; memfd backend only). A class gets slabs only if at least two of its buffers fit in one.
+    /// `max_class` 0 gives every buffer a segment of its own.
+    pub fn slabs(mut self, max_class: usize, slab_size: usize) -> Self {
+        self.slab_max_class = max_class;
+        self.slab_size = slab_size;
+        self
+    }
+    /// The configured budget in bytes.
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget
+    }
+
+    /// Slots per slab for a class of `size` bytes, if the class uses slabs.
+    pub(super) fn slots_for(&self, size: usize) -> Option<usize> {
+        let slots = self.slab_size / size.max(1);
+        (self.segment.backend() == Backend::Memfd && size <= self.slab_max_class && slots >= 2).then_some(slots)
+    }
+}
