@@ -29,6 +29,18 @@ pub(crate) struct Args {
     /// Segment backend: memfd, posix or sysv.
     #[arg(long, default_value = "memfd")]
     backend: Backend,
+    /// Print one JSON line per round and one at the end (`"event": "round"` / `"done"`) instead of the tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints `human` or, with `--json`, `json` as one line.
+fn say(json: bool, human: impl FnOnce() -> String, line: impl FnOnce() -> serde_json::Value) {
+    if json {
+        println!("{}", line());
+    } else {
+        println!("{}", human());
+    }
 }
 
 #[derive(clap::Args)]
@@ -93,19 +105,21 @@ pub(crate) fn run(a: Args) -> anyhow::Result<()> {
         .spawn()
         .context("starting the child process")?;
     let (sock, _) = listener.accept()?;
-    println!(
-        "pool-demo: {} ({size} bytes), {} rounds, backend {}, parent pid {} -> child pid {}",
-        a.size,
-        a.repeat,
-        a.backend,
-        std::process::id(),
-        child.id()
-    );
-    println!("each round: the parent writes the whole payload, the child checksums all of it (crc32)\n");
-    println!(
-        "{:<6} {:>5} {:>10} {:>10} {:>12} {:>10}  notes",
-        "via", "round", "alloc ms", "write ms", "transfer ms", "e2e ms"
-    );
+    if !a.json {
+        println!(
+            "pool-demo: {} ({size} bytes), {} rounds, backend {}, parent pid {} -> child pid {}",
+            a.size,
+            a.repeat,
+            a.backend,
+            std::process::id(),
+            child.id()
+        );
+        println!("each round: the parent writes the whole payload, the child checksums all of it (crc32)\n");
+        println!(
+            "{:<6} {:>5} {:>10} {:>10} {:>12} {:>10}  notes",
+            "via", "round", "alloc ms", "write ms", "transfer ms", "e2e ms"
+        );
+    }
 
     let mut shared = HashSet::new();
     let (mut shm_t, mut shm_e2e) = (Vec::new(), Vec::new());
@@ -133,20 +147,30 @@ pub(crate) fn run(a: Args) -> anyhow::Result<()> {
         if words.first() != Some(&"ok") || words.get(1) != Some(&want.to_string().as_str()) {
             bail!("child answered {reply:?}, expected checksum {want}");
         }
-        let note = format!(
-            "crc ok; {} buffer {}; child {}",
-            if pool.stats().grows > grows { "new" } else { "reused" },
-            lease.id(),
-            words[2..].join(" ")
-        );
-        println!(
-            "{:<6} {:>5} {:>10.2} {:>10.2} {:>12.2} {:>10.2}  {note}",
-            "shm",
-            round,
-            ms(t_alloc),
-            ms(t_write),
-            ms(t_transfer),
-            ms(t0.elapsed())
+        let buffer = if pool.stats().grows > grows { "new" } else { "reused" };
+        let mapping = words[2..].join(" ");
+        let e2e = t0.elapsed();
+        say(
+            a.json,
+            || {
+                format!(
+                    "{:<6} {:>5} {:>10.2} {:>10.2} {:>12.2} {:>10.2}  crc ok; {buffer} buffer {}; child {mapping}",
+                    "shm",
+                    round,
+                    ms(t_alloc),
+                    ms(t_write),
+                    ms(t_transfer),
+                    ms(e2e),
+                    lease.id(),
+                )
+            },
+            || {
+                serde_json::json!({
+                    "event": "round", "via": "shm", "round": round, "checksum": "ok", "buffer": buffer,
+                    "child_mapping": if mapping == "reused its mapping" { "reused" } else { "new" },
+                    "transfer_ns": t_transfer.as_nanos() as u64, "e2e_ns": e2e.as_nanos() as u64,
+                })
+            },
         );
         shm_t.push(t_transfer);
         shm_e2e.push(t0.elapsed());
@@ -167,14 +191,26 @@ pub(crate) fn run(a: Args) -> anyhow::Result<()> {
         if reply != format!("ok {want} copy") {
             bail!("child answered {reply:?}, expected checksum {want}");
         }
-        println!(
-            "{:<6} {:>5} {:>10} {:>10.2} {:>12.2} {:>10.2}  crc ok; heap buffer, copied through the kernel",
-            "socket",
-            round,
-            "-",
-            ms(t_write),
-            ms(t_transfer),
-            ms(t0.elapsed())
+        let e2e = t0.elapsed();
+        say(
+            a.json,
+            || {
+                format!(
+                    "{:<6} {:>5} {:>10} {:>10.2} {:>12.2} {:>10.2}  crc ok; heap buffer, copied through the kernel",
+                    "socket",
+                    round,
+                    "-",
+                    ms(t_write),
+                    ms(t_transfer),
+                    ms(e2e)
+                )
+            },
+            || {
+                serde_json::json!({
+                    "event": "round", "via": "socket", "round": round, "checksum": "ok",
+                    "transfer_ns": t_transfer.as_nanos() as u64, "e2e_ns": e2e.as_nanos() as u64,
+                })
+            },
         );
         sock_t.push(t_transfer);
         sock_e2e.push(t0.elapsed());
@@ -185,8 +221,30 @@ pub(crate) fn run(a: Args) -> anyhow::Result<()> {
         bail!("child failed: {status}");
     }
 
+    let idle = pool.stats().is_idle();
+    if !a.json {
+        summary(&pool, &shm_t, &sock_t, &shm_e2e, &sock_e2e);
+    }
+    drop(pool);
+    let left: Vec<_> = shmgrpc::inventory::list()?
+        .into_iter()
+        .filter(|s| s.pid == Some(std::process::id()) && s.backend != Backend::Memfd)
+        .collect();
+    if !left.is_empty() {
+        bail!("segments left behind: {left:?}");
+    }
+    say(
+        a.json,
+        || "all segments released".to_string(),
+        || serde_json::json!({"event": "done", "pool_idle": idle, "segments_left": 0}),
+    );
+    Ok(())
+}
+
+/// The human summary: warm medians and first rounds side by side, and the pool's table.
+fn summary(pool: &Pool, shm_t: &[Duration], sock_t: &[Duration], shm_e2e: &[Duration], sock_e2e: &[Duration]) {
     println!();
-    for (what, shm, socket) in [("transfer", &shm_t, &sock_t), ("end to end", &shm_e2e, &sock_e2e)] {
+    for (what, shm, socket) in [("transfer", shm_t, sock_t), ("end to end", shm_e2e, sock_e2e)] {
         let ((sc, sw), (uc, uw)) = (cold_and_warm(shm), cold_and_warm(socket));
         println!(
             "{what:<10}: warm median shm {:.2} ms, socket {:.2} ms ({:.1}x); first round shm {:.2} ms, socket {:.2} ms",
@@ -200,16 +258,6 @@ pub(crate) fn run(a: Args) -> anyhow::Result<()> {
     println!("transfer = reference (or payload) sent -> child has checksummed everything and answered;");
     println!("end to end adds allocating and writing the payload\n");
     println!("pool after the run:\n{}", pool.stats());
-    drop(pool);
-    let left: Vec<_> = shmgrpc::inventory::list()?
-        .into_iter()
-        .filter(|s| s.pid == Some(std::process::id()) && s.backend != Backend::Memfd)
-        .collect();
-    if !left.is_empty() {
-        bail!("segments left behind: {left:?}");
-    }
-    println!("all segments released");
-    Ok(())
 }
 
 pub(crate) fn child(a: ChildArgs) -> anyhow::Result<()> {

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,41 +24,72 @@ async fn ticket(srv: &Served) -> Vec<u8> {
     c.hello(HelloRequest { version: PROTOCOL_VERSION }).await.unwrap().into_inner().ticket.to_vec()
 }
 
-fn side(srv: &Served) -> UnixStream {
+/// A raw peer's side-channel socket: a blocking socket, so every read and write on it runs on a blocking thread
+/// ([`blocking`]), never on a runtime worker.
+type Sock = Arc<UnixStream>;
+
+/// Runs blocking socket work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn side(srv: &Served) -> Sock {
     let s = UnixStream::connect(srv.side.as_ref().unwrap()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
+    Arc::new(s)
 }
 
-/// Reads until the server closes the connection; returns the refusal reason if it sent one.
-fn closed(s: &UnixStream) -> Option<String> {
-    let mut reason = None;
-    loop {
-        match wire::read_frame(s) {
-            Ok(Some((m, _))) => {
-                if let Some(Kind::Refused(r)) = m.kind {
-                    reason = Some(r.reason);
+/// Reads until the server closes the connection; returns the refusal reason if it sent one. Fails if the server
+/// leaves the connection open (the read times out instead of ending).
+async fn closed(s: &Sock) -> Option<String> {
+    let s = s.clone();
+    blocking(move || {
+        let mut reason = None;
+        loop {
+            match wire::read_frame(&s) {
+                Ok(Some((m, _))) => {
+                    if let Some(Kind::Refused(r)) = m.kind {
+                        reason = Some(r.reason);
+                    }
                 }
+                Ok(None) => return reason,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    panic!("the server left the connection open")
+                }
+                Err(_) => return reason,
             }
-            Ok(None) | Err(_) => return reason,
         }
-    }
+    })
+    .await
 }
 
-fn send(s: &UnixStream, kind: Kind) {
-    wire::write_frame(s, &wire::frame(kind), None).unwrap();
+/// The next frame from the server, with its descriptors.
+async fn read_frame(s: &Sock) -> std::io::Result<Option<(v1::SideMessage, Vec<std::os::fd::OwnedFd>)>> {
+    let s = s.clone();
+    blocking(move || wire::read_frame(&s)).await
+}
+
+async fn send(s: &Sock, kind: Kind) {
+    let s = s.clone();
+    blocking(move || wire::write_frame(&s, &wire::frame(kind), None).unwrap()).await
+}
+
+/// Writes raw bytes.
+async fn write_raw(s: &Sock, bytes: Vec<u8>) {
+    let s = s.clone();
+    blocking(move || (&*s).write_all(&bytes).unwrap()).await
 }
 
 /// A complete, correct handshake by hand; returns the socket and the session id.
-async fn handshake(srv: &Served) -> (UnixStream, Vec<u8>) {
+async fn handshake(srv: &Served) -> (Sock, Vec<u8>) {
     let t = ticket(srv).await;
     let s = side(srv);
-    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.into() }));
-    let (m, mut fds) = wire::read_frame(&s).unwrap().unwrap();
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.into() })).await;
+    let (m, mut fds) = read_frame(&s).await.unwrap().unwrap();
     let Some(Kind::Challenge(ch)) = m.kind else { panic!("expected a challenge, got {m:?}") };
     let seg = PeerSegment::open(SegmentHandle::Memfd(fds.pop().unwrap()), ch.len).unwrap();
-    send(&s, Kind::Proof(v1::Proof { answer: seg.range(0, ch.len).unwrap().to_vec().into() }));
-    let (m, _) = wire::read_frame(&s).unwrap().unwrap();
+    send(&s, Kind::Proof(v1::Proof { answer: seg.range(0, ch.len).unwrap().to_vec().into() })).await;
+    let (m, _) = read_frame(&s).await.unwrap().unwrap();
     let Some(Kind::Welcome(w)) = m.kind else { panic!("expected welcome, got {m:?}") };
     (s, w.session.to_vec())
 }
@@ -73,124 +104,135 @@ async fn still_serves(srv: &Served) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_truncated_handshakes_are_refused() {
-    let srv = serve(&[]);
+    let srv = serve(&[]).await;
     // Random bytes.
-    let mut s = side(&srv);
-    s.write_all(&[0x17, 0x03, 0x03, 0x00, 0x45, 0xde, 0xad, 0xbe, 0xef]).unwrap();
-    closed(&s);
+    let s = side(&srv);
+    write_raw(&s, vec![0x17, 0x03, 0x03, 0x00, 0x45, 0xde, 0xad, 0xbe, 0xef]).await;
+    closed(&s).await;
     // A length far beyond the frame limit.
-    let mut s = side(&srv);
-    s.write_all(&u32::MAX.to_le_bytes()).unwrap();
-    closed(&s);
+    let s = side(&srv);
+    write_raw(&s, u32::MAX.to_le_bytes().to_vec()).await;
+    closed(&s).await;
     // A frame cut short.
-    let mut s = side(&srv);
-    s.write_all(&100u32.to_le_bytes()).unwrap();
-    s.write_all(&[0u8; 10]).unwrap();
+    let s = side(&srv);
+    let mut cut = 100u32.to_le_bytes().to_vec();
+    cut.extend_from_slice(&[0u8; 10]);
+    write_raw(&s, cut).await;
     s.shutdown(std::net::Shutdown::Write).unwrap();
-    closed(&s);
+    closed(&s).await;
     // A well-formed frame of the wrong kind.
     let s = side(&srv);
-    send(&s, Kind::Proof(v1::Proof { answer: Bytes::from_static(b"early") }));
-    assert_eq!(closed(&s).as_deref(), Some("expected attach"));
+    send(&s, Kind::Proof(v1::Proof { answer: Bytes::from_static(b"early") })).await;
+    assert_eq!(closed(&s).await.as_deref(), Some("expected attach"));
     // Unknown ticket, wrong version.
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: vec![0; 32].into() }));
-    assert_eq!(closed(&s).as_deref(), Some("unknown or expired ticket"));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: vec![0; 32].into() })).await;
+    assert_eq!(closed(&s).await.as_deref(), Some("unknown or expired ticket"));
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION + 1, ticket: ticket(&srv).await.into() }));
-    assert_eq!(closed(&s).as_deref(), Some("unsupported protocol version"));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION + 1, ticket: ticket(&srv).await.into() })).await;
+    assert_eq!(closed(&s).await.as_deref(), Some("unsupported protocol version"));
     // A ticket is good once.
     let t = ticket(&srv).await;
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.clone().into() }));
-    let _ = wire::read_frame(&s).unwrap();
-    send(&s, Kind::Proof(v1::Proof { answer: vec![0; 32].into() }));
-    assert_eq!(closed(&s).as_deref(), Some("wrong answer to the challenge"));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.clone().into() })).await;
+    let _ = read_frame(&s).await.unwrap();
+    send(&s, Kind::Proof(v1::Proof { answer: vec![0; 32].into() })).await;
+    assert_eq!(closed(&s).await.as_deref(), Some("wrong answer to the challenge"));
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.into() }));
-    assert_eq!(closed(&s).as_deref(), Some("unknown or expired ticket"));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: t.into() })).await;
+    assert_eq!(closed(&s).await.as_deref(), Some("unknown or expired ticket"));
     // Hanging up in the middle of the handshake.
     let s = side(&srv);
-    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: ticket(&srv).await.into() }));
+    send(&s, Kind::Attach(v1::Attach { version: PROTOCOL_VERSION, ticket: ticket(&srv).await.into() })).await;
     drop(s);
     // A protobuf that is no SideMessage kind at all.
-    let mut s = side(&srv);
+    let s = side(&srv);
     let junk = v1::HelloResponse { version: 9, side_channel: "x".into(), ticket: Bytes::new() }.encode_to_vec();
-    s.write_all(&(junk.len() as u32).to_le_bytes()).unwrap();
-    s.write_all(&junk).unwrap();
-    closed(&s);
+    let mut framed = (junk.len() as u32).to_le_bytes().to_vec();
+    framed.extend_from_slice(&junk);
+    write_raw(&s, framed).await;
+    closed(&s).await;
     still_serves(&srv).await;
 }
 
-fn register(
-    s: &UnixStream,
+/// Registers a segment by hand and returns the server's answer (empty: accepted).
+async fn register(
+    s: &Sock,
     segment: u32,
     len: u64,
     source: Option<v1::register::Source>,
     fd: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> String {
-    wire::write_frame(s, &wire::frame(Kind::Register(v1::Register { segment, len, source })), fd).unwrap();
-    loop {
-        let (m, _) = wire::read_frame(s).unwrap().expect("the server keeps the session open");
-        if let Some(Kind::Registered(r)) = m.kind {
-            assert_eq!(r.segment, segment);
-            return r.error;
+    let fd = fd.map(|f| f.try_clone_to_owned().unwrap());
+    let s = s.clone();
+    blocking(move || {
+        let frame = wire::frame(Kind::Register(v1::Register { segment, len, source }));
+        wire::write_frame(&s, &frame, fd.as_ref().map(|f| f.as_fd())).unwrap();
+        loop {
+            let (m, _) = wire::read_frame(&s).unwrap().expect("the server keeps the session open");
+            if let Some(Kind::Registered(r)) = m.kind {
+                assert_eq!(r.segment, segment);
+                return r.error;
+            }
         }
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_registrations_are_refused_and_floods_of_releases_are_ignored() {
     use rustix::fs::{MemfdFlags, SealFlags};
-    let srv = serve(&[]);
+    let srv = serve(&[]).await;
     let (s, _id) = handshake(&srv).await;
 
     // A memfd without seals: it could shrink under the server's mapping.
     let fd = rustix::fs::memfd_create("x", MemfdFlags::ALLOW_SEALING).unwrap();
     rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
-    assert!(register(&s, 1, 1 << 20, None, Some(fd.as_fd())).contains("seals"));
+    assert!(register(&s, 1, 1 << 20, None, Some(fd.as_fd())).await.contains("seals"));
     // Sealed, but smaller than claimed.
     rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
-    assert!(!register(&s, 2, 2 << 20, None, Some(fd.as_fd())).is_empty());
+    assert!(!register(&s, 2, 2 << 20, None, Some(fd.as_fd())).await.is_empty());
     // Neither a descriptor nor a name.
-    assert!(!register(&s, 3, 4096, None, None).is_empty());
+    assert!(!register(&s, 3, 4096, None, None).await.is_empty());
     // A descriptor and a name at once.
     let name = Some(v1::register::Source::PosixName("/shmgrpc-1-0123456789abcdef".into()));
-    assert!(!register(&s, 4, 4096, name.clone(), Some(fd.as_fd())).is_empty());
+    assert!(!register(&s, 4, 4096, name.clone(), Some(fd.as_fd())).await.is_empty());
     // A POSIX name that is not ours, and one of another process (pid 1).
     let other = Some(v1::register::Source::PosixName("/etc/passwd".into()));
-    assert!(!register(&s, 5, 4096, other, None).is_empty());
-    assert!(register(&s, 6, 4096, name, None).contains("not created by the expected process"));
+    assert!(!register(&s, 5, 4096, other, None).await.is_empty());
+    assert!(register(&s, 6, 4096, name, None).await.contains("not created by the expected process"));
     // A System V id that does not exist, or is not the peer's.
-    assert!(!register(&s, 7, 4096, Some(v1::register::Source::SysvId(i32::MAX)), None).is_empty());
+    assert!(!register(&s, 7, 4096, Some(v1::register::Source::SysvId(i32::MAX)), None).await.is_empty());
     // A pipe instead of a memfd.
     let (r, _w) = rustix::pipe::pipe().unwrap();
-    assert!(!register(&s, 8, 1, None, Some(r.as_fd())).is_empty());
+    assert!(!register(&s, 8, 1, None, Some(r.as_fd())).await.is_empty());
     // The session is still up: a proper registration works.
-    assert_eq!(register(&s, 9, 1 << 20, None, Some(fd.as_fd())), "");
+    assert_eq!(register(&s, 9, 1 << 20, None, Some(fd.as_fd())).await, "");
 
     // Floods of releases and returns of buffers this peer never held.
-    for i in 0..20_000u32 {
-        send(
-            &s,
-            if i % 2 == 0 {
+    let flood = s.clone();
+    blocking(move || {
+        for i in 0..20_000u32 {
+            let kind = if i % 2 == 0 {
                 Kind::Release(v1::Release { segment: i, generation: i })
             } else {
                 Kind::Returned(v1::Returned { segment: i, generation: 0 })
-            },
-        );
-    }
-    assert_eq!(register(&s, 10, 1 << 20, None, Some(fd.as_fd())), "", "the session survives the flood");
+            };
+            wire::write_frame(&flood, &wire::frame(kind), None).unwrap();
+        }
+    })
+    .await;
+    assert_eq!(register(&s, 10, 1 << 20, None, Some(fd.as_fd())).await, "", "the session survives the flood");
     still_serves(&srv).await;
     // An unexpected frame kind ends only this session.
-    send(&s, Kind::Welcome(v1::Welcome { session: vec![0; 16].into(), threshold: 0 }));
-    closed(&s);
+    send(&s, Kind::Welcome(v1::Welcome { session: vec![0; 16].into(), threshold: 0 })).await;
+    closed(&s).await;
     still_serves(&srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_session_cannot_reach_another_sessions_buffers() {
-    let srv = serve(&[]);
+    let srv = serve(&[]).await;
     let a = ShmChannel::connect(&srv.unix).await.unwrap();
     let b = ShmChannel::connect(&srv.unix).await.unwrap();
     // A registers its segment 1 and holds a server buffer (a download it keeps).
@@ -224,7 +266,7 @@ async fn one_session_cannot_reach_another_sessions_buffers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_posix_segment_shrunk_after_sharing_is_data_loss_not_sigbus() {
-    let srv = serve(&[]);
+    let srv = serve(&[]).await;
     let (s, id) = handshake(&srv).await;
     // Our POSIX segment (this process created it, as the server checks) holding a valid 1 MiB Payload.
     let body = shmgrpc_demo::payload(1 << 20, 5).encode_to_vec();
@@ -232,7 +274,7 @@ async fn a_posix_segment_shrunk_after_sharing_is_data_loss_not_sigbus() {
     seg.as_mut_slice()[..body.len()].copy_from_slice(&body);
     let name = seg.posix_name().unwrap().as_str().to_string();
     let source = Some(v1::register::Source::PosixName(name.clone()));
-    assert_eq!(register(&s, 1, 2 << 20, source, None), "");
+    assert_eq!(register(&s, 1, 2 << 20, source, None).await, "");
     // Shrink it after the server mapped it: its reads past 4 KiB would raise SIGBUS.
     let fd = rustix::shm::open(name.as_str(), rustix::shm::OFlags::RDWR, rustix::fs::Mode::empty()).unwrap();
     rustix::fs::ftruncate(&fd, 4096).unwrap();
@@ -256,25 +298,29 @@ async fn a_posix_segment_shrunk_after_sharing_is_data_loss_not_sigbus() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_reads_its_side_channel_loses_its_session() {
-    let srv = serve(&[]);
+    let srv = serve(&[]).await;
     let (s, _id) = handshake(&srv).await;
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     // Every Register asks for an answer; never reading them fills the socket, then the server's queue.
-    let mut sent = 0;
-    for i in 0..200_000u32 {
-        let frame = wire::frame(Kind::Register(v1::Register { segment: i, len: 1, source: None }));
-        if wire::write_frame(&s, &frame, None).is_err() {
-            break; // the server closed the session
+    let (sent, answers) = blocking(move || {
+        let mut sent = 0;
+        for i in 0..200_000u32 {
+            let frame = wire::frame(Kind::Register(v1::Register { segment: i, len: 1, source: None }));
+            if wire::write_frame(&s, &frame, None).is_err() {
+                break; // the server closed the session
+            }
+            sent += 1;
         }
-        sent += 1;
-    }
+        // The session is gone: after the answers already sent, the stream ends.
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut answers = 0;
+        while let Ok(Some(_)) = wire::read_frame(&s) {
+            answers += 1;
+        }
+        (sent, answers)
+    })
+    .await;
     assert!(sent > 1000, "only {sent} frames went out");
-    // The session is gone: after the answers already sent, the stream ends.
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut answers = 0;
-    while let Ok(Some(_)) = wire::read_frame(&s) {
-        answers += 1;
-    }
     assert!(
         answers < sent,
         "the server answered everything ({answers}) instead of giving up on a peer that does not read"
@@ -284,7 +330,7 @@ async fn a_peer_that_never_reads_its_side_channel_loses_its_session() {
 
 /// Calls `Download` of 20 MiB under session `id` (hex in the header) until `stop`, on a plain channel of its own:
 /// the server answers with references into its pool, which this raw peer never resolves nor releases.
-async fn drive_downloads(unix: String, id: Vec<u8>, stop: Arc<AtomicBool>) -> usize {
+async fn drive_downloads(unix: String, id: Vec<u8>, stop: Arc<AtomicBool>, made: Arc<AtomicUsize>) -> usize {
     let ch = common::plain_channel(&unix).await;
     let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
     let mut calls = 0;
@@ -297,52 +343,63 @@ async fn drive_downloads(unix: String, id: Vec<u8>, stop: Arc<AtomicBool>) -> us
         let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Download");
         let _ = g.unary(req, path, common::Raw).await;
         calls += 1;
+        made.fetch_add(1, Ordering::Relaxed);
     }
     calls
 }
 
+/// Median and 99th percentile of `calls` echoes (1 KiB and 1 MiB alternately) on `c`, each checksummed.
+async fn echo_latencies(c: &mut shmgrpc_demo::BlobClient<ShmChannel>, calls: u32) -> (Duration, Duration, Duration) {
+    let mut latencies = Vec::new();
+    for i in 0..calls {
+        let size = if i % 2 == 0 { 1 << 10 } else { 1 << 20 };
+        let t = std::time::Instant::now();
+        let r = c.echo(shmgrpc_demo::payload(size, i)).await.unwrap().into_inner();
+        latencies.push(t.elapsed());
+        shmgrpc_demo::verify(&r).unwrap();
+    }
+    latencies.sort();
+    (latencies[latencies.len() / 2], latencies[latencies.len() * 99 / 100], *latencies.last().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peers_that_never_answer_or_never_read_cost_a_bystander_no_time() {
-    let srv = serve(&[]);
-    // One peer reads its side channel but never answers a registration and never releases anything...
-    let (silent, silent_id) = handshake(&srv).await;
-    let reader = std::thread::spawn(move || while let Ok(Some(_)) = wire::read_frame(&silent) {});
-    // ...the other never reads it at all.
-    let (deaf, deaf_id) = handshake(&srv).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut attackers = Vec::new();
-    for id in [silent_id, deaf_id] {
-        for _ in 0..4 {
-            attackers.push(tokio::spawn(drive_downloads(srv.unix.clone(), id.clone(), stop.clone())));
-        }
-    }
-    // A bystander on the same server, 1 KiB and 1 MiB echoes back to back.
+    const CALLS: u32 = 600;
+    let srv = serve(&[]).await;
+    // A bystander on the server, 1 KiB and 1 MiB echoes back to back: first alone, for this run's baseline.
     let ch = ShmChannel::connect(&srv.unix).await.unwrap();
     assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
     let mut c = client(&ch);
-    let (mut latencies, mut calls) = (Vec::new(), 0);
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        let size = if calls % 2 == 0 { 1 << 10 } else { 1 << 20 };
-        let t = std::time::Instant::now();
-        let r = c.echo(shmgrpc_demo::payload(size, calls as u32)).await.unwrap().into_inner();
-        latencies.push(t.elapsed());
-        shmgrpc_demo::verify(&r).unwrap();
-        calls += 1;
+    let (base_median, base_p99, base_worst) = echo_latencies(&mut c, CALLS).await;
+
+    // One peer reads its side channel but never answers a registration and never releases anything...
+    let (silent, silent_id) = handshake(&srv).await;
+    let reader = std::thread::spawn(move || while let Ok(Some(_)) = wire::read_frame(&silent) {});
+    // ...the other never reads it at all. Each drives 20 MiB downloads that it never releases.
+    let (deaf, deaf_id) = handshake(&srv).await;
+    let (stop, made) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let mut attackers = Vec::new();
+    for id in [silent_id, deaf_id] {
+        for _ in 0..4 {
+            attackers.push(tokio::spawn(drive_downloads(srv.unix.clone(), id.clone(), stop.clone(), made.clone())));
+        }
     }
+    common::eventually("the attack is under way", || made.load(Ordering::Relaxed) >= 8).await;
+    let (median, p99, worst) = echo_latencies(&mut c, CALLS).await;
     stop.store(true, Ordering::Relaxed);
     let mut attacks = 0;
     for a in attackers {
         attacks += a.await.unwrap();
     }
-    latencies.sort();
-    let (median, p99, worst) =
-        (latencies[latencies.len() / 2], latencies[latencies.len() * 99 / 100], *latencies.last().unwrap());
     println!(
-        "bystander: {calls} calls, median {median:?}, p99 {p99:?}, worst {worst:?}; attackers made {attacks} 20 MiB calls"
+        "bystander, {CALLS} calls each: alone median {base_median:?}, p99 {base_p99:?}, worst {base_worst:?}; under \
+         attack median {median:?}, p99 {p99:?}, worst {worst:?}; attackers made {attacks} 20 MiB calls"
     );
-    assert!(attacks >= 8, "the attack did not run ({attacks} calls)");
-    assert!(worst < Duration::from_secs(1), "a bystander call took {worst:?}");
+    // The attack costs the bystander CPU (eight loops making 20 MiB payloads on the same cores), never a wait on a
+    // peer: the shortest such wait (the window's, 1 s) in even 1 call in 100 would put the p99 at a second. The
+    // bound is relative to this run's own baseline, with a floor for machines where the baseline p99 is tiny.
+    let bound = (base_p99 * 20).max(Duration::from_millis(100));
+    assert!(p99 < bound, "bystander p99 {p99:?} under attack, {base_p99:?} alone (bound {bound:?})");
     drop(deaf);
     let _ = reader.join();
     still_serves(&srv).await;
@@ -350,7 +407,7 @@ async fn peers_that_never_answer_or_never_read_cost_a_bystander_no_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_hellos_leave_a_new_client_its_session() {
-    let srv = serve(&[]);
+    let srv = serve(&[]).await;
     // Discovery is open to anyone who reaches the gRPC port, TCP included.
     let plain = common::plain_channel(&srv.tcp).await;
     let mut tasks = Vec::new();
@@ -377,7 +434,7 @@ async fn twenty_thousand_hellos_leave_a_new_client_its_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_are_negotiated_and_old_clients_are_told_why() {
-    let srv = serve(&[]);
+    let srv = serve(&[]).await;
     let mut c = SessionClient::new(common::plain_channel(&srv.unix).await);
     // A client that speaks a newer version too gets the newest both speak.
     let hello = c.hello(HelloRequest { version: PROTOCOL_VERSION + 3 }).await.unwrap().into_inner();
@@ -390,17 +447,15 @@ async fn versions_are_negotiated_and_old_clients_are_told_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_side_channel_connections_is_bounded() {
-    let srv = serve(&[]);
+    let srv = serve(&[]).await;
     // 1 100 connections that never say anything: the first 1 024 wait out their handshake timeout, the rest are
     // closed at once, without a word.
-    let conns: Vec<UnixStream> = (0..1100).map(|_| side(&srv)).collect();
-    let last = conns.last().unwrap();
+    let conns: Vec<Sock> = (0..1100).map(|_| side(&srv)).collect();
+    let last = conns.last().unwrap().clone();
+    // Well before the 5 s handshake timeout: the connection was refused, not timed out.
     last.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let t = std::time::Instant::now();
-    let mut buf = [0u8; 16];
-    let n = std::io::Read::read(&mut &*last, &mut buf).expect("closed within the handshake timeout");
-    assert_eq!(n, 0, "closed without a frame");
-    assert!(t.elapsed() < Duration::from_secs(3));
+    let n = blocking(move || std::io::Read::read(&mut &*last, &mut [0u8; 16])).await;
+    assert_eq!(n.expect("closed before the handshake timeout"), 0, "closed without a frame");
     drop(conns);
     still_serves(&srv).await;
 }

@@ -8,7 +8,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 
-use common::{BIN, calls_via, json_lines, serve};
+use common::{BIN, calls_via, json_lines, serve_blocking};
 use shmgrpc::segment::SysVKey;
 use shmgrpc::{Backend, Segment, SegmentHandle, SegmentOptions};
 
@@ -73,7 +73,7 @@ fn text(o: &Output) -> String {
 #[ignore = "needs root"]
 fn another_uid_is_served_inline_unless_allowed() {
     let (user, bin) = other();
-    let srv = serve(&[]);
+    let srv = serve_blocking(&[]);
     let out = as_user(user, bin.path(), &["call", "--target", &srv.tcp, "--size", "1MiB", "--repeat", "2", "--json"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
@@ -81,7 +81,7 @@ fn another_uid_is_served_inline_unless_allowed() {
     assert_eq!(calls_via(&out.stdout, "inline", "inline"), 2, "{t}");
 
     let uid = user.0.to_string();
-    let srv = serve(&["--allow-uid", &uid]);
+    let srv = serve_blocking(&["--allow-uid", &uid]);
     let out = as_user(user, bin.path(), &["call", "--target", &srv.tcp, "--size", "1MiB", "--repeat", "2", "--json"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
@@ -107,7 +107,7 @@ fn another_uid_cannot_open_attach_or_reach_what_is_ours() {
     assert!(!out.status.success(), "another uid read our memfd: {}", text(&out));
 
     // The side channel is mode 0600.
-    let srv = serve(&[]);
+    let srv = serve_blocking(&[]);
     let side = srv.side.clone().unwrap();
     let py = |code: String| as_user(user, "/usr/bin/env", &["python3", "-c", &code]);
     assert!(Command::new("python3").arg("--version").output().is_ok(), "python3 is needed for the socket checks");

@@ -86,7 +86,7 @@ async fn sixty_four_clients_with_checksummed_payloads() {
     eventually("the server pool is idle", || server_pool.stats().is_idle()).await;
     eventually("nothing is held across sessions", || {
         let s = shm.session_stats();
-        s.holds == 0 && s.returning == 0
+        s.holds == 0 && s.sent_back == 0
     })
     .await;
     assert_eq!(shm.sessions(), CLIENTS);

@@ -19,14 +19,38 @@ pub(crate) struct Served {
     _dir: tempfile::TempDir,
 }
 
-pub(crate) fn serve(extra: &[&str]) -> Served {
+/// Starts `shmgrpc serve` on a fresh Unix socket and a TCP port; returns once its readiness line says every address
+/// accepts calls. The start (a blocking read of the child's stdout) runs on a blocking thread, never on a runtime
+/// worker.
+pub(crate) fn serve(extra: &[&str]) -> impl Future<Output = Served> + use<> {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    async move {
+        tokio::task::spawn_blocking(move || serve_blocking(&extra.iter().map(String::as_str).collect::<Vec<_>>()))
+            .await
+            .unwrap()
+    }
+}
+
+/// Like [`serve`], for tests that run outside any runtime.
+pub(crate) fn serve_blocking(extra: &[&str]) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let unix = format!("unix:{}", dir.path().join("grpc.sock").display());
-    serve_in(dir, unix, extra)
+    serve_in_blocking(dir, unix, extra)
 }
 
 /// Like [`serve`], at `unix` (inside `dir`, which the returned value keeps).
-pub(crate) fn serve_in(dir: tempfile::TempDir, unix: String, extra: &[&str]) -> Served {
+pub(crate) fn serve_in(dir: tempfile::TempDir, unix: String, extra: &[&str]) -> impl Future<Output = Served> + use<> {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    async move {
+        tokio::task::spawn_blocking(move || {
+            serve_in_blocking(dir, unix, &extra.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap()
+    }
+}
+
+fn serve_in_blocking(dir: tempfile::TempDir, unix: String, extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", &unix, "--listen", "127.0.0.1:0"])
         .args(extra)
@@ -46,8 +70,9 @@ pub(crate) fn serve_in(dir: tempfile::TempDir, unix: String, extra: &[&str]) -> 
     Served { child, unix, tcp, side, _dir: dir }
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
+impl Served {
+    /// SIGTERM, then waits (at most 5 s, then SIGKILL) for the server to clean up and exit.
+    fn stop(&mut self) {
         let _ = Command::new("kill").arg(self.child.id().to_string()).status();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
@@ -58,6 +83,20 @@ impl Drop for Served {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Served {
+    /// Stops the server. Inside a multi-threaded runtime the wait runs with `block_in_place`, so the worker's other
+    /// tasks move to another worker instead of waiting with it.
+    fn drop(&mut self) {
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_worker {
+            tokio::task::block_in_place(|| self.stop());
+        } else {
+            self.stop();
+        }
     }
 }
 
@@ -95,20 +134,30 @@ pub(crate) async fn serve_here(sock: std::path::PathBuf, layer: shmgrpc::ShmLaye
     shmgrpc_demo::spawn(vec![Addr::Unix(sock)], Some(layer)).await.unwrap()
 }
 
-/// A plain tonic channel (no shmgrpc session) to `unix:/path` or `host:port`.
+/// A plain tonic channel (no shmgrpc session) to `unix:/path` or `host:port`, with the HTTP/2 windows shmgrpc's own
+/// channels use.
 pub(crate) async fn plain_channel(target: &str) -> tonic::transport::Channel {
-    let (ep, unix) = shmgrpc::client::endpoint(target).unwrap();
-    match unix {
-        Some(path) => ep
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-                }
-            }))
-            .await
-            .unwrap(),
-        None => ep.connect().await.unwrap(),
+    let endpoint = |uri: String| {
+        tonic::transport::Endpoint::from_shared(uri)
+            .unwrap()
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+    };
+    match target.strip_prefix("unix:") {
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            endpoint("http://localhost".into())
+                .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .unwrap()
+        }
+        None => endpoint(format!("http://{target}")).connect().await.unwrap(),
     }
 }
 
