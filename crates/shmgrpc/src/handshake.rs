@@ -18,7 +18,10 @@ use sha2::Sha256;
 use tokio::net::UnixStream;
 
 use crate::proto::v1;
-use crate::protocol::{CHALLENGE_LEN, HANDSHAKE_TIMEOUT, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TICKET_TTL};
+use crate::protocol::{
+    CHALLENGE_LEN, HANDSHAKE_TIMEOUT, MAX_CHALLENGE_LEN, MAX_REDEEMED_TICKETS, MAX_TICKET_LEN, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, TICKET_TTL,
+};
 use crate::segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
 use crate::session::SessionId;
 use crate::side_channel::{FrameReader, write_frame};
@@ -27,10 +30,9 @@ use crate::wire::Kind;
 
 const NONCE: usize = 16;
 const MAC: usize = 16;
+/// This server's ticket format: nonce, expiry (8 bytes), truncated MAC.
 const TICKET_LEN: usize = NONCE + 8 + MAC;
-/// Used nonces remembered at once; beyond it handshakes are refused until some expire. Filling it takes that many
-/// complete side-channel handshakes by an allowed uid within one ticket lifetime.
-const MAX_USED: usize = 1 << 18;
+const _: () = assert!(TICKET_LEN <= MAX_TICKET_LEN);
 
 /// The version a server speaks with a client that speaks up to `requested`, or why there is none.
 pub(crate) fn negotiate(requested: u32) -> Result<u32, String> {
@@ -115,10 +117,10 @@ impl Tickets {
             return Err(BAD);
         }
         let mut used = crate::sync::lock(&self.used);
-        if used.len() >= MAX_USED / 2 {
+        if used.len() >= MAX_REDEEMED_TICKETS / 2 {
             used.retain(|_, &mut e| e > now);
         }
-        if used.len() >= MAX_USED {
+        if used.len() >= MAX_REDEEMED_TICKETS {
             return Err("too many handshakes; try again later");
         }
         match used.entry(nonce.try_into().expect("NONCE bytes")) {
@@ -231,7 +233,7 @@ pub(crate) async fn join(path: PathBuf, ticket: Bytes, version: u32) -> Result<J
             }
             _ => return Err(failed("expected a challenge with one descriptor")),
         };
-        if ch.len == 0 || ch.len > 4096 {
+        if ch.len == 0 || ch.len > MAX_CHALLENGE_LEN {
             return Err(failed("challenge of an odd size"));
         }
         let seg = PeerSegment::open(SegmentHandle::Memfd(fd), ch.len).map_err(|_| failed("challenge segment"))?;

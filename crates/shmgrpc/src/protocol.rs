@@ -1,5 +1,8 @@
-//! Constants and limits of the shmgrpc protocol that both ends share, each with the section of
-//! `docs/protocol.md` that states it. Client, server and session code take them from here and nowhere else.
+//! Constants and limits of the shmgrpc protocol, each with the section of `docs/protocol.md` that states it: the
+//! wire's (versions, header, frame and reference sizes), the handshake's (timeouts, challenge, tickets), and the
+//! caps each end enforces on its peer. Client, server, handshake and session code take them from here and nowhere
+//! else; constants that are one implementation's tuning, not the protocol's (how many bytes of small frames the
+//! writer gathers, below which size the encoder stops looking for shared slices), stay with their code.
 
 use std::time::Duration;
 
@@ -62,6 +65,20 @@ pub(crate) const TICKET_TTL: Duration = Duration::from_secs(30);
 /// Size of the challenge written into a memfd during the handshake (§4).
 pub(crate) const CHALLENGE_LEN: u64 = 32;
 
+/// Largest challenge a client answers (§4); a `Challenge` of 0 bytes or more than this fails the handshake.
+pub(crate) const MAX_CHALLENGE_LEN: u64 = 4096;
+
+/// Largest ticket a server issues and a client presents (§2): tickets are opaque to the client.
+pub(crate) const MAX_TICKET_LEN: usize = 64;
+
+/// Side-channel handshakes a server runs at once (§4); connections beyond it are closed without a word.
+pub(crate) const MAX_HANDSHAKES: usize = 1024;
+
+/// Redeemed tickets a server remembers at once (until they expire, so that each works once, §2); beyond it,
+/// handshakes are refused until some expire. Filling it takes that many complete side-channel handshakes by an
+/// allowed uid within one ticket lifetime.
+pub(crate) const MAX_REDEEMED_TICKETS: usize = 1 << 18;
+
 /// Largest side-channel frame body (§3).
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
@@ -76,9 +93,6 @@ pub(crate) const MAX_INLINE: usize = 32 * 1024;
 
 /// Frames that may wait for the side-channel writer; a peer that lets this many pile up is not reading (§7).
 pub(crate) const MAX_QUEUED_FRAMES: usize = 65_536;
-
-/// Bytes of small frames gathered into one write.
-pub(crate) const COALESCE: usize = 64 * 1024;
 
 /// How long one side-channel write may make no progress before the session is closed (§7).
 pub(crate) const WRITE_STALL: Duration = Duration::from_secs(10);

@@ -37,14 +37,11 @@ use crate::pool::Pool;
 use crate::proto::v1::session_server::{Session as SessionRpc, SessionServer};
 use crate::proto::v1::{self, HelloRequest, HelloResponse};
 use crate::protocol::Side;
-use crate::protocol::{HELLO_PATH, SESSION_HEADER};
+use crate::protocol::{HELLO_PATH, MAX_HANDSHAKES, SESSION_HEADER};
 use crate::session::Session;
 use crate::stats::{Event, TransferStats};
 use crate::sync::lock;
 use crate::wire::Kind;
-
-/// Side-channel handshakes in progress at once; connections beyond it are closed at once.
-const MAX_HANDSHAKES: usize = 1024;
 
 struct Shared {
     path: PathBuf,

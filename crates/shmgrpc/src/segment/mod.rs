@@ -280,6 +280,22 @@ impl Segment {
 }
 
 /// A peer's segment, mapped read-only after its size was checked against the kernel's record.
+///
+/// # The memory can change under you
+///
+/// The slices this type hands out ([`PeerSegment::as_slice`], [`PeerSegment::range`], and every `Bytes` the gRPC
+/// layer builds over them) are memory the segment's owner, another process, can still write: our mapping is
+/// read-only, theirs is not. Rust's `&[u8]` promises that the bytes do not change while borrowed; for shared memory
+/// that promise holds only as far as the owner keeps it (memmap2 states the same hazard on its mappings of files
+/// another process may modify). Nothing here can make the owner keep it, so:
+///
+/// - Reads never crash or read out of bounds: sizes are fixed and checked when the segment is opened, memfds are
+///   sealed against shrinking, and a shrunk POSIX segment reads as zeros (see [`PeerSegment::is_poisoned`]).
+/// - The *values* may change between two reads (time of check to time of use). Code that validates data and then
+///   uses it must copy it first, or check it again (a checksum over what it used), if the owner is not trusted to
+///   leave it alone. The protocol's owners do not write a buffer while the peer holds it, but a hostile owner can.
+///
+/// The same hazard is listed in `docs/security.md` (*Known limits*).
 pub struct PeerSegment {
     // Field order matters: the SIGBUS guard is unregistered before the mapping goes.
     guard: Option<guard::Guard>,

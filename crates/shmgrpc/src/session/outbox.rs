@@ -14,10 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::protocol::{COALESCE, MAX_QUEUED_FRAMES};
+use crate::protocol::MAX_QUEUED_FRAMES;
 use crate::side_channel;
 use crate::sync::lock;
 use crate::wire::{self, Kind};
+
+/// Bytes of small frames the writer gathers into one write (a tuning of this implementation, not a protocol limit).
+const COALESCE: usize = 64 * 1024;
 
 /// A frame waiting for the writer task, with the descriptor it carries.
 pub(crate) struct Outbound {
