@@ -207,7 +207,7 @@ pub struct TransferStats {
     pub inline_received_bytes: u64,
     /// References from a peer that were refused (unknown session or segment, bad range, malformed).
     pub bad_references: u64,
-    /// Releases from a peer that were refused (stale, repeated, unknown).
+    /// Releases and `Returned` answers from a peer that were refused (stale, repeated, unknown).
     pub bad_releases: u64,
     /// Frames, registrations and references from peers that were refused (each is logged at `debug` only, so a
     /// hostile peer cannot flood the logs).

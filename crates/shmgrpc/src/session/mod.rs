@@ -15,6 +15,7 @@
 //! - [`outbox`]: the frames queued for the peer and the writer task that sends them.
 //! - [`sender`]: our buffers the peer refers to: encoding into the pool, registration, holds, the in-flight window.
 //! - [`receiver`]: the peer's segments: registrations, resolving references, regions sent back.
+//! - [`split`]: the encoder's buffer that turns slices already in shared memory into parts of their own.
 //! - [`loan`]: the owners behind zero-copy `Bytes` ([`Loan`], `Outgoing`, `Incoming`) that the halves pass through
 //!   the session.
 //!
@@ -27,6 +28,7 @@ mod loan;
 mod outbox;
 mod receiver;
 mod sender;
+mod split;
 #[cfg(test)]
 mod tests;
 

@@ -3,19 +3,20 @@
 //!
 //! [`Sender`] owns that state and knows nothing of the receiving half: frames go out through the session's
 //! [`Outbox`], and the peer's regions it may echo without a copy are lent to [`Sender::encode`] as
-//! [`PeerRegions`]. Its unit tests (below) drive it alone, reading the frames it queues.
+//! [`PeerRegions`]. Its unit tests (below) drive it alone, reading the frames it queues. The encoder's buffer for
+//! messages that may hold slices already in shared memory is `split.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut};
 use prost::Message;
 use tokio::sync::Notify;
 
 use super::loan::{Incoming, Located, Outgoing, PeerRegions};
 use super::outbox::Outbox;
+use super::split::{Piece, SplitBuf};
 use super::{ByRegion, take_one};
 use crate::config::SessionParams;
 use crate::pool::Lease;
@@ -179,7 +180,9 @@ impl Sender {
         }
         let mut pending = Pending::default();
         let parts = if self.has_shared_candidates(regions) {
-            let mut buf = SplitBuf::new(self, regions, len.min(MAX_INLINE));
+            let locate = |s: &[u8]| self.locate(s, regions);
+            let alloc = |n: usize| self.alloc(n).ok();
+            let mut buf = SplitBuf::new(&locate, &alloc, len.min(MAX_INLINE));
             item.encode(&mut buf).expect("a growing buffer never runs out");
             let mut parts = Vec::new();
             let mut inline_budget = MAX_INLINE;
@@ -374,105 +377,6 @@ impl Sender {
     /// Our buffer held for the peer under `(segment, generation)`, for a `receiver` part the peer sent back.
     pub(super) fn held_buffer(&self, segment: u32, generation: u32) -> Option<Arc<Outgoing>> {
         lock(&self.holds).get(&(segment, generation)).and_then(|v| v.first().map(|(b, _, _)| b.clone()))
-    }
-}
-
-/// Slices shorter than this are never looked up as loans or peer regions: a copy is cheaper.
-const MIN_LOCATE: usize = 4096;
-
-/// A slice at least this long that is not in shared memory yet is copied straight into a pool buffer of its own
-/// (one copy), rather than into the inline bytes (which would need a second copy into shared memory).
-const MIN_OWN: usize = 64 * 1024;
-
-/// One piece of an encoded message.
-enum Piece {
-    /// Bytes the encoder wrote.
-    Inline(Vec<u8>),
-    /// A slice that already lies in shared memory (one of our loans, or a region of the peer's).
-    Shared(Located),
-    /// A large slice copied into a pool buffer of its own.
-    Owned(Lease),
-}
-
-/// A `BufMut` that writes like a `Vec<u8>`, except that a slice lying in shared memory this session can refer to
-/// becomes a [`Piece::Shared`] instead of being copied.
-struct SplitBuf<'a> {
-    sender: &'a Sender,
-    peer: &'a dyn PeerRegions,
-    current: Vec<u8>,
-    pieces: Vec<Piece>,
-}
-
-impl<'a> SplitBuf<'a> {
-    fn new(sender: &'a Sender, peer: &'a dyn PeerRegions, capacity: usize) -> Self {
-        SplitBuf { sender, peer, current: Vec::with_capacity(capacity), pieces: Vec::new() }
-    }
-
-    /// Takes `s` as a piece of its own if it is large: referred to where it is if it already lies in shared
-    /// memory, else copied once into a pool buffer. False: the caller copies it into the inline bytes.
-    fn try_share(&mut self, s: &[u8]) -> bool {
-        if s.len() < MIN_LOCATE {
-            return false;
-        }
-        let piece = match self.sender.locate(s, self.peer) {
-            Some(loc) => Piece::Shared(loc),
-            None if s.len() >= MIN_OWN => match self.sender.alloc(s.len()) {
-                Ok(mut lease) => {
-                    lease.copy_from_slice(s);
-                    Piece::Owned(lease)
-                }
-                Err(_) => return false,
-            },
-            None => return false,
-        };
-        if !self.current.is_empty() {
-            self.pieces.push(Piece::Inline(std::mem::take(&mut self.current)));
-        }
-        self.pieces.push(piece);
-        true
-    }
-
-    /// The pieces, in order.
-    fn finish(mut self) -> Vec<Piece> {
-        if !self.current.is_empty() {
-            self.pieces.push(Piece::Inline(self.current));
-        }
-        self.pieces
-    }
-}
-
-// SAFETY: every method delegates to the `Vec<u8>` being written, which upholds `BufMut`'s contract; the overridden
-// `put` and `put_slice` only add whole bytes through `Vec`'s own safe methods.
-unsafe impl BufMut for SplitBuf<'_> {
-    fn remaining_mut(&self) -> usize {
-        self.current.remaining_mut()
-    }
-
-    unsafe fn advance_mut(&mut self, cnt: usize) {
-        // SAFETY: forwarded unchanged: the caller guarantees `cnt` bytes of `chunk_mut` were initialised.
-        unsafe { self.current.advance_mut(cnt) }
-    }
-
-    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
-        self.current.chunk_mut()
-    }
-
-    fn put<T: Buf>(&mut self, mut src: T)
-    where
-        Self: Sized,
-    {
-        let n = src.remaining();
-        if src.chunk().len() == n && self.try_share(src.chunk()) {
-            src.advance(n);
-            return;
-        }
-        self.current.put(src);
-    }
-
-    fn put_slice(&mut self, src: &[u8]) {
-        if !self.try_share(src) {
-            self.current.extend_from_slice(src);
-        }
     }
 }
 
