@@ -231,6 +231,42 @@ async fn bad_registrations_are_refused_and_floods_of_releases_are_ignored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_descriptor_without_a_frame_start_closes_the_session() {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let srv = serve(&[]).await;
+    let (s, _id) = handshake(&srv).await;
+    let fd = rustix::fs::memfd_create("x", MemfdFlags::ALLOW_SEALING).unwrap();
+    rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+    let closed_for_it = s.clone();
+    blocking(move || {
+        let s = closed_for_it;
+        // A registration without a descriptor (answered with an error) and, in the same write, the first bytes of a
+        // second frame. Once the answer is in, the server has read those bytes too.
+        let mut bytes = Vec::new();
+        wire::encode_frame(&wire::frame(Kind::Register(v1::Register { segment: 1, len: 1, source: None })), &mut bytes);
+        let mut next = Vec::new();
+        wire::encode_frame(
+            &wire::frame(Kind::Register(v1::Register { segment: 2, len: 1 << 20, source: None })),
+            &mut next,
+        );
+        bytes.extend_from_slice(&next[..3]);
+        (&*s).write_all(&bytes).unwrap();
+        loop {
+            let (m, _) = wire::read_frame(&s).unwrap().expect("answered");
+            if matches!(m.kind, Some(Kind::Registered(_))) {
+                break;
+            }
+        }
+        // The descriptor rides with bytes from the middle of that frame: no frame starts in them (§3).
+        shmgrpc::fdpass::send_with_fds(&*s, &next[3..next.len() - 1], &[fd.as_fd()]).unwrap();
+    })
+    .await;
+    closed(&s).await;
+    still_serves(&srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_session_cannot_reach_another_sessions_buffers() {
     let srv = serve(&[]).await;
     let a = ShmChannel::connect(&srv.unix).await.unwrap();

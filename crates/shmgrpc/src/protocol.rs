@@ -104,6 +104,10 @@ pub(crate) const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
 /// Most segments one peer may have registered in one session (§5).
 pub(crate) const MAX_PEER_SEGMENTS: usize = 4096;
 
+/// Forgotten segment ids a receiver remembers per session, so that they are not registered again and references
+/// to them fail at once (§5).
+pub(crate) const MAX_FORGOTTEN_IDS: usize = 65_536;
+
 /// Most bytes of segments one peer may have registered in one session (§5).
 pub(crate) const MAX_SESSION_PEER_BYTES: u64 = 64 << 30;
 

@@ -136,14 +136,38 @@ impl FrameReader {
             sock.async_io(Interest::READABLE, || crate::fdpass::recv_with_fds(sock.as_fd(), buf)).await?
         };
         let start = self.offset + (self.tail - self.head) as u64;
+        self.tail += n;
         if !fds.is_empty() {
             if n == 0 {
                 return Err(invalid("a descriptor arrived without data"));
             }
-            self.arrivals.push_back(Arrival { fds, start, end: start + n as u64 });
+            let end = start + n as u64;
+            // Known at once: no frame starts in these bytes, so no frame can ever take the descriptor (§3).
+            if !self.frame_starts_in(start, end) {
+                return Err(invalid("a descriptor arrived without a frame start"));
+            }
+            self.arrivals.push_back(Arrival { fds, start, end });
         }
-        self.tail += n;
         Ok(n > 0)
+    }
+
+    /// Whether a frame starts in the stream bytes `[from, to)`, where `to` is the end of what has been read. The
+    /// frame at `buf[head]` starts at `offset`; each header read so far gives the next start. A frame that starts
+    /// before `from` and whose header is not complete yet ends after `to`, so nothing starts in between.
+    fn frame_starts_in(&self, from: u64, to: u64) -> bool {
+        let (mut pos, mut at) = (self.offset, self.head);
+        loop {
+            if pos >= to {
+                return false;
+            }
+            if pos >= from {
+                return true;
+            }
+            let Some(header) = self.buf.get(at..at + 4).filter(|_| at + 4 <= self.tail) else { return false };
+            let len = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
+            pos += 4 + len as u64;
+            at += 4 + len;
+        }
     }
 }
 
@@ -308,6 +332,29 @@ mod tests {
             }
             writer.await.unwrap();
             assert!(refused, "the stray descriptor must be refused");
+        });
+    }
+
+    #[test]
+    fn a_descriptor_with_no_frame_start_is_refused_at_once() {
+        crate::io::handle().unwrap().block_on(async {
+            let (a, b) = pair();
+            let mut buf = Vec::new();
+            wire::encode_frame(&wire::frame(register(2)), &mut buf);
+            // The frame's first bytes alone, then a descriptor with bytes from its middle, and then nothing: the
+            // reader must not wait for more bytes to find out that no frame can take the descriptor.
+            write_all(&a, &buf[..3], None).await.unwrap();
+            let mut r = FrameReader::default();
+            // The reader takes those bytes first (a recvmsg returns bytes written before a descriptor together with
+            // it, so only bytes read earlier can show that the descriptor came mid-frame).
+            let waited = tokio::time::timeout(std::time::Duration::from_millis(100), r.next(&b)).await;
+            assert!(waited.is_err(), "the frame is not complete yet");
+            let fd = memfd();
+            write_all(&a, &buf[3..buf.len() - 1], Some(fd.as_fd())).await.unwrap();
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), r.next(&b)).await;
+            let err = got.expect("refused without waiting for more bytes").unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+            drop(a);
         });
     }
 

@@ -6,7 +6,7 @@
 //! (`receiver` parts) are found through a lookup the session lends to [`Receiver::resolve`]. Its unit tests (below)
 //! drive it alone with segments made in the test.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -19,7 +19,9 @@ use super::outbox::Outbox;
 use super::{ByRegion, take_one};
 use crate::attach::AttachCache;
 use crate::proto::v1::{self, part};
-use crate::protocol::{MAX_INLINE, MAX_PARTS, MAX_PEER_SEGMENTS, MAX_PROCESS_PEER_BYTES, MAX_SESSION_PEER_BYTES};
+use crate::protocol::{
+    MAX_FORGOTTEN_IDS, MAX_INLINE, MAX_PARTS, MAX_PEER_SEGMENTS, MAX_PROCESS_PEER_BYTES, MAX_SESSION_PEER_BYTES,
+};
 use crate::segment::{PeerSegment, PosixName, SegmentHandle, SysVId};
 use crate::stats::{Event, Recorder};
 use crate::sync::lock;
@@ -47,6 +49,9 @@ pub(super) struct Receiver {
     mapped: AtomicU64,
     /// Segment ids whose registration we refused (bounded): messages naming them are not held back.
     refused: Mutex<HashSet<u32>>,
+    /// Segment ids the peer forgot (the last [`MAX_FORGOTTEN_IDS`]): never registered again in this session, and
+    /// references to them fail at once instead of being held back.
+    forgotten: Mutex<Forgotten>,
     /// Woken by every registration (accepted or refused), and when the session closes.
     registrations: Arc<Notify>,
     /// Live regions of the peer's memory: slices of them are sent back without a copy.
@@ -64,6 +69,7 @@ impl Receiver {
             peer: AttachCache::default(),
             mapped: AtomicU64::new(0),
             refused: Mutex::default(),
+            forgotten: Mutex::default(),
             registrations: Arc::new(Notify::new()),
             regions: Mutex::default(),
             sent_back: Mutex::default(),
@@ -97,6 +103,7 @@ impl Receiver {
         drop(sent_back);
         lock(&self.regions).clear();
         lock(&self.refused).clear();
+        *lock(&self.forgotten) = Forgotten::default();
         self.peer.clear();
         PROCESS_PEER_BYTES.fetch_sub(self.mapped.swap(0, Ordering::AcqRel), Ordering::AcqRel);
         self.registrations.notify_waiters();
@@ -145,6 +152,9 @@ impl Receiver {
         if self.peer.get(&segment).is_some() {
             return Err("segment id already registered in this session".into());
         }
+        if lock(&self.forgotten).contains(segment) {
+            return Err("segment id forgotten earlier in this session (ids are not reused)".into());
+        }
         let st = self.peer.stats();
         if st.segments >= MAX_PEER_SEGMENTS {
             return Err(format!("too many segments registered (at most {MAX_PEER_SEGMENTS} per session)"));
@@ -164,13 +174,20 @@ impl Receiver {
         self.peer.insert(segment, seg);
         if self.outbox.is_closed() {
             // Closed meanwhile: `close` may have cleared the cache before this insert.
-            self.on_forget(segment);
+            self.unmap(segment);
         }
         Ok(())
     }
 
-    /// The peer's segment no longer exists: drop our mapping (readers keep theirs until they are done).
+    /// The peer's segment no longer exists: drop our mapping (readers keep theirs until they are done), and
+    /// remember the id as retired.
     pub(super) fn on_forget(&self, segment: u32) {
+        lock(&self.forgotten).insert(segment);
+        self.unmap(segment);
+    }
+
+    /// Drops our mapping of `segment` and its bytes from the caps.
+    fn unmap(&self, segment: u32) {
         if let Some(seg) = self.peer.get(&segment)
             && self.peer.detach(&segment)
         {
@@ -189,8 +206,13 @@ impl Receiver {
             return false;
         }
         let refused = lock(&self.refused);
+        let forgotten = lock(&self.forgotten);
         r.parts.iter().any(|p| match &p.kind {
-            Some(part::Kind::Sender(reg)) => self.peer.get(&reg.segment).is_none() && !refused.contains(&reg.segment),
+            Some(part::Kind::Sender(reg)) => {
+                self.peer.get(&reg.segment).is_none()
+                    && !refused.contains(&reg.segment)
+                    && !forgotten.contains(reg.segment)
+            }
             _ => false,
         })
     }
@@ -296,6 +318,30 @@ impl Receiver {
             self.recorder.record_both(Event::PeerRefusal);
             tracing::debug!(segment, "refused a return of a region we did not send back");
         }
+    }
+}
+
+/// The ids a peer forgot, oldest first, at most [`MAX_FORGOTTEN_IDS`] of them.
+#[derive(Default)]
+struct Forgotten {
+    ids: HashSet<u32>,
+    order: VecDeque<u32>,
+}
+
+impl Forgotten {
+    fn insert(&mut self, id: u32) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > MAX_FORGOTTEN_IDS
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        self.ids.contains(&id)
     }
 }
 
@@ -442,8 +488,13 @@ mod tests {
         assert_eq!(rx.mapped(), (1, seg.len() as u64));
         rx.on_forget(1);
         assert_eq!(rx.mapped(), (0, 0));
-        let err = rx.resolve(reference(vec![sender_part(1, 0, 0, 1)]), none).err().unwrap();
+        let forgotten = reference(vec![sender_part(1, 0, 0, 1)]);
+        assert!(!rx.awaits_registration(&forgotten), "a forgotten segment is not waited for");
+        let err = rx.resolve(forgotten, none).err().unwrap();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        // Its id does not come back (protocol §5).
+        assert!(register(&rx, &mut drain, 1, &seg).contains("forgotten"));
+        assert_eq!(rx.mapped(), (0, 0));
     }
 
     #[test]
