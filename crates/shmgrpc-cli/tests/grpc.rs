@@ -207,7 +207,9 @@ async fn after_many_calls_both_pools_are_idle_again() {
     eventually("the server's buffers are released", || shm.pool().stats().is_idle()).await;
     assert_eq!(shm.sessions(), 1, "idle because of releases, not because the session ended");
     let s = pool.stats();
-    assert!(s.grows <= 6, "buffers are reused, not created per call: {s}");
+    // Three sizes, 50 calls: a handful of buffers per size (one may still be on its way back when the next call
+    // starts), never one per call.
+    assert!(s.grows <= 9, "buffers are reused, not created per call: {s}");
     drop(c);
     drop(ch);
     let _ = stop.send(());
@@ -544,6 +546,12 @@ async fn the_in_flight_window_bounds_what_one_peer_holds_and_waits_a_bounded_tim
     assert!(kept.iter().all(|d| shmgrpc::is_shared(&d.data)));
     let held = shm.session_stats().held_bytes;
     assert!((4 << 20..(4 << 20) + 4096).contains(&held), "held {held}");
+    // Calls whose messages go inline never wait for the window: a 1 KiB echo, an upload with a 12-byte reply.
+    let waits = shm.stats().window_waits;
+    let r = c.echo(shmgrpc_demo::payload(1 << 10, 1)).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
+    assert_eq!(c.upload(shmgrpc_demo::payload(1 << 20, 2)).await.unwrap().into_inner().len, 1 << 20);
+    assert_eq!(shm.stats().window_waits, waits, "a reply that goes inline waited for the window");
     // The window is full: the next reply waits for a release, then goes inline.
     let (before, waits) = (shm.stats().fallback(Fallback::WindowFull), shm.stats().window_waits);
     let d = c.download(download(9)).await.unwrap().into_inner();

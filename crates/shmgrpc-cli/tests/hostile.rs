@@ -266,6 +266,90 @@ async fn a_descriptor_without_a_frame_start_closes_the_session() {
     still_serves(&srv).await;
 }
 
+/// A sealed, sparse memfd of `len` bytes: it costs no memory, only the receiver's caps.
+fn sparse_memfd(len: u64) -> std::os::fd::OwnedFd {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create("sparse", MemfdFlags::ALLOW_SEALING).unwrap();
+    rustix::fs::ftruncate(&fd, len).unwrap();
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+    fd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_fills_the_caps_fails_no_call_of_another() {
+    let srv = serve(&[]).await;
+    // One peer opens 16 sessions and registers a sparse 64 GiB memfd in each: 1 TiB, the server's whole
+    // process-wide cap on peers' memory.
+    let mut hostile = Vec::new();
+    for _ in 0..16 {
+        let (s, _id) = handshake(&srv).await;
+        let fd = sparse_memfd(64 << 30);
+        assert_eq!(register(&s, 1, 64 << 30, None, Some(fd.as_fd())).await, "");
+        hostile.push(s);
+    }
+    // An honest client: the server refuses its segments now, and every call still succeeds (inline where it must).
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
+    let mut c = client(&ch);
+    for (i, size) in [1 << 20, 20 << 20, 1 << 20, 20 << 20].into_iter().enumerate() {
+        let r = c.echo(shmgrpc_demo::payload(size, i as u32)).await.unwrap().into_inner();
+        shmgrpc_demo::verify(&r).unwrap();
+        let r = c.upload(shmgrpc_demo::payload(size, i as u32)).await.unwrap().into_inner();
+        assert_eq!(r.len, size as u64);
+    }
+    let stats = ch.stats();
+    assert!(stats.fallback(shmgrpc::Fallback::RegistrationFailed) >= 1, "{stats:?}");
+    assert_eq!(stats.bad_references, 0, "{stats:?}");
+    drop(hostile);
+}
+
+/// Answers every registration on `s` with an error until the connection ends, as a peer that cannot open the
+/// server's segments would (another mount or IPC namespace, or an implementation without named segments).
+fn refuse_every_registration(s: Sock) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut refused = 0;
+        while let Ok(Some((m, _))) = wire::read_frame(&s) {
+            if let Some(Kind::Register(reg)) = m.kind {
+                let answer = v1::Registered { segment: reg.segment, error: "cannot open it here".into() };
+                if wire::write_frame(&s, &wire::frame(Kind::Registered(answer)), None).is_err() {
+                    break;
+                }
+                refused += 1;
+            }
+        }
+        refused
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_refuses_every_named_segment_gets_every_reply_inline() {
+    for backend in ["posix", "sysv"] {
+        let srv = serve(&["--backend", backend]).await;
+        let (s, id) = handshake(&srv).await;
+        let refuser = refuse_every_registration(s.clone());
+        let ch = common::plain_channel(&srv.unix).await;
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        for seed in 0..8u32 {
+            let mut g = tonic::client::Grpc::new(ch.clone()).max_decoding_message_size(usize::MAX);
+            g.ready().await.unwrap();
+            let body = shmgrpc_demo::DownloadRequest { size: 4 << 20, seed, count: 1 }.encode_to_vec();
+            let mut req = tonic::Request::new(Bytes::from(body));
+            req.metadata_mut().insert("shmgrpc-session", hex.parse().unwrap());
+            let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Download");
+            let reply = g.unary(req, path, common::Raw).await.unwrap().into_inner();
+            assert!(!wire::is_reference(&reply), "{backend}: a reference to a segment this client refused");
+            let payload = shmgrpc_demo::Payload::decode(reply).unwrap();
+            assert_eq!(payload.data.len(), 4 << 20);
+            shmgrpc_demo::verify(&payload).unwrap();
+        }
+        // After a refusal the server pauses registrations instead of making a new segment for each reply.
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+        let refused = blocking(move || refuser.join().unwrap()).await;
+        assert!((1..=2).contains(&refused), "{backend}: {refused} registrations for 8 replies");
+        still_serves(&srv).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_session_cannot_reach_another_sessions_buffers() {
     let srv = serve(&[]).await;

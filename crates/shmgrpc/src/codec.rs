@@ -4,18 +4,20 @@
 //! creates it with `Default::default()` for every call, like tonic's own prost codec.
 //!
 //! *Encoding.* tonic gives a codec no connection context, and polls the encoder from the HTTP/2 connection's task.
-//! The shmgrpc channel and server layer therefore wrap each call's outgoing body in a session body (`body.rs`),
+//! The shmgrpc channel and server layer therefore wrap each call's outgoing body in a session body (`body/`),
 //! which makes the call's session current on the thread for exactly the duration of each poll; the encoder, which
-//! runs inside that poll, looks it up. A message whose encoded size reaches the session's threshold is encoded straight into a
-//! pool buffer the peer holds until it releases it, and only a reference goes on the gRPC stream. Without a session (a plain channel
-//! or server, a plain peer, a failed handshake), the codec is byte for byte tonic's prost codec.
+//! runs inside that poll, looks it up. A message whose encoded size reaches the session's threshold is encoded
+//! straight into a pool buffer the peer holds until it releases it, and only a reference goes on the gRPC stream.
+//! The encoder never waits: a reference that must (for its segment's registration, or for the window) is noted for
+//! the body, which holds it or sends the message inline instead. Without a session (a plain channel or server, a
+//! plain peer, a failed handshake), the codec is byte for byte tonic's prost codec.
 //!
 //! *Decoding.* A reference names its session (16 secret random bytes); the decoder resolves it through that session
 //! only, to a segment the session's peer registered, with an overflow-checked range, and decodes the message from a
 //! `Bytes` over the mapping: `bytes` fields (built with `.bytes(...)`) point into shared memory, zero-copy. The
 //! buffer goes back to its owner when the last such `Bytes` is dropped. Anything wrong is a gRPC status. A
 //! reference that overtook the registration of its segment never reaches the decoder early: the incoming body
-//! wrapper holds it back until the registration is in (`body.rs`), so the decoder never waits.
+//! wrapper holds it back until the registration is in (`body/`), so the decoder never waits.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use prost::Message;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
+use crate::body::Gate;
 use crate::parts::PartsBuf;
 use crate::protocol::Side;
 use crate::session::{Resolved, Session};
@@ -94,39 +97,90 @@ impl<T: Message> Encoder for ShmEncoder<T> {
 
     fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         let len = item.encoded_len();
-        let current = crate::body::current();
-        let record = |event| match &current {
-            Some(c) => c.recorder.record_both(event),
-            None => stats::global(event),
-        };
-        if let Some(c) = &current
-            && len >= c.threshold
-        {
-            let _span = tracing::trace_span!("shmgrpc_send", len).entered();
-            let sent = match &c.session {
-                None => Err(c.fallback),
-                Some(_) if c.window_full => Err(Some(Fallback::WindowFull)),
-                Some(session) => session.encode_to_shm(&item, len).map_err(Some),
+        let sent = crate::body::with_current(|current| {
+            let Some(c) = current else {
+                return Outcome::Inline(None);
             };
-            match sent {
-                Ok(reference) => {
-                    wire::encode_reference(reference, dst);
-                    record(Event::ShmSent(len));
-                    self.last_inline.store(false, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(Some(reason)) => {
-                    tracing::trace!(%reason, len, "sending inline");
-                    record(Event::Fallback(reason));
-                }
-                Err(None) => {}
+            if len < c.threshold {
+                return Outcome::Inline(Some(c.recorder.clone()));
             }
-        }
+            let _span = tracing::trace_span!("shmgrpc_send", len).entered();
+            let Some(session) = c.session.clone() else {
+                return Outcome::Fallback(c.recorder.clone(), c.fallback);
+            };
+            // The window holds back a call's first message through shared memory while the peer holds a full
+            // window (later ones of a stream may be what the peer keeps until the call ends); once it stayed full
+            // for a whole wait, the call's large messages go inline while it is full. Small messages never wait.
+            let (held, window) = session.window_use();
+            let full = held >= window;
+            if full && c.window_gave_up {
+                return Outcome::Fallback(c.recorder.clone(), Some(Fallback::WindowFull));
+            }
+            match session.encode_to_shm(&item, len) {
+                Ok((reference, unacknowledged)) => {
+                    let wait_window = full && !c.window_checked;
+                    c.window_checked = true;
+                    let ordinal = c.references;
+                    c.references += 1;
+                    if unacknowledged.is_empty() && !wait_window {
+                        c.recorder.record_both(Event::ShmSent(len));
+                        return Outcome::Shared(reference);
+                    }
+                    // Counted when it leaves, as a reference or inline (`SessionBody`).
+                    let held = reference
+                        .parts
+                        .iter()
+                        .map(|p| match &p.kind {
+                            Some(crate::proto::v1::part::Kind::Sender(r)) => r.len,
+                            _ => 0,
+                        })
+                        .sum();
+                    c.gates.push(Gate {
+                        ordinal,
+                        reference: reference.clone(),
+                        len,
+                        unacknowledged,
+                        window: wait_window,
+                        held,
+                    });
+                    Outcome::Shared(reference)
+                }
+                Err(reason) => Outcome::Fallback(c.recorder.clone(), Some(reason)),
+            }
+        });
+        let recorder = match sent {
+            Outcome::Shared(reference) => {
+                wire::encode_reference(reference, dst);
+                self.last_inline.store(false, Ordering::Relaxed);
+                return Ok(());
+            }
+            Outcome::Inline(recorder) => recorder,
+            Outcome::Fallback(recorder, reason) => {
+                if let Some(reason) = reason {
+                    tracing::trace!(%reason, len, "sending inline");
+                    recorder.record_both(Event::Fallback(reason));
+                }
+                Some(recorder)
+            }
+        };
         item.encode(dst).map_err(|e| Status::internal(format!("encoding failed: {e}")))?;
-        record(Event::InlineSent(len));
+        match recorder {
+            Some(r) => r.record_both(Event::InlineSent(len)),
+            None => stats::global(Event::InlineSent(len)),
+        }
         self.last_inline.store(true, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// What the encoder decided for one message.
+enum Outcome {
+    /// A reference to send in its place.
+    Shared(wire::Reference),
+    /// Inline, below the threshold (or outside any shmgrpc call: no recorder).
+    Inline(Option<Arc<crate::stats::Recorder>>),
+    /// Inline although large, and why (`None`: shared memory is off, not a fallback).
+    Fallback(Arc<crate::stats::Recorder>, Option<Fallback>),
 }
 
 /// The decoder of [`ShmCodec`].

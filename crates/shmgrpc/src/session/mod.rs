@@ -45,8 +45,10 @@ use tokio::sync::Notify;
 
 pub use loan::Loan;
 pub(crate) use receiver::Resolved;
+pub(crate) use sender::Outcome;
 
 use crate::config::SessionParams;
+use crate::proto::v1::part;
 use crate::protocol::{MAX_SESSION_PEER_BYTES, Side};
 use crate::side_channel::{self, FrameReader};
 use crate::stats::{Event, Fallback, Recorder};
@@ -263,18 +265,65 @@ impl Session {
     }
 
     /// Encodes `item` (of `len` encoded bytes) for the peer and returns the reference to send in its place (see
-    /// [`Sender::encode`]); the peer's regions it sends back are kept until the peer answers `Returned`.
-    pub(crate) fn encode_to_shm<M: Message>(&self, item: &M, len: usize) -> Result<Reference, Fallback> {
+    /// [`Sender::encode`]), with the segments it names whose registration the peer has not answered yet; the
+    /// peer's regions it sends back are kept until the peer answers `Returned`.
+    pub(crate) fn encode_to_shm<M: Message>(&self, item: &M, len: usize) -> Result<(Reference, Vec<u32>), Fallback> {
         if !self.is_alive() {
             return Err(Fallback::SessionClosed);
         }
         let encoded = self.sender.encode(item, len, &self.receiver)?;
         self.receiver.keep_sent_back(encoded.sent_back);
-        Ok(Reference {
+        let reference = Reference {
             session: Bytes::copy_from_slice(&self.id),
             from_server: self.side == Side::Server,
             parts: encoded.parts,
-        })
+        };
+        Ok((reference, encoded.unacknowledged))
+    }
+
+    /// Where our `segments` stand with the peer: acknowledged, answer pending, or refused.
+    pub(crate) fn outcome(&self, segments: &[u32]) -> Outcome {
+        if !self.is_alive() {
+            return Outcome::Refused;
+        }
+        self.sender.outcome(segments)
+    }
+
+    /// Stops waiting for the peer's answer for `segments` (see [`Sender::give_up`]).
+    pub(crate) fn give_up(&self, segments: &[u32]) {
+        self.sender.give_up(segments);
+    }
+
+    /// The bytes of the message a reference of ours stands for, copied from our own buffers and the regions we
+    /// sent back, so that it can go inline instead; then the reference's holds are dropped (it never reaches the
+    /// peer). `None` if the session closed meanwhile (its holds are gone): the message cannot be rebuilt.
+    pub(crate) fn take_back(&self, r: &Reference) -> Option<Vec<u8>> {
+        let len: u64 = r
+            .parts
+            .iter()
+            .map(|p| match &p.kind {
+                Some(part::Kind::Inline(b)) => b.len() as u64,
+                Some(part::Kind::Sender(r) | part::Kind::Receiver(r)) => r.len,
+                None => 0,
+            })
+            .sum();
+        let mut out = Vec::with_capacity(usize::try_from(len).ok()?);
+        for p in &r.parts {
+            match &p.kind {
+                Some(part::Kind::Inline(b)) => out.extend_from_slice(b),
+                Some(part::Kind::Sender(region)) => self.sender.copy_held(region, &mut out)?,
+                Some(part::Kind::Receiver(region)) => self.receiver.copy_sent_back(region, &mut out)?,
+                None => return None,
+            }
+        }
+        self.sender.cancel_holds(&r.parts);
+        self.receiver.cancel_sent_back(&r.parts);
+        Some(out)
+    }
+
+    /// Bytes of ours the peer holds, and the window they may fill.
+    pub(crate) fn window_use(&self) -> (u64, u64) {
+        (self.sender.held(), self.sender.params().window)
     }
 
     /// Resolves a reference the peer sent (see [`Receiver::resolve`]); `receiver` parts name our buffers the peer
@@ -293,19 +342,14 @@ impl Session {
         self.receiver.registrations()
     }
 
-    /// Whether the peer holds as many bytes of ours as the window allows (sending then waits, protocol §7).
-    pub(crate) fn window_full(&self) -> bool {
-        self.sender.window_full()
-    }
-
     /// How long sending waits for the window before going inline.
     pub(crate) fn window_wait(&self) -> Duration {
         self.sender.params().window_wait
     }
 
-    /// Woken by every release of the peer's, and when the session closes.
-    pub(crate) fn releases(&self) -> &Arc<Notify> {
-        self.sender.releases()
+    /// Woken by every release of the peer's, every answer to a registration, and when the session closes.
+    pub(crate) fn progress(&self) -> &Arc<Notify> {
+        self.sender.progress()
     }
 
     /// Whether the last allocation found the pool out of budget and no buffer has come back since (while a wait

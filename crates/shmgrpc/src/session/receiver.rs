@@ -308,6 +308,38 @@ impl Receiver {
         }
     }
 
+    /// Copies `len` bytes at `offset` of the peer's segment from a region we sent back under `(segment,
+    /// generation)`, for a message that goes inline after all; `None` if no such region is kept or the range is not
+    /// inside it.
+    pub(super) fn copy_sent_back(&self, r: &v1::Region, out: &mut Vec<u8>) -> Option<()> {
+        let sent_back = lock(&self.sent_back);
+        let region = sent_back.get(&(r.segment, r.generation))?.first()?;
+        let (start, end) = crate::segment::check_range(region.seg.backend(), r.offset, r.len, region.seg.len()).ok()?;
+        if start < region.start || end > region.end {
+            return None;
+        }
+        out.extend_from_slice(&region.seg.as_slice()[start..end]);
+        Some(())
+    }
+
+    /// Drops the regions kept for a reference that never reached the peer (it went inline instead): one per
+    /// `receiver` part. Their releases follow once nothing else reads them.
+    pub(super) fn cancel_sent_back(&self, parts: &[v1::Part]) {
+        let mut taken = Vec::new();
+        {
+            let mut sent_back = lock(&self.sent_back);
+            for p in parts {
+                if let Some(part::Kind::Receiver(r)) = &p.kind
+                    && let Some(region) = take_one(&mut sent_back, (r.segment, r.generation))
+                {
+                    taken.push(region);
+                }
+            }
+        }
+        // Dropped outside the lock: dropping an `Incoming` queues a frame.
+        drop(taken);
+    }
+
     /// The peer resolved a `receiver` part of ours: drop one region kept for it (its release follows once nothing
     /// else reads it). One the peer was never sent is counted as refused.
     pub(super) fn on_returned(&self, segment: u32, generation: u32) {

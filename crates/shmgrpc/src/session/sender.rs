@@ -38,14 +38,45 @@ enum Registration {
     Refused,
 }
 
+/// Where a set of our segments stands with the peer, for a message that names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The peer mapped every one: the message may go.
+    Acknowledged,
+    /// At least one answer has not come yet (and none was an error).
+    Pending,
+    /// The peer refused one (or we gave up waiting for its answer): the message must go inline.
+    Refused,
+}
+
+/// After a refusal, registrations of new segments pause for a while (doubling up to [`MAX_BACKOFF`]), so that a
+/// peer that cannot or will not map our segments costs neither it nor us a new segment and a round trip per
+/// message: messages that would need a new segment go inline at once meanwhile.
+#[derive(Debug)]
+struct Backoff {
+    until: Option<Instant>,
+    next: Duration,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { until: None, next: FIRST_BACKOFF }
+    }
+}
+
 /// A hold: one `sender` part the peer may read, the bytes it covers, and when it was made.
 type Hold = (Arc<Outgoing>, u64, Instant);
 
-/// A message encoded for the peer: the reference's parts, and the peer's regions it sends back (`receiver`
-/// parts), which the receiving half keeps until the peer answers `Returned`.
+/// A message encoded for the peer: the reference's parts, the peer's regions it sends back (`receiver` parts),
+/// which the receiving half keeps until the peer answers `Returned`, and the segments it names whose registration
+/// the peer has not answered yet (the message waits for those answers before it leaves).
 pub(super) struct Encoded {
     pub(super) parts: Vec<v1::Part>,
     pub(super) sent_back: Vec<Arc<Incoming>>,
+    pub(super) unacknowledged: Vec<u32>,
 }
 
 /// The sending half of one session (see the module docs).
@@ -57,8 +88,10 @@ pub(super) struct Sender {
     holds: Mutex<ByRegion<Hold>>,
     /// Bytes the holds cover.
     held: AtomicU64,
-    /// Woken by every release, and when the session closes.
-    releases: Arc<Notify>,
+    /// Woken by every release, every answer to a registration, and when the session closes.
+    progress: Arc<Notify>,
+    /// Pause of new registrations after a refusal.
+    backoff: Mutex<Backoff>,
     /// Live loans made for this session: slices of them are sent without a copy.
     loans: Mutex<Vec<Weak<Outgoing>>>,
     /// The pool's eviction count when we last looked for dropped buffers the peer still maps.
@@ -72,6 +105,8 @@ pub(super) struct Sender {
 struct Pending {
     holds: Vec<(Arc<Outgoing>, u64)>,
     sent_back: Vec<Arc<Incoming>>,
+    /// Our segments the reference names.
+    segments: Vec<u32>,
 }
 
 impl Sender {
@@ -83,7 +118,8 @@ impl Sender {
             registrations: Mutex::default(),
             holds: Mutex::default(),
             held: AtomicU64::new(0),
-            releases: Arc::new(Notify::new()),
+            progress: Arc::new(Notify::new()),
+            backoff: Mutex::default(),
             loans: Mutex::default(),
             seen_evictions: AtomicU64::new(evictions),
             short_at: AtomicU64::new(u64::MAX),
@@ -113,7 +149,7 @@ impl Sender {
         self.held.store(0, Ordering::Release);
         lock(&self.loans).clear();
         lock(&self.registrations).clear();
-        self.releases.notify_waiters();
+        self.progress.notify_waiters();
         back
     }
 
@@ -153,14 +189,87 @@ impl Sender {
         !loans.is_empty() || peer.any()
     }
 
-    /// Whether the peer holds as many bytes of ours as the window allows (sending then waits, protocol §7).
-    pub(super) fn window_full(&self) -> bool {
-        self.held.load(Ordering::Acquire) >= self.params.window
+    /// Bytes the peer holds (what the window limits).
+    pub(super) fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
     }
 
-    /// Woken by every release of the peer's, and when the session closes.
-    pub(super) fn releases(&self) -> &Arc<Notify> {
-        &self.releases
+    /// Woken by every release of the peer's, every answer to a registration, and when the session closes.
+    pub(super) fn progress(&self) -> &Arc<Notify> {
+        &self.progress
+    }
+
+    /// Where `segments` stand with the peer (see [`Outcome`]).
+    pub(super) fn outcome(&self, segments: &[u32]) -> Outcome {
+        let regs = lock(&self.registrations);
+        let mut outcome = Outcome::Acknowledged;
+        for id in segments {
+            match regs.get(id) {
+                Some(Registration::Acknowledged) => {}
+                Some(Registration::Sent(_)) => outcome = Outcome::Pending,
+                // Refused, or forgotten meanwhile (a closed session): the message cannot go as it is.
+                Some(Registration::Refused) | None => return Outcome::Refused,
+            }
+        }
+        outcome
+    }
+
+    /// Gives up waiting for the peer's answer for `segments`: they are not used with this peer again (the peer is
+    /// told to forget any it maps after all), and new registrations pause.
+    pub(super) fn give_up(&self, segments: &[u32]) {
+        let mut abandoned = Vec::new();
+        {
+            let mut regs = lock(&self.registrations);
+            for id in segments {
+                if let Some(r @ Registration::Sent(_)) = regs.get_mut(id) {
+                    *r = Registration::Refused;
+                    abandoned.push(*id);
+                }
+            }
+        }
+        if abandoned.is_empty() {
+            return;
+        }
+        tracing::debug!(segments = abandoned.len(), "the peer did not answer registrations in time");
+        self.pause_registrations();
+        for segment in abandoned {
+            if let Err(e) = self.outbox.send(Kind::Forget(v1::Forget { segment }), None) {
+                tracing::debug!(?e, "forget not sent; the session is closing");
+            }
+        }
+    }
+
+    /// Starts (or lengthens) the pause of new registrations after a refusal.
+    fn pause_registrations(&self) {
+        let mut b = lock(&self.backoff);
+        b.until = Some(Instant::now() + b.next);
+        b.next = (b.next * 2).min(MAX_BACKOFF);
+    }
+
+    /// Whether new registrations are paused now.
+    fn registrations_paused(&self) -> bool {
+        lock(&self.backoff).until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Drops the holds of a reference that never reached the peer (it went inline instead): one per `sender` part.
+    pub(super) fn cancel_holds(&self, parts: &[v1::Part]) {
+        let mut taken = Vec::new();
+        {
+            let mut holds = lock(&self.holds);
+            for p in parts {
+                if let Some(part::Kind::Sender(r)) = &p.kind
+                    && let Some(hold) = take_one(&mut holds, (r.segment, r.generation))
+                {
+                    taken.push(hold);
+                }
+            }
+        }
+        for (_, n, _) in &taken {
+            self.held.fetch_sub(*n, Ordering::AcqRel);
+        }
+        // The buffers may go back to the pool here, outside every session lock.
+        drop(taken);
+        self.progress.notify_waiters();
     }
 
     /// Encodes `item` (of `len` encoded bytes) for the peer into the parts of a reference.
@@ -212,6 +321,8 @@ impl Sender {
             parts
         } else {
             let mut lease = self.alloc(len)?;
+            // Before the copy: a segment the peer cannot have (refused, or registrations paused) costs nothing.
+            self.ensure_registered(&lease)?;
             {
                 let mut dst: &mut [u8] = &mut lease;
                 item.encode(&mut dst).expect("the lease holds exactly encoded_len bytes");
@@ -227,9 +338,16 @@ impl Sender {
                 holds.entry((buf.lease.id(), buf.lease.generation())).or_default().push((buf, n, now));
             }
         }
+        let mut unacknowledged: Vec<u32> = {
+            let regs = lock(&self.registrations);
+            pending.segments.iter().copied().filter(|id| matches!(regs.get(id), Some(Registration::Sent(_)))).collect()
+        };
+        unacknowledged.sort_unstable();
+        unacknowledged.dedup();
         Ok(Encoded {
             parts: parts.into_iter().map(|k| v1::Part { kind: Some(k) }).collect(),
             sent_back: pending.sent_back,
+            unacknowledged,
         })
     }
 
@@ -269,6 +387,7 @@ impl Sender {
         let offset = (lease.offset() + offset) as u64;
         let region = v1::Region { segment: lease.id(), generation: lease.generation(), offset, len: len as u64 };
         pending.holds.push((buf, len as u64));
+        pending.segments.push(region.segment);
         Ok(part::Kind::Sender(region))
     }
 
@@ -307,6 +426,7 @@ impl Sender {
             match regs.get(&id) {
                 Some(Registration::Sent(_) | Registration::Acknowledged) => return Ok(()),
                 Some(Registration::Refused) => return Err(Fallback::RegistrationFailed),
+                None if self.registrations_paused() => return Err(Fallback::RegistrationFailed),
                 None => {}
             }
             regs.insert(id, Registration::Sent(Instant::now()));
@@ -333,8 +453,9 @@ impl Sender {
         })
     }
 
-    /// The peer's answer to a registration: an error marks the segment as unusable with this peer (messages that
-    /// already named it fail there with a status; later ones go inline or use other buffers).
+    /// The peer's answer to a registration. An error marks the segment as unusable with this peer and pauses new
+    /// registrations; messages waiting for the answer then go inline (see `body/outgoing.rs`), later ones use other buffers
+    /// or go inline too.
     pub(super) fn on_registered(&self, ack: v1::Registered) {
         if ack.error.is_empty() {
             let mut regs = lock(&self.registrations);
@@ -343,15 +464,19 @@ impl Sender {
             {
                 *r = Registration::Acknowledged;
                 drop(regs);
+                *lock(&self.backoff) = Backoff::default();
                 self.recorder().registration_latency(at.elapsed());
             }
-            return;
+        } else {
+            tracing::debug!(error = %ack.error, "the peer refused one of our segments");
+            let mut regs = lock(&self.registrations);
+            if let Some(r) = regs.get_mut(&ack.segment) {
+                *r = Registration::Refused;
+            }
+            drop(regs);
+            self.pause_registrations();
         }
-        tracing::debug!(error = %ack.error, "the peer refused one of our segments");
-        let mut regs = lock(&self.registrations);
-        if let Some(r) = regs.get_mut(&ack.segment) {
-            *r = Registration::Refused;
-        }
+        self.progress.notify_waiters();
     }
 
     /// The peer no longer reads a `sender` part: one hold goes, and with it its bytes from the window. A release
@@ -364,7 +489,7 @@ impl Sender {
                 self.held.fetch_sub(n, Ordering::AcqRel);
                 // The buffer may go back to the pool here, outside every session lock.
                 drop(buf);
-                self.releases.notify_waiters();
+                self.progress.notify_waiters();
             }
             None => {
                 self.recorder().record_both(Event::BadRelease);
@@ -372,6 +497,17 @@ impl Sender {
                 tracing::debug!(segment, "refused a release of a buffer the peer does not hold");
             }
         }
+    }
+
+    /// Copies the bytes of a `sender` part of ours that the peer holds, for a message that goes inline after all;
+    /// `None` if we hold no such buffer or the range is not inside it.
+    pub(super) fn copy_held(&self, r: &v1::Region, out: &mut Vec<u8>) -> Option<()> {
+        let buf = self.held_buffer(r.segment, r.generation)?;
+        let offset = r.offset.checked_sub(buf.lease.offset() as u64)?;
+        let (start, end) =
+            crate::segment::check_range(crate::segment::Backend::Memfd, offset, r.len, buf.lease.len()).ok()?;
+        out.extend_from_slice(&buf.lease[start..end]);
+        Some(())
     }
 
     /// Our buffer held for the peer under `(segment, generation)`, for a `receiver` part the peer sent back.
@@ -457,13 +593,14 @@ mod tests {
     fn the_window_fills_with_held_bytes_and_a_release_opens_it() {
         let (s, _drain) = sender(SendConfig { window: 1 << 20, ..SendConfig::default() });
         let r = encode(&s, 1 << 20).unwrap();
-        assert!(s.window_full());
-        let woken = s.releases().clone();
+        let full = || s.held() >= s.params.window;
+        assert!(full());
+        let woken = s.progress().clone();
         let notified = woken.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
         s.on_release(r.segment, r.generation);
-        assert!(!s.window_full());
+        assert!(!full());
         assert!(futures_util::FutureExt::now_or_never(notified).is_some(), "a release wakes window waiters");
     }
 

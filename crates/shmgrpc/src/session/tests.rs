@@ -60,7 +60,7 @@ fn region(r: &Reference) -> v1::Region {
 fn a_reference_resolves_at_the_peer_and_its_release_drops_the_hold() {
     let (client, server) = pair();
     let msg = blob(1 << 20);
-    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap().0;
     assert_eq!(client.stats().holds, 1);
     // The reference was made before the peer has the segment (no round trip); the peer learns of it in order.
     eventually("the server has the segment", || !server.awaits_registration(&r));
@@ -80,7 +80,7 @@ fn a_reference_resolves_at_the_peer_and_its_release_drops_the_hold() {
 fn stale_and_repeated_releases_are_refused_and_change_nothing() {
     let (client, server) = pair();
     let msg = blob(256 << 10);
-    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap().0;
     let v1::Region { segment, generation, .. } = region(&r);
     let release = |generation| server.send(Kind::Release(v1::Release { segment, generation }), None).unwrap();
     let refused = || client.recorder().snapshot().bad_releases;
@@ -101,7 +101,7 @@ fn stale_and_repeated_releases_are_refused_and_change_nothing() {
     eventually("the repeated release is refused", || refused() == 3);
     assert_eq!(client.recorder().snapshot().peer_refusals, 3);
     // The buffer is reused under a new generation, which the old release cannot free.
-    let r2 = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    let r2 = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap().0;
     let again = region(&r2);
     assert_eq!((again.segment, again.offset), (segment, region(&r).offset), "the same slot is reused");
     assert_ne!(again.generation, generation);
@@ -116,7 +116,7 @@ fn closing_gives_back_every_hold_and_mapping() {
     let (client, server) = pair();
     let msg = blob(1 << 20);
     let refs: Vec<Reference> =
-        (0..3).map(|_| client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap()).collect();
+        (0..3).map(|_| client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap().0).collect();
     eventually("the server has the segment", || refs.iter().all(|r| !server.awaits_registration(r)));
     assert_eq!(client.stats().holds, 3);
     assert!(server.stats().peer_segments >= 1);

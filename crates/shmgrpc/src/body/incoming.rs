@@ -1,200 +1,22 @@
-//! The two body wrappers that give the context-free codec its session, and keep every wait asynchronous.
-//!
-//! - [`SessionBody`] wraps a call's *outgoing* body: it makes the call's session current on the thread for exactly
-//!   the duration of each poll (the encoder runs inside that poll and looks it up), and before the call's first
-//!   message it waits, asynchronously and for a bounded time, while the peer holds a full in-flight window of our
-//!   buffers (protocol §7) or, when so configured, while the pool has no budget left.
-//! - [`HoldBack`] wraps a call's *incoming* body: registrations travel on the side channel and references on the
-//!   gRPC stream, which are not ordered with respect to each other, so a reference may arrive before the
-//!   registration of a segment it names. `HoldBack` reads the gRPC message framing, and holds such a message (and
-//!   everything after it) back until the registration has arrived, for at most [`REGISTRATION_WAIT`]; the
-//!   synchronous decoder then always finds what it needs, or fails with a status (protocol §6).
+//! [`HoldBack`]: a call's incoming body, holding back a reference whose segment's registration has not arrived
+//! (see the module docs of `body`).
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::Frame;
-use tokio::sync::futures::OwnedNotified;
-use tokio::time::Sleep;
 
-use crate::protocol::Side;
-use crate::protocol::{MAX_REFERENCE_LEN, REGISTRATION_WAIT};
+use super::Wait;
+use crate::protocol::{MAX_REFERENCE_LEN, REGISTRATION_WAIT, Side};
 use crate::session::Session;
-use crate::stats::{Event, Fallback, Recorder};
+use crate::stats::{Event, Recorder};
 use crate::wire;
 
-/// The call whose outgoing body is being polled on this thread: its session (if it has one), the channel's or
-/// server's counters, and whether its messages must go inline.
-#[derive(Clone)]
-pub(crate) struct Current {
-    pub(crate) session: Option<Arc<Session>>,
-    pub(crate) recorder: Arc<Recorder>,
-    /// Messages from this size up are meant for shared memory (counted as fallbacks when they go inline).
-    pub(crate) threshold: usize,
-    /// Why a call without a session sends inline (`None`: shared memory is off for this channel or server, or the
-    /// peer never asked for a session).
-    pub(crate) fallback: Option<Fallback>,
-    /// The in-flight window stayed full for the whole bounded wait.
-    pub(crate) window_full: bool,
-}
-
-thread_local! {
-    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
-}
-
-/// The session of the body being polled on this thread, if any.
-pub(crate) fn current() -> Option<Current> {
-    CURRENT.with(|c| c.borrow().clone())
-}
-
-/// Whether the body of a call with a session is being polled on this thread (without cloning anything).
-pub(crate) fn has_current_session() -> bool {
-    CURRENT.with(|c| c.borrow().as_ref().is_some_and(|c| c.session.is_some()))
-}
-
-/// Restores the previous current session when dropped (also on panic).
-struct Restore(Option<Current>);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        let prev = self.0.take();
-        CURRENT.with(|c| *c.borrow_mut() = prev);
-    }
-}
-
-/// A bounded asynchronous wait on a `Notify`: `Ready(true)` when the condition holds, `Ready(false)` when the
-/// deadline passed first.
-struct Wait {
-    notified: Option<Pin<Box<OwnedNotified>>>,
-    deadline: Option<Pin<Box<Sleep>>>,
-}
-
-impl Wait {
-    fn new(limit: std::time::Duration) -> Self {
-        Wait { notified: None, deadline: crate::io::sleep(limit) }
-    }
-
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        notify: &Arc<tokio::sync::Notify>,
-        mut ready: impl FnMut() -> bool,
-    ) -> Poll<bool> {
-        loop {
-            let n = match &mut self.notified {
-                Some(n) => n,
-                None => {
-                    // Registered before the check, so a notification between the check and the poll is not lost.
-                    let mut n = Box::pin(notify.clone().notified_owned());
-                    n.as_mut().enable();
-                    self.notified.insert(n)
-                }
-            };
-            if ready() {
-                return Poll::Ready(true);
-            }
-            if n.as_mut().poll(cx).is_ready() {
-                self.notified = None;
-                continue;
-            }
-            return match &mut self.deadline {
-                Some(d) => d.as_mut().poll(cx).map(|()| false),
-                None => Poll::Ready(false),
-            };
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A call's outgoing body, polled with its session current on the thread (see the module docs).
-    pub(crate) struct SessionBody<B> {
-        #[pin]
-        inner: B,
-        current: Current,
-        started: bool,
-        wait: Option<Wait>,
-    }
-}
-
-impl<B> SessionBody<B> {
-    /// Wraps the outgoing body of a call in `session`.
-    pub(crate) fn new(inner: B, session: Arc<Session>) -> Self {
-        let current = Current {
-            recorder: session.recorder().clone(),
-            threshold: session.threshold(),
-            session: Some(session),
-            fallback: None,
-            window_full: false,
-        };
-        SessionBody { inner, current, started: false, wait: None }
-    }
-
-    /// Wraps the outgoing body of a call without a session, counted for `recorder`: its messages from `threshold`
-    /// up count as fallbacks for `fallback`, if given.
-    pub(crate) fn without_session(
-        inner: B,
-        recorder: Arc<Recorder>,
-        threshold: usize,
-        fallback: Option<Fallback>,
-    ) -> Self {
-        let current = Current { session: None, recorder, threshold, fallback, window_full: false };
-        SessionBody { inner, current, started: true, wait: None }
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for SessionBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        if !*this.started
-            && let Some(session) = this.current.session.clone()
-        {
-            // Only before the first message: later polls may be for the trailers or the end of a call whose own
-            // messages fill the window, and the peer may release them only once the call is complete.
-            if session.window_full() || session.pool_short() {
-                // Waiting for the peer's releases (window) or for any buffer to come back (budget), bounded.
-                let (notify, limit) = if session.window_full() {
-                    (session.releases(), session.window_wait())
-                } else {
-                    (session.pool_returns(), session.exhausted_wait())
-                };
-                let wait = this.wait.get_or_insert_with(|| {
-                    let why = if session.window_full() { Event::WindowWait } else { Event::PoolWait };
-                    this.current.recorder.record_both(why);
-                    Wait::new(limit)
-                });
-                let ready = || !session.is_alive() || !(session.window_full() || session.pool_short());
-                match wait.poll(cx, notify, ready) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(opened) => this.current.window_full = !opened && session.window_full(),
-                }
-            }
-            *this.started = true;
-            *this.wait = None;
-        }
-        let prev = CURRENT.with(|c| c.borrow_mut().replace(this.current.clone()));
-        let _restore = Restore(prev);
-        this.inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// gRPC message framing: a compressed flag, then a 4-byte big-endian length.
-const HEADER: usize = 5;
+pub(super) const HEADER: usize = 5;
 
 /// Where [`HoldBack`] stands in the gRPC message stream.
 enum Scan {
