@@ -278,16 +278,35 @@ fn sparse_memfd(len: u64) -> std::os::fd::OwnedFd {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_fills_the_caps_fails_no_call_of_another() {
     let srv = serve(&[]).await;
-    // One peer opens 16 sessions and registers a sparse 64 GiB memfd in each: 1 TiB, the server's whole
-    // process-wide cap on peers' memory.
+    // One peer (this test process) opens 16 sessions and registers a sparse 64 GiB memfd in each: 1 TiB, the
+    // server's whole process-wide cap on peers' memory if it could take it all. It gets its share (256 GiB).
     let mut hostile = Vec::new();
+    let mut accepted = 0;
     for _ in 0..16 {
         let (s, _id) = handshake(&srv).await;
         let fd = sparse_memfd(64 << 30);
-        assert_eq!(register(&s, 1, 64 << 30, None, Some(fd.as_fd())).await, "");
+        if register(&s, 1, 64 << 30, None, Some(fd.as_fd())).await.is_empty() {
+            accepted += 1;
+        }
         hostile.push(s);
     }
-    // An honest client: the server refuses its segments now, and every call still succeeds (inline where it must).
+    assert_eq!(accepted, 4, "one peer process maps at most a quarter of the process-wide cap");
+    // An honest client in another process keeps shared memory both ways.
+    let out = blocking({
+        let unix = srv.unix.clone();
+        move || {
+            std::process::Command::new(common::BIN)
+                .args(["call", "--target", &unix, "--size", "20MiB", "--repeat", "2", "--json"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(common::calls_via(&out.stdout, "shm", "shm"), 2, "{text}");
+    // An honest client in the hostile peer's own process finds that share full: its segments are refused, and
+    // every call still succeeds (its requests go inline, the replies still come through shared memory).
     let ch = ShmChannel::connect(&srv.unix).await.unwrap();
     assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
     let mut c = client(&ch);
@@ -299,6 +318,7 @@ async fn a_peer_that_fills_the_caps_fails_no_call_of_another() {
     }
     let stats = ch.stats();
     assert!(stats.fallback(shmgrpc::Fallback::RegistrationFailed) >= 1, "{stats:?}");
+    assert!(stats.shm_received >= 4, "{stats:?}");
     assert_eq!(stats.bad_references, 0, "{stats:?}");
     drop(hostile);
 }

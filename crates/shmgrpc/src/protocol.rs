@@ -114,6 +114,10 @@ pub(crate) const MAX_SESSION_PEER_BYTES: u64 = 64 << 30;
 /// Most bytes of peer segments this process maps at once, over all sessions (§5).
 pub(crate) const MAX_PROCESS_PEER_BYTES: u64 = 1 << 40;
 
+/// Most bytes of segments one peer process may have this process map, over all its sessions (§5): a quarter of the
+/// process-wide cap, so that one peer cannot fill it for the others.
+pub(crate) const MAX_PEER_BYTES: u64 = MAX_PROCESS_PEER_BYTES / 4;
+
 /// Default size from which a message goes through shared memory.
 pub const DEFAULT_THRESHOLD: usize = 64 * 1024;
 

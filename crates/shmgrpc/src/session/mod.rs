@@ -265,7 +265,7 @@ impl Session {
     }
 
     /// Encodes `item` (of `len` encoded bytes) for the peer and returns the reference to send in its place (see
-    /// [`Sender::encode`]), with the segments it names whose registration the peer has not answered yet; the
+    /// [`Sender::encode`]), with the segments it names that the peer has not acknowledged yet; the
     /// peer's regions it sends back are kept until the peer answers `Returned`.
     pub(crate) fn encode_to_shm<M: Message>(&self, item: &M, len: usize) -> Result<(Reference, Vec<u32>), Fallback> {
         if !self.is_alive() {
@@ -457,5 +457,6 @@ pub fn is_shared(data: &[u8]) -> bool {
     sessions.iter().any(|s| s.maps(data))
 }
 
-// The per-session cap must never exceed the process-wide one.
-const _: () = assert!(MAX_SESSION_PEER_BYTES <= crate::protocol::MAX_PROCESS_PEER_BYTES);
+// The caps nest: a session's within a peer's share, a peer's share within the process's.
+const _: () = assert!(MAX_SESSION_PEER_BYTES <= crate::protocol::MAX_PEER_BYTES);
+const _: () = assert!(crate::protocol::MAX_PEER_BYTES <= crate::protocol::MAX_PROCESS_PEER_BYTES);

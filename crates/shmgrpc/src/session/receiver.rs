@@ -6,10 +6,10 @@
 //! (`receiver` parts) are found through a lookup the session lends to [`Receiver::resolve`]. Its unit tests (below)
 //! drive it alone with segments made in the test.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -20,15 +20,50 @@ use super::{ByRegion, take_one};
 use crate::attach::AttachCache;
 use crate::proto::v1::{self, part};
 use crate::protocol::{
-    MAX_FORGOTTEN_IDS, MAX_INLINE, MAX_PARTS, MAX_PEER_SEGMENTS, MAX_PROCESS_PEER_BYTES, MAX_SESSION_PEER_BYTES,
+    MAX_FORGOTTEN_IDS, MAX_INLINE, MAX_PARTS, MAX_PEER_BYTES, MAX_PEER_SEGMENTS, MAX_PROCESS_PEER_BYTES,
+    MAX_SESSION_PEER_BYTES,
 };
 use crate::segment::{PeerSegment, PosixName, SegmentHandle, SysVId};
 use crate::stats::{Event, Recorder};
 use crate::sync::lock;
 use crate::wire::{Kind, Reference};
 
-/// Bytes of peer segments mapped by all sessions of this process (the process-wide cap of §5 counts them).
-static PROCESS_PEER_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes of peer segments mapped by all sessions of this process, in all and by peer process: the process-wide cap
+/// and each peer's share of it (§5) count them.
+static MAPPED: LazyLock<Mutex<Mapped>> = LazyLock::new(Default::default);
+
+#[derive(Default)]
+struct Mapped {
+    total: u64,
+    by_peer: HashMap<u64, u64>,
+}
+
+impl Mapped {
+    /// Counts `size` more bytes for `peer`, if both caps allow it.
+    fn add(&mut self, peer: u64, size: u64) -> Result<(), String> {
+        let total = self.total.checked_add(size).filter(|&t| t <= MAX_PROCESS_PEER_BYTES);
+        let Some(total) = total else { return Err("this process maps as many peer bytes as it allows".into()) };
+        let mine = self.by_peer.get(&peer).copied().unwrap_or(0).checked_add(size).filter(|&m| m <= MAX_PEER_BYTES);
+        let Some(mine) = mine else { return Err("this peer maps as many bytes here as one peer may".into()) };
+        self.total = total;
+        self.by_peer.insert(peer, mine);
+        Ok(())
+    }
+
+    fn remove(&mut self, peer: u64, size: u64) {
+        self.total = self.total.saturating_sub(size);
+        if let Some(m) = self.by_peer.get_mut(&peer) {
+            *m = m.saturating_sub(size);
+            if *m == 0 {
+                self.by_peer.remove(&peer);
+            }
+        }
+    }
+}
+
+/// A key for a peer whose pid the kernel did not tell (another pid namespace): each such session counts as a peer
+/// of its own, above the range of pids.
+static UNKNOWN_PEERS: AtomicU64 = AtomicU64::new(1 << 32);
 
 /// A resolved reference: the message's parts, and the peer segments they lie in (to check afterwards that none
 /// was shrunk under the reader).
@@ -43,6 +78,9 @@ pub(super) struct Receiver {
     outbox: Arc<Outbox>,
     /// The peer's pid as the kernel reported it at the handshake: a named segment must have been created by it.
     peer_pid: u32,
+    /// Whose share of the process-wide cap this session's mappings count against: the peer's pid, or a key of its
+    /// own when the pid is unknown.
+    peer_key: u64,
     /// The peer's segments we have mapped.
     peer: AttachCache<u32>,
     /// Their bytes, as counted against the process-wide cap.
@@ -66,6 +104,7 @@ impl Receiver {
             recorder,
             outbox,
             peer_pid,
+            peer_key: if peer_pid != 0 { u64::from(peer_pid) } else { UNKNOWN_PEERS.fetch_add(1, Ordering::Relaxed) },
             peer: AttachCache::default(),
             mapped: AtomicU64::new(0),
             refused: Mutex::default(),
@@ -105,7 +144,7 @@ impl Receiver {
         lock(&self.refused).clear();
         *lock(&self.forgotten) = Forgotten::default();
         self.peer.clear();
-        PROCESS_PEER_BYTES.fetch_sub(self.mapped.swap(0, Ordering::AcqRel), Ordering::AcqRel);
+        lock(&MAPPED).remove(self.peer_key, self.mapped.swap(0, Ordering::AcqRel));
         self.registrations.notify_waiters();
     }
 
@@ -146,8 +185,9 @@ impl Receiver {
             .map_err(|e| format!("side channel: {}", std::io::Error::from(e)))
     }
 
-    /// Maps a segment the peer registered, within the per-session and process-wide caps. A named segment (POSIX,
-    /// System V) must have been created by the peer process itself: a name or id alone proves nothing.
+    /// Maps a segment the peer registered, within the caps: per session, per peer process (its share of the
+    /// process's), per process. A named segment (POSIX, System V) must have been created by the peer process itself:
+    /// a name or id alone proves nothing.
     fn accept_segment(&self, segment: u32, len: u64, handle: SegmentHandle) -> Result<(), String> {
         if self.peer.get(&segment).is_some() {
             return Err("segment id already registered in this session".into());
@@ -165,11 +205,7 @@ impl Receiver {
         if st.bytes.saturating_add(size) > MAX_SESSION_PEER_BYTES {
             return Err(format!("segments of more than {MAX_SESSION_PEER_BYTES} bytes in one session"));
         }
-        PROCESS_PEER_BYTES
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                b.checked_add(size).filter(|&t| t <= MAX_PROCESS_PEER_BYTES)
-            })
-            .map_err(|_| "this process maps as many peer bytes as it allows".to_string())?;
+        lock(&MAPPED).add(self.peer_key, size)?;
         self.mapped.fetch_add(size, Ordering::AcqRel);
         self.peer.insert(segment, seg);
         if self.outbox.is_closed() {
@@ -194,7 +230,7 @@ impl Receiver {
             let size = seg.len() as u64;
             let before = self.mapped.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| m.checked_sub(size));
             if before.is_ok() {
-                PROCESS_PEER_BYTES.fetch_sub(size, Ordering::AcqRel);
+                lock(&MAPPED).remove(self.peer_key, size);
             }
         }
     }
@@ -350,6 +386,13 @@ impl Receiver {
             self.recorder.record_both(Event::PeerRefusal);
             tracing::debug!(segment, "refused a return of a region we did not send back");
         }
+    }
+}
+
+impl Drop for Receiver {
+    /// Gives the mappings' bytes back to the caps even if the session never closed it.
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -527,6 +570,47 @@ mod tests {
         // Its id does not come back (protocol §5).
         assert!(register(&rx, &mut drain, 1, &seg).contains("forgotten"));
         assert_eq!(rx.mapped(), (0, 0));
+    }
+
+    /// A sealed, sparse memfd of `len` bytes (no memory used) and the receiver's answer to its registration.
+    fn register_sparse(rx: &Receiver, drain: &mut Drain, id: u32, len: u64) -> String {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        let fd = rustix::fs::memfd_create("sparse", MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+        rx.on_register(v1::Register { segment: id, len, source: None }, Some(fd)).unwrap();
+        match drain.try_next().map(|o| o.kind) {
+            Some(Kind::Registered(r)) => r.error,
+            other => panic!("expected Registered, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_peer_process_gets_a_share_of_the_process_cap_whatever_its_sessions() {
+        // Pids this high are never real (the kernel's limit is 2^22), so no other test counts against them.
+        let peer = 0x7fff_0000;
+        let of = |pid| {
+            let (outbox, drain) = Outbox::new(None);
+            (Receiver::new(Recorder::new(Side::Server), outbox, pid), drain)
+        };
+        let mut sessions: Vec<(Receiver, Drain)> = (0..5).map(|_| of(peer)).collect();
+        let answers: Vec<String> =
+            sessions.iter_mut().map(|(rx, d)| register_sparse(rx, d, 1, MAX_SESSION_PEER_BYTES)).collect();
+        let share = (MAX_PEER_BYTES / MAX_SESSION_PEER_BYTES) as usize;
+        assert!(answers[..share].iter().all(String::is_empty), "{answers:?}");
+        assert!(answers[share].contains("one peer may"), "{answers:?}");
+        // Another peer process is not held back by the first one's sessions.
+        let (other, mut d) = of(peer + 1);
+        assert_eq!(register_sparse(&other, &mut d, 1, MAX_SESSION_PEER_BYTES), "");
+        // A session that ends gives its part of the share back.
+        sessions[0].0.close();
+        let (again, mut d) = of(peer);
+        assert_eq!(register_sparse(&again, &mut d, 1, MAX_SESSION_PEER_BYTES), "");
+        for (rx, _) in &sessions {
+            rx.close();
+        }
+        other.close();
+        again.close();
     }
 
     #[test]

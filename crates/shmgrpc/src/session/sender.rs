@@ -71,8 +71,9 @@ impl Default for Backoff {
 type Hold = (Arc<Outgoing>, u64, Instant);
 
 /// A message encoded for the peer: the reference's parts, the peer's regions it sends back (`receiver` parts),
-/// which the receiving half keeps until the peer answers `Returned`, and the segments it names whose registration
-/// the peer has not answered yet (the message waits for those answers before it leaves).
+/// which the receiving half keeps until the peer answers `Returned`, and the segments it names that the peer has not
+/// acknowledged (answer pending, or refused while the message was being copied): the message waits for those
+/// answers before it leaves, or goes inline.
 pub(super) struct Encoded {
     pub(super) parts: Vec<v1::Part>,
     pub(super) sent_back: Vec<Arc<Incoming>>,
@@ -338,9 +339,11 @@ impl Sender {
                 holds.entry((buf.lease.id(), buf.lease.generation())).or_default().push((buf, n, now));
             }
         }
+        // Every segment not acknowledged yet, refused ones included: an answer may have come while this message was
+        // being copied, and a refused segment's message must be taken back, not sent.
         let mut unacknowledged: Vec<u32> = {
             let regs = lock(&self.registrations);
-            pending.segments.iter().copied().filter(|id| matches!(regs.get(id), Some(Registration::Sent(_)))).collect()
+            pending.segments.iter().copied().filter(|id| regs.get(id) != Some(&Registration::Acknowledged)).collect()
         };
         unacknowledged.sort_unstable();
         unacknowledged.dedup();
