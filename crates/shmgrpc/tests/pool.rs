@@ -303,3 +303,32 @@ fn a_slab_is_dropped_only_when_every_slot_is_idle() {
     assert!(!p.exists(slab), "the slab segment is gone");
     drop(big);
 }
+
+#[test]
+fn idle_buffers_beyond_the_preallocated_floor_go_after_the_idle_period() {
+    let idle = Duration::from_millis(100);
+    let p = Pool::new(PoolConfig::default().budget(256 << 20).idle_release(Some(idle))).unwrap();
+    p.preallocate(32 << 20, 1).unwrap(); // the floor: one buffer of its own (above the slab classes)
+    let floor = p.stats().bytes;
+    // Two slots of one slab, and two buffers of their own; one slot stays leased for a while.
+    let kept = p.try_alloc(1 << 20).unwrap();
+    let slot = p.try_alloc(1 << 20).unwrap();
+    let own = [p.try_alloc(8 << 20).unwrap(), p.try_alloc(16 << 20).unwrap()];
+    drop((slot, own));
+    assert_eq!(p.trim_idle(), 0, "nothing has been idle for the idle period yet");
+    std::thread::sleep(idle + Duration::from_millis(20)); // the idle period itself is what is tested
+    let trimmed = p.trim_idle();
+    // The 8 and 16 MiB buffers go; the preallocated one stays, and so does the slab with a leased slot.
+    assert_eq!(trimmed, (8 << 20) + (16 << 20), "{}", p.stats());
+    let s = p.stats();
+    assert_eq!(s.trimmed_bytes, trimmed);
+    assert_eq!(s.bytes, floor + (2 << 20), "the floor and the slab's two slots: {s}");
+    drop(kept);
+    std::thread::sleep(idle + Duration::from_millis(20));
+    assert_eq!(p.trim_idle(), 2 << 20, "the whole slab goes once every slot of it is idle");
+    assert_eq!(p.stats().bytes, floor);
+    // A pool without an idle period keeps everything.
+    let keep = Pool::new(PoolConfig::default().idle_release(None)).unwrap();
+    drop(keep.try_alloc(1 << 20).unwrap());
+    assert_eq!(keep.trim_idle(), 0);
+}

@@ -1,10 +1,15 @@
 //! Pool configuration: size classes, byte budget, what an exhausted pool does, segment options and slabs.
 
+use std::time::Duration;
+
 use crate::segment::{Backend, SegmentOptions};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 const GIB: usize = 1024 * MIB;
+
+/// Default of [`PoolConfig::idle_release`].
+pub const DEFAULT_IDLE_RELEASE: Duration = Duration::from_secs(30);
 
 /// What [`Pool::alloc`] does when the budget is used up and nothing idle can be dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,11 +30,12 @@ pub struct PoolConfig {
     pub(super) segment: SegmentOptions,
     pub(super) slab_max_class: usize,
     pub(super) slab_size: usize,
+    pub(super) idle_release: Option<Duration>,
 }
 
 impl Default for PoolConfig {
     /// Classes 64 KiB, 128 KiB, ... 1 GiB; a 4 GiB budget; wait when exhausted; prefaulted memfd segments;
-    /// classes up to 4 MiB carved out of 64 MiB slabs.
+    /// classes up to 4 MiB carved out of 64 MiB slabs; idle buffers dropped after 30 s.
     fn default() -> Self {
         PoolConfig {
             classes: (0..=14).map(|k| (64 * KIB) << k).collect(),
@@ -38,6 +44,7 @@ impl Default for PoolConfig {
             segment: SegmentOptions::new(Backend::Memfd).prefault(true),
             slab_max_class: 4 * MIB,
             slab_size: 64 * MIB,
+            idle_release: Some(DEFAULT_IDLE_RELEASE),
         }
     }
 }
@@ -85,6 +92,16 @@ impl PoolConfig {
         self.slab_max_class = max_class;
         self.slab_size = slab_size;
         self
+    }
+    /// How long a buffer may stay idle before [`Pool::trim_idle`](super::Pool::trim_idle) drops it, giving its memory
+    /// back to the system (default 30 s; `None`: never). Buffers made by `preallocate` stay whatever this is.
+    pub fn idle_release(mut self, period: Option<Duration>) -> Self {
+        self.idle_release = period;
+        self
+    }
+    /// The configured idle period (see [`PoolConfig::idle_release`]).
+    pub fn idle_release_period(&self) -> Option<Duration> {
+        self.idle_release
     }
     /// The configured budget in bytes.
     pub fn budget_bytes(&self) -> u64 {

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::time::Instant;
 
 use super::Pool;
 use super::slab::Slot;
@@ -15,6 +16,10 @@ pub(super) struct Buffer {
     pub(super) id: u32,
     pub(super) generation: u32,
     pub(super) storage: Storage,
+    /// When it last became idle (or was created).
+    pub(super) idle_since: Instant,
+    /// Made by `Pool::preallocate`: part of the pool's floor, never dropped for being idle.
+    pub(super) preallocated: bool,
 }
 
 pub(super) enum Storage {
@@ -25,6 +30,10 @@ pub(super) enum Storage {
 }
 
 impl Buffer {
+    pub(super) fn new(id: u32, generation: u32, storage: Storage) -> Buffer {
+        Buffer { id, generation, storage, idle_since: Instant::now(), preallocated: false }
+    }
+
     pub(super) fn capacity(&self) -> usize {
         match &self.storage {
             Storage::Own(s) => s.len(),

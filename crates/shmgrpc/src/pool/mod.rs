@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -33,7 +34,7 @@ mod lease;
 mod slab;
 mod stats;
 
-pub use config::{OnExhausted, PoolConfig};
+pub use config::{DEFAULT_IDLE_RELEASE, OnExhausted, PoolConfig};
 pub use lease::Lease;
 pub use stats::{ClassStats, POOL_BYTES_METRIC, PoolStats};
 
@@ -77,6 +78,7 @@ struct Counters {
     waits: AtomicU64,
     exhausted: AtomicU64,
     evictions: AtomicU64,
+    trimmed_bytes: AtomicU64,
 }
 
 struct Inner {
@@ -110,6 +112,50 @@ pub struct Pool {
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+/// Takes out of `class` the idle buffers of one segment that may go, if there is such a segment: a free buffer of
+/// its own for which `may_go` holds, or a whole slab whose every carved slot is idle and may go.
+fn take_idle(class: &Class, may_go: impl Fn(&Buffer) -> bool) -> Option<(u32, Vec<Buffer>)> {
+    let mut st = lock(&class.state);
+    let (id, victims) = if class.slots.is_some() {
+        let idle = |st: &ClassState, id: u32| {
+            let of = st.free.iter().filter(|b| b.id == id);
+            of.clone().all(&may_go).then(|| of.count())
+        };
+        let i = st.slabs.iter().position(|s| idle(&st, s.slab.id()) == Some(s.carved))?;
+        let id = st.slabs.swap_remove(i).slab.id();
+        let (victims, kept) = std::mem::take(&mut st.free).into_iter().partition(|b| b.id == id);
+        st.free = kept;
+        (id, victims)
+    } else {
+        let i = st.free.iter().rposition(&may_go)?;
+        let b = st.free.swap_remove(i);
+        (b.id, vec![b])
+    };
+    let bytes: u64 = victims.iter().map(|b: &Buffer| b.capacity() as u64).sum();
+    st.total -= victims.len();
+    st.bytes -= bytes;
+    gauges(0, -(bytes as i64));
+    Some((id, victims))
+}
+
+/// A pool that may be gone: see [`Pool::downgrade`].
+#[derive(Debug, Clone)]
+pub struct WeakPool {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl WeakPool {
+    /// The pool, if a clone of it (or a lease) still exists.
+    pub fn upgrade(&self) -> Option<Pool> {
+        self.inner.upgrade().map(|inner| Pool { inner })
+    }
+
+    /// Whether this is a handle on `pool`.
+    pub fn points_to(&self, pool: &Pool) -> bool {
+        std::ptr::eq(self.inner.as_ptr(), Arc::as_ptr(&pool.inner))
     }
 }
 
@@ -186,7 +232,8 @@ impl Pool {
             if !self.reserve(cap as u64) {
                 return Err(self.exhausted(cap as u64));
             }
-            let buffer = self.create(ci, cap, cap)?;
+            let mut buffer = self.create(ci, cap, cap)?;
+            buffer.preallocated = true;
             let mut st = lock(&self.inner.classes[ci].state);
             st.total += 1;
             st.bytes += cap as u64;
@@ -374,7 +421,7 @@ impl Pool {
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.inner.ranges).insert(id, (segment.as_slice().as_ptr() as usize, segment.len()));
-        Ok(Buffer { id, generation: 0, storage: Storage::Own(segment) })
+        Ok(Buffer::new(id, 0, Storage::Own(segment)))
     }
 
     /// Carves the next untouched slot of a slab of class `ci`, creating a slab when none has one left.
@@ -399,7 +446,7 @@ impl Pool {
             slot.prefault(touch).map_err(|e| Error::os("madvise(MADV_POPULATE_WRITE)", Backend::Memfd, e))?;
         }
         let generation = slot.slab().next_generation();
-        Ok(Buffer { id: slot.slab().id(), generation, storage: Storage::Slot(slot) })
+        Ok(Buffer::new(slot.slab().id(), generation, Storage::Slot(slot)))
     }
 
     /// Drops idle buffers, largest classes first, until `needed` bytes would fit in the budget (or none is left).
@@ -407,44 +454,57 @@ impl Pool {
     fn evict(&self, needed: u64) {
         let budget = self.inner.config.budget;
         for class in self.inner.classes.iter().rev() {
-            loop {
-                if self.inner.reserved.load(Ordering::Acquire) + needed <= budget {
-                    return;
-                }
-                let (id, victims) = {
-                    let mut st = lock(&class.state);
-                    let (id, victims) = if class.slots.is_some() {
-                        let idle = |st: &ClassState, id: u32| st.free.iter().filter(|b| b.id == id).count();
-                        let Some(i) = st.slabs.iter().position(|s| s.carved == idle(&st, s.slab.id())) else { break };
-                        let id = st.slabs.swap_remove(i).slab.id();
-                        let (victims, kept) = std::mem::take(&mut st.free).into_iter().partition(|b| b.id == id);
-                        st.free = kept;
-                        (id, victims)
-                    } else {
-                        match st.free.pop() {
-                            Some(b) => (b.id, vec![b]),
-                            None => break,
-                        }
-                    };
-                    let bytes: u64 = victims.iter().map(|b: &Buffer| b.capacity() as u64).sum();
-                    st.total -= victims.len();
-                    st.bytes -= bytes;
-                    gauges(0, -(bytes as i64));
-                    (id, victims)
-                };
-                let n = victims.len() as u64;
-                let bytes: u64 = victims.iter().map(|b| b.capacity() as u64).sum();
-                lock(&self.inner.ranges).remove(&id);
-                drop(victims); // unmapped and removed before the budget is handed on
-                self.inner.reserved.fetch_sub(bytes, Ordering::AcqRel);
-                self.inner.counters.evictions.fetch_add(n, Ordering::Relaxed);
+            while self.inner.reserved.load(Ordering::Acquire) + needed > budget {
+                let Some((id, victims)) = take_idle(class, |_| true) else { break };
+                self.discard(id, victims);
             }
         }
+    }
+
+    /// Drops `victims`, the idle buffers of segment `id`, taken out of their class: unmapped and removed before
+    /// their budget is handed on. Returns their bytes.
+    fn discard(&self, id: u32, victims: Vec<Buffer>) -> u64 {
+        let n = victims.len() as u64;
+        let bytes: u64 = victims.iter().map(|b| b.capacity() as u64).sum();
+        lock(&self.inner.ranges).remove(&id);
+        drop(victims);
+        self.inner.reserved.fetch_sub(bytes, Ordering::AcqRel);
+        self.inner.counters.evictions.fetch_add(n, Ordering::Relaxed);
+        bytes
     }
 
     /// Drops every idle buffer, returning their memory to the system.
     pub fn trim(&self) {
         self.evict(u64::MAX / 2);
+    }
+
+    /// Drops the idle buffers that have been idle for the configured idle period
+    /// ([`PoolConfig::idle_release`]), except those [`Pool::preallocate`] made (the pool's floor), returning their
+    /// memory to the system; returns their bytes. A slab goes only when every slot carved out of it is such a
+    /// buffer. Counted in [`PoolStats::trimmed_bytes`] and as evictions.
+    ///
+    /// The pool has no thread or timer of its own: something must call this now and then. The gRPC layer does,
+    /// for the pools of its channels and servers, from its I/O thread.
+    pub fn trim_idle(&self) -> u64 {
+        let Some(period) = self.inner.config.idle_release else { return 0 };
+        let now = Instant::now();
+        let stale = |b: &Buffer| !b.preallocated && now.saturating_duration_since(b.idle_since) >= period;
+        let mut bytes = 0;
+        for class in self.inner.classes.iter() {
+            while let Some((id, victims)) = take_idle(class, stale) {
+                bytes += self.discard(id, victims);
+            }
+        }
+        if bytes > 0 {
+            self.inner.counters.trimmed_bytes.fetch_add(bytes, Ordering::Relaxed);
+            tracing::debug!(bytes, "pool gave idle memory back");
+        }
+        bytes
+    }
+
+    /// A handle that does not keep the pool alive (for maintenance tasks such as a periodic [`Pool::trim_idle`]).
+    pub fn downgrade(&self) -> WeakPool {
+        WeakPool { inner: Arc::downgrade(&self.inner) }
     }
 
     /// Woken whenever a buffer comes back to the pool (for async waits outside the pool, such as a call waiting
@@ -481,7 +541,8 @@ impl Pool {
     }
 
     /// Returns a buffer to its class and wakes waiters.
-    fn put_back(&self, class: usize, buffer: Buffer) {
+    fn put_back(&self, class: usize, mut buffer: Buffer) {
+        buffer.idle_since = Instant::now();
         {
             let mut st = lock(&self.inner.classes[class].state);
             st.in_use_bytes -= buffer.capacity() as u64;
@@ -524,6 +585,7 @@ impl Pool {
             waits: c.waits.load(Ordering::Relaxed),
             exhausted: c.exhausted.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
+            trimmed_bytes: c.trimmed_bytes.load(Ordering::Relaxed),
             classes,
         }
     }

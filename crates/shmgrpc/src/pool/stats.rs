@@ -55,8 +55,11 @@ pub struct PoolStats {
     pub waits: u64,
     /// Times an allocation or preallocation failed for lack of budget.
     pub exhausted: u64,
-    /// Idle buffers dropped to make room for another class.
+    /// Idle buffers dropped: to make room for another class, by [`Pool::trim`](super::Pool::trim), or for being idle
+    /// longer than the idle period.
     pub evictions: u64,
+    /// Bytes of buffers dropped for being idle longer than the idle period ([`Pool::trim_idle`](super::Pool::trim_idle)).
+    pub trimmed_bytes: u64,
     /// Per class, smallest first; the last entry is the oversize class.
     pub classes: Vec<ClassStats>,
 }
@@ -86,7 +89,8 @@ impl fmt::Display for PoolStats {
         }
         write!(
             f,
-            "total {} of {} budget bytes, {} in use; {} allocs, {} grows, {} waits, {} exhausted, {} evictions",
+            "total {} of {} budget bytes, {} in use; {} allocs, {} grows, {} waits, {} exhausted, {} evictions, {} \
+             bytes trimmed",
             self.bytes,
             self.budget,
             self.in_use_bytes,
@@ -94,7 +98,8 @@ impl fmt::Display for PoolStats {
             self.grows,
             self.waits,
             self.exhausted,
-            self.evictions
+            self.evictions,
+            self.trimmed_bytes
         )
     }
 }

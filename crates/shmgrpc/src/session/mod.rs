@@ -16,6 +16,7 @@
 //! - [`sender`]: our buffers the peer refers to: encoding into the pool, registration, holds, the in-flight window.
 //! - [`receiver`]: the peer's segments: registrations, resolving references, regions sent back.
 //! - [`split`]: the encoder's buffer that turns slices already in shared memory into parts of their own.
+//! - [`upkeep`]: the task that gives idle pool memory back and has peers forget the segments dropped.
 //! - [`loan`]: the owners behind zero-copy `Bytes` ([`Loan`], `Outgoing`, `Incoming`) that the halves pass through
 //!   the session.
 //!
@@ -31,6 +32,7 @@ mod sender;
 mod split;
 #[cfg(test)]
 mod tests;
+mod upkeep;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -170,6 +172,7 @@ impl Session {
             outbox,
         });
         lock(&REGISTRY).insert((id, side), Arc::downgrade(&session));
+        upkeep::watch(&session.sender.params().pool);
         // The tasks hold the session weakly: it ends when its owner (the channel, the server) lets go, not when a
         // task gets round to noticing.
         let weak = Arc::downgrade(&session);

@@ -396,7 +396,7 @@ impl Sender {
 
     /// Tells the peer to drop its mappings of our buffers that the pool has since dropped (otherwise the peer's
     /// mapping would keep their memory alive). Runs only when the pool's eviction count moved.
-    fn forget_evicted(&self) {
+    pub(super) fn forget_evicted(&self) {
         let evictions = self.params.pool.evictions();
         if self.seen_evictions.swap(evictions, Ordering::Relaxed) == evictions {
             return;
