@@ -12,6 +12,7 @@ use shmgrpc::stats::Fallback;
 use shmgrpc::wire;
 use shmgrpc::{ClientConfig, Pool, PoolConfig, ServerConfig, ShmChannel, ShmServer};
 use shmgrpc_demo::{BlobClient, DownloadRequest, Payload};
+use tonic::transport::Server;
 use tonic::{Code, Request, Status};
 
 mod common;
@@ -760,4 +761,79 @@ async fn large_fields_beside_live_regions_still_go_through_shared_memory() {
         assert_eq!(d.crc32, held.crc32);
     }
     shmgrpc_demo::verify(&held).unwrap();
+}
+
+/// A tonic server with a whole-server auth interceptor, inside the shmgrpc layer (`shm_first`, as the README says)
+/// or outside it, on a Unix socket in `dir`.
+async fn serve_with_auth(
+    dir: &std::path::Path,
+    shm: &ShmServer,
+    shm_first: bool,
+) -> (String, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
+    let sock = dir.join("auth.sock");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(tokio::net::UnixListener::bind(&sock).unwrap());
+    let check = |req: Request<()>| match req.metadata().get("authorization") {
+        Some(_) => Ok(req),
+        None => Err(Status::unauthenticated("no token")),
+    };
+    let service = shmgrpc_demo::BlobServer::new(shmgrpc_demo::BlobService)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let auth = tonic::service::InterceptorLayer::new(check);
+    let server = if shm_first {
+        tokio::spawn(
+            Server::builder().layer(shm.layer()).layer(auth).add_service(service).serve_with_incoming(incoming),
+        )
+    } else {
+        tokio::spawn(
+            Server::builder().layer(auth).layer(shm.layer()).add_service(service).serve_with_incoming(incoming),
+        )
+    };
+    (format!("unix:{}", sock.display()), server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_an_interceptor_rejects_give_their_buffers_back_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let shm = ShmServer::new(ServerConfig::default()).unwrap();
+    let (target, server) = serve_with_auth(dir.path(), &shm, true).await;
+    let pool = Pool::new(PoolConfig::default()).unwrap();
+    let ch = ShmChannel::connect_with(&target, ClientConfig::default().pool(pool.clone())).await.unwrap();
+    assert!(ch.is_shared_memory(), "discovery passes an interceptor inside the shmgrpc layer: {:?}", ch.fallback());
+    let mut c = client(&ch);
+    // 40 uploads of 20 MiB, each rejected before its handler ran: nobody on the server decodes the reference.
+    for i in 0..40u32 {
+        let err = c.upload(shmgrpc_demo::payload(20 << 20, i)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    }
+    assert_eq!(ch.stats().shm_sent, 40, "the requests went through shared memory: {:?}", ch.stats());
+    // The server released what it never decoded when it dropped each request: the session is still up, and holds
+    // nothing.
+    eventually("every rejected request's buffer came back", || ch.session_stats().holds == 0 && pool.stats().is_idle())
+        .await;
+    assert!(ch.is_shared_memory());
+    // An authorised call still goes through shared memory both ways.
+    let mut req = Request::new(shmgrpc_demo::payload(20 << 20, 99));
+    req.metadata_mut().insert("authorization", "Bearer t".parse().unwrap());
+    let r = c.echo(req).await.unwrap().into_inner();
+    shmgrpc_demo::verify(&r).unwrap();
+    assert!(shmgrpc::is_shared(&r.data));
+    drop((r, c, ch));
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_layer_outside_shmgrpcs_rejects_discovery_and_the_channel_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let shm = ShmServer::new(ServerConfig::default()).unwrap();
+    let (target, server) = serve_with_auth(dir.path(), &shm, false).await;
+    let ch = ShmChannel::connect(&target).await.unwrap();
+    // Discovery carries none of the application's metadata: an auth layer that sees it first refuses it. The
+    // channel still works, inline, and names the reason (the README says where the layer goes).
+    assert_eq!(ch.fallback(), Some(Fallback::DiscoveryFailed));
+    let mut req = Request::new(shmgrpc_demo::payload(1 << 20, 1));
+    req.metadata_mut().insert("authorization", "Bearer t".parse().unwrap());
+    shmgrpc_demo::verify(&client(&ch).echo(req).await.unwrap().into_inner()).unwrap();
+    drop(ch);
+    server.abort();
 }

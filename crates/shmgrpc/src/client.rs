@@ -357,6 +357,17 @@ async fn establish(channel: &Channel, params: SessionParams) -> Result<Arc<Sessi
             match status.code() {
                 tonic::Code::Unimplemented => Fallback::PeerLacksShmgrpc,
                 tonic::Code::FailedPrecondition => Fallback::UnsupportedVersion,
+                code @ (tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
+                    // The most common cause, worth saying once at `info`: discovery carries none of the
+                    // application's metadata, so a whole-server auth layer in front of shmgrpc's refuses it.
+                    tracing::info!(
+                        ?code,
+                        "shmgrpc discovery was refused, likely by an auth layer in front of the server's \
+                         `ShmServer::layer()`: add shmgrpc's layer first (`Server::builder().layer(shm.layer())` \
+                         before the auth layer); messages go inline"
+                    );
+                    Fallback::DiscoveryFailed
+                }
                 _ => Fallback::DiscoveryFailed,
             }
         })?

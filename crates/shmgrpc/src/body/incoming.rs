@@ -10,10 +10,11 @@ use bytes::{Bytes, BytesMut};
 use http_body::Frame;
 
 use super::Wait;
+use crate::proto::v1;
 use crate::protocol::{MAX_REFERENCE_LEN, REGISTRATION_WAIT, Side};
 use crate::session::Session;
 use crate::stats::{Event, Recorder};
-use crate::wire;
+use crate::wire::{self, Kind};
 
 /// gRPC message framing: a compressed flag, then a 4-byte big-endian length.
 pub(super) const HEADER: usize = 5;
@@ -31,15 +32,87 @@ enum Scan {
 /// How many body bytes after the header tell a reference from an ordinary message.
 const PEEK: usize = 3;
 
-pin_project_lite::pin_project! {
-    /// A call's incoming body that holds back a message naming a segment whose registration has not arrived
-    /// (see the module docs).
-    pub(crate) struct HoldBack<B> {
-        #[pin]
-        inner: B,
-        scanner: Scanner,
-        trailers: Option<http::HeaderMap>,
-        done: bool,
+/// A call's incoming body that holds back a message naming a segment whose registration has not arrived (see the
+/// module docs).
+///
+/// Dropped before its messages were all decoded (an interceptor or auth layer rejected the call before its handler
+/// ran, a handler stopped reading a stream), it gives back what the peer lent in the references nobody decoded:
+/// those already received at once, and those still on their way from a task on the I/O runtime that reads the rest
+/// of the body for at most [`REGISTRATION_WAIT`].
+pub(crate) struct HoldBack<B> {
+    /// `None` once dropped (handed to the drain).
+    inner: Option<B>,
+    scanner: Scanner,
+    trailers: Option<http::HeaderMap>,
+    /// The inner body ended (or failed).
+    done: bool,
+    /// Whether anyone read it: a body dropped unread (its call rejected before its handler ran) is read to its end
+    /// in the background; one dropped while being read (a stream its reader abandoned) only for what has arrived,
+    /// so that the peer learns at once that the call is over and stops sending.
+    polled: bool,
+    /// Reads the rest of a body dropped early (set where `B`'s bounds are known).
+    drain: fn(B, Scanner, bool),
+}
+
+impl<B> Drop for HoldBack<B> {
+    fn drop(&mut self) {
+        let side = self.scanner.side;
+        let scanner = std::mem::replace(&mut self.scanner, Scanner::new(side, None));
+        match self.inner.take() {
+            Some(inner) if !self.done => (self.drain)(inner, scanner, !self.polled),
+            _ => {
+                let mut scanner = scanner;
+                scanner.release_unread();
+            }
+        }
+    }
+}
+
+/// Most frames read from a dropped body at once: what the peer sent before the call ended is bounded by HTTP/2
+/// flow control; this bounds the work of one `Drop`.
+const MAX_DRAINED_FRAMES: usize = 4096;
+
+/// Reads the rest of a body dropped before its end: what has arrived at once, and, if the body has not ended yet and
+/// `to_end`, the rest from a task on the I/O runtime for at most [`REGISTRATION_WAIT`]; then answers every reference
+/// message nobody decoded (see [`Scanner::release_unread`]).
+fn drain<B>(mut inner: B, mut sc: Scanner, to_end: bool)
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut ended = false;
+    for _ in 0..MAX_DRAINED_FRAMES {
+        match Pin::new(&mut inner).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    sc.feed(data);
+                }
+            }
+            Poll::Ready(_) => {
+                ended = true;
+                break;
+            }
+            Poll::Pending => break,
+        }
+    }
+    if ended || !to_end {
+        drop(inner);
+        sc.release_unread();
+        return;
+    }
+    let rest = async move {
+        let read = async {
+            while let Some(Ok(frame)) = std::future::poll_fn(|cx| Pin::new(&mut inner).poll_frame(cx)).await {
+                if let Ok(data) = frame.into_data() {
+                    sc.feed(data);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REGISTRATION_WAIT, read).await;
+        sc.release_unread();
+    };
+    if let Err(e) = crate::io::spawn(rest) {
+        tracing::debug!(error = %e, "the rest of a dropped body is not read");
     }
 }
 
@@ -51,6 +124,11 @@ struct Scanner {
     scan: Scan,
     /// Bytes ready to hand on, in order.
     ready: VecDeque<Bytes>,
+    /// The reference messages among `ready` (the same chunks), until handed on: released if nobody ever decodes
+    /// them.
+    unread: VecDeque<Bytes>,
+    /// The body is being dropped: nothing is held back any more.
+    draining: bool,
     /// The reference message being held back.
     held: Option<Held>,
     /// Bytes that arrived behind the held message, not scanned yet.
@@ -65,10 +143,11 @@ struct Held {
     wait: Wait,
 }
 
-impl<B> HoldBack<B> {
+impl<B: http_body::Body<Data = Bytes> + Unpin + Send + 'static> HoldBack<B> {
     /// Wraps the incoming body of a call on `side`'s end, counting its inline messages for `recorder`.
     pub(crate) fn new(inner: B, side: Side, recorder: Arc<Recorder>) -> Self {
-        HoldBack { inner, scanner: Scanner::new(side, Some(recorder)), trailers: None, done: false }
+        let scanner = Scanner::new(side, Some(recorder));
+        HoldBack { inner: Some(inner), scanner, trailers: None, done: false, polled: false, drain: drain::<B> }
     }
 }
 
@@ -84,6 +163,8 @@ impl Scanner {
             recorder,
             scan: Scan::Header(Vec::new()),
             ready: VecDeque::new(),
+            unread: VecDeque::new(),
+            draining: false,
             held: None,
             backlog: VecDeque::new(),
         }
@@ -197,11 +278,11 @@ impl Scanner {
                     unreachable!("matched above")
                 };
                 let message = msg.freeze();
-                match hold(self.side, &message) {
+                match if self.draining { None } else { hold(self.side, &message) } {
                     Some((session, reference)) => {
                         self.held = Some(Held { message, session, reference, wait: Wait::new(REGISTRATION_WAIT) })
                     }
-                    None => self.ready.push_back(message),
+                    None => self.ready_reference(message),
                 }
             }
             _ => {}
@@ -212,10 +293,58 @@ impl Scanner {
     /// arrived behind it.
     fn release(&mut self) {
         if let Some(h) = self.held.take() {
-            self.ready.push_back(h.message);
+            self.ready_reference(h.message);
         }
         for data in std::mem::take(&mut self.backlog) {
             self.feed(data);
+        }
+    }
+
+    /// Queues a whole reference message to hand on, remembering it until it is handed on.
+    fn ready_reference(&mut self, message: Bytes) {
+        self.unread.push_back(message.clone());
+        self.ready.push_back(message);
+    }
+
+    /// The next chunk to hand on.
+    fn next_ready(&mut self) -> Option<Bytes> {
+        let b = self.ready.pop_front()?;
+        if self.unread.front().is_some_and(|r| r.as_ptr() == b.as_ptr() && r.len() == b.len()) {
+            self.unread.pop_front();
+        }
+        Some(b)
+    }
+
+    /// The body is dropped: every reference message that arrived and was never handed on to the decoder is
+    /// answered as if it had been read and dropped, so that the peer gets its buffers back now rather than when the
+    /// session ends: a `Release` for each `sender` part, a `Returned` for each `receiver` part (protocol §7).
+    fn release_unread(&mut self) {
+        self.draining = true;
+        self.release();
+        let mut released = 0;
+        for message in std::mem::take(&mut self.unread) {
+            let Ok(reference) = wire::decode_reference(&message[HEADER..]) else { continue };
+            if Side::of_sender(reference.from_server) != self.side.peer() {
+                continue;
+            }
+            let Some(session) = Session::lookup(&reference.session, self.side) else { continue };
+            for part in &reference.parts {
+                let kind = match &part.kind {
+                    Some(v1::part::Kind::Sender(r)) => {
+                        Kind::Release(v1::Release { segment: r.segment, generation: r.generation })
+                    }
+                    Some(v1::part::Kind::Receiver(r)) => {
+                        Kind::Returned(v1::Returned { segment: r.segment, generation: r.generation })
+                    }
+                    _ => continue,
+                };
+                if session.send(kind, None).is_ok() {
+                    released += 1;
+                }
+            }
+        }
+        if released > 0 {
+            tracing::debug!(released, "gave back parts of messages nobody decoded");
         }
     }
 
@@ -248,15 +377,16 @@ fn hold(side: Side, message: &[u8]) -> Option<(Arc<Session>, wire::Reference)> {
     session.awaits_registration(&reference).then_some((session, reference))
 }
 
-impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
+impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for HoldBack<B> {
     type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
+        let this = self.get_mut();
+        this.polled = true;
         loop {
-            let sc = &mut *this.scanner;
-            if let Some(b) = sc.ready.pop_front() {
+            let sc = &mut this.scanner;
+            if let Some(b) = sc.next_ready() {
                 return Poll::Ready(Some(Ok(Frame::data(b))));
             }
             if let Some(h) = sc.held.as_mut() {
@@ -273,21 +403,25 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for HoldBack<B> {
             if let Some(t) = this.trailers.take() {
                 return Poll::Ready(Some(Ok(Frame::trailers(t))));
             }
-            if *this.done {
+            if this.done {
                 return Poll::Ready(None);
             }
-            match this.inner.as_mut().poll_frame(cx) {
+            let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+            match Pin::new(inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    *this.done = true;
+                    this.done = true;
                     sc.end();
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => sc.feed(data),
                     Err(frame) => {
                         if let Ok(t) = frame.into_trailers() {
-                            *this.trailers = Some(t);
+                            this.trailers = Some(t);
                         }
                     }
                 },

@@ -86,6 +86,17 @@ pin_project_lite::pin_project! {
         wait: Option<Wait>,
         held: Option<Held>,
     }
+
+    impl<B> PinnedDrop for SessionBody<B> {
+        /// A call that ends while a message waits (the peer answered it already, or it was cancelled): the
+        /// message never leaves, so its holds go.
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let (Some(held), Some(current)) = (this.held.take(), this.current.as_ref()) {
+                abandon(current, held.gates);
+            }
+        }
+    }
 }
 
 impl<B> SessionBody<B> {
