@@ -11,17 +11,17 @@ const GIB: usize = 1024 * MIB;
 /// Default of [`PoolConfig::idle_release`].
 pub const DEFAULT_IDLE_RELEASE: Duration = Duration::from_secs(30);
 
-/// What [`Pool::alloc`] does when the budget is used up and nothing idle can be dropped.
+/// What [`Pool::alloc`](super::Pool::alloc) does when the budget is used up and nothing idle can be dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnExhausted {
     /// Wait until a buffer comes back (a lease is dropped). The default.
     #[default]
     Wait,
-    /// Fail at once with [`Error::Exhausted`].
+    /// Fail at once with [`Error::Exhausted`](crate::Error::Exhausted).
     Fail,
 }
 
-/// Configuration of a [`Pool`].
+/// Configuration of a [`Pool`](super::Pool).
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub(super) classes: Vec<usize>,

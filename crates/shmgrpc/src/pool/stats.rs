@@ -38,7 +38,7 @@ pub struct ClassStats {
     pub in_use_bytes: u64,
 }
 
-/// A snapshot of a pool, from [`Pool::stats`].
+/// A snapshot of a pool, from [`Pool::stats`](super::Pool::stats).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStats {
     /// The configured budget.

@@ -117,6 +117,19 @@ fn take_one<T>(map: &mut ByRegion<T>, key: (u32, u32)) -> Option<T> {
     t
 }
 
+/// Takes one entry of `map` for each part of `parts` that `pick` names a region for (stale keys take nothing).
+fn take_for_parts<T>(
+    map: &mut ByRegion<T>,
+    parts: &[crate::proto::v1::Part],
+    pick: impl Fn(&part::Kind) -> Option<&crate::proto::v1::Region>,
+) -> Vec<T> {
+    parts
+        .iter()
+        .filter_map(|p| p.kind.as_ref().and_then(&pick))
+        .filter_map(|r| take_one(map, (r.segment, r.generation)))
+        .collect()
+}
+
 /// One end of an established session.
 pub(crate) struct Session {
     id: SessionId,

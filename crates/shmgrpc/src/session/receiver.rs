@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use super::loan::{Incoming, IncomingView, Outgoing, OutgoingView, PeerRegions};
 use super::outbox::Outbox;
-use super::{ByRegion, take_one};
+use super::{ByRegion, take_for_parts, take_one};
 use crate::attach::AttachCache;
 use crate::proto::v1::{self, part};
 use crate::protocol::{
@@ -361,17 +361,10 @@ impl Receiver {
     /// Drops the regions kept for a reference that never reached the peer (it went inline instead): one per
     /// `receiver` part. Their releases follow once nothing else reads them.
     pub(super) fn cancel_sent_back(&self, parts: &[v1::Part]) {
-        let mut taken = Vec::new();
-        {
-            let mut sent_back = lock(&self.sent_back);
-            for p in parts {
-                if let Some(part::Kind::Receiver(r)) = &p.kind
-                    && let Some(region) = take_one(&mut sent_back, (r.segment, r.generation))
-                {
-                    taken.push(region);
-                }
-            }
-        }
+        let taken = take_for_parts(&mut lock(&self.sent_back), parts, |k| match k {
+            part::Kind::Receiver(r) => Some(r),
+            _ => None,
+        });
         // Dropped outside the lock: dropping an `Incoming` queues a frame.
         drop(taken);
     }

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use super::loan::{Incoming, Located, Outgoing, PeerRegions};
 use super::outbox::Outbox;
 use super::split::{Piece, SplitBuf};
-use super::{ByRegion, take_one};
+use super::{ByRegion, take_for_parts, take_one};
 use crate::config::SessionParams;
 use crate::pool::Lease;
 use crate::proto::v1::{self, part};
@@ -254,17 +254,10 @@ impl Sender {
 
     /// Drops the holds of a reference that never reached the peer (it went inline instead): one per `sender` part.
     pub(super) fn cancel_holds(&self, parts: &[v1::Part]) {
-        let mut taken = Vec::new();
-        {
-            let mut holds = lock(&self.holds);
-            for p in parts {
-                if let Some(part::Kind::Sender(r)) = &p.kind
-                    && let Some(hold) = take_one(&mut holds, (r.segment, r.generation))
-                {
-                    taken.push(hold);
-                }
-            }
-        }
+        let taken = take_for_parts(&mut lock(&self.holds), parts, |k| match k {
+            part::Kind::Sender(r) => Some(r),
+            _ => None,
+        });
         for (_, n, _) in &taken {
             self.held.fetch_sub(*n, Ordering::AcqRel);
         }

@@ -127,3 +127,22 @@ fn closing_gives_back_every_hold_and_mapping() {
     eventually("the server session ends", || !server.is_alive());
     assert_eq!(server.stats().peer_segments, 0);
 }
+
+#[test]
+fn a_message_taken_back_is_rebuilt_whole_and_holds_nothing() {
+    let (client, server) = pair();
+    let msg = blob(1 << 20);
+    let (r, unacknowledged) = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    assert_eq!(unacknowledged.len(), 1, "a new segment: the message must wait for its registration's answer");
+    assert_eq!(client.stats().holds, 1);
+    // The peer refuses, or the answer does not come: the message goes inline, rebuilt from our buffer.
+    let bytes = client.take_back(&r).expect("the session is alive");
+    assert_eq!(<Blob as prost::Message>::decode(&bytes[..]).unwrap(), msg);
+    assert_eq!(client.stats().holds, 0, "a reference that never left holds nothing");
+    assert!(client.sender.params().pool.stats().is_idle());
+    // Once the session is closed its holds are gone: nothing can be rebuilt.
+    let (r, _) = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    client.close();
+    assert!(client.take_back(&r).is_none());
+    drop(server);
+}
