@@ -24,6 +24,9 @@ pub(crate) struct ServeArgs {
     /// Also accept sessions from this uid (the server's own uid and root always are). Repeat for several.
     #[arg(long)]
     allow_uid: Vec<u32>,
+    /// Byte budget of the server's pool (for example 512MiB).
+    #[arg(long, default_value = "4GiB")]
+    pool_budget: ByteSize,
     /// Seconds a pool buffer may stay idle before its memory goes back to the system (0: never; fractions allowed).
     #[arg(long, default_value_t = shmgrpc::pool::DEFAULT_IDLE_RELEASE.as_secs_f64())]
     idle_release: f64,
@@ -117,7 +120,7 @@ pub(crate) struct Ready {
 
 pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let idle = (a.idle_release > 0.0).then(|| Duration::from_secs_f64(a.idle_release));
-    let pool = shmgrpc::PoolConfig::default().backend(a.backend).idle_release(idle);
+    let pool = shmgrpc::PoolConfig::default().backend(a.backend).idle_release(idle).budget(a.pool_budget.as_u64());
     let mut config = shmgrpc::ServerConfig::default().pool_config(pool);
     if let Some(path) = a.side_channel {
         config = config.side_channel(path);

@@ -323,22 +323,79 @@ async fn a_peer_that_fills_the_caps_fails_no_call_of_another() {
     drop(hostile);
 }
 
-/// Answers every registration on `s` with an error until the connection ends, as a peer that cannot open the
-/// server's segments would (another mount or IPC namespace, or an implementation without named segments).
-fn refuse_every_registration(s: Sock) -> std::thread::JoinHandle<usize> {
+/// Answers every registration on `s` until the connection ends: with `error` (a peer that cannot open the server's
+/// segments: another mount or IPC namespace, or an implementation without named segments), or, if it is empty, as
+/// accepted (a peer that then never releases anything). Returns how many it answered.
+fn answer_every_registration(s: Sock, error: &'static str) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
-        let mut refused = 0;
+        let mut answered = 0;
         while let Ok(Some((m, _))) = wire::read_frame(&s) {
             if let Some(Kind::Register(reg)) = m.kind {
-                let answer = v1::Registered { segment: reg.segment, error: "cannot open it here".into() };
+                let answer = v1::Registered { segment: reg.segment, error: error.into() };
                 if wire::write_frame(&s, &wire::frame(Kind::Registered(answer)), None).is_err() {
                     break;
                 }
-                refused += 1;
+                answered += 1;
             }
         }
-        refused
+        answered
     })
+}
+
+/// A `Download` of `size` bytes under session `id`, on a plain channel: the reply as it came, a reference or the
+/// message itself.
+async fn raw_download(ch: &tonic::transport::Channel, id: &[u8], size: u64, seed: u32) -> Bytes {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let mut g = tonic::client::Grpc::new(ch.clone()).max_decoding_message_size(usize::MAX);
+    g.ready().await.unwrap();
+    let body = shmgrpc_demo::DownloadRequest { size, seed, count: 1 }.encode_to_vec();
+    let mut req = tonic::Request::new(Bytes::from(body));
+    req.metadata_mut().insert("shmgrpc-session", hex.parse().unwrap());
+    let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Download");
+    g.unary(req, path, common::Raw).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_never_release_cannot_push_another_clients_messages_inline() {
+    // A 512 MiB pool, so that six peers keeping every reply could fill it many times over.
+    let srv = serve(&["--pool-budget", "512MiB"]).await;
+    let mut hogs = Vec::new();
+    for _ in 0..6 {
+        let (s, id) = handshake(&srv).await;
+        let answers = answer_every_registration(s.clone(), "");
+        hogs.push((s, id, answers));
+    }
+    // Each keeps (never releases) 40 replies of 3 MiB: 720 MiB wanted in all.
+    let mut tasks = Vec::new();
+    for (_, id, _) in &hogs {
+        let (unix, id) = (srv.unix.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            let ch = common::plain_channel(&unix).await;
+            let mut shared = 0;
+            for seed in 0..40 {
+                if wire::is_reference(&raw_download(&ch, &id, 3 << 20, seed).await) {
+                    shared += 1;
+                }
+            }
+            shared
+        }));
+    }
+    let mut kept = 0;
+    for t in tasks {
+        kept += t.await.unwrap();
+    }
+    assert!(kept < 6 * 40, "the pool cannot have held every hog's replies");
+    // An honest client still gets its replies through shared memory, small and large.
+    let ch = ShmChannel::connect(&srv.unix).await.unwrap();
+    let mut c = client(&ch);
+    for (seed, size) in [3u64 << 20, 20 << 20, 3 << 20, 20 << 20].into_iter().enumerate() {
+        let d = c.download(shmgrpc_demo::DownloadRequest { size, seed: seed as u32, count: 1 }).await.unwrap();
+        let d = d.into_inner();
+        shmgrpc_demo::verify(&d).unwrap();
+        assert!(shmgrpc::is_shared(&d.data), "reply {seed} went inline: {:?}", ch.stats());
+    }
+    println!("the six hogs kept {kept} of their 240 replies in shared memory");
+    drop(hogs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +403,7 @@ async fn a_client_that_refuses_every_named_segment_gets_every_reply_inline() {
     for backend in ["posix", "sysv"] {
         let srv = serve(&["--backend", backend]).await;
         let (s, id) = handshake(&srv).await;
-        let refuser = refuse_every_registration(s.clone());
+        let refuser = answer_every_registration(s.clone(), "cannot open it here");
         let ch = common::plain_channel(&srv.unix).await;
         let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
         for seed in 0..8u32 {

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use crate::pool::{Pool, PoolConfig};
@@ -55,6 +56,7 @@ impl SendConfig {
             window: self.window.max(1),
             window_wait: self.window_wait,
             recorder: Recorder::new(side),
+            sessions: Arc::default(),
         })
     }
 }
@@ -72,6 +74,8 @@ pub(crate) struct SessionParams {
     pub(crate) window_wait: Duration,
     /// The counters of the channel or server the session belongs to.
     pub(crate) recorder: Arc<Recorder>,
+    /// Live sessions of that channel or server, which share its pool (see `Sender::alloc`).
+    pub(crate) sessions: Arc<AtomicUsize>,
 }
 
 /// The sending options `ClientConfig` and `ServerConfig` share, over their `send: SendConfig` field: one

@@ -29,11 +29,14 @@ pub enum Fallback {
     RegistrationFailed,
     /// The peer held as many bytes of ours as the in-flight window allows, for longer than the bounded wait.
     WindowFull,
+    /// The peer already holds a large share of our pool (a sixteenth of its budget or more) and the pool is nearly
+    /// full: the last quarter of the budget is left to peers that hold little.
+    ShareExceeded,
 }
 
 impl Fallback {
     /// All reasons, in counter order.
-    pub const ALL: [Fallback; 9] = [
+    pub const ALL: [Fallback; 10] = [
         Fallback::PeerLacksShmgrpc,
         Fallback::DiscoveryFailed,
         Fallback::UnsupportedVersion,
@@ -43,6 +46,7 @@ impl Fallback {
         Fallback::PoolExhausted,
         Fallback::RegistrationFailed,
         Fallback::WindowFull,
+        Fallback::ShareExceeded,
     ];
 
     fn index(self) -> usize {
@@ -61,6 +65,7 @@ impl Fallback {
             Fallback::PoolExhausted => "pool_exhausted",
             Fallback::RegistrationFailed => "registration_failed",
             Fallback::WindowFull => "window_full",
+            Fallback::ShareExceeded => "share_exceeded",
         }
     }
 }
@@ -77,6 +82,7 @@ impl std::fmt::Display for Fallback {
             Fallback::PoolExhausted => "pool exhausted",
             Fallback::RegistrationFailed => "segment registration failed",
             Fallback::WindowFull => "in-flight window full",
+            Fallback::ShareExceeded => "peer holds its share of the pool",
         })
     }
 }

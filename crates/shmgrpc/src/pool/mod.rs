@@ -88,6 +88,9 @@ struct Inner {
     classes: Box<[Class]>,
     /// Bytes of every segment that exists or is being created; never above the budget.
     reserved: AtomicU64,
+    /// Bytes of the buffers leased now (the sum of the classes' `in_use_bytes`, kept at hand for
+    /// [`Pool::try_alloc_leaving`]).
+    in_use: AtomicU64,
     next_id: AtomicU32,
     returns: Arc<Notify>,
     /// Release count and condition variable for blocking waits ([`Pool::alloc_blocking`]).
@@ -197,6 +200,7 @@ impl Pool {
                 ranges: Mutex::default(),
                 classes,
                 reserved: AtomicU64::new(0),
+                in_use: AtomicU64::new(0),
                 next_id: AtomicU32::new(1),
                 returns: Arc::new(Notify::new()),
                 returns_sync: (Mutex::new(0), Condvar::new()),
@@ -319,8 +323,16 @@ impl Pool {
     /// Allocates without ever waiting: over budget (after dropping idle buffers) it fails with
     /// [`Error::Exhausted`] whatever the policy.
     pub fn try_alloc(&self, size: usize) -> Result<Lease> {
+        self.try_alloc_leaving(size, 0)
+    }
+
+    /// Like [`Pool::try_alloc`], but fails with [`Error::Exhausted`] unless at least `keep` bytes of the budget stay
+    /// free of leases afterwards. For callers that share one pool among several users: a user that already holds
+    /// much leaves the last `keep` bytes to the others. (Checked when the lease is made; concurrent allocations may
+    /// overshoot it by a buffer each, never the budget.)
+    pub fn try_alloc_leaving(&self, size: usize, keep: u64) -> Result<Lease> {
         self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
-        match self.attempt(size) {
+        match self.attempt_leaving(size, keep) {
             Ok(lease) => Ok(lease),
             Err(Miss::Fatal(e)) => Err(e),
             Err(Miss::Budget { needed }) => Err(self.exhausted(needed)),
@@ -334,12 +346,19 @@ impl Pool {
     }
 
     fn attempt(&self, size: usize) -> std::result::Result<Lease, Miss> {
+        self.attempt_leaving(size, 0)
+    }
+
+    fn attempt_leaving(&self, size: usize, keep: u64) -> std::result::Result<Lease, Miss> {
         let (ci, cap) = self.class_for(size).map_err(Miss::Fatal)?;
-        if cap as u64 > self.inner.config.budget {
+        let budget = self.inner.config.budget;
+        if cap as u64 > budget {
             return Err(Miss::Fatal(Error::InvalidArgument(format!(
-                "allocation of {size} bytes exceeds the pool budget of {} bytes",
-                self.inner.config.budget
+                "allocation of {size} bytes exceeds the pool budget of {budget} bytes"
             ))));
+        }
+        if keep > 0 && self.inner.in_use.load(Ordering::Acquire) + cap as u64 + keep > budget {
+            return Err(Miss::Budget { needed: cap as u64 + keep });
         }
         let class = &self.inner.classes[ci];
         // Reuse an idle buffer: the smallest that fits (only the oversize class has several sizes).
@@ -359,6 +378,7 @@ impl Pool {
             if let Some(i) = pick {
                 let mut buffer = st.free.swap_remove(i);
                 st.in_use_bytes += buffer.capacity() as u64;
+                self.inner.in_use.fetch_add(buffer.capacity() as u64, Ordering::AcqRel);
                 drop(st);
                 gauges(buffer.capacity() as i64, -(buffer.capacity() as i64));
                 buffer.renew();
@@ -379,6 +399,7 @@ impl Pool {
             st.bytes += cap as u64;
             st.in_use_bytes += cap as u64;
         }
+        self.inner.in_use.fetch_add(cap as u64, Ordering::AcqRel);
         gauges(cap as i64, 0);
         self.inner.counters.grows.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(class = cap, "pool grew by one buffer");
@@ -546,6 +567,7 @@ impl Pool {
         {
             let mut st = lock(&self.inner.classes[class].state);
             st.in_use_bytes -= buffer.capacity() as u64;
+            self.inner.in_use.fetch_sub(buffer.capacity() as u64, Ordering::AcqRel);
             gauges(-(buffer.capacity() as i64), buffer.capacity() as i64);
             st.free.push(buffer);
         }

@@ -184,6 +184,9 @@ impl Session {
             sender: Sender::new(params, outbox.clone()),
             outbox,
         });
+        // Counted before anything can close it (`close` uncounts it).
+        session.sender.params().sessions.fetch_add(1, Ordering::AcqRel);
+        session.recorder().session(1);
         lock(&REGISTRY).insert((id, side), Arc::downgrade(&session));
         upkeep::watch(&session.sender.params().pool);
         // The tasks hold the session weakly: it ends when its owner (the channel, the server) lets go, not when a
@@ -196,7 +199,6 @@ impl Session {
             session.close();
             return Err(e);
         }
-        session.recorder().session(1);
         tracing::debug!(?side, peer_pid, "shmgrpc session established");
         Ok(session)
     }
@@ -456,6 +458,7 @@ impl Session {
         let back = self.sender.close();
         self.receiver.close();
         self.recorder().session(-1);
+        self.sender.params().sessions.fetch_sub(1, Ordering::AcqRel);
         tracing::debug!(side = ?self.side, reclaimed = back, "shmgrpc session torn down");
     }
 }

@@ -49,6 +49,12 @@ pub(crate) enum Outcome {
     Refused,
 }
 
+/// A peer that holds at least this fraction of the pool's budget is a heavy holder (see [`Sender::alloc`]).
+const HEAVY_SHARE: u64 = 16;
+
+/// The fraction of the pool's budget left free of leases for peers that hold little.
+const RESERVED_FOR_LIGHT: u64 = 4;
+
 /// After a refusal, registrations of new segments pause for a while (doubling up to [`MAX_BACKOFF`]), so that a
 /// peer that cannot or will not map our segments costs neither it nor us a new segment and a round trip per
 /// message: messages that would need a new segment go inline at once meanwhile.
@@ -154,13 +160,14 @@ impl Sender {
         back
     }
 
-    /// A pool buffer for a loan, never waiting; `None` (counted as a fallback) when the pool is out of budget.
+    /// A pool buffer for a loan, never waiting; `None` (counted as a fallback) when the pool has no room for this
+    /// peer (see [`Sender::alloc`]).
     pub(super) fn loan_lease(&self, len: usize) -> Option<Lease> {
-        match self.params.pool.try_alloc(len) {
+        match self.alloc(len) {
             Ok(lease) => Some(lease),
-            Err(e) => {
-                tracing::debug!(error = %e, "loan from ordinary memory");
-                self.recorder().record_both(Event::Fallback(Fallback::PoolExhausted));
+            Err(reason) => {
+                tracing::debug!(%reason, "loan from ordinary memory");
+                self.recorder().record_both(Event::Fallback(reason));
                 None
             }
         }
@@ -350,11 +357,22 @@ impl Sender {
     /// A pool buffer for sending, never waiting (the encoder runs on a poll path). When the budget is used up, the
     /// pool's return count is noted, so the next call waits asynchronously for a return before its first message
     /// (see [`Sender::pool_short`]).
+    ///
+    /// The pool is shared by every session of the channel or server: while there are several, a peer that already
+    /// holds a sixteenth of the budget or more gets a buffer only while a quarter of the budget stays free of
+    /// leases, so that peers that keep what they are sent cannot push the others' messages inline (they lose their
+    /// own shared memory only).
     fn alloc(&self, len: usize) -> Result<Lease, Fallback> {
-        let returned = self.params.pool.returned();
-        self.params.pool.try_alloc(len).map_err(|_| {
+        let pool = &self.params.pool;
+        let budget = pool.config().budget_bytes();
+        // Only among several sessions: a channel's own pool serves one peer, which may use all of it.
+        let shared = self.params.sessions.load(Ordering::Relaxed) > 1;
+        let heavy = shared && self.held() >= budget / HEAVY_SHARE;
+        let keep = if heavy { budget / RESERVED_FOR_LIGHT } else { 0 };
+        let returned = pool.returned();
+        pool.try_alloc_leaving(len, keep).map_err(|_| {
             self.short_at.store(returned, Ordering::Release);
-            Fallback::PoolExhausted
+            if heavy { Fallback::ShareExceeded } else { Fallback::PoolExhausted }
         })
     }
 
@@ -622,6 +640,35 @@ mod tests {
         assert!(s.pool_short(), "the next call may wait for a return");
         s.on_release(r.segment, r.generation);
         assert!(!s.pool_short(), "a buffer came back");
+    }
+
+    #[test]
+    fn a_peer_holding_much_leaves_the_last_quarter_of_a_shared_pool_to_the_others() {
+        let pool = crate::Pool::new(PoolConfig::default().budget(16 << 20).slabs(0, 0)).unwrap();
+        let config = SendConfig { pool: Some(pool.clone()), ..SendConfig::default() };
+        let (hog, _d1) = sender(config.clone());
+        let (light, _d2) = sender(config);
+        // Two sessions share the pool (counted by the session layer, which these senders have none of).
+        hog.params.sessions.store(2, Ordering::Relaxed);
+        light.params.sessions.store(2, Ordering::Relaxed);
+        // The hog keeps 1000 KiB messages (1 MiB buffers): once it holds a sixteenth of the budget, it gets a
+        // buffer only while a quarter of the budget stays free.
+        let mut kept = 0;
+        let refused = loop {
+            match encode(&hog, 1000 << 10) {
+                Ok(_) => kept += 1,
+                Err(reason) => break reason,
+            }
+        };
+        assert_eq!(refused, Fallback::ShareExceeded);
+        assert_eq!(kept, 12, "12 MiB of 16 in use, 4 left to the others");
+        // A peer that releases what it is sent still has the last quarter, message after message.
+        for _ in 0..8 {
+            let r = encode(&light, 1000 << 10).unwrap();
+            light.on_release(r.segment, r.generation);
+        }
+        // The hog, still holding all it kept, still gets nothing.
+        assert_eq!(encode(&hog, 1000 << 10), Err(Fallback::ShareExceeded));
     }
 
     #[test]

@@ -132,8 +132,8 @@ fn closing_gives_back_every_hold_and_mapping() {
 fn a_message_taken_back_is_rebuilt_whole_and_holds_nothing() {
     let (client, server) = pair();
     let msg = blob(1 << 20);
-    let (r, unacknowledged) = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
-    assert_eq!(unacknowledged.len(), 1, "a new segment: the message must wait for its registration's answer");
+    // (Whether the peer's answer to the new segment's registration has come yet depends on the I/O thread.)
+    let (r, _) = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
     assert_eq!(client.stats().holds, 1);
     // The peer refuses, or the answer does not come: the message goes inline, rebuilt from our buffer.
     let bytes = client.take_back(&r).expect("the session is alive");
