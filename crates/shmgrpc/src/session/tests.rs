@@ -1,7 +1,7 @@
 //! A pair of sessions over a socketpair, inside one process: the two halves of each end working together through
 //! the side channel (registration without a round trip, resolving a reference, holds and their releases keyed by
 //! (segment, generation), refusals of stale and repeated releases, what closing gives back). No gRPC and no second
-//! process. Each half alone is tested in its own file (`sender.rs`, `receiver.rs`).
+//! process. Each half alone is tested beside it (`sender/tests.rs`, `receiver/tests.rs`).
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
