@@ -55,6 +55,11 @@ impl Gate {
         if registration == Outcome::Acknowledged && window_open { State::Open } else { State::Waiting }
     }
 
+    /// Whether a gate still waiting waits for a registration's answer (else only for the window).
+    fn state_waits_for_registration(&self, session: &Session) -> bool {
+        !self.unacknowledged.is_empty() && session.outcome(&self.unacknowledged) == Outcome::Pending
+    }
+
     /// How long it may wait.
     fn limit(&self, session: &Session) -> Duration {
         let mut limit = Duration::MAX;
@@ -265,13 +270,6 @@ fn poll_gates(held: &mut Held, current: &mut Current, cx: &mut Context<'_>) -> P
         return Poll::Ready(data);
     }
     Poll::Ready(rewrite(data, inline))
-}
-
-impl Gate {
-    /// Whether a gate still waiting waits for a registration's answer (else only for the window).
-    fn state_waits_for_registration(&self, session: &Session) -> bool {
-        !self.unacknowledged.is_empty() && session.outcome(&self.unacknowledged) == Outcome::Pending
-    }
 }
 
 /// `data` (gRPC messages) with the reference messages named by ordinal replaced by the given message bytes, sent
