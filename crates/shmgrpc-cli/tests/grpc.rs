@@ -837,3 +837,67 @@ async fn an_auth_layer_outside_shmgrpcs_rejects_discovery_and_the_channel_says_s
     drop(ch);
     server.abort();
 }
+
+/// Streams cancelled with messages in flight (protocol version 3, `CallEnd`): HTTP/2 discards what the reader had
+/// not read, and the reader tells the sender how many messages it read, so the holds of the rest go too. Both ends
+/// in this process, so that both sides' holds can be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cancelled_with_messages_in_flight_leave_no_hold_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let shm = ShmServer::new(ServerConfig::default()).unwrap();
+    let (stop, server) = serve_here(sock.clone(), shm.layer()).await;
+    let pool = Pool::new(PoolConfig::default()).unwrap();
+    let ch = ShmChannel::connect_with(&format!("unix:{}", sock.display()), ClientConfig::default().pool(pool.clone()))
+        .await
+        .unwrap();
+    assert!(ch.is_shared_memory(), "{:?}", ch.fallback());
+    let mut c = client(&ch);
+    // 20 downloads of 32 replies of 4 MiB, each abandoned after its second reply once the server has sent at
+    // least six: the client's HTTP/2 connection has received replies nobody will read.
+    for i in 0..20u32 {
+        let sent = shm.stats().shm_sent;
+        let req = DownloadRequest { size: 4 << 20, seed: i, count: 32 };
+        let mut s = c.download_stream(req).await.unwrap().into_inner();
+        for _ in 0..2 {
+            shmgrpc_demo::verify(&s.message().await.unwrap().unwrap()).unwrap();
+        }
+        eventually("the server sent more than was read", || shm.stats().shm_sent >= sent + 6).await;
+        drop(s);
+    }
+    let lost_downloads = shm.stats().lost_in_flight;
+    assert!(lost_downloads >= 20 * 4, "the client's `CallEnd` named the replies it never read: {lost_downloads}");
+    // 20 echo streams of 16 requests of 1 MiB, each abandoned after its second reply once the server has sent six:
+    // requests and replies (which send the requests' regions back) in flight both ways.
+    for i in 0..20u32 {
+        let sent = shm.stats().shm_sent;
+        let requests: Vec<Payload> = (0..16).map(|j| shmgrpc_demo::payload(1 << 20, i * 100 + j)).collect();
+        let mut s = c.echo_stream(tokio_stream::iter(requests)).await.unwrap().into_inner();
+        for _ in 0..2 {
+            shmgrpc_demo::verify(&s.message().await.unwrap().unwrap()).unwrap();
+        }
+        eventually("the server sent more than was read", || shm.stats().shm_sent >= sent + 6).await;
+        drop(s);
+    }
+    assert!(shm.stats().lost_in_flight >= lost_downloads + 20 * 4, "{:?}", shm.stats());
+    let stats = ch.stats();
+    assert!(stats.shm_sent >= 40 && stats.shm_received >= 80, "through shared memory: {stats:?}");
+    let quiet = || {
+        let (cs, ss) = (ch.session_stats(), shm.session_stats());
+        cs.holds == 0 && cs.sent_back == 0 && ss.holds == 0 && ss.sent_back == 0
+    };
+    eventually("no hold is left on either side", quiet).await;
+    eventually("both pools are idle", || pool.stats().is_idle() && shm.pool().stats().is_idle()).await;
+    assert_eq!(shm.sessions(), 1, "given back by the session, not by its end");
+    // The session goes on: a whole stream still comes through shared memory.
+    let req = DownloadRequest { size: 1 << 20, seed: 7, count: 3 };
+    let mut s = c.download_stream(req).await.unwrap().into_inner();
+    while let Some(p) = s.message().await.unwrap() {
+        shmgrpc_demo::verify(&p).unwrap();
+        assert!(shmgrpc::is_shared(&p.data));
+    }
+    drop((s, c, ch));
+    let _ = stop.send(());
+    let served = server.await.unwrap();
+    assert!(served.is_ok(), "{served:?}");
+}

@@ -35,7 +35,7 @@ use crate::session::Session;
 use crate::stats::{Fallback, Recorder, TransferStats};
 use crate::sync::{lock, read, write};
 
-pub use crate::protocol::{DEFAULT_THRESHOLD, SESSION_HEADER};
+pub use crate::protocol::{CALL_HEADER, DEFAULT_THRESHOLD, SESSION_HEADER};
 
 /// Errors of [`ShmChannel::connect`]: only the gRPC connection itself can fail; shared memory falls back.
 #[derive(Debug, thiserror::Error)]
@@ -291,10 +291,16 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
             self.maybe_reopen();
         }
         let recorder = self.state.recorder.clone();
+        let mut numbered = None;
         let req = match &session {
             Some(s) if s.is_alive() => {
-                let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone())));
+                let call = s.new_call();
+                let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone(), call)));
                 req.headers_mut().insert(SESSION_HEADER, s.header().clone());
+                if let Some(call) = call {
+                    req.headers_mut().insert(CALL_HEADER, http::HeaderValue::from(call));
+                    numbered = Some((s.0.clone(), call));
+                }
                 req
             }
             _ => {
@@ -306,7 +312,7 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
         };
         // References in the response may overtake their segments' registrations: held back until in. Responses
         // of calls without a session go through the same wrapper, which counts their messages for this channel.
-        ResponseFuture { inner: self.inner.call(req), recorder }
+        ResponseFuture { inner: self.inner.call(req), recorder, call: numbered }
     }
 }
 
@@ -316,16 +322,20 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
 pub struct ResponseFuture {
     inner: tonic::transport::channel::ResponseFuture,
     recorder: Arc<Recorder>,
+    /// The call's session and number, in a session that numbers calls.
+    call: Option<(Arc<Session>, u64)>,
 }
 
 impl std::future::Future for ResponseFuture {
     type Output = Result<http::Response<Body>, tonic::transport::Error>;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let recorder = self.recorder.clone();
-        std::pin::Pin::new(&mut self.inner)
-            .poll(cx)
-            .map_ok(|resp| resp.map(|b| Body::new(HoldBack::new(b, Side::Client, recorder))))
+        let polled = std::pin::Pin::new(&mut self.inner).poll(cx);
+        let (recorder, call) = match &polled {
+            Poll::Ready(_) => (self.recorder.clone(), self.call.take()),
+            Poll::Pending => return Poll::Pending,
+        };
+        polled.map_ok(|resp| resp.map(|b| Body::new(HoldBack::new(b, Side::Client, recorder, call))))
     }
 }
 
@@ -381,7 +391,7 @@ async fn establish(channel: &Channel, params: SessionParams) -> Result<Arc<Sessi
         .map_err(|_| Fallback::HandshakeFailed)?
         .await
         .map_err(|_| Fallback::HandshakeFailed)??;
-    Session::start(joined.id, Side::Client, params, joined.socket, joined.reader, joined.peer_pid).map_err(|e| {
+    Session::start(joined.id, Side::Client, params, joined.link).map_err(|e| {
         tracing::debug!(error = %e, "shmgrpc session tasks could not start");
         Fallback::HandshakeFailed
     })

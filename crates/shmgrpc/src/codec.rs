@@ -101,6 +101,9 @@ impl<T: Message> Encoder for ShmEncoder<T> {
             let Some(c) = current else {
                 return Outcome::Inline(None);
             };
+            // Every message counts, inline ones too: the receiver's `CallEnd` counts the messages it read.
+            let index = c.messages;
+            c.messages += 1;
             if len < c.threshold {
                 return Outcome::Inline(Some(c.recorder.clone()));
             }
@@ -116,7 +119,7 @@ impl<T: Message> Encoder for ShmEncoder<T> {
             if full && c.window_gave_up {
                 return Outcome::Fallback(c.recorder.clone(), Some(Fallback::WindowFull));
             }
-            match session.encode_to_shm(&item, len) {
+            match session.encode_to_shm(&item, len, c.call.map(|call| (call, index))) {
                 Ok((reference, unacknowledged)) => {
                     let wait_window = full && !c.window_checked;
                     c.window_checked = true;

@@ -23,7 +23,7 @@ use crate::protocol::{
     PROTOCOL_VERSION, TICKET_TTL,
 };
 use crate::segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
-use crate::session::SessionId;
+use crate::session::{Link, SessionId};
 use crate::side_channel::{FrameReader, write_frame};
 use crate::stats::Fallback;
 use crate::wire::Kind;
@@ -134,11 +134,7 @@ impl Tickets {
 }
 
 /// A side channel that passed the server's half of the handshake, ready for `Welcome`.
-pub(crate) struct Accepted {
-    pub(crate) socket: Arc<UnixStream>,
-    pub(crate) reader: FrameReader,
-    pub(crate) peer_pid: u32,
-}
+pub(crate) type Accepted = Link;
 
 /// The server's half (§4): uid check, `Attach` with a good ticket, the challenge and its proof. A refusal is
 /// answered with `Refused { reason }` and returned.
@@ -178,11 +174,11 @@ pub(crate) async fn accept(
         if proof.answer.as_ref() != challenge.as_slice() {
             return Err("wrong answer to the challenge");
         }
-        Ok(cred.pid.as_raw_pid() as u32)
+        Ok((cred.pid.as_raw_pid() as u32, attach.version))
     };
     let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await.unwrap_or(Err("handshake timed out"));
     match result {
-        Ok(peer_pid) => Ok(Accepted { socket, reader, peer_pid }),
+        Ok((peer_pid, version)) => Ok(Link { socket, reader, peer_pid, version }),
         Err(why) => {
             let refused = write_frame(&socket, Kind::Refused(v1::Refused { reason: why.into() }), None);
             let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, refused).await;
@@ -193,10 +189,8 @@ pub(crate) async fn accept(
 
 /// What the client's half of the handshake established.
 pub(crate) struct Joined {
-    pub(crate) socket: Arc<UnixStream>,
-    pub(crate) reader: FrameReader,
     pub(crate) id: SessionId,
-    pub(crate) peer_pid: u32,
+    pub(crate) link: Link,
 }
 
 /// The client's half (§4): connect, check the server's uid, present the ticket, answer the challenge, receive
@@ -255,7 +249,7 @@ pub(crate) async fn join(path: PathBuf, ticket: Bytes, version: u32) -> Result<J
     };
     let (id, peer_pid) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await.unwrap_or_else(|_| Err(failed("timed out")))?;
-    Ok(Joined { socket, reader, id, peer_pid })
+    Ok(Joined { id, link: Link { socket, reader, peer_pid, version } })
 }
 
 #[cfg(test)]

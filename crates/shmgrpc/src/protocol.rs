@@ -41,10 +41,14 @@ impl Side {
     }
 }
 
-/// Protocol version this implementation speaks (§2). Version 2 registers segments without a round trip: a
+/// Highest protocol version this implementation speaks (§2). Version 2 registers segments without a round trip: a
 /// reference may name a segment whose `Register` the receiver has not read yet, and the receiver holds the
-/// message back until it has (§5, §6).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// message back until it has (§5, §6). Version 3 numbers calls (the [`CALL_HEADER`]) and adds `CallEnd`, so that
+/// the references of messages a cancelled stream discarded are given back (§7).
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// First version with call numbers and `CallEnd` (§6, §7).
+pub(crate) const CALL_END_VERSION: u32 = 3;
 
 /// Oldest protocol version a server of this crate accepts (§2). Version 1 (wait for `Registered` before
 /// referring to a segment) is not spoken any more.
@@ -52,6 +56,10 @@ pub const MIN_PROTOCOL_VERSION: u32 = 2;
 
 /// The header that names the session a call belongs to (§6): the session id as 32 lowercase hex digits.
 pub const SESSION_HEADER: &str = "shmgrpc-session";
+
+/// The header that numbers a call within its session (§6, version 3 and later): a decimal `u64` the client
+/// chooses, distinct among the session's calls; `CallEnd` names the call by it.
+pub const CALL_HEADER: &str = "shmgrpc-call";
 
 /// The discovery method, answered by the server layer on the gRPC connection itself (§2).
 pub(crate) const HELLO_PATH: &str = "/shmgrpc.v1.Session/Hello";

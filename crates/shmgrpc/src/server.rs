@@ -37,7 +37,7 @@ use crate::pool::Pool;
 use crate::proto::v1::session_server::{Session as SessionRpc, SessionServer};
 use crate::proto::v1::{self, HelloRequest, HelloResponse};
 use crate::protocol::Side;
-use crate::protocol::{HELLO_PATH, MAX_HANDSHAKES, SESSION_HEADER};
+use crate::protocol::{CALL_HEADER, HELLO_PATH, MAX_HANDSHAKES, SESSION_HEADER};
 use crate::session::Session;
 use crate::stats::{Event, TransferStats};
 use crate::sync::lock;
@@ -223,9 +223,7 @@ async fn establish(shared: &Shared, stream: tokio::net::UnixStream) -> std::resu
     }
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|_| "randomness")?;
-    let session =
-        Session::start(id, Side::Server, shared.params.clone(), accepted.socket, accepted.reader, accepted.peer_pid)
-            .map_err(|_| "session tasks")?;
+    let session = Session::start(id, Side::Server, shared.params.clone(), accepted).map_err(|_| "session tasks")?;
     {
         let mut sessions = lock(&shared.sessions);
         sessions.retain(|s| s.strong_count() > 0);
@@ -341,6 +339,12 @@ where
             .get(SESSION_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|hex| Session::lookup_hex(hex, Side::Server));
+        // The call's number (protocol version 3): a header that is missing or not a decimal number leaves the call
+        // unnumbered, served as in version 2.
+        let call = session.as_ref().filter(|s| s.numbers_calls()).and_then(|_| {
+            let v = req.headers().get(CALL_HEADER)?.to_str().ok()?;
+            v.bytes().all(|b| b.is_ascii_digit()).then(|| v.parse::<u64>().ok()).flatten()
+        });
         let mut req = req;
         if let Some(s) = &session {
             req.extensions_mut().insert(CallSession(s.clone()));
@@ -348,7 +352,8 @@ where
         // References in the request may overtake their segments' registrations: hold them back until in. (Calls
         // without a session pass through the same wrapper, which counts their messages for this server.)
         let recorder = self.shared.params.recorder.clone();
-        req = req.map(|b| Body::new(HoldBack::new(b, Side::Server, recorder.clone())));
+        let numbered = session.clone().zip(call);
+        req = req.map(|b| Body::new(HoldBack::new(b, Side::Server, recorder.clone(), numbered)));
         let threshold = self.shared.params.threshold;
         // The standard tower dance: call the instance that was made ready, keep a fresh clone.
         let clone = self.inner.clone();
@@ -357,7 +362,7 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             Ok(match session {
-                Some(s) => resp.map(|b| Body::new(SessionBody::new(b, s))),
+                Some(s) => resp.map(|b| Body::new(SessionBody::new(b, s, call))),
                 None => resp.map(|b| Body::new(SessionBody::without_session(b, recorder, threshold, None))),
             })
         })

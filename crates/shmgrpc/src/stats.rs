@@ -110,6 +110,8 @@ pub(crate) enum Event {
     WindowWait,
     /// A call began waiting (asynchronously, before its first message) for a buffer to come back to the pool.
     PoolWait,
+    /// A message of ours the peer never received (its stream ended first, `CallEnd`): its holds were dropped.
+    LostInFlight,
 }
 
 #[derive(Debug)]
@@ -127,6 +129,7 @@ struct Counters {
     peer_refusals: AtomicU64,
     window_waits: AtomicU64,
     pool_waits: AtomicU64,
+    lost_in_flight: AtomicU64,
     fallbacks: [AtomicU64; Fallback::ALL.len()],
 }
 
@@ -146,6 +149,7 @@ impl Counters {
             peer_refusals: AtomicU64::new(0),
             window_waits: AtomicU64::new(0),
             pool_waits: AtomicU64::new(0),
+            lost_in_flight: AtomicU64::new(0),
             fallbacks: [const { AtomicU64::new(0) }; Fallback::ALL.len()],
         }
     }
@@ -166,6 +170,7 @@ impl Counters {
             Event::Fallback(reason) => _ = self.fallbacks[reason.index()].fetch_add(1, Relaxed),
             Event::WindowWait => _ = self.window_waits.fetch_add(1, Relaxed),
             Event::PoolWait => _ = self.pool_waits.fetch_add(1, Relaxed),
+            Event::LostInFlight => _ = self.lost_in_flight.fetch_add(1, Relaxed),
         }
     }
 
@@ -184,6 +189,7 @@ impl Counters {
             peer_refusals: self.peer_refusals.load(Relaxed),
             window_waits: self.window_waits.load(Relaxed),
             pool_waits: self.pool_waits.load(Relaxed),
+            lost_in_flight: self.lost_in_flight.load(Relaxed),
             fallbacks: Fallback::ALL.iter().map(|&f| (f, self.fallbacks[f.index()].load(Relaxed))).collect(),
         }
     }
@@ -224,6 +230,10 @@ pub struct TransferStats {
     /// Calls that waited (asynchronously, before their first message, bounded by the exhausted wait) for a buffer
     /// to come back to an exhausted pool.
     pub pool_waits: u64,
+    /// Messages of ours with something in shared memory that the peer never received, because its end of the
+    /// stream stopped reading first (a cancelled stream, a call rejected before its handler read it; protocol
+    /// version 3 `CallEnd`): their holds were dropped when the peer said so, instead of at the session's end.
+    pub lost_in_flight: u64,
     /// Messages at or above the threshold that went inline, by reason.
     pub fallbacks: Vec<(Fallback, u64)>,
 }
@@ -325,6 +335,8 @@ pub mod metric_names {
     pub const BAD_RELEASES: &str = "shmgrpc_bad_releases_total";
     /// Counter: calls that waited before their first message, by `side` and `reason` (`window`, `pool`).
     pub const WAITS: &str = "shmgrpc_waits_total";
+    /// Counter {side}: messages the peer never received because its end of the call stopped reading first.
+    pub const LOST_IN_FLIGHT: &str = "shmgrpc_lost_in_flight_total";
     /// Gauge: open sessions, by `side`.
     pub const SESSIONS: &str = "shmgrpc_sessions";
     /// Gauge: bytes of pool buffers, by `state` (`in_use`, `idle`), summed over the process's pools.
@@ -361,6 +373,7 @@ mod export {
             }
             Event::WindowWait => metrics::counter!(m::WAITS, "side" => side, "reason" => "window").increment(1),
             Event::PoolWait => metrics::counter!(m::WAITS, "side" => side, "reason" => "pool").increment(1),
+            Event::LostInFlight => metrics::counter!(m::LOST_IN_FLIGHT, "side" => side).increment(1),
         }
     }
 

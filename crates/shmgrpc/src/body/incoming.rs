@@ -35,10 +35,12 @@ const PEEK: usize = 3;
 /// A call's incoming body that holds back a message naming a segment whose registration has not arrived (see the
 /// module docs).
 ///
-/// Dropped before its messages were all decoded (an interceptor or auth layer rejected the call before its handler
-/// ran, a handler stopped reading a stream), it gives back what the peer lent in the references nobody decoded:
-/// those already received at once, and those still on their way from a task on the I/O runtime that reads the rest
-/// of the body for at most [`REGISTRATION_WAIT`].
+/// Dropped before its end (an interceptor or auth layer rejected the call before its handler ran, a handler stopped
+/// reading a stream, the stream was reset), it gives back what the peer lent in the messages nobody decoded: those
+/// already received at once. In a session that numbers calls (protocol version 3) it then tells the peer how many
+/// messages of the call it read (`CallEnd`), and the peer drops the holds of the rest, which HTTP/2 discards with
+/// the stream. With a version 2 peer it reads the rest of a body nobody read from a task on the I/O runtime for at
+/// most [`REGISTRATION_WAIT`], and answers what arrives.
 pub(crate) struct HoldBack<B> {
     /// `None` once dropped (handed to the drain).
     inner: Option<B>,
@@ -46,25 +48,32 @@ pub(crate) struct HoldBack<B> {
     trailers: Option<http::HeaderMap>,
     /// The inner body ended (or failed).
     done: bool,
+    /// The inner body reached its end (trailers, or the end of the stream): the peer's messages all arrived.
+    finished: bool,
     /// Whether anyone read it: a body dropped unread (its call rejected before its handler ran) is read to its end
-    /// in the background; one dropped while being read (a stream its reader abandoned) only for what has arrived,
-    /// so that the peer learns at once that the call is over and stops sending.
+    /// in the background (version 2); one dropped while being read (a stream its reader abandoned) only for what
+    /// has arrived, so that the peer learns at once that the call is over and stops sending.
     polled: bool,
+    /// The call's session and number, in a session that numbers calls: where the `CallEnd` goes.
+    call: Option<(Arc<Session>, u64)>,
     /// Reads the rest of a body dropped early (set where `B`'s bounds are known).
-    drain: fn(B, Scanner, bool),
+    drain: Drain<B>,
 }
+
+/// What [`drain`] is given: the body (`None` if it failed), what was scanned, the call, and whether to read to the
+/// end.
+type Drain<B> = fn(Option<B>, Scanner, Option<(Arc<Session>, u64)>, bool);
 
 impl<B> Drop for HoldBack<B> {
     fn drop(&mut self) {
         let side = self.scanner.side;
-        let scanner = std::mem::replace(&mut self.scanner, Scanner::new(side, None));
-        match self.inner.take() {
-            Some(inner) if !self.done => (self.drain)(inner, scanner, !self.polled),
-            _ => {
-                let mut scanner = scanner;
-                scanner.release_unread();
-            }
+        let mut scanner = std::mem::replace(&mut self.scanner, Scanner::new(side, None));
+        if self.finished {
+            scanner.release_unread();
+            return;
         }
+        let inner = if self.done { None } else { self.inner.take() };
+        (self.drain)(inner, scanner, self.call.take(), !self.polled);
     }
 }
 
@@ -72,34 +81,46 @@ impl<B> Drop for HoldBack<B> {
 /// flow control; this bounds the work of one `Drop`.
 const MAX_DRAINED_FRAMES: usize = 4096;
 
-/// Reads the rest of a body dropped before its end: what has arrived at once, and, if the body has not ended yet and
-/// `to_end`, the rest from a task on the I/O runtime for at most [`REGISTRATION_WAIT`]; then answers every reference
-/// message nobody decoded (see [`Scanner::release_unread`]).
-fn drain<B>(mut inner: B, mut sc: Scanner, to_end: bool)
-where
-    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
-{
+/// Scans what has arrived of `inner`, without waiting; whether the stream goes on (it neither ended nor failed).
+fn read_arrived<B: http_body::Body<Data = Bytes> + Unpin>(inner: &mut B, sc: &mut Scanner) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    let mut ended = false;
     for _ in 0..MAX_DRAINED_FRAMES {
-        match Pin::new(&mut inner).poll_frame(&mut cx) {
+        match Pin::new(&mut *inner).poll_frame(&mut cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     sc.feed(data);
                 }
             }
-            Poll::Ready(_) => {
-                ended = true;
-                break;
-            }
+            Poll::Ready(_) => return false,
             Poll::Pending => break,
         }
     }
-    if ended || !to_end {
+    true
+}
+
+/// Answers every reference message of a body dropped before its end that arrived and nobody decoded (see
+/// [`Scanner::release_unread`]). In a numbered call, then tells the peer how many messages it read (`CallEnd`),
+/// unless the stream was at its end: the messages HTTP/2 still buffers are dropped with the body, and the peer
+/// drops their holds. Otherwise (a version 2 peer) reads what has arrived too, and, if `to_end` and the stream goes
+/// on, the rest from a task on the I/O runtime for at most [`REGISTRATION_WAIT`], answering it all.
+fn drain<B>(mut inner: Option<B>, mut sc: Scanner, call: Option<(Arc<Session>, u64)>, to_end: bool)
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    if let Some((session, call)) = call {
+        let at_end = inner.as_ref().is_some_and(|b| b.is_end_stream());
         drop(inner);
         sc.release_unread();
+        if !at_end {
+            session.end_call(call, sc.messages);
+        }
         return;
     }
+    let goes_on = inner.as_mut().is_some_and(|b| read_arrived(b, &mut sc));
+    let Some(mut inner) = inner.filter(|_| goes_on && to_end) else {
+        sc.release_unread();
+        return;
+    };
     let rest = async move {
         let read = async {
             while let Some(Ok(frame)) = std::future::poll_fn(|cx| Pin::new(&mut inner).poll_frame(cx)).await {
@@ -133,6 +154,8 @@ struct Scanner {
     held: Option<Held>,
     /// Bytes that arrived behind the held message, not scanned yet.
     backlog: VecDeque<Bytes>,
+    /// Messages that arrived whole (what a `CallEnd` reports).
+    messages: u64,
 }
 
 /// A complete reference message waiting for registrations.
@@ -144,10 +167,20 @@ struct Held {
 }
 
 impl<B: http_body::Body<Data = Bytes> + Unpin + Send + 'static> HoldBack<B> {
-    /// Wraps the incoming body of a call on `side`'s end, counting its inline messages for `recorder`.
-    pub(crate) fn new(inner: B, side: Side, recorder: Arc<Recorder>) -> Self {
+    /// Wraps the incoming body of a call on `side`'s end, counting its inline messages for `recorder`; `call` is
+    /// the call's session and number, in a session that numbers calls.
+    pub(crate) fn new(inner: B, side: Side, recorder: Arc<Recorder>, call: Option<(Arc<Session>, u64)>) -> Self {
         let scanner = Scanner::new(side, Some(recorder));
-        HoldBack { inner: Some(inner), scanner, trailers: None, done: false, polled: false, drain: drain::<B> }
+        HoldBack {
+            inner: Some(inner),
+            scanner,
+            trailers: None,
+            done: false,
+            finished: false,
+            polled: false,
+            call,
+            drain: drain::<B>,
+        }
     }
 }
 
@@ -167,6 +200,7 @@ impl Scanner {
             draining: false,
             held: None,
             backlog: VecDeque::new(),
+            messages: 0,
         }
     }
 
@@ -272,8 +306,12 @@ impl Scanner {
     /// After a message's last byte: back to reading headers, holding a reference back if it must wait.
     fn finish_message(&mut self) {
         match &self.scan {
-            Scan::Passing(0) => self.scan = Scan::Header(Vec::new()),
+            Scan::Passing(0) => {
+                self.messages += 1;
+                self.scan = Scan::Header(Vec::new());
+            }
             Scan::Collecting(_, 0) => {
+                self.messages += 1;
                 let Scan::Collecting(msg, _) = std::mem::replace(&mut self.scan, Scan::Header(Vec::new())) else {
                     unreachable!("matched above")
                 };
@@ -411,6 +449,7 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for HoldBack<B> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     this.done = true;
+                    this.finished = true;
                     sc.end();
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -421,6 +460,7 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for HoldBack<B> {
                     Ok(data) => sc.feed(data),
                     Err(frame) => {
                         if let Ok(t) = frame.into_trailers() {
+                            this.finished = true;
                             this.trailers = Some(t);
                         }
                     }

@@ -52,6 +52,10 @@ pub(crate) struct Current {
     /// The window stayed full for a whole bounded wait of this call: its later large messages go inline at once
     /// while it is full.
     pub(crate) window_gave_up: bool,
+    /// The call's number in its session (protocol version 3), which tags our references for `CallEnd`.
+    pub(crate) call: Option<u64>,
+    /// Messages of this call encoded so far (the next one's index).
+    pub(crate) messages: u64,
     /// References encoded in this poll so far (a gate names its reference by this ordinal in the chunk).
     pub(crate) references: usize,
     /// Messages encoded in this poll that must wait before they leave.
@@ -72,6 +76,8 @@ impl Current {
             fallback,
             window_checked: false,
             window_gave_up: false,
+            call: None,
+            messages: 0,
             references: 0,
             gates: Vec::new(),
         }

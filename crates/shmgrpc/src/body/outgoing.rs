@@ -100,15 +100,23 @@ pin_project_lite::pin_project! {
             if let (Some(held), Some(current)) = (this.held.take(), this.current.as_ref()) {
                 abandon(current, held.gates);
             }
+            if let Some(current) = this.current.as_ref()
+                && let (Some(session), Some(call)) = (&current.session, current.call)
+            {
+                session.close_call(call);
+            }
         }
     }
 }
 
 impl<B> SessionBody<B> {
-    /// Wraps the outgoing body of a call in `session`.
-    pub(crate) fn new(inner: B, session: Arc<Session>) -> Self {
+    /// Wraps the outgoing body of a call in `session`; `call` is its number, in a session that numbers calls.
+    pub(crate) fn new(inner: B, session: Arc<Session>, call: Option<u64>) -> Self {
+        if let Some(call) = call {
+            session.open_call(call);
+        }
         let current = Current::new(None, session.recorder().clone(), session.threshold(), None);
-        let current = Current { session: Some(session), ..current };
+        let current = Current { session: Some(session), call, ..current };
         SessionBody { inner, current: Some(current), started: false, wait: None, held: None }
     }
 

@@ -17,6 +17,7 @@
 //! - [`receiver`]: the peer's segments: registrations, resolving references, regions sent back.
 //! - [`split`]: the encoder's buffer that turns slices already in shared memory into parts of their own.
 //! - [`upkeep`]: the task that gives idle pool memory back and has peers forget the segments dropped.
+//! - [`calls`]: which message of which call our references stand for, for the peer's `CallEnd` (version 3).
 //! - [`loan`]: the owners behind zero-copy `Bytes` ([`Loan`], `Outgoing`, `Incoming`) that the halves pass through
 //!   the session.
 //!
@@ -25,6 +26,7 @@
 //! receiver's regions to the encoder, the sender's holds to the resolver). The exchange is specified in
 //! `docs/protocol.md`.
 
+mod calls;
 mod loan;
 mod outbox;
 mod receiver;
@@ -36,7 +38,7 @@ mod upkeep;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -50,8 +52,8 @@ pub(crate) use receiver::Resolved;
 pub(crate) use sender::Outcome;
 
 use crate::config::SessionParams;
-use crate::proto::v1::part;
-use crate::protocol::{MAX_SESSION_PEER_BYTES, Side};
+use crate::proto::v1::{self, part};
+use crate::protocol::{CALL_END_VERSION, MAX_SESSION_PEER_BYTES, Side};
 use crate::side_channel::{self, FrameReader};
 use crate::stats::{Event, Fallback, Recorder};
 use crate::sync::lock;
@@ -130,11 +132,26 @@ fn take_for_parts<T>(
         .collect()
 }
 
+/// A side channel that has completed its handshake: what a session starts from.
+pub(crate) struct Link {
+    pub(crate) socket: Arc<UnixStream>,
+    /// The frames read so far (whatever followed the handshake's last frame).
+    pub(crate) reader: FrameReader,
+    /// The peer's pid as `SO_PEERCRED` gives it (0 when the peer is in a pid namespace this one cannot see).
+    pub(crate) peer_pid: u32,
+    /// The protocol version the two agreed on (§2).
+    pub(crate) version: u32,
+}
+
 /// One end of an established session.
 pub(crate) struct Session {
     id: SessionId,
     side: Side,
     peer_pid: u32,
+    /// The protocol version agreed on (§2): from 3 on, calls are numbered and `CallEnd` is spoken.
+    version: u32,
+    /// The number of the client's next call (§6), from 1.
+    next_call: AtomicU64,
     /// The `shmgrpc-session` header value, made once.
     header: http::HeaderValue,
     alive: AtomicBool,
@@ -162,20 +179,16 @@ impl Session {
     /// # Errors
     ///
     /// The I/O runtime could not be started.
-    pub(crate) fn start(
-        id: SessionId,
-        side: Side,
-        params: SessionParams,
-        socket: Arc<UnixStream>,
-        reader: FrameReader,
-        peer_pid: u32,
-    ) -> std::io::Result<Arc<Session>> {
+    pub(crate) fn start(id: SessionId, side: Side, params: SessionParams, link: Link) -> std::io::Result<Arc<Session>> {
+        let Link { socket, reader, peer_pid, version } = link;
         let (outbox, drain) = Outbox::new(Some(socket.clone()));
         let recorder = params.recorder.clone();
         let session = Arc::new(Session {
             id,
             side,
             peer_pid,
+            version,
+            next_call: AtomicU64::new(1),
             header: http::HeaderValue::from_str(&id.iter().map(|b| format!("{b:02x}")).collect::<String>())
                 .expect("hex is a valid header value"),
             alive: AtomicBool::new(true),
@@ -256,6 +269,36 @@ impl Session {
         self.alive.load(Ordering::Acquire)
     }
 
+    /// Whether calls of this session are numbered and `CallEnd` is spoken (protocol version 3 and later).
+    pub(crate) fn numbers_calls(&self) -> bool {
+        self.version >= CALL_END_VERSION
+    }
+
+    /// A number for a new call of the client's (§6), `None` in a session that does not number calls.
+    pub(crate) fn new_call(&self) -> Option<u64> {
+        self.numbers_calls().then(|| self.next_call.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Our outgoing body of call `call` begins (see [`Sender::open_call`]).
+    pub(crate) fn open_call(&self, call: u64) {
+        self.sender.open_call(call);
+    }
+
+    /// Our outgoing body of call `call` is gone (see [`Sender::close_call`]).
+    pub(crate) fn close_call(&self, call: u64) {
+        self.sender.close_call(call);
+    }
+
+    /// Tells the peer that we read only the first `received` messages of its call `call` (protocol §7): the
+    /// stream ended early, and the rest never arrive.
+    pub(crate) fn end_call(&self, call: u64, received: u64) {
+        if self.numbers_calls()
+            && let Err(e) = self.send(Kind::CallEnd(v1::CallEnd { call, received }), None)
+        {
+            tracing::debug!(error = %e, "call end not sent; the session is closing");
+        }
+    }
+
     pub(crate) fn threshold(&self) -> usize {
         self.sender.params().threshold
     }
@@ -284,13 +327,26 @@ impl Session {
 
     /// Encodes `item` (of `len` encoded bytes) for the peer and returns the reference to send in its place (see
     /// [`Sender::encode`]), with the segments it names that the peer has not acknowledged yet; the
-    /// peer's regions it sends back are kept until the peer answers `Returned`.
-    pub(crate) fn encode_to_shm<M: Message>(&self, item: &M, len: usize) -> Result<(Reference, Vec<u32>), Fallback> {
+    /// peer's regions it sends back are kept until the peer answers `Returned`. `message` is the call's number and
+    /// the message's index in it, in a session that numbers calls.
+    pub(crate) fn encode_to_shm<M: Message>(
+        &self,
+        item: &M,
+        len: usize,
+        message: Option<(u64, u64)>,
+    ) -> Result<(Reference, Vec<u32>), Fallback> {
         if !self.is_alive() {
             return Err(Fallback::SessionClosed);
         }
-        let encoded = self.sender.encode(item, len, &self.receiver)?;
-        self.receiver.keep_sent_back(encoded.sent_back);
+        let encoded = self.sender.encode(item, len, &self.receiver, message)?;
+        self.receiver.keep_sent_back(encoded.sent_back, encoded.tag.as_ref());
+        if encoded.lost
+            && let Some(tag) = &encoded.tag
+        {
+            // The peer ended the call before this message: it goes out, but nothing waits for an answer to it.
+            self.sender.cancel_tagged(tag);
+            self.receiver.cancel_tagged(tag);
+        }
         let reference = Reference {
             session: Bytes::copy_from_slice(&self.id),
             from_server: self.side == Side::Server,
@@ -435,6 +491,13 @@ impl Session {
             Kind::Release(rel) => self.sender.on_release(rel.segment, rel.generation),
             Kind::Returned(ret) => self.receiver.on_returned(ret.segment, ret.generation),
             Kind::Forget(f) => self.receiver.on_forget(f.segment),
+            Kind::CallEnd(end) if self.numbers_calls() => {
+                for tag in self.sender.on_call_end(end.call, end.received) {
+                    self.recorder().record_both(Event::LostInFlight);
+                    self.sender.cancel_tagged(&tag);
+                    self.receiver.cancel_tagged(&tag);
+                }
+            }
             Kind::Refused(r) => return Err(format!("peer refused: {}", r.reason)),
             _ => return Err("unexpected frame on an established side channel".to_string()),
         }

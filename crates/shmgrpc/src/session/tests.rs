@@ -30,11 +30,14 @@ fn pair() -> (Arc<Session>, Arc<Session>) {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).unwrap();
     let params = |side| SendConfig::default().into_params(side).unwrap();
-    let pid = std::process::id();
-    let client =
-        Session::start(id, Side::Client, params(Side::Client), adopt(a).unwrap(), FrameReader::default(), pid).unwrap();
-    let server =
-        Session::start(id, Side::Server, params(Side::Server), adopt(b).unwrap(), FrameReader::default(), pid).unwrap();
+    let link = |socket| Link {
+        socket: adopt(socket).unwrap(),
+        reader: FrameReader::default(),
+        peer_pid: std::process::id(),
+        version: crate::protocol::PROTOCOL_VERSION,
+    };
+    let client = Session::start(id, Side::Client, params(Side::Client), link(a)).unwrap();
+    let server = Session::start(id, Side::Server, params(Side::Server), link(b)).unwrap();
     (client, server)
 }
 
@@ -60,7 +63,7 @@ fn region(r: &Reference) -> v1::Region {
 fn a_reference_resolves_at_the_peer_and_its_release_drops_the_hold() {
     let (client, server) = pair();
     let msg = blob(1 << 20);
-    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap().0;
+    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg), None).unwrap().0;
     assert_eq!(client.stats().holds, 1);
     // The reference was made before the peer has the segment (no round trip); the peer learns of it in order.
     eventually("the server has the segment", || !server.awaits_registration(&r));
@@ -80,7 +83,7 @@ fn a_reference_resolves_at_the_peer_and_its_release_drops_the_hold() {
 fn stale_and_repeated_releases_are_refused_and_change_nothing() {
     let (client, server) = pair();
     let msg = blob(256 << 10);
-    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap().0;
+    let r = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg), None).unwrap().0;
     let v1::Region { segment, generation, .. } = region(&r);
     let release = |generation| server.send(Kind::Release(v1::Release { segment, generation }), None).unwrap();
     let refused = || client.recorder().snapshot().bad_releases;
@@ -101,7 +104,7 @@ fn stale_and_repeated_releases_are_refused_and_change_nothing() {
     eventually("the repeated release is refused", || refused() == 3);
     assert_eq!(client.recorder().snapshot().peer_refusals, 3);
     // The buffer is reused under a new generation, which the old release cannot free.
-    let r2 = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap().0;
+    let r2 = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg), None).unwrap().0;
     let again = region(&r2);
     assert_eq!((again.segment, again.offset), (segment, region(&r).offset), "the same slot is reused");
     assert_ne!(again.generation, generation);
@@ -116,7 +119,7 @@ fn closing_gives_back_every_hold_and_mapping() {
     let (client, server) = pair();
     let msg = blob(1 << 20);
     let refs: Vec<Reference> =
-        (0..3).map(|_| client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap().0).collect();
+        (0..3).map(|_| client.encode_to_shm(&msg, prost::Message::encoded_len(&msg), None).unwrap().0).collect();
     eventually("the server has the segment", || refs.iter().all(|r| !server.awaits_registration(r)));
     assert_eq!(client.stats().holds, 3);
     assert!(server.stats().peer_segments >= 1);
@@ -133,7 +136,7 @@ fn a_message_taken_back_is_rebuilt_whole_and_holds_nothing() {
     let (client, server) = pair();
     let msg = blob(1 << 20);
     // (Whether the peer's answer to the new segment's registration has come yet depends on the I/O thread.)
-    let (r, _) = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    let (r, _) = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg), None).unwrap();
     assert_eq!(client.stats().holds, 1);
     // The peer refuses, or the answer does not come: the message goes inline, rebuilt from our buffer.
     let bytes = client.take_back(&r).expect("the session is alive");
@@ -141,8 +144,44 @@ fn a_message_taken_back_is_rebuilt_whole_and_holds_nothing() {
     assert_eq!(client.stats().holds, 0, "a reference that never left holds nothing");
     assert!(client.sender.params().pool.stats().is_idle());
     // Once the session is closed its holds are gone: nothing can be rebuilt.
-    let (r, _) = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg)).unwrap();
+    let (r, _) = client.encode_to_shm(&msg, prost::Message::encoded_len(&msg), None).unwrap();
     client.close();
     assert!(client.take_back(&r).is_none());
     drop(server);
+}
+
+#[test]
+fn a_call_end_drops_the_holds_of_the_messages_after_those_received_and_only_those() {
+    let (client, server) = pair();
+    let msg = blob(256 << 10);
+    let len = prost::Message::encoded_len(&msg);
+    client.open_call(5);
+    // Call 5 sends three messages; another call one.
+    let refs: Vec<Reference> = (0..3).map(|i| client.encode_to_shm(&msg, len, Some((5, i))).unwrap().0).collect();
+    let other = client.encode_to_shm(&msg, len, Some((6, 0))).unwrap().0;
+    assert_eq!(client.stats().holds, 4);
+    // The server read the first message of call 5 only; its stream ended there.
+    server.end_call(5, 1);
+    eventually("the holds of the two messages never received went", || client.stats().holds == 2);
+    assert_eq!(client.recorder().snapshot().lost_in_flight, 2);
+    // The message received is answered as usual; so is the other call's.
+    for r in [&refs[0], &other] {
+        eventually("the server has the segment", || !server.awaits_registration(r));
+        drop(server.resolve(r.clone()).unwrap());
+    }
+    eventually("the received messages' releases arrived", || client.stats().holds == 0);
+    assert_eq!(client.recorder().snapshot().bad_releases, 0, "nothing was released twice");
+    // A message the body sends after the peer ended the call holds nothing: it never arrives.
+    let late = client.encode_to_shm(&msg, len, Some((5, 3))).unwrap().0;
+    assert_eq!(client.stats().holds, 0, "{late:?}");
+    client.close_call(5);
+    // A `CallEnd` for a call we know nothing of, or repeated, changes nothing.
+    server.end_call(5, 0);
+    server.end_call(99, 0);
+    let kept = client.encode_to_shm(&msg, len, Some((7, 0))).unwrap().0;
+    let stale = v1::Release { segment: region(&kept).segment, generation: region(&kept).generation.wrapping_add(1) };
+    server.send(Kind::Release(stale), None).unwrap();
+    eventually("a later frame went through", || client.recorder().snapshot().bad_releases == 1);
+    assert_eq!(client.stats().holds, 1);
+    assert!(client.is_alive());
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::calls::MessageTag;
 use super::loan::{Incoming, IncomingView, Outgoing, OutgoingView, PeerRegions};
 use super::outbox::Outbox;
 use super::{ByRegion, take_for_parts, take_one};
@@ -94,9 +95,13 @@ pub(super) struct Receiver {
     registrations: Arc<Notify>,
     /// Live regions of the peer's memory: slices of them are sent back without a copy.
     regions: Mutex<Vec<Weak<Incoming>>>,
-    /// Regions we sent back to the peer, kept until it answers `Returned`.
-    sent_back: Mutex<ByRegion<Arc<Incoming>>>,
+    /// Regions we sent back to the peer, kept until it answers `Returned`, each with the message it went in (in a
+    /// session that numbers calls).
+    sent_back: Mutex<ByRegion<SentBack>>,
 }
+
+/// A region of the peer's we sent back, and the message it went in (in a session that numbers calls).
+type SentBack = (Arc<Incoming>, Option<Arc<MessageTag>>);
 
 impl Receiver {
     pub(super) fn new(recorder: Arc<Recorder>, outbox: Arc<Outbox>, peer_pid: u32) -> Receiver {
@@ -334,14 +339,35 @@ impl Receiver {
     }
 
     /// Keeps regions we sent back as `receiver` parts until the peer answers `Returned`.
-    pub(super) fn keep_sent_back(&self, regions: Vec<Arc<Incoming>>) {
+    pub(super) fn keep_sent_back(&self, regions: Vec<Arc<Incoming>>, tag: Option<&Arc<MessageTag>>) {
         if regions.is_empty() {
             return;
         }
         let mut sent_back = lock(&self.sent_back);
         for region in regions {
-            sent_back.entry((region.segment, region.generation)).or_default().push(region);
+            sent_back.entry((region.segment, region.generation)).or_default().push((region, tag.cloned()));
         }
+    }
+
+    /// Drops the regions kept for the message `tag` names (it never reached the peer), and only those.
+    pub(super) fn cancel_tagged(&self, tag: &Arc<MessageTag>) {
+        let mut taken = Vec::new();
+        {
+            let mut sent_back = lock(&self.sent_back);
+            for p in &tag.parts {
+                let Some(part::Kind::Receiver(r)) = &p.kind else { continue };
+                let key = (r.segment, r.generation);
+                let Some(v) = sent_back.get_mut(&key) else { continue };
+                if let Some(i) = v.iter().position(|(_, t)| t.as_ref().is_some_and(|t| Arc::ptr_eq(t, tag))) {
+                    taken.push(v.swap_remove(i));
+                }
+                if v.is_empty() {
+                    sent_back.remove(&key);
+                }
+            }
+        }
+        // Dropped outside the lock: dropping an `Incoming` queues a frame.
+        drop(taken);
     }
 
     /// Copies `len` bytes at `offset` of the peer's segment from a region we sent back under `(segment,
@@ -349,7 +375,7 @@ impl Receiver {
     /// inside it.
     pub(super) fn copy_sent_back(&self, r: &v1::Region, out: &mut Vec<u8>) -> Option<()> {
         let sent_back = lock(&self.sent_back);
-        let region = sent_back.get(&(r.segment, r.generation))?.first()?;
+        let (region, _) = sent_back.get(&(r.segment, r.generation))?.first()?;
         let (start, end) = crate::segment::check_range(region.seg.backend(), r.offset, r.len, region.seg.len()).ok()?;
         if start < region.start || end > region.end {
             return None;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::sync::Notify;
 
+use super::calls::{Calls, MessageTag};
 use super::loan::{Incoming, Located, Outgoing, PeerRegions};
 use super::outbox::Outbox;
 use super::split::{Piece, SplitBuf};
@@ -73,8 +74,9 @@ impl Default for Backoff {
     }
 }
 
-/// A hold: one `sender` part the peer may read, the bytes it covers, and when it was made.
-type Hold = (Arc<Outgoing>, u64, Instant);
+/// A hold: one `sender` part the peer may read, the bytes it covers, when it was made, and the message it belongs
+/// to (in a session that numbers calls).
+type Hold = (Arc<Outgoing>, u64, Instant, Option<Arc<MessageTag>>);
 
 /// A message encoded for the peer: the reference's parts, the peer's regions it sends back (`receiver` parts),
 /// which the receiving half keeps until the peer answers `Returned`, and the segments it names that the peer has not
@@ -84,6 +86,10 @@ pub(super) struct Encoded {
     pub(super) parts: Vec<v1::Part>,
     pub(super) sent_back: Vec<Arc<Incoming>>,
     pub(super) unacknowledged: Vec<u32>,
+    /// The message's tag, when its call is numbered and it has anything the peer must answer.
+    pub(super) tag: Option<Arc<MessageTag>>,
+    /// The peer ended the call before this message (`CallEnd`): it never arrives, and what it holds must go.
+    pub(super) lost: bool,
 }
 
 /// The sending half of one session (see the module docs).
@@ -99,6 +105,8 @@ pub(super) struct Sender {
     progress: Arc<Notify>,
     /// Pause of new registrations after a refusal.
     backoff: Mutex<Backoff>,
+    /// Which message of which call our references stand for (protocol version 3).
+    calls: Mutex<Calls>,
     /// Live loans made for this session: slices of them are sent without a copy.
     loans: Mutex<Vec<Weak<Outgoing>>>,
     /// The pool's eviction count when we last looked for dropped buffers the peer still maps.
@@ -127,6 +135,7 @@ impl Sender {
             held: AtomicU64::new(0),
             progress: Arc::new(Notify::new()),
             backoff: Mutex::default(),
+            calls: Mutex::default(),
             loans: Mutex::default(),
             seen_evictions: AtomicU64::new(evictions),
             short_at: AtomicU64::new(u64::MAX),
@@ -156,6 +165,7 @@ impl Sender {
         self.held.store(0, Ordering::Release);
         lock(&self.loans).clear();
         lock(&self.registrations).clear();
+        lock(&self.calls).clear();
         self.progress.notify_waiters();
         back
     }
@@ -265,7 +275,7 @@ impl Sender {
             part::Kind::Sender(r) => Some(r),
             _ => None,
         });
-        for (_, n, _) in &taken {
+        for (_, n, _, _) in &taken {
             self.held.fetch_sub(*n, Ordering::AcqRel);
         }
         // The buffers may go back to the pool here, outside every session lock.
@@ -279,11 +289,15 @@ impl Sender {
     /// everything else is encoded straight into a pool buffer. Any failure is a reason to send inline instead, and
     /// then nothing stays held. Never waits on the peer: a new segment's registration is queued and the reference
     /// may overtake it (the receiver holds the message back until it has the segment).
+    ///
+    /// `message` is the call's number and the message's index in it, when the session numbers calls: the holds
+    /// then carry the message's tag (see `calls.rs`).
     pub(super) fn encode<M: Message>(
         &self,
         item: &M,
         len: usize,
         regions: &dyn PeerRegions,
+        message: Option<(u64, u64)>,
     ) -> Result<Encoded, Fallback> {
         if self.outbox.is_closed() {
             return Err(Fallback::SessionClosed);
@@ -330,13 +344,21 @@ impl Sender {
             }
             vec![self.refer(Outgoing::new(lease), 0, len, &mut pending)?]
         };
+        let parts: Vec<v1::Part> = parts.into_iter().map(|k| v1::Part { kind: Some(k) }).collect();
+        let tag = match message {
+            Some((call, index)) if !pending.holds.is_empty() || !pending.sent_back.is_empty() => {
+                Some(Arc::new(MessageTag { call, index, parts: parts.clone() }))
+            }
+            _ => None,
+        };
+        let lost = tag.as_ref().is_some_and(|t| !lock(&self.calls).record(t));
         // Commit: from here the peer may read and must release.
         {
             let mut holds = lock(&self.holds);
             let now = Instant::now();
             for (buf, n) in pending.holds {
                 self.held.fetch_add(n, Ordering::AcqRel);
-                holds.entry((buf.lease.id(), buf.lease.generation())).or_default().push((buf, n, now));
+                holds.entry((buf.lease.id(), buf.lease.generation())).or_default().push((buf, n, now, tag.clone()));
             }
         }
         // Every segment not acknowledged yet, refused ones included: an answer may have come while this message was
@@ -347,11 +369,7 @@ impl Sender {
         };
         unacknowledged.sort_unstable();
         unacknowledged.dedup();
-        Ok(Encoded {
-            parts: parts.into_iter().map(|k| v1::Part { kind: Some(k) }).collect(),
-            sent_back: pending.sent_back,
-            unacknowledged,
-        })
+        Ok(Encoded { parts, sent_back: pending.sent_back, unacknowledged, tag, lost })
     }
 
     /// A pool buffer for sending, never waiting (the encoder runs on a poll path). When the budget is used up, the
@@ -498,7 +516,7 @@ impl Sender {
     pub(super) fn on_release(&self, segment: u32, generation: u32) {
         let taken = take_one(&mut lock(&self.holds), (segment, generation));
         match taken {
-            Some((buf, n, at)) => {
+            Some((buf, n, at, _)) => {
                 self.recorder().release_latency(at.elapsed());
                 self.held.fetch_sub(n, Ordering::AcqRel);
                 // The buffer may go back to the pool here, outside every session lock.
@@ -526,7 +544,54 @@ impl Sender {
 
     /// Our buffer held for the peer under `(segment, generation)`, for a `receiver` part the peer sent back.
     pub(super) fn held_buffer(&self, segment: u32, generation: u32) -> Option<Arc<Outgoing>> {
-        lock(&self.holds).get(&(segment, generation)).and_then(|v| v.first().map(|(b, _, _)| b.clone()))
+        lock(&self.holds).get(&(segment, generation)).and_then(|v| v.first().map(|(b, _, _, _)| b.clone()))
+    }
+
+    /// An outgoing body of call `call` begins: a `CallEnd` from the peer while it lives also covers the messages
+    /// it sends afterwards.
+    pub(super) fn open_call(&self, call: u64) {
+        lock(&self.calls).open(call);
+    }
+
+    /// An outgoing body of call `call` is gone.
+    pub(super) fn close_call(&self, call: u64) {
+        lock(&self.calls).close(call);
+    }
+
+    /// The peer read only the first `received` messages of our call `call` (`CallEnd`, protocol §7): the tags of
+    /// the messages after them that still have something held, for [`Sender::cancel_tagged`] and the receiving
+    /// half. A call we know nothing of changes nothing.
+    pub(super) fn on_call_end(&self, call: u64, received: u64) -> Vec<Arc<MessageTag>> {
+        let lost = lock(&self.calls).end(call, received);
+        if !lost.is_empty() {
+            tracing::debug!(call, received, lost = lost.len(), "the peer ended a call before some of its messages");
+        }
+        lost
+    }
+
+    /// Drops the holds of the message `tag` names (it never reached the peer), and only those.
+    pub(super) fn cancel_tagged(&self, tag: &Arc<MessageTag>) {
+        let mut taken = Vec::new();
+        {
+            let mut holds = lock(&self.holds);
+            for p in &tag.parts {
+                let Some(part::Kind::Sender(r)) = &p.kind else { continue };
+                let key = (r.segment, r.generation);
+                let Some(v) = holds.get_mut(&key) else { continue };
+                if let Some(i) = v.iter().position(|h| h.3.as_ref().is_some_and(|t| Arc::ptr_eq(t, tag))) {
+                    taken.push(v.swap_remove(i));
+                }
+                if v.is_empty() {
+                    holds.remove(&key);
+                }
+            }
+        }
+        for (_, n, _, _) in &taken {
+            self.held.fetch_sub(*n, Ordering::AcqRel);
+        }
+        // The buffers may go back to the pool here, outside every session lock.
+        drop(taken);
+        self.progress.notify_waiters();
     }
 }
 

@@ -21,7 +21,7 @@ fn sender(config: SendConfig) -> (Sender, Drain) {
 
 fn encode(s: &Sender, len: usize) -> Result<v1::Region, Fallback> {
     let msg = Blob { data: vec![7; len] };
-    let encoded = s.encode(&msg, msg.encoded_len(), &NoRegions)?;
+    let encoded = s.encode(&msg, msg.encoded_len(), &NoRegions, None)?;
     assert!(encoded.sent_back.is_empty());
     match encoded.parts.as_slice() {
         [v1::Part { kind: Some(part::Kind::Sender(r)) }] => Ok(*r),
