@@ -794,12 +794,21 @@ async fn serve_with_auth(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_an_interceptor_rejects_give_their_buffers_back_at_once() {
+    // Version 3 (`CallEnd`) and version 2 (the server reads the rejected bodies to their end).
+    for version in [3, 2] {
+        requests_an_interceptor_rejects_give_their_buffers_back(version).await;
+    }
+}
+
+async fn requests_an_interceptor_rejects_give_their_buffers_back(version: u32) {
     let dir = tempfile::tempdir().unwrap();
     let shm = ShmServer::new(ServerConfig::default()).unwrap();
     let (target, server) = serve_with_auth(dir.path(), &shm, true).await;
     let pool = Pool::new(PoolConfig::default()).unwrap();
-    let ch = ShmChannel::connect_with(&target, ClientConfig::default().pool(pool.clone())).await.unwrap();
+    let config = ClientConfig::default().pool(pool.clone()).protocol_version(version);
+    let ch = ShmChannel::connect_with(&target, config).await.unwrap();
     assert!(ch.is_shared_memory(), "discovery passes an interceptor inside the shmgrpc layer: {:?}", ch.fallback());
+    assert_eq!(ch.protocol_version(), Some(version));
     let mut c = client(&ch);
     // 40 uploads of 20 MiB, each rejected before its handler ran: nobody on the server decodes the reference.
     for i in 0..40u32 {
@@ -812,6 +821,9 @@ async fn requests_an_interceptor_rejects_give_their_buffers_back_at_once() {
     eventually("every rejected request's buffer came back", || ch.session_stats().holds == 0 && pool.stats().is_idle())
         .await;
     assert!(ch.is_shared_memory());
+    // Version 3: the server's `CallEnd` said the requests were never read; version 2: it read and released them.
+    let lost = ch.stats().lost_in_flight;
+    assert!(if version >= 3 { lost > 0 } else { lost == 0 }, "version {version}: {lost} lost in flight");
     // An authorised call still goes through shared memory both ways.
     let mut req = Request::new(shmgrpc_demo::payload(20 << 20, 99));
     req.metadata_mut().insert("authorization", "Bearer t".parse().unwrap());

@@ -29,8 +29,8 @@ use crate::handshake;
 use crate::pool::Pool;
 use crate::proto::v1::HelloRequest;
 use crate::proto::v1::session_client::SessionClient;
+use crate::protocol::HANDSHAKE_TIMEOUT;
 use crate::protocol::Side;
-use crate::protocol::{HANDSHAKE_TIMEOUT, PROTOCOL_VERSION};
 use crate::session::Session;
 use crate::stats::{Fallback, Recorder, TransferStats};
 use crate::sync::{lock, read, write};
@@ -78,6 +78,8 @@ struct State {
     recorder: Arc<Recorder>,
     /// Messages from this size up are meant for shared memory.
     threshold: usize,
+    /// The highest protocol version to ask for.
+    version: u32,
     session: RwLock<Option<Arc<SessionGuard>>>,
     fallback: Mutex<Option<Fallback>>,
     /// When a new session was last tried, and whether a try is running.
@@ -156,19 +158,20 @@ impl ShmChannel {
 
     /// Establishes a session over an existing channel (for channels built with custom tonic settings).
     pub async fn over(channel: Channel, config: ClientConfig) -> Result<ShmChannel, ConnectError> {
-        let threshold = config.send.threshold;
+        let (threshold, version) = (config.send.threshold, config.protocol_version);
         let params = if config.shared_memory { Some(config.send.into_params(Side::Client)?) } else { None };
         let recorder = params.as_ref().map_or_else(|| Recorder::new(Side::Client), |p| p.recorder.clone());
         let state = Arc::new(State {
             params,
             recorder,
             threshold,
+            version,
             session: RwLock::new(None),
             fallback: Mutex::new(None),
             retry: Mutex::new((Some(Instant::now()), false)),
         });
         if let Some(params) = &state.params {
-            state.settle(establish(&channel, params.clone()).await);
+            state.settle(establish(&channel, params.clone(), version).await);
         }
         Ok(ShmChannel { inner: channel, state })
     }
@@ -180,6 +183,11 @@ impl ShmChannel {
     /// Whether large messages currently go through shared memory.
     pub fn is_shared_memory(&self) -> bool {
         self.session().is_some_and(|s| s.is_alive())
+    }
+
+    /// The protocol version of the current session (docs/protocol.md §2), `None` without one.
+    pub fn protocol_version(&self) -> Option<u32> {
+        self.session().filter(|s| s.is_alive()).map(|s| s.version())
     }
 
     /// This channel's transfer counters (all its clones together): messages and bytes through shared memory and
@@ -249,7 +257,7 @@ impl ShmChannel {
         };
         let (channel, state) = (self.inner.clone(), self.state.clone());
         rt.spawn(async move {
-            let result = establish(&channel, params).await;
+            let result = establish(&channel, params, state.version).await;
             if result.is_ok() {
                 tracing::info!("shmgrpc: session reopened");
             }
@@ -357,9 +365,12 @@ impl Drop for SessionGuard {
 }
 
 /// Discovery over gRPC, then the side-channel handshake on the I/O runtime.
-async fn establish(channel: &Channel, params: SessionParams) -> Result<Arc<Session>, Fallback> {
+async fn establish(channel: &Channel, params: SessionParams, version: u32) -> Result<Arc<Session>, Fallback> {
+    if !handshake::supported(version) {
+        return Err(Fallback::UnsupportedVersion);
+    }
     let mut client = SessionClient::new(channel.clone());
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.hello(HelloRequest { version: PROTOCOL_VERSION }))
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.hello(HelloRequest { version }))
         .await
         .map_err(|_| Fallback::DiscoveryFailed)?
         .map_err(|status| {
@@ -382,7 +393,7 @@ async fn establish(channel: &Channel, params: SessionParams) -> Result<Arc<Sessi
             }
         })?
         .into_inner();
-    if !handshake::supported(hello.version) {
+    if !handshake::supported(hello.version) || hello.version > version {
         return Err(Fallback::UnsupportedVersion);
     }
     let path = PathBuf::from(hello.side_channel);

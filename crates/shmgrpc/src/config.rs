@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use crate::pool::{Pool, PoolConfig};
-use crate::protocol::{DEFAULT_THRESHOLD, DEFAULT_WINDOW, DEFAULT_WINDOW_WAIT, Side};
+use crate::protocol::{DEFAULT_THRESHOLD, DEFAULT_WINDOW, DEFAULT_WINDOW_WAIT, PROTOCOL_VERSION, Side};
 use crate::stats::Recorder;
 
 /// How one end sends (shared by the client and server configurations).
@@ -125,11 +125,12 @@ macro_rules! send_options {
 pub struct ClientConfig {
     pub(crate) send: SendConfig,
     pub(crate) shared_memory: bool,
+    pub(crate) protocol_version: u32,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig { send: SendConfig::default(), shared_memory: true }
+        ClientConfig { send: SendConfig::default(), shared_memory: true, protocol_version: PROTOCOL_VERSION }
     }
 }
 
@@ -138,6 +139,13 @@ impl ClientConfig {
     /// Whether to try shared memory at all (default true); false gives a plain channel.
     pub fn shared_memory(mut self, yes: bool) -> Self {
         self.shared_memory = yes;
+        self
+    }
+    /// The highest protocol version to ask the server for (default and most: [`PROTOCOL_VERSION`]; docs/protocol.md
+    /// §2 says what each adds). For rolling upgrades, and to check a service against peers of an older version.
+    /// A version this crate does not speak leaves the channel inline (`Fallback::UnsupportedVersion`).
+    pub fn protocol_version(mut self, version: u32) -> Self {
+        self.protocol_version = version;
         self
     }
 }

@@ -269,6 +269,11 @@ impl Session {
         self.alive.load(Ordering::Acquire)
     }
 
+    /// The protocol version agreed on (§2).
+    pub(crate) fn version(&self) -> u32 {
+        self.version
+    }
+
     /// Whether calls of this session are numbered and `CallEnd` is spoken (protocol version 3 and later).
     pub(crate) fn numbers_calls(&self) -> bool {
         self.version >= CALL_END_VERSION
