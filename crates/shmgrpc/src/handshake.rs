@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use crate::segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
 use crate::session::{Link, SessionId};
-use crate::side_channel::{FrameReader, write_frame};
+use crate::side_channel::{FrameReader, peer_credentials, write_frame};
 use crate::stats::Fallback;
 use crate::wire::Kind;
 
@@ -146,8 +146,8 @@ pub(crate) async fn accept(
     let socket = Arc::new(socket);
     let mut reader = FrameReader::default();
     let steps = async {
-        let cred = rustix::net::sockopt::socket_peercred(socket.as_fd()).map_err(|_| "no peer credentials")?;
-        if !allowed.contains(&cred.uid.as_raw()) {
+        let cred = peer_credentials(socket.as_fd()).map_err(|_| "no peer credentials")?;
+        if !allowed.contains(&cred.uid) {
             return Err("uid not allowed");
         }
         let attach = match reader.next(&socket).await {
@@ -174,7 +174,7 @@ pub(crate) async fn accept(
         if proof.answer.as_ref() != challenge.as_slice() {
             return Err("wrong answer to the challenge");
         }
-        Ok((cred.pid.as_raw_pid() as u32, attach.version))
+        Ok((cred.pid, attach.version))
     };
     let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await.unwrap_or(Err("handshake timed out"));
     match result {
@@ -213,8 +213,8 @@ pub(crate) async fn join(path: PathBuf, ticket: Bytes, version: u32) -> Result<J
     };
     let mut reader = FrameReader::default();
     let steps = async {
-        let cred = rustix::net::sockopt::socket_peercred(socket.as_fd()).map_err(|_| failed("no peer credentials"))?;
-        let server_uid = cred.uid.as_raw();
+        let cred = peer_credentials(socket.as_fd()).map_err(|_| failed("no peer credentials"))?;
+        let server_uid = cred.uid;
         if server_uid != rustix::process::getuid().as_raw() && server_uid != 0 {
             return Err(failed("server runs under another uid"));
         }
@@ -245,7 +245,7 @@ pub(crate) async fn join(path: PathBuf, ticket: Bytes, version: u32) -> Result<J
             _ => return Err(failed("expected welcome")),
         };
         let id: SessionId = welcome.session.as_ref().try_into().map_err(|_| failed("bad session id"))?;
-        Ok((id, cred.pid.as_raw_pid() as u32))
+        Ok((id, cred.pid))
     };
     let (id, peer_pid) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await.unwrap_or_else(|_| Err(failed("timed out")))?;

@@ -30,6 +30,41 @@ struct Arrival {
     end: u64,
 }
 
+/// The credentials of a Unix socket's peer (`SO_PEERCRED`), as the kernel reports them to this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerCredentials {
+    /// The peer's pid in this process's pid namespace: 0 when the peer lives in a pid namespace this one cannot
+    /// see (a sibling container), which is normal and not an error.
+    pub(crate) pid: u32,
+    /// The peer's uid (in this process's user namespace).
+    pub(crate) uid: u32,
+}
+
+/// `SO_PEERCRED` of a connected Unix socket. (rustix's `socket_peercred` cannot represent pid 0, which peers in
+/// another pid namespace have, hence `libc` here.)
+pub(crate) fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `socket` is a live descriptor for the duration of the call; `cred` and `len` are valid for writes
+    // and `len` holds the size of `cred`, which is what `SO_PEERCRED` fills.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(invalid("short SO_PEERCRED answer"));
+    }
+    Ok(PeerCredentials { pid: u32::try_from(cred.pid).unwrap_or(0), uid: cred.uid })
+}
+
 fn invalid(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }

@@ -204,6 +204,10 @@ impl Receiver {
         if st.segments >= MAX_PEER_SEGMENTS {
             return Err(format!("too many segments registered (at most {MAX_PEER_SEGMENTS} per session)"));
         }
+        if self.peer_pid == 0 && !matches!(handle, SegmentHandle::Memfd(_)) {
+            // Whether the peer created a named segment is judged by its pid, which another pid namespace hides.
+            return Err("named segments need the peer's pid, which its pid namespace hides: send memfds".into());
+        }
         let seg = PeerSegment::open_created_by(handle, len, self.peer_pid).map_err(|e| e.to_string())?;
         // The real size counts, not the claim: the whole segment is mapped.
         let size = seg.len() as u64;
