@@ -18,7 +18,10 @@ pub(crate) struct ServeArgs {
     /// Segment backend of the server's pool: memfd (descriptors over the side channel), posix or sysv (names).
     #[arg(long, default_value = "memfd")]
     backend: shmgrpc::Backend,
-    /// Path of the side-channel socket (default: a fresh path in the temporary directory).
+    /// Where the side-channel socket goes: a path, or @name for an abstract socket (no file; the network
+    /// namespace's, as the containers of one pod share). Default: beside the first unix: address, as
+    /// `<socket>.shmgrpc`, so a client that reaches the socket finds it; without one, a fresh path in the temporary
+    /// directory.
     #[arg(long)]
     side_channel: Option<std::path::PathBuf>,
     /// Also accept sessions from this uid (the server's own uid and root always are). Repeat for several.
@@ -122,8 +125,14 @@ pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let idle = (a.idle_release > 0.0).then(|| Duration::from_secs_f64(a.idle_release));
     let pool = shmgrpc::PoolConfig::default().backend(a.backend).idle_release(idle).budget(a.pool_budget.as_u64());
     let mut config = shmgrpc::ServerConfig::default().pool_config(pool);
+    let first_unix = a.listen.iter().find_map(|l| match l {
+        Addr::Unix(p) => Some(p.clone()),
+        _ => None,
+    });
     if let Some(path) = a.side_channel {
         config = config.side_channel(path);
+    } else if let Some(sock) = first_unix {
+        config = config.side_channel_beside(sock);
     }
     if !a.allow_uid.is_empty() {
         let me = rustix::process::getuid().as_raw();

@@ -13,7 +13,7 @@
 //! in a memfd the server sends: only a peer that shares memory with us can. Whatever fails, the channel still
 //! works: every message then goes inline, and [`ShmChannel::fallback`] says why.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -80,6 +80,8 @@ struct State {
     threshold: usize,
     /// The highest protocol version to ask for.
     version: u32,
+    /// The server's Unix socket, when we reached it through one (where to look for its side channel).
+    unix: Option<PathBuf>,
     session: RwLock<Option<Arc<SessionGuard>>>,
     fallback: Mutex<Option<Fallback>>,
     /// When a new session was last tried, and whether a try is running.
@@ -143,7 +145,7 @@ impl ShmChannel {
     pub async fn connect_with(target: &str, config: ClientConfig) -> Result<ShmChannel, ConnectError> {
         let (ep, unix) = endpoint(target)?;
         let transport = |source| ConnectError::Transport { target: target.to_string(), source };
-        let channel = match unix {
+        let channel = match unix.clone() {
             Some(path) => ep
                 .connect_with_connector(tower::service_fn(move |_: http::Uri| {
                     let path = path.clone();
@@ -153,11 +155,16 @@ impl ShmChannel {
                 .map_err(transport)?,
             None => ep.connect().await.map_err(transport)?,
         };
-        Self::over(channel, config).await
+        Self::start(channel, config, unix).await
     }
 
     /// Establishes a session over an existing channel (for channels built with custom tonic settings).
     pub async fn over(channel: Channel, config: ClientConfig) -> Result<ShmChannel, ConnectError> {
+        Self::start(channel, config, None).await
+    }
+
+    /// The channel over `channel`, reached through the Unix socket `unix` if it was.
+    async fn start(channel: Channel, config: ClientConfig, unix: Option<PathBuf>) -> Result<ShmChannel, ConnectError> {
         let (threshold, version) = (config.send.threshold, config.protocol_version);
         let params = if config.shared_memory { Some(config.send.into_params(Side::Client)?) } else { None };
         let recorder = params.as_ref().map_or_else(|| Recorder::new(Side::Client), |p| p.recorder.clone());
@@ -166,12 +173,13 @@ impl ShmChannel {
             recorder,
             threshold,
             version,
+            unix,
             session: RwLock::new(None),
             fallback: Mutex::new(None),
             retry: Mutex::new((Some(Instant::now()), false)),
         });
         if let Some(params) = &state.params {
-            state.settle(establish(&channel, params.clone(), version).await);
+            state.settle(establish(&channel, params.clone(), version, state.unix.as_deref()).await);
         }
         Ok(ShmChannel { inner: channel, state })
     }
@@ -257,7 +265,7 @@ impl ShmChannel {
         };
         let (channel, state) = (self.inner.clone(), self.state.clone());
         rt.spawn(async move {
-            let result = establish(&channel, params, state.version).await;
+            let result = establish(&channel, params, state.version, state.unix.as_deref()).await;
             if result.is_ok() {
                 tracing::info!("shmgrpc: session reopened");
             }
@@ -364,8 +372,30 @@ impl Drop for SessionGuard {
     }
 }
 
+/// Where to look for the side channel the server advertised (`advertised`, a path in the server's mount namespace,
+/// or `@name`): when we reached the server through the Unix socket `unix`, first the same file name beside that
+/// socket (a server that keeps its side channel beside its gRPC socket, [`ServerConfig::side_channel_beside`],
+/// is then found through a directory shared under any path), then the advertised path. The ticket and the
+/// challenge make a wrong candidate harmless: only the server that answered `Hello` accepts its ticket.
+///
+/// [`ServerConfig::side_channel_beside`]: crate::ServerConfig::side_channel_beside
+fn side_channel_candidates(advertised: PathBuf, unix: Option<&Path>) -> Vec<PathBuf> {
+    let beside = match (unix.and_then(|u| std::path::absolute(u).ok()), advertised.file_name()) {
+        (Some(sock), Some(name)) if crate::side_channel::abstract_name(&advertised).is_none() => {
+            sock.parent().map(|dir| dir.join(name)).filter(|p| *p != advertised && p.exists())
+        }
+        _ => None,
+    };
+    beside.into_iter().chain([advertised]).collect()
+}
+
 /// Discovery over gRPC, then the side-channel handshake on the I/O runtime.
-async fn establish(channel: &Channel, params: SessionParams, version: u32) -> Result<Arc<Session>, Fallback> {
+async fn establish(
+    channel: &Channel,
+    params: SessionParams,
+    version: u32,
+    unix: Option<&Path>,
+) -> Result<Arc<Session>, Fallback> {
     if !handshake::supported(version) {
         return Err(Fallback::UnsupportedVersion);
     }
@@ -396,9 +426,9 @@ async fn establish(channel: &Channel, params: SessionParams, version: u32) -> Re
     if !handshake::supported(hello.version) || hello.version > version {
         return Err(Fallback::UnsupportedVersion);
     }
-    let path = PathBuf::from(hello.side_channel);
+    let candidates = side_channel_candidates(PathBuf::from(hello.side_channel), unix);
     let version = hello.version;
-    let joined = crate::io::spawn(handshake::join(path, hello.ticket, version))
+    let joined = crate::io::spawn(handshake::join(candidates, hello.ticket, version))
         .map_err(|_| Fallback::HandshakeFailed)?
         .await
         .map_err(|_| Fallback::HandshakeFailed)??;

@@ -159,10 +159,22 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Where the side-channel socket goes (default: a fresh path in the temporary directory).
+    /// Where the side-channel socket goes (default: a fresh path in the temporary directory, which clients in
+    /// another mount namespace cannot reach: see [`ServerConfig::side_channel_beside`]). A path written `@name` is
+    /// a socket in Linux's abstract namespace: no file, reachable from the server's network namespace only (the
+    /// containers of one Kubernetes pod share it), and without a file mode, so the uid check on every connection is
+    /// the only gate (docs/security.md). A socket file left behind by a server that died is replaced.
     pub fn side_channel(mut self, path: impl Into<PathBuf>) -> Self {
         self.side_channel = Some(path.into());
         self
+    }
+    /// Puts the side channel next to the gRPC server's Unix socket `grpc_socket`, as `<grpc_socket>.shmgrpc`:
+    /// a client that reaches that socket (through a directory shared between containers, under whatever path) finds
+    /// the side channel beside it, so sharing the socket's directory is all a deployment needs (docs/deploy.md).
+    pub fn side_channel_beside(self, grpc_socket: impl AsRef<std::path::Path>) -> Self {
+        let mut name = grpc_socket.as_ref().as_os_str().to_owned();
+        name.push(".shmgrpc");
+        self.side_channel(name)
     }
     /// The uids allowed to open a session (default: the server's own uid and root). Others are served inline.
     pub fn allowed_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {

@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use crate::segment::{Backend, PeerSegment, Segment, SegmentHandle, SegmentOptions};
 use crate::session::{Link, SessionId};
-use crate::side_channel::{FrameReader, peer_credentials, write_frame};
+use crate::side_channel::{self, FrameReader, peer_credentials, write_frame};
 use crate::stats::Fallback;
 use crate::wire::Kind;
 
@@ -195,17 +195,24 @@ pub(crate) struct Joined {
 
 /// The client's half (§4): connect, check the server's uid, present the ticket, answer the challenge, receive
 /// `Welcome`. Runs on the I/O runtime.
-pub(crate) async fn join(path: PathBuf, ticket: Bytes, version: u32) -> Result<Joined, Fallback> {
-    if !path.is_absolute() {
-        tracing::debug!("shmgrpc side channel is not an absolute path");
-        return Err(Fallback::SideChannelUnreachable);
-    }
-    let socket = match tokio::time::timeout(HANDSHAKE_TIMEOUT, UnixStream::connect(&path)).await {
-        Ok(Ok(s)) => Arc::new(s),
-        _ => {
-            tracing::debug!("shmgrpc side channel unreachable");
-            return Err(Fallback::SideChannelUnreachable);
+///
+/// `candidates` are the places to look for the side channel, in order (see `client::side_channel_candidates`): the
+/// first that accepts a connection is used. Each must be an absolute path, or `@name` (abstract).
+pub(crate) async fn join(candidates: Vec<PathBuf>, ticket: Bytes, version: u32) -> Result<Joined, Fallback> {
+    let mut socket = None;
+    for path in candidates {
+        if !path.is_absolute() && side_channel::abstract_name(&path).is_none() {
+            tracing::debug!("shmgrpc side channel is neither an absolute path nor an abstract name");
+            continue;
         }
+        if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, side_channel::connect(&path)).await {
+            socket = Some(Arc::new(s));
+            break;
+        }
+    }
+    let Some(socket) = socket else {
+        tracing::debug!("shmgrpc side channel unreachable");
+        return Err(Fallback::SideChannelUnreachable);
     };
     let failed = |why: &str| {
         tracing::debug!(why, "shmgrpc handshake failed");

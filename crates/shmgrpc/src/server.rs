@@ -39,6 +39,7 @@ use crate::proto::v1::{self, HelloRequest, HelloResponse};
 use crate::protocol::Side;
 use crate::protocol::{CALL_HEADER, HELLO_PATH, MAX_HANDSHAKES, SESSION_HEADER};
 use crate::session::Session;
+use crate::side_channel;
 use crate::stats::{Event, TransferStats};
 use crate::sync::lock;
 use crate::wire::Kind;
@@ -95,22 +96,27 @@ impl ShmServer {
     /// ```
     pub fn new(config: ServerConfig) -> Result<ShmServer> {
         let params = config.send.into_params(Side::Server)?;
+        let os = |op, source| Error::Io { op, source };
         let me = rustix::process::getuid().as_raw();
         let allowed = config.allowed_uids.unwrap_or_else(|| [me, 0].into_iter().collect());
         let path = match config.side_channel {
-            Some(p) => p,
+            Some(p) if side_channel::abstract_name(&p).is_some() => p,
+            // The path is what `Hello` tells clients: absolute.
+            Some(p) => std::path::absolute(&p).map_err(|e| os("resolve the side channel's path", e))?,
             None => {
                 let mut r = [0u8; 8];
                 getrandom::fill(&mut r).map_err(Error::randomness("a side-channel path"))?;
                 std::env::temp_dir().join(format!("shmgrpc-{}-{:016x}.sock", std::process::id(), u64::from_le_bytes(r)))
             }
         };
-        let os = |op, source| Error::Io { op, source };
         let tickets = Tickets::new().map_err(Error::randomness("the ticket secret"))?;
-        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| os("bind side channel", e))?;
-        // Only the allowed uids may connect; the uid check on every connection is what enforces it.
-        let mode = if allowed.iter().all(|&u| u == me || u == 0) { 0o600 } else { 0o666 };
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(|e| os("chmod", e))?;
+        let listener = side_channel::bind(&path).map_err(|e| os("bind side channel", e))?;
+        // Only the allowed uids may connect; the uid check on every connection is what enforces it (an abstract
+        // socket has no mode: the uid check alone).
+        if side_channel::abstract_name(&path).is_none() {
+            let mode = if allowed.iter().all(|&u| u == me || u == 0) { 0o600 } else { 0o666 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(|e| os("chmod", e))?;
+        }
         listener.set_nonblocking(true).map_err(|e| os("fcntl", e))?;
         let rt = crate::io::handle().map_err(|e| os("start the shmgrpc-io thread", e))?;
         let listener = {
@@ -135,7 +141,7 @@ impl ShmServer {
         ShmLayer { shared: self.shared.clone() }
     }
 
-    /// The side-channel socket's path.
+    /// The side-channel socket's path (`@name` for an abstract socket).
     pub fn side_channel_path(&self) -> &Path {
         &self.shared.path
     }
@@ -174,7 +180,9 @@ impl Drop for ShmServer {
         if let Some(t) = self.accept.take() {
             t.abort();
         }
-        let _ = std::fs::remove_file(&self.shared.path);
+        if side_channel::abstract_name(&self.shared.path).is_none() {
+            let _ = std::fs::remove_file(&self.shared.path);
+        }
         let sessions: Vec<Weak<Session>> = lock(&self.shared.sessions).drain(..).collect();
         for s in sessions.iter().filter_map(Weak::upgrade) {
             s.close();

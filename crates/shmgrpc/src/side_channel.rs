@@ -10,6 +10,9 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
 
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -28,6 +31,49 @@ struct Arrival {
     fds: Vec<OwnedFd>,
     start: u64,
     end: u64,
+}
+
+/// The abstract socket name of a side-channel address written `@name`, if it is one (Linux's abstract namespace:
+/// no file, scoped to the network namespace).
+pub(crate) fn abstract_name(addr: &Path) -> Option<&[u8]> {
+    addr.as_os_str().as_bytes().strip_prefix(b"@")
+}
+
+/// Binds a side-channel listener at `addr`: a socket file, or `@name` in the abstract namespace. A socket file left
+/// behind by a server that died (nobody accepts on it) is replaced; a live one is an error.
+pub(crate) fn bind(addr: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    if let Some(name) = abstract_name(addr) {
+        use std::os::linux::net::SocketAddrExt;
+        return UnixListener::bind_addr(&SocketAddr::from_abstract_name(name)?);
+    }
+    match UnixListener::bind(addr) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let stale = std::fs::symlink_metadata(addr).is_ok_and(|m| m.file_type().is_socket())
+                && std::os::unix::net::UnixStream::connect(addr)
+                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
+            if !stale {
+                return Err(e);
+            }
+            tracing::debug!("replacing a side-channel socket nobody listens on");
+            std::fs::remove_file(addr)?;
+            UnixListener::bind(addr)
+        }
+        other => other,
+    }
+}
+
+/// Connects to a side channel at `addr` (a socket file, or `@name`), from the I/O runtime.
+pub(crate) async fn connect(addr: &Path) -> io::Result<UnixStream> {
+    match abstract_name(addr) {
+        // tokio takes a leading NUL as the abstract namespace.
+        Some(name) => {
+            let mut path = vec![0u8];
+            path.extend_from_slice(name);
+            UnixStream::connect(std::ffi::OsStr::from_bytes(&path)).await
+        }
+        None => UnixStream::connect(addr).await,
+    }
 }
 
 /// The credentials of a Unix socket's peer (`SO_PEERCRED`), as the kernel reports them to this process.
