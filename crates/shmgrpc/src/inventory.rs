@@ -1,14 +1,19 @@
 //! Inventory: this machine's shmgrpc segments, for `shmgrpc ls` (our `ipcs`) and `shmgrpc gc` (our `ipcrm`).
 //!
-//! * POSIX segments are the files `/dev/shm/shmgrpc-<pid>-<random>`: the creator's pid is in the name.
+//! * POSIX segments are the files `/dev/shm/shmgrpc-<pid>-<random>`. Their creator holds a shared `flock` on the
+//!   file while it lives; the kernel drops it when the process dies. That is how liveness is judged: a process in
+//!   any pid namespace (a sidecar that shares `/dev/shm` but not the pid namespace) sees the same lock. The pid in
+//!   the name is the creator's in its own pid namespace: information only.
 //! * Keyed System V segments are those of `/proc/sysvipc/shm` whose key carries our `ftok` project byte
-//!   ([`SYSV_PROJ_ID`]); the kernel records the creator's pid. Private ones are marked for removal at creation,
-//!   so they die with their processes and are never orphans.
+//!   ([`SYSV_PROJ_ID`]); the creator stays attached while it lives, so a segment with no attachment has lost it
+//!   (the kernel's creator pid is information only). Private ones are marked for removal at creation, so they die
+//!   with their processes and are never orphans.
 //! * memfd segments have no name: they are listed from the descriptors processes hold (`/proc/<pid>/fd`) and die
 //!   with the last holder, so `gc` never needs to touch them.
 //!
-//! `gc` removes a segment only when its creator is dead, it belongs to the caller's uid (root may remove any), and,
-//! for System V, nothing is attached. Pids are those of the caller's pid namespace.
+//! `gc` removes a segment only when nothing shows that its creator lives (no lock, no attachment) and it belongs to
+//! the caller's uid (root may remove any). A segment whose liveness cannot be told (one the caller cannot open, a
+//! POSIX file of size 0, which may be one being created) counts as alive: `gc` never removes what may be in use.
 
 use std::collections::HashSet;
 use std::io;
@@ -27,7 +32,8 @@ pub struct SegmentInfo {
     pub name: String,
     /// The creating process (POSIX, System V) or, for memfd, one process holding it.
     pub pid: Option<u32>,
-    /// Whether that process is alive.
+    /// Whether its creator may be alive: POSIX, someone holds the creator's lock (or that cannot be told);
+    /// System V, something is attached; memfd, always (a process holds it).
     pub alive: bool,
     /// Size in bytes.
     pub size: u64,
@@ -85,11 +91,12 @@ fn list_posix(dir: &Path) -> io::Result<Vec<SegmentInfo>> {
         };
         let Ok(md) = entry.metadata() else { continue }; // removed meanwhile
         let pid = name.creator_pid();
+        let alive = crate::segment::posix_creator_lives(&name).unwrap_or(true);
         out.push(SegmentInfo {
             backend: Backend::Posix,
             name: name.as_str().to_string(),
             pid: Some(pid),
-            alive: process_alive(pid),
+            alive,
             size: md.len(),
             age: age_since(md.ctime()),
             uid: md.uid(),
@@ -149,7 +156,7 @@ fn list_sysv() -> io::Result<Vec<SegmentInfo>> {
             backend: Backend::SysV,
             name: format!("key {:#010x} id {}", r.key as u32, r.id),
             pid: Some(r.cpid),
-            alive: process_alive(r.cpid),
+            alive: r.nattch > 0,
             size: r.size,
             age: age_since(r.ctime),
             uid: r.uid,
@@ -203,8 +210,7 @@ fn list_memfd() -> Vec<SegmentInfo> {
 fn collectable(s: &SegmentInfo, my_uid: u32) -> bool {
     let owned = my_uid == 0 || s.uid == my_uid;
     match s.backend {
-        Backend::Posix => !s.alive && owned,
-        Backend::SysV => !s.alive && owned && s.attached == Some(0),
+        Backend::Posix | Backend::SysV => !s.alive && owned,
         Backend::Memfd => false,
     }
 }
@@ -278,9 +284,9 @@ mod tests {
         assert!(collectable(&base, 0));
         assert!(!collectable(&base, 1001));
         assert!(!collectable(&SegmentInfo { alive: true, ..base.clone() }, 1000));
-        let sysv = SegmentInfo { backend: Backend::SysV, attached: Some(1), ..base.clone() };
+        let sysv = SegmentInfo { backend: Backend::SysV, attached: Some(1), alive: true, ..base.clone() };
         assert!(!collectable(&sysv, 1000));
-        assert!(collectable(&SegmentInfo { attached: Some(0), ..sysv }, 1000));
+        assert!(collectable(&SegmentInfo { attached: Some(0), alive: false, ..sysv }, 1000));
         assert!(!collectable(&SegmentInfo { backend: Backend::Memfd, ..base }, 0));
     }
 }

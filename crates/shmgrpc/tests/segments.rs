@@ -350,3 +350,52 @@ fn prefaulting_a_prefix_or_more_than_the_segment_is_fine() {
     seg.as_mut_slice().fill(3);
     assert!(seg.as_slice().iter().all(|&b| b == 3));
 }
+
+/// A file in /dev/shm shaped like one of ours, of `len` bytes, named with `pid`; returns its name and descriptor.
+fn posix_file(pid: u32, len: u64) -> (String, std::os::fd::OwnedFd) {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).unwrap();
+    let name = format!("/shmgrpc-{pid}-{:016x}", u64::from_le_bytes(r));
+    let flags = rustix::shm::OFlags::CREATE | rustix::shm::OFlags::EXCL | rustix::shm::OFlags::RDWR;
+    let fd = rustix::shm::open(name.as_str(), flags, rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR).unwrap();
+    rustix::fs::ftruncate(&fd, len).unwrap();
+    (name, fd)
+}
+
+/// Liveness is the creator's lock, not its pid: the pid in a name is the creator's in its own pid namespace, which
+/// a `gc` in another one cannot see (or sees as another process).
+#[test]
+fn gc_judges_posix_segments_by_their_creators_lock_not_by_the_pid_in_the_name() {
+    // A creator whose pid this namespace does not know (another pid namespace) and who holds the lock: alive.
+    let (live, fd) = posix_file(u32::MAX - 1, 4096);
+    rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockShared).unwrap();
+    // A file named with a live pid (ours) that nobody locks: its creator died and the pid was reused, or it lived
+    // in another pid namespace. An orphan.
+    let (dead, dead_fd) = posix_file(std::process::id(), 4096);
+    drop(dead_fd);
+    // A file of size 0: possibly one being created (the lock is taken before the size is set). Left alone.
+    let (young, young_fd) = posix_file(u32::MAX - 2, 0);
+    drop(young_fd);
+    // A segment of ours, made the usual way: its lock is held while it lives.
+    let ours = Segment::create(4096, &SegmentOptions::new(Backend::Posix)).unwrap();
+    let ours_name = ours.posix_name().unwrap().as_str().to_string();
+
+    let listed = shmgrpc::inventory::list().unwrap();
+    let alive = |n: &str| listed.iter().find(|s| s.name == n).map(|s| s.alive);
+    assert_eq!([alive(&live), alive(&young), alive(&ours_name)], [Some(true); 3]);
+    // (Another test binary's `gc`, run in parallel by nextest, may have removed the orphan already.)
+    assert_ne!(alive(&dead), Some(true));
+    let would: Vec<String> = shmgrpc::inventory::gc(true).unwrap().into_iter().map(|s| s.name).collect();
+    assert!(would.contains(&dead) || !posix_exists(&dead), "{would:?}");
+    assert!(![&live, &young, &ours_name].iter().any(|n| would.contains(n)), "{would:?}");
+    shmgrpc::inventory::gc(false).unwrap();
+    assert!(!posix_exists(&dead));
+    assert!(posix_exists(&live) && posix_exists(&young) && posix_exists(&ours_name));
+    // Once the creator lets go (its process ends, or here its descriptor), the segment is an orphan.
+    drop(fd);
+    shmgrpc::inventory::gc(false).unwrap();
+    assert!(!posix_exists(&live));
+    let _ = rustix::shm::unlink(young.as_str());
+    drop(ours);
+    assert!(!posix_exists(&ours_name));
+}

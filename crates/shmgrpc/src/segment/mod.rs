@@ -28,6 +28,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 pub use name::{POSIX_PREFIX, PosixName, SYSV_PROJ_ID};
+pub(crate) use posix::creator_lives as posix_creator_lives;
 pub use sysv::SysVId;
 
 use crate::error::{Error, Result};

@@ -1,4 +1,6 @@
-//! The POSIX backend: `shm_open` under an unguessable name, `O_EXCL`, mode 0600, unlinked by the owner's drop.
+//! The POSIX backend: `shm_open` under an unguessable name, `O_EXCL`, mode 0600, a shared `flock` held by the
+//! creator while it lives (how `shmgrpc gc` tells a live creator from a dead one, whatever its pid namespace),
+//! unlinked by the owner's drop.
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -11,7 +13,8 @@ use super::PosixName;
 use super::map::{MapRo, MapRw};
 use crate::error::{Error, Result};
 
-/// The owner's hold on a POSIX segment: its name (unlinked on drop) and descriptor.
+/// The owner's hold on a POSIX segment: its name (unlinked on drop) and descriptor (which holds the liveness
+/// lock).
 pub(crate) struct Owned {
     name: PosixName,
     _fd: OwnedFd,
@@ -46,6 +49,10 @@ pub(crate) fn create(len: usize) -> Result<(Owned, MapRw)> {
     // From here on the name exists: wrap it at once so every error path unlinks it.
     let owned = Owned { name, _fd: fd };
     let fd = owned._fd.as_fd();
+    // Liveness every pid namespace can see: the creator holds a shared lock on the file for as long as it keeps the
+    // descriptor, and the kernel drops it when the process dies. `shmgrpc gc` removes a segment only when it can
+    // take the lock exclusively. Taken before the size is set, so a file of size 0 may be one being created.
+    rustix::fs::flock(fd, rustix::fs::FlockOperation::LockShared).map_err(|e| Error::os("flock", Posix, e))?;
     // The umask can only remove bits, but be explicit: 0600 whatever the umask.
     rustix::fs::fchmod(fd, mode).map_err(|e| Error::os("fchmod", Posix, e))?;
     rustix::fs::ftruncate(fd, len as u64).map_err(|e| Error::os("ftruncate", Posix, e))?;
@@ -53,6 +60,22 @@ pub(crate) fn create(len: usize) -> Result<(Owned, MapRw)> {
     // mapping's lifetime (a same-uid peer misbehaving could truncate it, which is why owners prefer memfd).
     let map = unsafe { MmapOptions::new().len(len).map_mut(&owned._fd) }.map_err(|e| Error::os("mmap", Posix, e))?;
     Ok((owned, MapRw::Mmap(map)))
+}
+
+/// Whether a process holds the creator's lock on the segment `name` (see the module docs): `Some(false)` when
+/// nobody does (its creator is dead, whatever pid namespace it lived in), `None` when that cannot be told (the
+/// segment cannot be opened, or it has size 0 and may be being created).
+pub(crate) fn creator_lives(name: &PosixName) -> Option<bool> {
+    let fd = shm::open(name.as_str(), shm::OFlags::RDONLY, Mode::empty()).ok()?;
+    if rustix::fs::fstat(&fd).ok()?.st_size == 0 {
+        return None;
+    }
+    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        // Nobody holds it; closing `fd` lets it go at once.
+        Ok(()) => Some(false),
+        Err(rustix::io::Errno::WOULDBLOCK) => Some(true),
+        Err(_) => None,
+    }
 }
 
 pub(crate) fn open(name: &PosixName, claimed_len: u64) -> Result<MapRo> {
