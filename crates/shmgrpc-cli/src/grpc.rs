@@ -27,9 +27,10 @@ pub(crate) struct ServeArgs {
     /// Also accept sessions from this uid (the server's own uid and root always are). Repeat for several.
     #[arg(long)]
     allow_uid: Vec<u32>,
-    /// Byte budget of the server's pool (for example 512MiB).
-    #[arg(long, default_value = "4GiB")]
-    pool_budget: ByteSize,
+    /// Byte budget of the server's pool (for example 512MiB; default 4 GiB, or half the memory limit of the
+    /// process's cgroup if that is less).
+    #[arg(long)]
+    pool_budget: Option<ByteSize>,
     /// Seconds a pool buffer may stay idle before its memory goes back to the system (0: never; fractions allowed).
     #[arg(long, default_value_t = shmgrpc::pool::DEFAULT_IDLE_RELEASE.as_secs_f64())]
     idle_release: f64,
@@ -123,7 +124,8 @@ pub(crate) struct Ready {
 
 pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let idle = (a.idle_release > 0.0).then(|| Duration::from_secs_f64(a.idle_release));
-    let pool = shmgrpc::PoolConfig::default().backend(a.backend).idle_release(idle).budget(a.pool_budget.as_u64());
+    let budget = a.pool_budget.map_or_else(shmgrpc::pool::default_budget, |b| b.as_u64());
+    let pool = shmgrpc::PoolConfig::default().backend(a.backend).idle_release(idle).budget(budget);
     let mut config = shmgrpc::ServerConfig::default().pool_config(pool);
     let first_unix = a.listen.iter().find_map(|l| match l {
         Addr::Unix(p) => Some(p.clone()),

@@ -26,6 +26,7 @@
 //!   facade, so a service's existing Prometheus or OpenTelemetry exporter picks them up (see [`stats`]).
 
 pub mod attach;
+pub mod cgroup;
 pub mod error;
 pub mod inventory;
 pub mod pool;

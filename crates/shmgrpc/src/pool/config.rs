@@ -33,13 +33,29 @@ pub struct PoolConfig {
     pub(super) idle_release: Option<Duration>,
 }
 
+/// The budget of a default pool without a memory limit.
+pub const DEFAULT_BUDGET: u64 = 4 * GIB as u64;
+
+/// The default budget: [`DEFAULT_BUDGET`], or half the memory limit of the process's cgroup if that is less
+/// ([`crate::cgroup::memory_limit`]). Pool pages are charged to the cgroup that first touches them (ours, for
+/// the buffers we write), so a pool that could outgrow the limit would get the container OOM-killed; the other half
+/// is left to the process's own memory (decoded messages, copies, the runtime).
+pub fn default_budget() -> u64 {
+    default_budget_under(crate::cgroup::memory_limit())
+}
+
+fn default_budget_under(limit: Option<u64>) -> u64 {
+    limit.map_or(DEFAULT_BUDGET, |l| DEFAULT_BUDGET.min(l / 2))
+}
+
 impl Default for PoolConfig {
-    /// Classes 64 KiB, 128 KiB, ... 1 GiB; a 4 GiB budget; wait when exhausted; prefaulted memfd segments;
-    /// classes up to 4 MiB carved out of 64 MiB slabs; idle buffers dropped after 30 s.
+    /// Classes 64 KiB, 128 KiB, ... 1 GiB; a 4 GiB budget, or half the cgroup's memory limit if that is less
+    /// ([`default_budget`]); wait when exhausted; prefaulted memfd segments; classes up to 4 MiB carved out of
+    /// 64 MiB slabs; idle buffers dropped after 30 s.
     fn default() -> Self {
         PoolConfig {
             classes: (0..=14).map(|k| (64 * KIB) << k).collect(),
-            budget: 4 * GIB as u64,
+            budget: default_budget(),
             on_exhausted: OnExhausted::Wait,
             segment: SegmentOptions::new(Backend::Memfd).prefault(true),
             slab_max_class: 4 * MIB,
@@ -112,5 +128,17 @@ impl PoolConfig {
     pub(super) fn slots_for(&self, size: usize) -> Option<usize> {
         let slots = self.slab_size / size.max(1);
         (self.segment.backend() == Backend::Memfd && size <= self.slab_max_class && slots >= 2).then_some(slots)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_budget_stays_at_half_a_memory_limit() {
+        assert_eq!(default_budget_under(None), DEFAULT_BUDGET);
+        assert_eq!(default_budget_under(Some(512 << 20)), 256 << 20);
+        assert_eq!(default_budget_under(Some(64 << 30)), DEFAULT_BUDGET);
     }
 }

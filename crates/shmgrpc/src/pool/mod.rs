@@ -36,7 +36,7 @@ mod lease;
 mod slab;
 mod stats;
 
-pub use config::{DEFAULT_IDLE_RELEASE, OnExhausted, PoolConfig};
+pub use config::{DEFAULT_BUDGET, DEFAULT_IDLE_RELEASE, OnExhausted, PoolConfig, default_budget};
 pub use lease::Lease;
 pub use stats::{ClassStats, POOL_BYTES_METRIC, PoolStats};
 
