@@ -149,7 +149,7 @@ pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             eprintln!("listening {b}");
         }
         match &side {
-            Some(p) => eprintln!("side channel unix:{p}"),
+            Some(p) => eprintln!("side channel {p}"),
             None => eprintln!("plain gRPC, no shared memory"),
         }
         let line = Ready {
