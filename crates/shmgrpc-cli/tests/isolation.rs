@@ -128,3 +128,25 @@ fn another_uid_cannot_open_attach_or_reach_what_is_ours() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "denied", "{}", text(&out));
     }
 }
+
+/// An abstract side channel has no file mode: any process of the network namespace can connect to it. The uid
+/// check on every connection is then the only gate, and it holds.
+#[test]
+#[ignore = "needs root"]
+fn another_uid_connecting_to_an_abstract_side_channel_is_refused_by_the_uid_check() {
+    let (user, bin) = other();
+    let name = format!("@shmgrpc-iso-{}", std::process::id());
+    let srv = serve_blocking(&["--side-channel", &name]);
+    assert_eq!(srv.side.as_deref(), Some(name.as_str()));
+    let out = as_user(user, bin.path(), &["call", "--target", &srv.tcp, "--size", "1MiB", "--repeat", "2", "--json"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert_eq!(json_lines(&out.stdout)[0]["fallback"], "handshake_failed", "{t}");
+    assert_eq!(calls_via(&out.stdout, "inline", "inline"), 2, "{t}");
+    // The server's own uid gets its session through the same abstract socket.
+    let out = Command::new(BIN)
+        .args(["call", "--target", &srv.tcp, "--size", "1MiB", "--repeat", "2", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(calls_via(&out.stdout, "shm", "shm"), 2, "{}", text(&out));
+}
