@@ -454,6 +454,70 @@ async fn one_session_cannot_reach_another_sessions_buffers() {
     still_serves(&srv).await;
 }
 
+/// Maps every segment the server registers with this raw peer (whole, as any peer can with the memfd it is sent),
+/// answers each registration, and releases every buffer it is told of at once; returns the mappings it kept.
+fn map_everything(s: Sock, mapped: Arc<std::sync::Mutex<Vec<PeerSegment>>>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while let Ok(Some((m, mut fds))) = wire::read_frame(&s) {
+            if let Some(Kind::Register(reg)) = m.kind {
+                if let Some(fd) = fds.pop() {
+                    mapped.lock().unwrap().push(PeerSegment::open(SegmentHandle::Memfd(fd), reg.len).unwrap());
+                }
+                let answer = v1::Registered { segment: reg.segment, error: String::new() };
+                if wire::write_frame(&s, &wire::frame(Kind::Registered(answer)), None).is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// A peer keeps the memfds the server sends it (any peer can: it is sent the descriptor) and reads them whole,
+/// after it released its own replies. The server must never put another session's payload into memory it shared
+/// with this peer: a segment shared with one peer carries that peer's messages only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_read_another_sessions_replies_in_memory_it_was_shared() {
+    let srv = serve(&[]).await;
+    let (s, id) = handshake(&srv).await;
+    let mapped = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _reader = map_everything(s.clone(), mapped.clone());
+    // The snooper downloads replies of every slab class and large ones, and releases each at once.
+    let ch = common::plain_channel(&srv.unix).await;
+    for (seed, size) in [64u64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20].into_iter().enumerate() {
+        let reply = raw_download(&ch, &id, size, 1000 + seed as u32).await;
+        assert!(wire::is_reference(&reply), "the snooper's reply went inline");
+        let r = wire::decode_reference(&reply).unwrap();
+        for p in r.parts {
+            if let Some(v1::part::Kind::Sender(region)) = p.kind {
+                send(&s, Kind::Release(v1::Release { segment: region.segment, generation: region.generation })).await;
+            }
+        }
+    }
+    assert!(!mapped.lock().unwrap().is_empty());
+    // An honest client downloads replies of the same sizes through its own session.
+    let honest = ShmChannel::connect(&srv.unix).await.unwrap();
+    let mut c = client(&honest);
+    let mut secrets = Vec::new();
+    for (seed, size) in [64u64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20].into_iter().enumerate() {
+        let d = c.download(shmgrpc_demo::DownloadRequest { size, seed: 77 + seed as u32, count: 1 }).await.unwrap();
+        let d = d.into_inner();
+        assert!(shmgrpc::is_shared(&d.data), "the honest reply went inline: {:?}", honest.stats());
+        secrets.push(d.data[..64].to_vec());
+    }
+    // None of its payloads lies in memory the snooper maps. (Buffers start on page boundaries and a payload a few
+    // bytes into its message: looking near each page start finds one, and is fast in a debug build.)
+    let mapped = mapped.lock().unwrap();
+    for (i, secret) in secrets.iter().enumerate() {
+        for seg in mapped.iter() {
+            let mem = seg.as_slice();
+            let found = (0..mem.len()).step_by(4096).any(|page| {
+                (page..(page + 64).min(mem.len())).any(|at| mem.get(at..at + secret.len()) == Some(&secret[..]))
+            });
+            assert!(!found, "reply {i} of another session lies in a segment shared with the snooper");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_posix_segment_shrunk_after_sharing_is_data_loss_not_sigbus() {
     let srv = serve(&[]).await;

@@ -332,3 +332,39 @@ fn idle_buffers_beyond_the_preallocated_floor_go_after_the_idle_period() {
     drop(keep.try_alloc(1 << 20).unwrap());
     assert_eq!(keep.trim_idle(), 0);
 }
+
+/// Two tenants of one pool never get buffers of one segment (a peer given a segment can read all of it, for as
+/// long as it likes), in slab classes and in classes of segments of their own; a retired tenant's segments go.
+#[test]
+fn a_segment_that_held_one_tenants_buffers_never_holds_anothers() {
+    // 64 KiB is a slab class (slots of 64 MiB slabs); 8 MiB buffers are segments of their own.
+    let p = Pool::new(PoolConfig::default()).unwrap();
+    let (a, b) = (p.tenant(), p.tenant());
+    for size in [64 * K, 8 * 1024 * K] {
+        let la = p.try_alloc_for(a, size, 0).unwrap();
+        let a_segment = la.id();
+        drop(la);
+        // The buffer A used is idle, and B does not get it (nor another slot of its slab).
+        let lb = p.try_alloc_for(b, size, 0).unwrap();
+        assert_ne!(lb.id(), a_segment, "{size}: B got a buffer in a segment A was given");
+        // A gets its own back; so does an allocation without a tenant never get either.
+        assert_eq!(p.try_alloc_for(a, size, 0).unwrap().id(), a_segment, "{size}: A's own idle buffer is reused");
+        let plain = p.try_alloc(size).unwrap();
+        assert!(plain.id() != a_segment && plain.id() != lb.id(), "{size}: an untenanted lease in a tenant's segment");
+        drop((lb, plain));
+    }
+    // A leaves: its idle segments are dropped (their peer may still map them), B's stay.
+    let before = p.stats();
+    p.retire(a);
+    let after = p.stats();
+    assert!(after.evictions > before.evictions, "{after}");
+    assert!(p.try_alloc_for(b, 64 * K, 0).is_ok());
+    // A buffer of a retired tenant that was still leased goes when it comes back.
+    let c = p.tenant();
+    let held = p.try_alloc_for(c, 8 * 1024 * K, 0).unwrap();
+    let id = held.id();
+    p.retire(c);
+    assert!(p.exists(id), "still leased");
+    drop(held);
+    assert!(!p.exists(id), "a retired tenant's buffer went back into the pool");
+}

@@ -34,6 +34,14 @@ impl Pool {
         bytes
     }
 
+    /// Drops the idle buffers of class `class` whose segments belong to `tenant` (a retired one): its own
+    /// segments, and its slabs once every slot of them is idle.
+    pub(super) fn drop_tenant_buffers(&self, class: usize, tenant: u64) {
+        while let Some((id, victims)) = take_idle(&self.inner.classes[class], |b| b.tenant() == tenant) {
+            self.discard(id, victims);
+        }
+    }
+
     /// Drops every idle buffer, returning their memory to the system.
     pub fn trim(&self) {
         self.evict(u64::MAX / 2);

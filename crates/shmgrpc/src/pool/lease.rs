@@ -20,6 +20,8 @@ pub(super) struct Buffer {
     pub(super) idle_since: Instant,
     /// Made by `Pool::preallocate`: part of the pool's floor, never dropped for being idle.
     pub(super) preallocated: bool,
+    /// The tenant of a segment of its own (0: none yet); a slot's is its slab's.
+    tenant: u64,
 }
 
 pub(super) enum Storage {
@@ -31,7 +33,37 @@ pub(super) enum Storage {
 
 impl Buffer {
     pub(super) fn new(id: u32, generation: u32, storage: Storage) -> Buffer {
-        Buffer { id, generation, storage, idle_since: Instant::now(), preallocated: false }
+        Buffer { id, generation, storage, idle_since: Instant::now(), preallocated: false, tenant: 0 }
+    }
+
+    /// The tenant whose messages the buffer's segment has held (0: none yet): see `Pool::tenant`.
+    pub(super) fn tenant(&self) -> u64 {
+        match &self.storage {
+            Storage::Own(_) => self.tenant,
+            Storage::Slot(s) => s.slab().tenant(),
+        }
+    }
+
+    /// Whether a lease for `tenant` may take this buffer: one of its own segments, or one no tenant had; a caller
+    /// without a tenant (0) takes only the latter.
+    pub(super) fn fits_tenant(&self, tenant: u64) -> bool {
+        let t = self.tenant();
+        t == 0 || t == tenant
+    }
+
+    /// Gives the buffer's segment to `tenant` (nothing for 0); whether it belongs to it now.
+    pub(super) fn bind(&mut self, tenant: u64) -> bool {
+        if tenant == 0 {
+            return self.tenant() == 0;
+        }
+        match &self.storage {
+            Storage::Own(_) if self.tenant == 0 || self.tenant == tenant => {
+                self.tenant = tenant;
+                true
+            }
+            Storage::Own(_) => false,
+            Storage::Slot(s) => s.slab().bind(tenant),
+        }
     }
 
     pub(super) fn capacity(&self) -> usize {

@@ -14,6 +14,12 @@
 //! no memory: memfd pages exist only once written), and slots leave only with their whole slab, which is dropped
 //! when every slot of it is idle and room is needed.
 //!
+//! *Tenants.* A peer sent a segment can map all of it for as long as it likes, so a pool shared by several peers
+//! keeps their buffers in separate segments: [`Pool::tenant`] makes a tenant, [`Pool::try_alloc_for`] gives it
+//! buffers only from segments that held its own buffers or nobody's (which then become its own), and
+//! [`Pool::retire`] drops its segments once idle. Allocations without a tenant take only segments no tenant had.
+//! A preallocated buffer becomes the first tenant's that takes it and goes with it (the floor is not rebuilt).
+//!
 //! A [`Lease`] is exclusive use of one buffer; dropping it *returns* the buffer to the pool. The pool knows nothing
 //! of peers or gRPC: what a peer holds is tracked by the gRPC layer's session, which keeps the lease until the peer's
 //! generation-checked release arrives (see `docs/protocol.md`, *Holds and releases*).
@@ -22,7 +28,7 @@
 //! `evict.rs` (dropping idle buffers: for room, on request, after the idle period), `stats.rs` ([`PoolStats`] and
 //! the exported gauges); this file is the allocator.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -98,6 +104,9 @@ struct Inner {
     /// Release count and condition variable for blocking waits ([`Pool::alloc_blocking`]).
     returns_sync: (Mutex<u64>, Condvar),
     counters: Counters,
+    /// Tenants given out and not retired (see [`Pool::tenant`]), and the next tenant's number.
+    tenants: Mutex<HashSet<u64>>,
+    next_tenant: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -119,6 +128,16 @@ impl fmt::Debug for Pool {
         f.debug_struct("Pool").field("config", &self.inner.config).finish_non_exhaustive()
     }
 }
+
+/// A user of a pool whose buffers are shared with one peer ([`Pool::tenant`]): a segment that held one tenant's
+/// buffers never holds another's.
+///
+/// A peer that was sent a segment's descriptor (or name) can map all of it and keep it mapped, and read every buffer
+/// in it, long after the buffer it was told of went back to the pool. So a pool shared by several peers (a server's,
+/// shared by its sessions) must not put one peer's message into memory another peer was given. The gRPC layer makes
+/// one tenant per session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tenant(u64);
 
 /// A pool that may be gone: see [`Pool::downgrade`].
 #[derive(Debug, Clone)]
@@ -181,6 +200,8 @@ impl Pool {
                 returns: Arc::new(Notify::new()),
                 returns_sync: (Mutex::new(0), Condvar::new()),
                 counters: Counters::default(),
+                tenants: Mutex::default(),
+                next_tenant: AtomicU64::new(1),
             }),
         })
     }
@@ -212,7 +233,7 @@ impl Pool {
             if !self.reserve(cap as u64) {
                 return Err(self.exhausted(cap as u64));
             }
-            let mut buffer = self.create(ci, cap, cap)?;
+            let mut buffer = self.create(ci, cap, cap, 0)?;
             buffer.preallocated = true;
             let mut st = lock(&self.inner.classes[ci].state);
             st.total += 1;
@@ -307,8 +328,15 @@ impl Pool {
     /// much leaves the last `keep` bytes to the others. (Checked when the lease is made; concurrent allocations may
     /// overshoot it by a buffer each, never the budget.)
     pub fn try_alloc_leaving(&self, size: usize, keep: u64) -> Result<Lease> {
+        self.try_alloc_for(Tenant(0), size, keep)
+    }
+
+    /// Like [`Pool::try_alloc_leaving`], for `tenant`: the buffer comes from a segment that only `tenant`'s buffers
+    /// have used, or from one nobody's have, which then belongs to `tenant` until it is dropped (see
+    /// [`Pool::tenant`]).
+    pub fn try_alloc_for(&self, tenant: Tenant, size: usize, keep: u64) -> Result<Lease> {
         self.inner.counters.allocs.fetch_add(1, Ordering::Relaxed);
-        match self.attempt_leaving(size, keep) {
+        match self.attempt_leaving(size, keep, tenant.0) {
             Ok(lease) => Ok(lease),
             Err(Miss::Fatal(e)) => Err(e),
             Err(Miss::Budget { needed }) => Err(self.exhausted(needed)),
@@ -322,10 +350,10 @@ impl Pool {
     }
 
     fn attempt(&self, size: usize) -> std::result::Result<Lease, Miss> {
-        self.attempt_leaving(size, 0)
+        self.attempt_leaving(size, 0, 0)
     }
 
-    fn attempt_leaving(&self, size: usize, keep: u64) -> std::result::Result<Lease, Miss> {
+    fn attempt_leaving(&self, size: usize, keep: u64, tenant: u64) -> std::result::Result<Lease, Miss> {
         let (ci, cap) = self.class_for(size).map_err(Miss::Fatal)?;
         let budget = self.inner.config.budget;
         if cap as u64 > budget {
@@ -341,18 +369,21 @@ impl Pool {
         {
             let mut st = lock(&class.state);
             let pick = if class.size.is_some() {
-                st.free.len().checked_sub(1)
+                // The most recently returned one this tenant may take (usually the last).
+                st.free.iter().rposition(|b| b.fits_tenant(tenant))
             } else {
                 // Oversize: best fit among idle buffers no more than twice the request.
                 st.free
                     .iter()
                     .enumerate()
-                    .filter(|(_, b)| b.capacity() >= size && b.capacity() / 2 <= size)
+                    .filter(|(_, b)| b.fits_tenant(tenant) && b.capacity() >= size && b.capacity() / 2 <= size)
                     .min_by_key(|(_, b)| b.capacity())
                     .map(|(i, _)| i)
             };
             if let Some(i) = pick {
                 let mut buffer = st.free.swap_remove(i);
+                let bound = buffer.bind(tenant);
+                debug_assert!(bound, "picked a buffer of another tenant");
                 st.in_use_bytes += buffer.capacity() as u64;
                 self.inner.in_use.fetch_add(buffer.capacity() as u64, Ordering::AcqRel);
                 drop(st);
@@ -368,7 +399,8 @@ impl Pool {
                 return Err(Miss::Budget { needed: cap as u64 });
             }
         }
-        let buffer = self.create(ci, cap, size).map_err(Miss::Fatal)?;
+        let mut buffer = self.create(ci, cap, size, tenant).map_err(Miss::Fatal)?;
+        buffer.bind(tenant);
         {
             let mut st = lock(&class.state);
             st.total += 1;
@@ -398,9 +430,9 @@ impl Pool {
     /// Creates a new buffer of class `ci` (`cap` bytes: a slot of a slab, or a segment of its own), prefaulting
     /// (when configured) the first `touch` bytes: the ones the lease is about to write. Its budget is already
     /// reserved; on failure the reservation is given back.
-    fn create(&self, ci: usize, cap: usize, touch: usize) -> Result<Buffer> {
+    fn create(&self, ci: usize, cap: usize, touch: usize, tenant: u64) -> Result<Buffer> {
         let created = match self.inner.classes[ci].slots {
-            Some(slots) => self.carve(ci, cap, slots, touch),
+            Some(slots) => self.carve(ci, cap, slots, touch, tenant),
             None => self.create_own(cap, touch),
         };
         if created.is_err() {
@@ -421,13 +453,21 @@ impl Pool {
         Ok(Buffer::new(id, 0, Storage::Own(segment)))
     }
 
-    /// Carves the next untouched slot of a slab of class `ci`, creating a slab when none has one left.
-    fn carve(&self, ci: usize, cap: usize, slots: usize, touch: usize) -> Result<Buffer> {
+    /// Carves the next untouched slot of a slab of class `ci` that `tenant` may use (its own, or one nobody's
+    /// buffers used yet, which becomes its own), creating a slab when none has one left.
+    fn carve(&self, ci: usize, cap: usize, slots: usize, touch: usize, tenant: u64) -> Result<Buffer> {
         let class = &self.inner.classes[ci];
         let mut slot = loop {
             {
                 let mut st = lock(&class.state);
-                if let Some(s) = st.slabs.iter_mut().find(|s| s.carved < s.slab.slots()) {
+                let usable = |s: &SlabState| {
+                    let t = s.slab.tenant();
+                    s.carved < s.slab.slots() && (t == 0 || t == tenant)
+                };
+                if let Some(s) = st.slabs.iter_mut().find(|s| usable(s)) {
+                    if tenant != 0 {
+                        s.slab.bind(tenant);
+                    }
                     s.carved += 1;
                     break Slot::carve(s.slab.clone(), s.carved - 1);
                 }
@@ -444,6 +484,26 @@ impl Pool {
         }
         let generation = slot.slab().next_generation();
         Ok(Buffer::new(slot.slab().id(), generation, Storage::Slot(slot)))
+    }
+
+    /// A new tenant of this pool: [`Pool::try_alloc_for`] gives it buffers only from segments no other tenant's
+    /// buffers have used. Until [`Pool::retire`]d, its segments stay its own (idle or not); afterwards they are
+    /// dropped as soon as they are idle, never reused.
+    pub fn tenant(&self) -> Tenant {
+        let t = self.inner.next_tenant.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.tenants).insert(t);
+        Tenant(t)
+    }
+
+    /// Ends `tenant` (its peer is gone, or may still map its segments but will get nothing more): its idle buffers
+    /// are dropped now, the others as they come back. Their memory goes back to the system.
+    pub fn retire(&self, tenant: Tenant) {
+        if !lock(&self.inner.tenants).remove(&tenant.0) {
+            return;
+        }
+        for class in 0..self.inner.classes.len() {
+            self.drop_tenant_buffers(class, tenant.0);
+        }
     }
 
     /// A handle that does not keep the pool alive (for maintenance tasks such as a periodic [`Pool::trim_idle`]).
@@ -487,12 +547,18 @@ impl Pool {
     /// Returns a buffer to its class and wakes waiters.
     fn put_back(&self, class: usize, mut buffer: Buffer) {
         buffer.idle_since = Instant::now();
+        let tenant = buffer.tenant();
+        let retired = tenant != 0 && !lock(&self.inner.tenants).contains(&tenant);
         {
             let mut st = lock(&self.inner.classes[class].state);
             st.in_use_bytes -= buffer.capacity() as u64;
             self.inner.in_use.fetch_sub(buffer.capacity() as u64, Ordering::AcqRel);
             gauges(-(buffer.capacity() as i64), buffer.capacity() as i64);
             st.free.push(buffer);
+        }
+        if retired {
+            // Nobody may use it again (its tenant's peer may still map it): it goes as soon as it is idle.
+            self.drop_tenant_buffers(class, tenant);
         }
         // The count moves before anyone is woken: a waiter that wakes and reads it must see the return.
         let (count, cv) = &self.inner.returns_sync;

@@ -7,7 +7,7 @@
 
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::segment::{Segment, SegmentHandle, SegmentOptions};
@@ -22,6 +22,8 @@ pub(super) struct Slab {
     slots: usize,
     /// Generations of every lease of any slot: (slab id, generation) names one lease.
     next_generation: AtomicU32,
+    /// The tenant whose buffers its slots hold, once one took a slot (0: none yet); see `Pool::tenant`.
+    tenant: AtomicU64,
 }
 
 // SAFETY: `base` points into the mapping owned by `segment`, which lives exactly as long as the slab and is never
@@ -40,7 +42,7 @@ impl Slab {
             .ok_or_else(|| Error::InvalidArgument(format!("slab of {slots} slots of {slot} bytes is too large")))?;
         let mut segment = Segment::create(len, &opts.clone().prefault(false))?;
         let base = NonNull::new(segment.as_mut_slice().as_mut_ptr()).expect("a mapping is never at address 0");
-        Ok(Slab { id, segment, base, slot, slots, next_generation: AtomicU32::new(0) })
+        Ok(Slab { id, segment, base, slot, slots, next_generation: AtomicU32::new(0), tenant: AtomicU64::new(0) })
     }
 
     pub(super) fn id(&self) -> u32 {
@@ -63,6 +65,20 @@ impl Slab {
 
     pub(super) fn share(&self) -> Result<SegmentHandle> {
         self.segment.share()
+    }
+
+    /// The tenant its slots belong to (0: none yet).
+    pub(super) fn tenant(&self) -> u64 {
+        self.tenant.load(Ordering::Acquire)
+    }
+
+    /// Gives the slab to `tenant` if it has none; whether it now belongs to `tenant`. (Called under the lock of
+    /// the slab's class, which every binding of it takes.)
+    pub(super) fn bind(&self, tenant: u64) -> bool {
+        match self.tenant.compare_exchange(0, tenant, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(t) => t == tenant,
+        }
     }
 
     pub(super) fn next_generation(&self) -> u32 {

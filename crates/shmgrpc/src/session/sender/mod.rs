@@ -20,7 +20,7 @@ use super::outbox::Outbox;
 use super::split::{Piece, SplitBuf};
 use super::{ByRegion, take_for_parts, take_one};
 use crate::config::SessionParams;
-use crate::pool::Lease;
+use crate::pool::{Lease, Tenant};
 use crate::proto::v1::{self, part};
 use crate::protocol::MAX_INLINE;
 use crate::segment::SegmentHandle;
@@ -95,6 +95,8 @@ pub(super) struct Encoded {
 /// The sending half of one session (see the module docs).
 pub(super) struct Sender {
     params: SessionParams,
+    /// This session's tenancy of the pool: our buffers come only from segments no other session's peer was given.
+    tenant: Tenant,
     outbox: Arc<Outbox>,
     registrations: Mutex<HashMap<u32, Registration>>,
     /// Our buffers the peer may read: one entry per `sender` part sent and not yet released.
@@ -128,6 +130,7 @@ impl Sender {
     pub(super) fn new(params: SessionParams, outbox: Arc<Outbox>) -> Sender {
         let evictions = params.pool.evictions();
         Sender {
+            tenant: params.pool.tenant(),
             params,
             outbox,
             registrations: Mutex::default(),
@@ -166,6 +169,8 @@ impl Sender {
         lock(&self.loans).clear();
         lock(&self.registrations).clear();
         lock(&self.calls).clear();
+        // The peer may keep mapping our segments: none of them is used for anyone again.
+        self.params.pool.retire(self.tenant);
         self.progress.notify_waiters();
         back
     }
@@ -388,7 +393,7 @@ impl Sender {
         let heavy = shared && self.held() >= budget / HEAVY_SHARE;
         let keep = if heavy { budget / RESERVED_FOR_LIGHT } else { 0 };
         let returned = pool.returned();
-        pool.try_alloc_leaving(len, keep).map_err(|_| {
+        pool.try_alloc_for(self.tenant, len, keep).map_err(|_| {
             self.short_at.store(returned, Ordering::Release);
             if heavy { Fallback::ShareExceeded } else { Fallback::PoolExhausted }
         })
