@@ -177,16 +177,23 @@ fn gc_from_another_pid_namespace_leaves_a_live_servers_segments_and_removes_a_de
     let mut srv = Server::start(&[], "KILL", &server_cmd);
     assert_eq!(srv.ready["pid"], 1, "the server is pid 1 of its own namespace");
     let before = posix_segments_of(1);
-    // Replies of 8 MiB: the server's pool creates POSIX segments for them. (This client, in the host's pid
-    // namespace, refuses them and gets the replies inline: a name carries the creator's pid in its own namespace,
-    // pid 1 here, not the pid the kernel reports for the peer. docs/deploy.md: use memfd across pid namespaces.)
-    let out = Command::new(BIN)
-        .args(["call", "--target", &format!("unix:{}", sock.display()), "--op", "download", "--size", "8MiB"])
-        .args(["--repeat", "3", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(json_lines(&out.stdout).iter().filter(|l| l["checksum"] == "ok").count(), 3, "{}", text(&out));
+    // Replies of 8 MiB to a client that keeps its session (the server drops a session's segments when it ends):
+    // the server's pool creates POSIX segments for them. (This client, in the host's pid namespace, refuses them and
+    // gets the replies inline: a name carries the creator's pid in its own namespace, pid 1 here, not the pid the
+    // kernel reports for the peer. docs/deploy.md: use memfd across pid namespaces.)
+    let mut client = KillOnDrop(
+        Command::new(BIN)
+            .args(["call", "--target", &format!("unix:{}", sock.display()), "--op", "download", "--size", "8MiB"])
+            .args(["--repeat", "1000000", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(client.0.stdout.take().unwrap()).lines();
+    for _ in 0..4 {
+        let line = lines.next().unwrap().unwrap();
+        assert!(!line.contains("\"checksum\":\"bad"), "{line}");
+    }
     let live: HashSet<PathBuf> = posix_segments_of(1).difference(&before).cloned().collect();
     assert!(!live.is_empty(), "the server created no POSIX segment");
 
@@ -214,4 +221,14 @@ fn gc_from_another_pid_namespace_leaves_a_live_servers_segments_and_removes_a_de
     let removed = gc("gc after the server died");
     assert!(live.is_subset(&removed), "{live:?} not in {removed:?}");
     assert!(live.iter().all(|p| !p.exists()));
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
