@@ -143,6 +143,28 @@ pub(crate) struct Link {
     pub(crate) version: u32,
 }
 
+/// Takes the entries of `map` that belong to the message `tag` names (one per part that `pick` names a region for,
+/// the entry whose tag, by `tag_of`, is `tag` itself): what is kept for a message that never reached the peer.
+fn take_tagged<T>(
+    map: &mut ByRegion<T>,
+    tag: &Arc<calls::MessageTag>,
+    pick: impl Fn(&part::Kind) -> Option<&crate::proto::v1::Region>,
+    tag_of: impl Fn(&T) -> Option<&Arc<calls::MessageTag>>,
+) -> Vec<T> {
+    let mut taken = Vec::new();
+    for r in tag.parts.iter().filter_map(|p| p.kind.as_ref().and_then(&pick)) {
+        let key = (r.segment, r.generation);
+        let Some(v) = map.get_mut(&key) else { continue };
+        if let Some(i) = v.iter().position(|e| tag_of(e).is_some_and(|t| Arc::ptr_eq(t, tag))) {
+            taken.push(v.swap_remove(i));
+        }
+        if v.is_empty() {
+            map.remove(&key);
+        }
+    }
+    taken
+}
+
 /// One end of an established session.
 pub(crate) struct Session {
     id: SessionId,

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use super::calls::MessageTag;
 use super::loan::{Incoming, IncomingView, Outgoing, OutgoingView, PeerRegions};
 use super::outbox::Outbox;
-use super::{ByRegion, take_for_parts, take_one};
+use super::{ByRegion, take_for_parts, take_one, take_tagged};
 use crate::attach::AttachCache;
 use crate::proto::v1::{self, part};
 use crate::protocol::{
@@ -355,21 +355,15 @@ impl Receiver {
 
     /// Drops the regions kept for the message `tag` names (it never reached the peer), and only those.
     pub(super) fn cancel_tagged(&self, tag: &Arc<MessageTag>) {
-        let mut taken = Vec::new();
-        {
-            let mut sent_back = lock(&self.sent_back);
-            for p in &tag.parts {
-                let Some(part::Kind::Receiver(r)) = &p.kind else { continue };
-                let key = (r.segment, r.generation);
-                let Some(v) = sent_back.get_mut(&key) else { continue };
-                if let Some(i) = v.iter().position(|(_, t)| t.as_ref().is_some_and(|t| Arc::ptr_eq(t, tag))) {
-                    taken.push(v.swap_remove(i));
-                }
-                if v.is_empty() {
-                    sent_back.remove(&key);
-                }
-            }
-        }
+        let taken = take_tagged(
+            &mut lock(&self.sent_back),
+            tag,
+            |k| match k {
+                part::Kind::Receiver(r) => Some(r),
+                _ => None,
+            },
+            |(_, t): &SentBack| t.as_ref(),
+        );
         // Dropped outside the lock: dropping an `Incoming` queues a frame.
         drop(taken);
     }

@@ -18,7 +18,7 @@ use super::calls::{Calls, MessageTag};
 use super::loan::{Incoming, Located, Outgoing, PeerRegions};
 use super::outbox::Outbox;
 use super::split::{Piece, SplitBuf};
-use super::{ByRegion, take_for_parts, take_one};
+use super::{ByRegion, take_for_parts, take_one, take_tagged};
 use crate::config::SessionParams;
 use crate::pool::{Lease, Tenant};
 use crate::proto::v1::{self, part};
@@ -576,21 +576,15 @@ impl Sender {
 
     /// Drops the holds of the message `tag` names (it never reached the peer), and only those.
     pub(super) fn cancel_tagged(&self, tag: &Arc<MessageTag>) {
-        let mut taken = Vec::new();
-        {
-            let mut holds = lock(&self.holds);
-            for p in &tag.parts {
-                let Some(part::Kind::Sender(r)) = &p.kind else { continue };
-                let key = (r.segment, r.generation);
-                let Some(v) = holds.get_mut(&key) else { continue };
-                if let Some(i) = v.iter().position(|h| h.3.as_ref().is_some_and(|t| Arc::ptr_eq(t, tag))) {
-                    taken.push(v.swap_remove(i));
-                }
-                if v.is_empty() {
-                    holds.remove(&key);
-                }
-            }
-        }
+        let taken = take_tagged(
+            &mut lock(&self.holds),
+            tag,
+            |k| match k {
+                part::Kind::Sender(r) => Some(r),
+                _ => None,
+            },
+            |h: &Hold| h.3.as_ref(),
+        );
         for (_, n, _, _) in &taken {
             self.held.fetch_sub(*n, Ordering::AcqRel);
         }
