@@ -72,7 +72,9 @@ def test_python_client_all_rpc_kinds(rust_server: Served, blob: Any, blob_grpc: 
         # Metadata, deadlines and statuses are ordinary gRPC.
         with pytest.raises(grpc.RpcError) as e:
             stub.Download(blob.DownloadRequest(size=8 << 30, seed=1, count=1), timeout=10)
-        assert e.value.code() != grpc.StatusCode.OK
+        # The server's own status comes through unchanged, message included.
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        assert "above the limit" in (e.value.details() or ""), e.value
         assert ch.session_figures()["holds"] == 0
 
 
