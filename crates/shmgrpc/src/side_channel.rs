@@ -2,9 +2,10 @@
 //! socket, one reader and one writer task per connection, no thread of its own.
 //!
 //! Descriptors (protocol §3): a frame that carries one is sent by a `sendmsg` of its own that starts with the
-//! frame's first byte and holds no byte of another frame. The kernel returns such a descriptor with the `recvmsg`
-//! that reads the last bytes of that `sendmsg` and stops there, so the receiver's rule is: a descriptor belongs to
-//! the last frame whose first byte the same `recvmsg` returned. A descriptor that arrives with no frame start, more
+//! frame's first byte and holds no byte of another frame. Linux returns such a descriptor with the `recvmsg` that
+//! returns the first bytes of that `sendmsg` (earlier bytes may come in the same call) and ends that `recvmsg` no
+//! later than the end of that `sendmsg`'s bytes, so the receiver's rule is: a descriptor belongs to the last frame
+//! whose first byte the same `recvmsg` returned. A descriptor that arrives with no frame start, more
 //! than one per frame, or with a frame kind that carries none is a protocol error.
 
 use std::collections::VecDeque;
