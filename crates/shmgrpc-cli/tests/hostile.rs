@@ -757,6 +757,9 @@ async fn a_flood_of_idle_side_channel_connections_is_bounded() {
     last.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let n = blocking(move || std::io::Read::read(&mut &*last, &mut [0u8; 16])).await;
     assert_eq!(n.expect("closed before the handshake timeout"), 0, "closed without a frame");
+    // One admitted but silent: the server gives up when the 5 s for the whole handshake have passed (`closed`
+    // fails if the connection is still open after 10 s), and says why.
+    assert_eq!(closed(&conns[0]).await.as_deref(), Some("handshake timed out"));
     drop(conns);
     still_serves(&srv).await;
 }

@@ -150,3 +150,37 @@ fn another_uid_connecting_to_an_abstract_side_channel_is_refused_by_the_uid_chec
         .unwrap();
     assert_eq!(calls_via(&out.stdout, "shm", "shm"), 2, "{}", text(&out));
 }
+
+/// The client checks the server's uid too: a server that runs under another uid (not root) gets no session from
+/// it, even though that server admits the client's uid.
+#[test]
+#[ignore = "needs root"]
+fn a_client_refuses_a_server_that_runs_under_another_uid() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    let (user, bin) = other();
+    // A directory the other uid can create its sockets in.
+    let dir = tempfile::Builder::new().prefix("shmgrpc-iso").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.path().join("grpc.sock");
+    let mut server = Command::new("setpriv")
+        .args([&format!("--reuid={}", user.0), &format!("--regid={}", user.1), "--clear-groups", bin.path()])
+        .args(["serve", "--listen", &format!("unix:{}", sock.display()), "--allow-uid", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+    let out = Command::new(BIN)
+        .args(["call", "--target", &format!("unix:{}", sock.display()), "--size", "1MiB", "--repeat", "2", "--json"])
+        .env("RUST_LOG", "shmgrpc=debug")
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert_eq!(json_lines(&out.stdout)[0]["fallback"], "handshake_failed", "{ready}{t}");
+    assert!(t.contains("server runs under another uid"), "refused for another reason: {t}");
+    assert_eq!(calls_via(&out.stdout, "inline", "inline"), 2, "{t}");
+}

@@ -279,6 +279,17 @@ mod tests {
     }
 
     #[test]
+    fn tickets_expire_after_their_lifetime() {
+        let mut t = Tickets::new().unwrap();
+        let (a, b) = (t.issue().unwrap(), t.issue().unwrap());
+        assert_eq!(t.redeem(&a), Ok(()), "fresh");
+        // The issuer's clock moves on by the ticket's lifetime.
+        t.epoch = t.epoch.checked_sub(TICKET_TTL).expect("the machine has been up for longer than a ticket lives");
+        assert_eq!(t.redeem(&b), Err("unknown or expired ticket"), "expired");
+        assert_eq!(t.redeem(&t.issue().unwrap()), Ok(()), "a new one works");
+    }
+
+    #[test]
     fn issuing_keeps_no_state() {
         let t = Tickets::new().unwrap();
         for _ in 0..50_000 {
