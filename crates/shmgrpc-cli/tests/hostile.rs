@@ -582,6 +582,29 @@ async fn a_peer_that_never_reads_its_side_channel_loses_its_session() {
     still_serves(&srv).await;
 }
 
+/// A peer that stops reading while the server has fewer frames for it than the queue holds (65 536): the server's
+/// writer makes no progress, and after 10 s without any the session ends. Seen from the peer without reading (which
+/// would let the writer go on): its socket reports that the server hung up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_makes_no_progress_ends_the_session() {
+    let srv = serve(&[]).await;
+    let (s, _id) = handshake(&srv).await;
+    let hung_up = blocking(move || {
+        // 30 000 answers of about 10 bytes fill the socket's buffers and leave the rest queued: far below the cap.
+        for i in 0..30_000u32 {
+            let frame = wire::frame(Kind::Register(v1::Register { segment: i, len: 1, source: None }));
+            wire::write_frame(&s, &frame, None).unwrap();
+        }
+        let mut fds = [rustix::event::PollFd::new(&*s, rustix::event::PollFlags::RDHUP)];
+        let limit = rustix::event::Timespec { tv_sec: 30, tv_nsec: 0 };
+        rustix::event::poll(&mut fds, Some(&limit)).unwrap();
+        fds[0].revents().contains(rustix::event::PollFlags::RDHUP)
+    })
+    .await;
+    assert!(hung_up, "the server kept a session whose peer does not read for 30 s");
+    still_serves(&srv).await;
+}
+
 /// Calls `Download` of 20 MiB under session `id` (hex in the header) until `stop`, on a plain channel of its own:
 /// the server answers with references into its pool, which this raw peer never resolves nor releases.
 async fn drive_downloads(unix: String, id: Vec<u8>, stop: Arc<AtomicBool>, made: Arc<AtomicUsize>) -> usize {
