@@ -183,3 +183,22 @@ impl ServerConfig {
     }
     send_options!("response", "client");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults docs/protocol.md (§7), README and security.md state.
+    #[test]
+    fn the_defaults_are_what_the_docs_say() {
+        for params in [ClientConfig::default().send, ServerConfig::default().send] {
+            let p = params.into_params(Side::Client).unwrap();
+            assert_eq!(p.window, 512 << 20, "the in-flight window");
+            assert_eq!(p.window_wait, Duration::from_secs(1), "the wait for it");
+            assert_eq!(p.threshold, 64 << 10, "the threshold");
+            assert_eq!(p.exhausted_wait, Duration::ZERO, "no wait for an exhausted pool");
+        }
+        assert_eq!(ClientConfig::default().protocol_version, PROTOCOL_VERSION);
+        assert!(ServerConfig::default().allowed_uids.is_none(), "the server's own uid and root");
+    }
+}
