@@ -355,6 +355,16 @@ impl std::future::Future for ResponseFuture {
     }
 }
 
+impl Drop for ResponseFuture {
+    /// A call dropped before its response arrived (cancelled, timed out): whatever the server already sent of its
+    /// response is discarded with the stream, so the server is told that none of it was read (`CallEnd`).
+    fn drop(&mut self) {
+        if let Some((session, call)) = self.call.take() {
+            session.end_call(call, 0);
+        }
+    }
+}
+
 /// Ends the session when the last clone of the channel is dropped (its buffers return, its peer's mappings go).
 #[derive(Debug)]
 struct SessionGuard(Arc<Session>);
