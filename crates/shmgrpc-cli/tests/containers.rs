@@ -34,9 +34,25 @@ fn unshare(extra: &[&str], signal: &str, script: &str) -> Command {
     c
 }
 
-/// A directory both containers share, outside `/tmp` (which each container replaces).
-fn shared_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+/// What the containers see of the test, outside `/tmp` (which each container replaces with its own, and under which
+/// the build directory itself may lie): a copy of the `shmgrpc` binary, and the directory the containers share.
+/// Removed when the test ends.
+struct Stage {
+    _dir: tempfile::TempDir,
+    bin: String,
+    shared: PathBuf,
+}
+
+impl Stage {
+    fn new() -> Stage {
+        std::fs::create_dir_all("/var/tmp").unwrap();
+        let dir = tempfile::Builder::new().prefix("shmgrpc-containers").tempdir_in("/var/tmp").unwrap();
+        let bin = dir.path().join("shmgrpc");
+        std::fs::copy(BIN, &bin).unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        Stage { bin: bin.to_str().unwrap().to_string(), shared, _dir: dir }
+    }
 }
 
 /// A `shmgrpc serve` in containers of its own; its readiness line; the server ends with the `unshare` process.
@@ -70,9 +86,9 @@ impl Drop for Server {
     }
 }
 
-/// Runs `shmgrpc call` in containers of its own; its output, checked for success.
-fn call_in(extra_ns: &[&str], setup: &str, args: &str) -> Output {
-    let script = container_script(&format!("{setup}exec {BIN} call {args} --json"));
+/// Runs `shmgrpc call` (the staged binary `bin`) in containers of its own; its output, checked for success.
+fn call_in(bin: &str, extra_ns: &[&str], setup: &str, args: &str) -> Output {
+    let script = container_script(&format!("{setup}exec {bin} call {args} --json"));
     let out = unshare(extra_ns, "KILL", &script).output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     out
@@ -94,15 +110,15 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 #[test]
 #[ignore = "needs root"]
 fn a_1_gib_echo_crosses_containers_through_shared_memory_with_default_settings() {
-    let dir = shared_dir();
-    let sock = dir.path().join("grpc.sock");
+    let stage = Stage::new();
+    let sock = stage.shared.join("grpc.sock");
     // The server: defaults only (its side channel goes beside its socket).
-    let server_cmd = format!("exec {BIN} serve --listen unix:{}", sock.display());
+    let server_cmd = format!("exec {} serve --listen unix:{}", stage.bin, sock.display());
     let mut srv = Server::start(&[], "TERM", &container_script(&server_cmd));
     assert_eq!(srv.ready["side_channel"], format!("{}.shmgrpc", sock.display()), "{}", srv.ready);
     // The client sees the shared directory under another path, as a volume mounted elsewhere would be.
-    let setup = format!("mkdir /tmp/volume && mount --bind {} /tmp/volume && ", dir.path().display());
-    let out = call_in(&[], &setup, "--target unix:/tmp/volume/grpc.sock --size 1GiB --repeat 1");
+    let setup = format!("mkdir /tmp/volume && mount --bind {} /tmp/volume && ", stage.shared.display());
+    let out = call_in(&stage.bin, &[], &setup, "--target unix:/tmp/volume/grpc.sock --size 1GiB --repeat 1");
     let lines = json_lines(&out.stdout);
     assert_eq!(lines[0]["shared_memory"], true, "{}", text(&out));
     // Checksummed both ways by `call` (it fails on a bad checksum), and through shared memory both ways.
@@ -120,14 +136,15 @@ fn a_1_gib_echo_crosses_containers_through_shared_memory_with_default_settings()
 #[test]
 #[ignore = "needs root"]
 fn a_tcp_server_offers_an_abstract_side_channel_to_containers_of_its_network_namespace() {
+    let stage = Stage::new();
     let name = abstract_name();
-    let server_cmd = format!("exec {BIN} serve --listen 127.0.0.1:0 --side-channel {name}");
+    let server_cmd = format!("exec {} serve --listen 127.0.0.1:0 --side-channel {name}", stage.bin);
     let srv = Server::start(&[], "TERM", &container_script(&server_cmd));
     assert_eq!(srv.ready["side_channel"], name.as_str());
     let tcp = srv.ready["listen"][0].as_str().unwrap().to_string();
     // A sidecar: its own mount, IPC and pid namespaces and no shared directory; the network namespace is shared
     // (as in a Kubernetes pod).
-    let out = call_in(&[], "", &format!("--target {tcp} --size 20MiB --repeat 3"));
+    let out = call_in(&stage.bin, &[], "", &format!("--target {tcp} --size 20MiB --repeat 3"));
     assert_eq!(json_lines(&out.stdout)[0]["shared_memory"], true, "{}", text(&out));
     assert_eq!(calls_via(&out.stdout, "shm", "shm"), 3, "{}", text(&out));
 }
@@ -135,14 +152,14 @@ fn a_tcp_server_offers_an_abstract_side_channel_to_containers_of_its_network_nam
 #[test]
 #[ignore = "needs root"]
 fn a_client_in_another_network_namespace_cannot_reach_an_abstract_side_channel_and_goes_inline() {
-    let dir = shared_dir();
-    let sock = dir.path().join("grpc.sock");
+    let stage = Stage::new();
+    let sock = stage.shared.join("grpc.sock");
     let name = abstract_name();
-    let server_cmd = format!("exec {BIN} serve --listen unix:{} --side-channel {name}", sock.display());
+    let server_cmd = format!("exec {} serve --listen unix:{} --side-channel {name}", stage.bin, sock.display());
     let _srv = Server::start(&[], "TERM", &container_script(&server_cmd));
     // The gRPC socket is reachable (a file in a shared directory); the abstract socket is not (another network
     // namespace): every call still succeeds, inline, and the reason is the right one.
-    let out = call_in(&["--net"], "", &format!("--target unix:{} --size 1MiB --repeat 2", sock.display()));
+    let out = call_in(&stage.bin, &["--net"], "", &format!("--target unix:{} --size 1MiB --repeat 2", sock.display()));
     assert_eq!(json_lines(&out.stdout)[0]["fallback"], "side_channel_unreachable", "{}", text(&out));
     assert_eq!(calls_via(&out.stdout, "inline", "inline"), 2, "{}", text(&out));
 }
@@ -169,11 +186,14 @@ fn posix_segments_of(pid: u32) -> HashSet<PathBuf> {
 #[test]
 #[ignore = "needs root"]
 fn gc_from_another_pid_namespace_leaves_a_live_servers_segments_and_removes_a_dead_ones() {
-    let dir = shared_dir();
-    let sock = dir.path().join("grpc.sock");
+    let stage = Stage::new();
+    let sock = stage.shared.join("grpc.sock");
     // Shares /dev/shm with the host (no private one): POSIX segments, whose names carry pid 1 of its namespace.
-    let server_cmd =
-        format!("mount -t tmpfs none /tmp && exec {BIN} serve --backend posix --listen unix:{}", sock.display());
+    let server_cmd = format!(
+        "mount -t tmpfs none /tmp && exec {} serve --backend posix --listen unix:{}",
+        stage.bin,
+        sock.display()
+    );
     let mut srv = Server::start(&[], "KILL", &server_cmd);
     assert_eq!(srv.ready["pid"], 1, "the server is pid 1 of its own namespace");
     let before = posix_segments_of(1);
