@@ -325,12 +325,20 @@ async fn a_peer_that_fills_the_caps_fails_no_call_of_another() {
 
 /// Answers every registration on `s` until the connection ends: with `error` (a peer that cannot open the server's
 /// segments: another mount or IPC namespace, or an implementation without named segments), or, if it is empty, as
-/// accepted (a peer that then never releases anything). Returns how many it answered.
-fn answer_every_registration(s: Sock, error: &'static str) -> std::thread::JoinHandle<usize> {
+/// accepted (a peer that then never releases anything). Returns how many it answered. With `keep`, it also maps
+/// each memfd it is sent, whole, as any peer can, and keeps the mapping there.
+fn answer_every_registration(
+    s: Sock,
+    error: &'static str,
+    keep: Option<Arc<std::sync::Mutex<Vec<PeerSegment>>>>,
+) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
         let mut answered = 0;
-        while let Ok(Some((m, _))) = wire::read_frame(&s) {
+        while let Ok(Some((m, mut fds))) = wire::read_frame(&s) {
             if let Some(Kind::Register(reg)) = m.kind {
+                if let (Some(keep), Some(fd)) = (&keep, fds.pop()) {
+                    keep.lock().unwrap().push(PeerSegment::open(SegmentHandle::Memfd(fd), reg.len).unwrap());
+                }
                 let answer = v1::Registered { segment: reg.segment, error: error.into() };
                 if wire::write_frame(&s, &wire::frame(Kind::Registered(answer)), None).is_err() {
                     break;
@@ -362,7 +370,7 @@ async fn peers_that_never_release_cannot_push_another_clients_messages_inline() 
     let mut hogs = Vec::new();
     for _ in 0..6 {
         let (s, id) = handshake(&srv).await;
-        let answers = answer_every_registration(s.clone(), "");
+        let answers = answer_every_registration(s.clone(), "", None);
         hogs.push((s, id, answers));
     }
     // Each keeps (never releases) 40 replies of 3 MiB: 720 MiB wanted in all.
@@ -403,7 +411,7 @@ async fn a_client_that_refuses_every_named_segment_gets_every_reply_inline() {
     for backend in ["posix", "sysv"] {
         let srv = serve(&["--backend", backend]).await;
         let (s, id) = handshake(&srv).await;
-        let refuser = answer_every_registration(s.clone(), "cannot open it here");
+        let refuser = answer_every_registration(s.clone(), "cannot open it here", None);
         let ch = common::plain_channel(&srv.unix).await;
         for seed in 0..8u32 {
             let reply = raw_download(&ch, &id, 4 << 20, seed).await;
@@ -454,24 +462,6 @@ async fn one_session_cannot_reach_another_sessions_buffers() {
     still_serves(&srv).await;
 }
 
-/// Maps every segment the server registers with this raw peer (whole, as any peer can with the memfd it is sent),
-/// answers each registration, and releases every buffer it is told of at once; returns the mappings it kept.
-fn map_everything(s: Sock, mapped: Arc<std::sync::Mutex<Vec<PeerSegment>>>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while let Ok(Some((m, mut fds))) = wire::read_frame(&s) {
-            if let Some(Kind::Register(reg)) = m.kind {
-                if let Some(fd) = fds.pop() {
-                    mapped.lock().unwrap().push(PeerSegment::open(SegmentHandle::Memfd(fd), reg.len).unwrap());
-                }
-                let answer = v1::Registered { segment: reg.segment, error: String::new() };
-                if wire::write_frame(&s, &wire::frame(Kind::Registered(answer)), None).is_err() {
-                    break;
-                }
-            }
-        }
-    })
-}
-
 /// A peer keeps the memfds the server sends it (any peer can: it is sent the descriptor) and reads them whole,
 /// after it released its own replies. The server must never put another session's payload into memory it shared
 /// with this peer: a segment shared with one peer carries that peer's messages only.
@@ -480,7 +470,7 @@ async fn a_peer_cannot_read_another_sessions_replies_in_memory_it_was_shared() {
     let srv = serve(&[]).await;
     let (s, id) = handshake(&srv).await;
     let mapped = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let _reader = map_everything(s.clone(), mapped.clone());
+    let _reader = answer_every_registration(s.clone(), "", Some(mapped.clone()));
     // The snooper downloads replies of every slab class and large ones, and releases each at once.
     let ch = common::plain_channel(&srv.unix).await;
     for (seed, size) in [64u64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20].into_iter().enumerate() {
