@@ -37,12 +37,18 @@ def bin_path() -> str:
 
 @pytest.fixture(scope="session")
 def stubs_dir() -> Iterator[str]:
-    """The demo service's ``blob_pb2`` / ``blob_pb2_grpc``, generated with grpcio-tools (no system protoc)."""
+    """
+    The demo service's ``blob_pb2`` / ``blob_pb2_grpc``, and the protocol's ``shmgrpc_pb2`` (for tests that craft
+    references), generated with grpcio-tools (no system protoc).
+    """
     from grpc_tools import protoc  # type: ignore[import-untyped]
 
     with tempfile.TemporaryDirectory() as d:
         proto = ROOT / "crates" / "shmgrpc-demo" / "proto"
         rc = protoc.main(["protoc", f"-I{proto}", f"--python_out={d}", f"--grpc_python_out={d}", "blob.proto"])
+        assert rc == 0
+        proto = ROOT / "crates" / "shmgrpc" / "proto"
+        rc = protoc.main(["protoc", f"-I{proto}", f"--python_out={d}", "shmgrpc.proto"])
         assert rc == 0
         sys.path.insert(0, d)
         yield d
@@ -57,6 +63,31 @@ def blob(stubs_dir: str) -> Any:
 @pytest.fixture(scope="session")
 def blob_grpc(stubs_dir: str) -> Any:
     return importlib.import_module("blob_pb2_grpc")
+
+
+@pytest.fixture(scope="session")
+def wire(stubs_dir: str) -> Any:
+    """The protocol's messages (``Reference``, ``Part``, ``Region``, ...), for tests that craft references."""
+    return importlib.import_module("shmgrpc_pb2")
+
+
+REFERENCE_FIELD = 19999
+"""The field a reference travels in (docs/protocol.md section 6)."""
+
+
+def encode_reference(wire: Any, session: bytes, parts: list[Any], from_server: bool = False) -> bytes:
+    """A reference as a gRPC message: field 19999 holding the ``Reference``."""
+    body = wire.Reference(session=session, from_server=from_server, parts=parts).SerializeToString()
+    return _varint(REFERENCE_FIELD << 3 | 2) + _varint(len(body)) + body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 @dataclass

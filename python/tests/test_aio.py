@@ -54,38 +54,3 @@ def test_aio_client_against_a_plain_server(rust_plain_server: Served, blob: Any,
             assert ch.stats()["fallbacks"]["peer_lacks_shmgrpc"] == 1  # type: ignore[index]
 
     asyncio.run(main())
-
-
-def test_a_reference_awaiting_its_registration_does_not_block_the_loop() -> None:
-    import os
-    import socket
-
-    from shmgrpc import protocol
-    from shmgrpc.pool import Pool
-    from shmgrpc.segment import Segment
-    from shmgrpc.session import CLIENT, Session
-    from shmgrpc.stats import Both, Recorder
-
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    session = Session(a, os.urandom(16), CLIENT, os.getpid(), Pool(), 1 << 16, Both(Recorder()))
-    region = protocol.Region(segment=5, generation=1, offset=0, len=4)
-    ref = protocol.Reference(session=session.id, from_server=True, parts=[protocol.Part(sender=region)])
-    seg = Segment(4096)
-    seg.view[:4] = b"data"
-
-    async def main() -> None:
-        waiter = asyncio.ensure_future(session.wait_registered(ref))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        # The loop runs other work while the waiter waits: a blocking wait would have returned only after 2 s.
-        assert not waiter.done()
-        # The registration arrives (as the I/O thread would deliver it): the waiter wakes.
-        session._on_register(protocol.Register(segment=5, len=4096), os.dup(seg.fd))
-        await asyncio.wait_for(waiter, 1.0)
-        spans, answers = session.resolve(ref)
-        assert bytes(spans[0]) == b"data" and answers == [("release", 5, 1)]
-
-    asyncio.run(main())
-    session.close()
-    seg.close()
-    b.close()

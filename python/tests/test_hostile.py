@@ -12,9 +12,8 @@ import grpc
 import pytest
 
 import shmgrpc
-from shmgrpc import protocol
 
-from .conftest import Served, _start, _stop, start_py_server
+from .conftest import Served, _start, _stop, encode_reference, start_py_server
 
 ECHO = "/shmgrpc.demo.v1.Blob/Echo"
 
@@ -31,15 +30,13 @@ def server(request: Any, bin_path: str, stubs_dir: str, tmp_path: Any) -> Iterat
     _stop(s)
 
 
-def ref(session: bytes, parts: list[Any], from_server: bool = False) -> bytes:
-    return protocol.encode_reference(protocol.Reference(session=session, from_server=from_server, parts=parts))
+def test_hostile_references_get_clear_statuses(server: Served, blob: Any, blob_grpc: Any, wire: Any) -> None:
+    def ref(session: bytes, parts: list[Any], from_server: bool = False) -> bytes:
+        return encode_reference(wire, session, parts, from_server)
 
+    def sender(segment: int, offset: int, length: int, generation: int = 1) -> Any:
+        return wire.Part(sender=wire.Region(segment=segment, generation=generation, offset=offset, len=length))
 
-def sender(segment: int, offset: int, length: int, generation: int = 1) -> Any:
-    return protocol.Part(sender=protocol.Region(segment=segment, generation=generation, offset=offset, len=length))
-
-
-def test_hostile_references_get_clear_statuses(server: Served, blob: Any, blob_grpc: Any) -> None:
     with shmgrpc.insecure_channel(server.unix) as ch:
         assert ch.is_shared_memory(), ch.fallback()
         # A legitimate call registers our first buffer (segment 1, a 2 MiB buffer) with the server.
@@ -48,8 +45,8 @@ def test_hostile_references_get_clear_statuses(server: Served, blob: Any, blob_g
         assert good.Echo(blob.Payload(data=data, crc32=zlib.crc32(data))).data == data
         session = ch._session
         assert session is not None
-        sid = session.id
-        md = [(protocol.SESSION_HEADER, session.header)]
+        sid = bytes.fromhex(session.header)
+        md = [(shmgrpc.SESSION_HEADER, session.header)]
         raw = ch._channel.unary_unary(ECHO)
 
         def status(body: bytes) -> grpc.StatusCode:
@@ -58,21 +55,21 @@ def test_hostile_references_get_clear_statuses(server: Served, blob: Any, blob_g
             assert "shmgrpc-" not in (e.value.details() or ""), "no segment name in a status"
             return e.value.code()
 
-        inline_part = protocol.Part(inline=b"x")
+        inline_part = wire.Part(inline=b"x")
         cases = [
-            ("malformed", protocol.REFERENCE_KEY + b"\x05ab", grpc.StatusCode.INVALID_ARGUMENT),
+            ("malformed", b"\xfa\xe1\x09\x05ab", grpc.StatusCode.INVALID_ARGUMENT),
             ("unknown session", ref(b"\x01" * 16, [sender(1, 0, 16)]), grpc.StatusCode.FAILED_PRECONDITION),
             ("short session id", ref(b"\x01" * 3, [sender(1, 0, 16)]), grpc.StatusCode.FAILED_PRECONDITION),
             ("claims to be the server", ref(sid, [sender(1, 0, 16)], True), grpc.StatusCode.FAILED_PRECONDITION),
             ("no parts", ref(sid, []), grpc.StatusCode.INVALID_ARGUMENT),
             ("65 parts", ref(sid, [inline_part] * 65), grpc.StatusCode.INVALID_ARGUMENT),
-            ("a part without a kind", ref(sid, [protocol.Part()]), grpc.StatusCode.INVALID_ARGUMENT),
-            ("too many inline bytes", ref(sid, [protocol.Part(inline=b"x" * 33000)]), grpc.StatusCode.INVALID_ARGUMENT),
-            ("past the segment's end", ref(sid, [sender(1, (2 << 20) - 8, 16)]), grpc.StatusCode.OUT_OF_RANGE),
+            ("a part without a kind", ref(sid, [wire.Part()]), grpc.StatusCode.INVALID_ARGUMENT),
+            ("too many inline bytes", ref(sid, [wire.Part(inline=b"x" * 33000)]), grpc.StatusCode.INVALID_ARGUMENT),
+            ("past the segment's end", ref(sid, [sender(1, 1 << 40, 16)]), grpc.StatusCode.OUT_OF_RANGE),
             ("offset overflow", ref(sid, [sender(1, 2**64 - 8, 16)]), grpc.StatusCode.OUT_OF_RANGE),
             (
                 "a receiver part the peer does not hold",
-                ref(sid, [protocol.Part(receiver=protocol.Region(segment=1, generation=77, offset=0, len=8))]),
+                ref(sid, [wire.Part(receiver=wire.Region(segment=1, generation=77, offset=0, len=8))]),
                 grpc.StatusCode.INVALID_ARGUMENT,
             ),
             ("trailing fields", ref(sid, [sender(1, 0, 16)]) + b"\x08\x01", grpc.StatusCode.INVALID_ARGUMENT),

@@ -1,7 +1,9 @@
 //! The Python package (`python/`) from the workspace's one test command: makes a virtual environment under the
-//! target directory (once), installs the package with its dev tools from PyPI, and runs `ruff format --check`,
-//! `ruff check`, `mypy` and the pytest suite (unit tests, interop both ways with this crate's `shmgrpc` binary,
-//! hostile references against both servers, `kill -9` of either side). Needs `python3` (3.9 or later) with `venv`.
+//! target directory (once), installs the package with its dev tools from PyPI (pip builds the extension module
+//! `shmgrpc._core`, the crate `crates/shmgrpc-python`, with cargo through maturin, into this workspace's target
+//! directory), and runs `ruff format --check`, `ruff check`, `mypy` and the pytest suite (unit tests, interop both
+//! ways with this crate's `shmgrpc` binary, hostile references against both servers, `kill -9` of either side).
+//! Needs `python3` (3.11 or later) with `venv`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

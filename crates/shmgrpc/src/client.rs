@@ -415,24 +415,40 @@ async fn establish(
         .map_err(|_| Fallback::DiscoveryFailed)?
         .map_err(|status| {
             tracing::debug!(%status, "shmgrpc discovery failed");
-            match status.code() {
-                tonic::Code::Unimplemented => Fallback::PeerLacksShmgrpc,
-                tonic::Code::FailedPrecondition => Fallback::UnsupportedVersion,
-                code @ (tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
-                    // The most common cause, worth saying once at `info`: discovery carries none of the
-                    // application's metadata, so a whole-server auth layer in front of shmgrpc's refuses it.
-                    tracing::info!(
-                        ?code,
-                        "shmgrpc discovery was refused, likely by an auth layer in front of the server's \
-                         `ShmServer::layer()`: add shmgrpc's layer first (`Server::builder().layer(shm.layer())` \
-                         before the auth layer); messages go inline"
-                    );
-                    Fallback::DiscoveryFailed
-                }
-                _ => Fallback::DiscoveryFailed,
-            }
+            discovery_fallback(status.code())
         })?
         .into_inner();
+    join_offer(hello, params, version, unix).await
+}
+
+/// Why a failed discovery call (`Hello` answered with `code`) leaves a channel inline.
+pub(crate) fn discovery_fallback(code: tonic::Code) -> Fallback {
+    match code {
+        tonic::Code::Unimplemented => Fallback::PeerLacksShmgrpc,
+        tonic::Code::FailedPrecondition => Fallback::UnsupportedVersion,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            // The most common cause, worth saying once at `info`: discovery carries none of the application's
+            // metadata, so a whole-server auth layer in front of shmgrpc's refuses it.
+            tracing::info!(
+                ?code,
+                "shmgrpc discovery was refused, likely by an auth layer in front of the server's \
+                 `ShmServer::layer()`: add shmgrpc's layer first (`Server::builder().layer(shm.layer())` \
+                 before the auth layer); messages go inline"
+            );
+            Fallback::DiscoveryFailed
+        }
+        _ => Fallback::DiscoveryFailed,
+    }
+}
+
+/// The session the server offered in `hello`: the side-channel handshake on the I/O runtime, then the session's
+/// tasks. `version` is the highest version we asked for.
+pub(crate) async fn join_offer(
+    hello: crate::proto::v1::HelloResponse,
+    params: SessionParams,
+    version: u32,
+    unix: Option<&Path>,
+) -> Result<Arc<Session>, Fallback> {
     if !handshake::supported(hello.version) || hello.version > version {
         return Err(Fallback::UnsupportedVersion);
     }

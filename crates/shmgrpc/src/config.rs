@@ -151,14 +151,33 @@ impl ClientConfig {
 }
 
 /// Server configuration, for [`crate::ShmServer::new`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub(crate) side_channel: Option<PathBuf>,
     pub(crate) allowed_uids: Option<HashSet<u32>>,
     pub(crate) send: SendConfig,
+    pub(crate) protocol_version: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            side_channel: None,
+            allowed_uids: None,
+            send: SendConfig::default(),
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
 }
 
 impl ServerConfig {
+    /// The highest protocol version to speak (default and most: [`PROTOCOL_VERSION`]): a client asking for more
+    /// gets this one. For rolling upgrades, and for servers that do not implement a later version's duties (the
+    /// Python package's grpcio server numbers no calls, so it speaks version 2).
+    pub fn protocol_version(mut self, version: u32) -> Self {
+        self.protocol_version = version;
+        self
+    }
     /// Where the side-channel socket goes (default: a fresh path in the temporary directory, which clients in
     /// another mount namespace cannot reach: see [`ServerConfig::side_channel_beside`]). A path written `@name` is
     /// a socket in Linux's abstract namespace: no file, reachable from the server's network namespace only (the

@@ -42,6 +42,8 @@ pub mod codec;
 #[cfg(feature = "grpc")]
 mod config;
 #[cfg(feature = "grpc")]
+pub mod embed;
+#[cfg(feature = "grpc")]
 mod handshake;
 #[cfg(feature = "grpc")]
 mod io;

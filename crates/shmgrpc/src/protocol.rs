@@ -62,10 +62,10 @@ pub const SESSION_HEADER: &str = "shmgrpc-session";
 pub const CALL_HEADER: &str = "shmgrpc-call";
 
 /// The discovery method, answered by the server layer on the gRPC connection itself (§2).
-pub(crate) const HELLO_PATH: &str = "/shmgrpc.v1.Session/Hello";
+pub const HELLO_PATH: &str = "/shmgrpc.v1.Session/Hello";
 
 /// How long discovery and each handshake step may take (§2, §4).
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a ticket from `Hello` stays valid (§2).
 pub(crate) const TICKET_TTL: Duration = Duration::from_secs(30);

@@ -49,6 +49,8 @@ struct Shared {
     allowed: HashSet<u32>,
     params: SessionParams,
     tickets: Tickets,
+    /// The highest protocol version this server speaks.
+    max_version: u32,
     /// Sessions opened on the side channel (each is held by its own reader task; gone ones are pruned as new
     /// ones come).
     sessions: Mutex<Vec<Weak<Session>>>,
@@ -128,6 +130,7 @@ impl ShmServer {
             allowed,
             params,
             tickets,
+            max_version: config.protocol_version,
             sessions: Mutex::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: AtomicBool::new(false),
@@ -155,6 +158,16 @@ impl ShmServer {
     /// by reason, and refusals of its peers (the process-wide sum is [`crate::stats::snapshot`]).
     pub fn stats(&self) -> TransferStats {
         self.shared.params.recorder.snapshot()
+    }
+
+    /// The answer to discovery from a client that speaks up to `version`: the version both speak, the side
+    /// channel's path and a fresh ticket (stateless until used).
+    pub(crate) fn hello_response(&self, version: u32) -> std::result::Result<HelloResponse, tonic::Status> {
+        hello_response(&self.shared, version)
+    }
+
+    pub(crate) fn recorder(&self) -> &Arc<crate::stats::Recorder> {
+        &self.shared.params.recorder
     }
 
     /// Figures summed over the open sessions.
@@ -268,14 +281,15 @@ impl SessionRpc for Hello {
         &self,
         request: tonic::Request<HelloRequest>,
     ) -> std::result::Result<tonic::Response<HelloResponse>, tonic::Status> {
-        let version = handshake::negotiate(request.get_ref().version).map_err(tonic::Status::failed_precondition)?;
-        let ticket = self.shared.tickets.issue().map_err(|_| tonic::Status::internal("no randomness"))?;
-        Ok(tonic::Response::new(HelloResponse {
-            version,
-            side_channel: self.shared.path.to_string_lossy().into_owned(),
-            ticket,
-        }))
+        Ok(tonic::Response::new(hello_response(&self.shared, request.get_ref().version)?))
     }
+}
+
+/// The answer to discovery (see [`ShmServer::hello_response`]).
+fn hello_response(shared: &Shared, version: u32) -> std::result::Result<HelloResponse, tonic::Status> {
+    let version = handshake::negotiate(version.min(shared.max_version)).map_err(tonic::Status::failed_precondition)?;
+    let ticket = shared.tickets.issue().map_err(|_| tonic::Status::internal("no randomness"))?;
+    Ok(HelloResponse { version, side_channel: shared.path.to_string_lossy().into_owned(), ticket })
 }
 
 /// The tower layer of [`ShmServer`].

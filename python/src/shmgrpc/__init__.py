@@ -1,24 +1,26 @@
 """
-shmgrpc for grpcio: gRPC over shared memory between co-located peers, speaking the protocol of the Rust crate.
+shmgrpc for grpcio: gRPC over shared memory between co-located peers, on the Rust core of the ``shmgrpc`` crate.
 
 - :func:`insecure_channel`: a drop-in for ``grpc.insecure_channel`` (generated stubs work unchanged).
 - :func:`server`: a drop-in for ``grpc.server``.
 - :mod:`shmgrpc.aio`: ``insecure_channel`` for ``grpc.aio`` (nothing blocks the event loop).
 - :func:`stats`: process-wide transfer counters; :class:`Fallback`: why a message went inline.
 - :meth:`ShmChannel.loan` / :func:`loan` (in a handler) and :func:`loaned`: write a large ``bytes`` field in place
-  and send it without a copy; ``views=`` on :func:`insecure_channel` reads a large response field in place
-  (:class:`View`).
+  (a :class:`Loan` supports the buffer protocol: ``np.ndarray(shape, dtype, buffer=loan)``) and send it without a
+  copy; ``views=`` on :func:`insecure_channel` reads a large response field in place (:class:`View`).
 
-The protocol is ``docs/protocol.md`` (version 2) in the repository; ``docs/python.md`` says what is copied where.
+The protocol (sessions, the side channel, the pool, references, releases, limits) is implemented once, in Rust
+(:mod:`shmgrpc._core`, built by maturin); this package is the grpcio glue. ``docs/python.md`` in the repository says
+what is copied where; ``docs/protocol.md`` is the protocol.
 """
 
 from typing import Any
 
-from .client import ShmChannel, insecure_channel
-from .pool import Pool, PoolExhausted
-from .protocol import PROTOCOL_VERSION
+from ._codec import Loaned, View
+from ._core import DEFAULT_THRESHOLD, SESSION_HEADER, Loan
+from ._core import PROTOCOL_VERSION as CORE_PROTOCOL_VERSION
+from .client import PROTOCOL_VERSION, PoolStats, ShmChannel, insecure_channel
 from .server import ShmServer, loan, server
-from .session import Loan, Loaned, View
 from .stats import Fallback, stats
 
 
@@ -33,12 +35,14 @@ def loaned(message: Any, field: str, loan: Loan) -> Loaned:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CORE_PROTOCOL_VERSION",
+    "DEFAULT_THRESHOLD",
     "PROTOCOL_VERSION",
+    "SESSION_HEADER",
     "Fallback",
     "Loan",
     "Loaned",
-    "Pool",
-    "PoolExhausted",
+    "PoolStats",
     "ShmChannel",
     "ShmServer",
     "View",

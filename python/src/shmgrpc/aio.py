@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from . import protocol
-from .client import _channel_options, _ChannelBase, _check_hello, _discovery_failed, _handshake, _hello_call, _Refused
-from .pool import DEFAULT_BUDGET, Pool
-from .protocol import BadReference
-from .session import CLIENT, Loaned, Session, decode_message, encode_outgoing, lookup
-from .stats import Both, Fallback, Recorder
+from . import _codec, _core
+from ._codec import ViewOf
+from ._core import StatusError
+from .client import _channel_options, _ChannelBase, _discovery_failed, _unix_path
 
 log = logging.getLogger("shmgrpc")
+
+LARGE = 1 << 20
+"""Messages from this size up are serialized and copied off the event loop."""
 
 
 class AioShmChannel(_ChannelBase):
@@ -42,18 +43,14 @@ class AioShmChannel(_ChannelBase):
         *,
         shared_memory: bool,
         threshold: int,
-        pool: Pool | None,
-        budget: int,
+        budget: int | None,
+        views: dict[str, str] | None = None,
+        unix: str | None = None,
     ) -> None:
         self._channel = channel
-        self.threshold = threshold
-        self.pool = pool if pool is not None else Pool(budget=budget)
-        self._own = Recorder()
-        self._recorder = Both(self._own)
-        self._session: Session | None = None
-        self._fallback: Fallback | None = None
-        self._wanted = shared_memory
-        self._connecting: asyncio.Task[None] | None = None
+        self._views = dict(views or {})
+        self._init_base(threshold, budget, shared_memory, unix)
+        self._connecting: asyncio.Future[None] | None = None
 
     async def connect(self) -> bool:
         """
@@ -71,30 +68,33 @@ class AioShmChannel(_ChannelBase):
     async def _establish(self) -> None:
         try:
             try:
-                r = _check_hello(
-                    await _hello_call(self._channel)(
-                        protocol.HelloRequest(version=protocol.PROTOCOL_VERSION), timeout=protocol.HANDSHAKE_TIMEOUT
-                    )
+                hello = await self._channel.unary_unary(_core.HELLO_PATH)(
+                    self._shm.hello_request(), timeout=_core.HANDSHAKE_TIMEOUT
                 )
             except grpc.aio.AioRpcError as e:
-                raise _discovery_failed(e) from None
-            loop = asyncio.get_running_loop()
-            self._session = await loop.run_in_executor(
-                None, _handshake, r.side_channel, r.ticket, r.version, self.pool, self.threshold, self._recorder
-            )
-        except _Refused as e:
-            log.info("shmgrpc: no shared memory with this server (%s); messages go inline", e.reason.value)
-            self._fallback = e.reason
+                self._settle(None, _discovery_failed(e))
+                return
+            await asyncio.get_running_loop().run_in_executor(None, self._settle, hello, None)
+        finally:
+            self._trying = False
+
+    def _maybe_connect(self) -> None:
+        """Opens the session in the background on first use, or again (at most once a second) once it ended."""
+        if self._session is None and self._fallback is None and self._connecting is None and self._wanted:
+            self._connecting = asyncio.ensure_future(self._establish())
+        elif self._want_retry():
+            self._connecting = asyncio.ensure_future(self._establish())
 
     def _callable(self, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> Any:
         return _AioCallable(self, kind, method, ser, de, kw)
 
     async def close(self) -> None:
         """Closes the session and the gRPC channel."""
+        self._wanted = False
         if self._session is not None:
             self._session.close()
         await self._channel.close()
-        self.pool.close()
+        self._shm.trim()
 
     async def __aenter__(self) -> AioShmChannel:
         await self.connect()
@@ -103,28 +103,27 @@ class AioShmChannel(_ChannelBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _serializer(self, session: Session | None, inner: Any) -> Callable[[Any], bytes]:
-        recorder, threshold, fallback = self._recorder, self.threshold, self._fallback
-
-        def serialize(message: Any) -> bytes:
-            return encode_outgoing(message, inner, session, threshold, recorder, fallback)
-
-        return serialize
+    async def _encode_async(self, session: Any, ser: Any, message: Any) -> bytes:
+        """
+        One request's bytes. A large message is serialized and copied into shared memory on a worker thread, and
+        a wait for the server (a registration, the window) runs off the event loop too: the loop never stalls.
+        """
+        size = getattr(message, "ByteSize", None)
+        if session is not None and size is not None and size() >= LARGE:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, lambda: _codec.settle(self._encode(session, ser, message)))
+        return await _codec.settle_async(self._encode(session, ser, message))
 
     async def _decode(self, data: bytes, parse: Any) -> Any:
-        """Decodes one response; a reference waits asynchronously for the registrations it needs."""
-        if protocol.is_reference(data):
-            try:
-                ref = protocol.decode_reference(bytes(data))
-            except BadReference as e:
-                raise _status(e) from None
-            session = lookup(ref.session, CLIENT)
-            if session is not None:
-                await session.wait_registered(ref)
+        """One response; a reference that overtook its registration waits for it on a worker thread."""
         try:
-            return decode_message(data, parse, CLIENT, self._recorder)
-        except BadReference as e:
-            raise _status(e) from None
+            if _core.is_reference(data) and self._shm.needs_wait(data):
+                loop = asyncio.get_running_loop()
+                received = await loop.run_in_executor(None, self._shm.receive, data, True)
+                return _codec.decode(data, parse, lambda _: received, self._counters)
+            return _codec.decode(data, parse, lambda d: self._shm.receive(d, False), self._counters)
+        except StatusError as e:
+            raise ShmRpcError(_codec.status_code(e), str(e.args[1])) from None
 
 
 class ShmRpcError(grpc.RpcError):
@@ -143,42 +142,48 @@ class ShmRpcError(grpc.RpcError):
         return self._details
 
 
-def _status(e: BadReference) -> ShmRpcError:
-    return ShmRpcError(getattr(grpc.StatusCode, e.code), str(e))
-
-
 class _AioCallable:
     def __init__(self, ch: AioShmChannel, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> None:
-        self._ch, self._kind, self._method, self._ser, self._kw = ch, kind, method, ser, kw
-        self._parse = de if de is not None else (lambda b: b)
-        self._bound: tuple[Session | None, Any] | None = None
-
-    def _inner(self) -> tuple[Any, Sequence[tuple[str, str]]]:
-        ch = self._ch
-        s = ch._session if ch._session is not None and ch._session.alive else None
-        if ch._wanted and ch._session is None and ch._fallback is None and ch._connecting is None:
-            ch._connecting = asyncio.ensure_future(ch._establish())  # in the background; this call goes inline
-        cached = self._bound
-        if cached is None or cached[0] is not s:
-            inner = getattr(ch._channel, self._kind)(self._method, ch._serializer(s, self._ser), None, **self._kw)
-            cached = self._bound = (s, inner)
-        return cached[1], (((protocol.SESSION_HEADER, s.header),) if s is not None else ())
+        self._ch, self._kind, self._method, self._ser = ch, kind, method, ser
+        field = ch._views.get(method)
+        self._parse = ViewOf(de, field) if field is not None and de is not None else de
+        # Requests are encoded here (a wait must not block the loop) and responses decoded here: the inner
+        # multi-callable moves bytes.
+        self._inner = getattr(ch._channel, kind)(method, None, None, **kw)
 
     def __call__(self, request: Any, *, metadata: Sequence[tuple[str, str]] | None = None, **kw: Any) -> Any:
-        if isinstance(request, Loaned) and request.loan._sent:
-            raise ValueError("a loan is sent once")
-        inner, header = self._inner()
-        md = (*(metadata or ()), *header)
-        call = inner(request, metadata=md or None, **kw)
+        _codec._check_loan(request)
+        ch = self._ch
+        ch._maybe_connect()
+        s = ch._live()
+        header = ((_core.SESSION_HEADER, s.header),) if s is not None else ()
+        md = (*(metadata or ()), *header) or None
+        if self._kind in ("unary_unary", "unary_stream"):
+            requests: Any = self._one(s, request)
+        else:
+            requests = self._many(s, request)
         if self._kind in ("unary_unary", "stream_unary"):
-            return self._unary(call)
-        return self._stream(call)
+            return self._unary(requests, md, kw)
+        return self._stream(requests, md, kw)
 
-    async def _unary(self, call: Awaitable[bytes]) -> Any:
-        return await self._ch._decode(await call, self._parse)
+    async def _one(self, s: Any, request: Any) -> bytes:
+        return await self._ch._encode_async(s, self._ser, request)
 
-    async def _stream(self, call: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-        async for data in call:
+    async def _many(self, s: Any, requests: Iterable[Any] | AsyncIterator[Any]) -> AsyncIterator[bytes]:
+        if hasattr(requests, "__aiter__"):
+            async for r in requests:
+                yield await self._ch._encode_async(s, self._ser, r)
+        else:
+            for r in requests:
+                yield await self._ch._encode_async(s, self._ser, r)
+
+    async def _unary(self, requests: Any, md: Any, kw: dict[str, Any]) -> Any:
+        request = await requests if self._kind == "unary_unary" else requests
+        return await self._ch._decode(await self._inner(request, metadata=md, **kw), self._parse)
+
+    async def _stream(self, requests: Any, md: Any, kw: dict[str, Any]) -> AsyncIterator[Any]:
+        request = await requests if self._kind == "unary_stream" else requests
+        async for data in self._inner(request, metadata=md, **kw):
             yield await self._ch._decode(data, self._parse)
 
 
@@ -188,13 +193,20 @@ def insecure_channel(
     compression: grpc.Compression | None = None,
     *,
     shared_memory: bool = True,
-    threshold: int = protocol.DEFAULT_THRESHOLD,
-    pool: Pool | None = None,
-    budget: int = DEFAULT_BUDGET,
+    threshold: int = _core.DEFAULT_THRESHOLD,
+    budget: int | None = None,
+    views: dict[str, str] | None = None,
 ) -> AioShmChannel:
     """
     Like ``grpc.aio.insecure_channel``, with shared memory once the session is open (``await
     channel.connect()``, or ``async with``); the same options as :func:`shmgrpc.insecure_channel`.
     """
     channel = grpc.aio.insecure_channel(target, options=_channel_options(target, options), compression=compression)
-    return AioShmChannel(channel, shared_memory=shared_memory, threshold=threshold, pool=pool, budget=budget)
+    return AioShmChannel(
+        channel,
+        shared_memory=shared_memory,
+        threshold=threshold,
+        budget=budget,
+        views=views,
+        unix=_unix_path(target),
+    )

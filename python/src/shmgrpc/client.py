@@ -1,146 +1,63 @@
 """
 The client: :func:`insecure_channel`, a ``grpc.Channel`` that moves large messages through shared memory.
 
-On creation the channel asks the server for shmgrpc (``/shmgrpc.v1.Session/Hello``) and, when it answers, opens a
-session on the server's side channel (uid checks, the memfd challenge). Requests whose encoded size reaches the
-threshold are written into a pooled sealed memfd and only a reference crosses the gRPC stream; responses that are
-references are resolved from the server's segments. Without a session every message is plain gRPC, and
-:meth:`ShmChannel.fallback` says why. Generated stubs work unchanged.
+On creation the channel asks the server for shmgrpc (``/shmgrpc.v1.Session/Hello``) and, when it answers, the Rust
+core (:mod:`shmgrpc._core`) opens a session on the server's side channel (uid checks, the memfd challenge).
+Requests whose encoded size reaches the threshold are written into the core's pool and only a reference crosses
+the gRPC stream; responses that are references are resolved from the server's segments. Without a session every
+message is plain gRPC, and :meth:`ShmChannel.fallback` says why; a channel whose session ended, or whose server
+was not up yet, tries again in the background (at most once a second). Generated stubs work unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import os
-import socket
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from . import protocol
-from ._io import FrameReader, peer_cred, recv_with_fds
-from .pool import DEFAULT_BUDGET, Pool
-from .protocol import BadReference
-from .segment import REQUIRED_SEALS
-from .session import CLIENT, Loan, Loaned, Session, ViewOf, decode_message, encode_outgoing
-from .stats import Both, Fallback, Recorder
+from . import _codec, _core
+from ._codec import ViewOf
+from ._core import Loan, NoSession, Session, StatusError
+from .stats import Fallback
 
 log = logging.getLogger("shmgrpc")
 
+PROTOCOL_VERSION = 2
+"""The protocol version the Python package speaks (it numbers no calls: docs/protocol.md section 2)."""
 
-class _Refused(Exception):
-    def __init__(self, reason: Fallback, why: str) -> None:
-        super().__init__(why)
-        self.reason = reason
-
-
-def _handshake(path: str, ticket: bytes, version: int, pool: Pool, threshold: int, recorder: Both) -> Session:
-    """The client's side-channel handshake (protocol section 4), blocking with timeouts; the session on success."""
-    if not os.path.isabs(path):
-        raise _Refused(Fallback.SIDE_CHANNEL_UNREACHABLE, "side channel path is not absolute")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    deadline = time.monotonic() + protocol.HANDSHAKE_TIMEOUT
-    try:
-        sock.settimeout(protocol.HANDSHAKE_TIMEOUT)
-        try:
-            sock.connect(path)
-        except OSError as e:
-            raise _Refused(Fallback.SIDE_CHANNEL_UNREACHABLE, str(e)) from None
-        pid, uid, _ = peer_cred(sock)
-        if uid not in (os.getuid(), 0):
-            raise _Refused(Fallback.HANDSHAKE_FAILED, "the side channel belongs to another uid")
-        reader = FrameReader()
-        pending: list[tuple[Any, int | None]] = []
-
-        def next_frame() -> tuple[Any, int | None]:
-            while not pending:
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                data, fds = recv_with_fds(sock)
-                if not data:
-                    raise _Refused(Fallback.HANDSHAKE_FAILED, "side channel closed during the handshake")
-                pending.extend(reader.feed(data, fds))
-            return pending.pop(0)
-
-        sock.sendall(protocol.encode_frame(protocol.side(attach=protocol.Attach(version=version, ticket=ticket))))
-        msg, fd = next_frame()
-        if msg.WhichOneof("kind") != "challenge" or fd is None:
-            if fd is not None:
-                os.close(fd)
-            reason = msg.refused.reason if msg.WhichOneof("kind") == "refused" else "no challenge"
-            raise _Refused(Fallback.HANDSHAKE_FAILED, reason)
-        try:
-            import fcntl
-
-            n = msg.challenge.len
-            st = os.fstat(fd)
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            if seals & REQUIRED_SEALS != REQUIRED_SEALS or st.st_size < n or n <= 0 or n > 4096:
-                raise _Refused(Fallback.HANDSHAKE_FAILED, "bad challenge segment")
-            with mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-                answer = m[:n]
-        finally:
-            os.close(fd)
-        sock.sendall(protocol.encode_frame(protocol.side(proof=protocol.Proof(answer=answer))))
-        msg, fd = next_frame()
-        if fd is not None:
-            os.close(fd)
-        if msg.WhichOneof("kind") != "welcome" or len(msg.welcome.session) != 16:
-            reason = msg.refused.reason if msg.WhichOneof("kind") == "refused" else "no welcome"
-            raise _Refused(Fallback.HANDSHAKE_FAILED, reason)
-        for extra, extra_fd in pending:
-            if extra_fd is not None:
-                os.close(extra_fd)
-            raise _Refused(Fallback.HANDSHAKE_FAILED, f"unexpected {extra.WhichOneof('kind')} frame")
-        session = Session(sock, msg.welcome.session, CLIENT, pid, pool, threshold, recorder, reader)
-    except _Refused:
-        sock.close()
-        raise
-    except (OSError, protocol.ProtocolError) as e:
-        sock.close()
-        raise _Refused(Fallback.HANDSHAKE_FAILED, str(e)) from None
-    session.start()
-    return session
+RETRY_INTERVAL = 1.0
+"""Smallest pause, in seconds, between two attempts to open a session."""
 
 
-def _hello_call(channel: Any) -> Any:
-    """The discovery method on a ``grpc`` or ``grpc.aio`` channel."""
-    return channel.unary_unary(
-        protocol.HELLO_PATH,
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=protocol.HelloResponse.FromString,
-    )
+@dataclass
+class PoolStats:
+    """A snapshot of a pool (bytes are what the pool's segments occupy; ``in_use_bytes`` what is leased)."""
+
+    budget: int
+    bytes: int
+    in_use_bytes: int
+    buffers: int
+    allocs: int
+    grows: int
+    evictions: int
+    trimmed_bytes: int
 
 
-def _discovery_failed(e: grpc.RpcError) -> _Refused:
-    """The fallback reason for a failed ``Hello`` (protocol section 2)."""
-    code = e.code() if hasattr(e, "code") else None
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return _Refused(Fallback.PEER_LACKS_SHMGRPC, "UNIMPLEMENTED")
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return _Refused(Fallback.UNSUPPORTED_VERSION, str(e))
-    return _Refused(Fallback.DISCOVERY_FAILED, str(e))
+class PoolView:
+    """The pool a channel or server sends from (kept by the Rust core)."""
 
+    def __init__(self, figures: Callable[[], dict[str, int]]) -> None:
+        self._figures = figures
 
-def _check_hello(hello: Any) -> Any:
-    """A ``HelloResponse`` this client can use, or the reason it cannot."""
-    if not protocol.MIN_PROTOCOL_VERSION <= hello.version <= protocol.PROTOCOL_VERSION:
-        raise _Refused(Fallback.UNSUPPORTED_VERSION, f"version {hello.version}")
-    if len(hello.ticket) > protocol.MAX_TICKET_LEN:
-        raise _Refused(Fallback.DISCOVERY_FAILED, "ticket too long")
-    return hello
-
-
-def _hello(channel: grpc.Channel) -> Any:
-    try:
-        hello = _hello_call(channel)(
-            protocol.HelloRequest(version=protocol.PROTOCOL_VERSION), timeout=protocol.HANDSHAKE_TIMEOUT
-        )
-    except grpc.RpcError as e:
-        raise _discovery_failed(e) from None
-    return _check_hello(hello)
+    def stats(self) -> PoolStats:
+        """The pool's figures now."""
+        f = self._figures()
+        return PoolStats(**{k: f[k] for k in PoolStats.__dataclass_fields__})
 
 
 def _channel_options(target: str, options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
@@ -155,16 +72,79 @@ def _channel_options(target: str, options: Sequence[tuple[str, Any]] | None) -> 
     return opts
 
 
-class _ChannelBase:
-    """What the sync and asyncio channels share: their session state and the four multi-callable factories."""
+def _unix_path(target: str) -> str | None:
+    """The socket path of a ``unix:`` target (where the client looks for the side channel first)."""
+    if target.startswith("unix://"):
+        return target[len("unix://") :]
+    if target.startswith("unix:"):
+        return target[len("unix:") :]
+    return None
 
+
+def _discovery_failed(e: Any) -> Fallback:
+    code = e.code() if hasattr(e, "code") else None
+    number = code.value[0] if code is not None else grpc.StatusCode.UNKNOWN.value[0]
+    return Fallback(_core.Client.discovery_failed(number))
+
+
+def _make_core(threshold: int, budget: int | None) -> _core.Client:
+    return _core.Client(threshold=threshold, budget=budget, protocol_version=PROTOCOL_VERSION)
+
+
+class _ChannelBase:
+    """What the sync and asyncio channels share: the core client, the session, retries, the multi-callables."""
+
+    _shm: _core.Client
     _session: Session | None
     _fallback: Fallback | None
-    _own: Recorder
+    _wanted: bool
+    _unix: str | None
+    threshold: int
+
+    def _init_base(self, threshold: int, budget: int | None, shared_memory: bool, unix: str | None) -> None:
+        self.threshold = threshold
+        self._shm = _make_core(threshold, budget)
+        self._counters = self._shm.counters()
+        self._session = None
+        self._fallback = None
+        self._wanted = shared_memory
+        self._unix = unix
+        self._retry_lock = threading.Lock()
+        self._last_try = 0.0
+        self._trying = False
+        self.pool = PoolView(self._shm.pool_stats)
+
+    def _settle(self, hello: bytes | None, reason: Fallback | None) -> None:
+        """Joins the session ``hello`` offers (on this thread, without the GIL), or records why there is none."""
+        if hello is not None:
+            try:
+                self._session = self._shm.join(hello, self._unix)
+                self._fallback = None
+                return
+            except NoSession as e:
+                reason = Fallback(e.args[0])
+        self._session = None
+        self._fallback = reason
+        log.info("shmgrpc: no shared memory with this server (%s); messages go inline", reason.value if reason else "")
+
+    def _live(self) -> Session | None:
+        s = self._session
+        return s if s is not None and s.alive else None
+
+    def _want_retry(self) -> bool:
+        """Whether to try for a session again now (and marks the try as started)."""
+        if not self._wanted or self._live() is not None or self._fallback == Fallback.PEER_LACKS_SHMGRPC:
+            return False
+        with self._retry_lock:
+            now = time.monotonic()
+            if self._trying or now - self._last_try < RETRY_INTERVAL:
+                return False
+            self._trying, self._last_try = True, now
+        return True
 
     def is_shared_memory(self) -> bool:
         """Whether large messages currently go through shared memory."""
-        return self._session is not None and self._session.alive
+        return self._live() is not None
 
     def fallback(self) -> Fallback | None:
         """Why this channel sends inline, if it does (``None`` also while an asyncio channel opens its session)."""
@@ -174,44 +154,89 @@ class _ChannelBase:
 
     def stats(self) -> dict[str, object]:
         """Transfer counters of this channel (see :func:`shmgrpc.stats`)."""
-        return self._own.snapshot()
+        return self._counters.snapshot()
+
+    def session_stats(self) -> dict[str, int]:
+        """Figures of the session (``holds``, ``held_bytes``, ``peer_segments``, ...; zeros without one)."""
+        s = self._session
+        if s is None:
+            return {
+                "sessions": 0,
+                "peer_segments": 0,
+                "peer_bytes": 0,
+                "shared_segments": 0,
+                "holds": 0,
+                "held_bytes": 0,
+                "sent_back": 0,
+            }
+        return s.stats()
+
+    def session_figures(self) -> dict[str, int]:
+        """Holds the server has on our buffers and the server's segments mapped here (zeros without a session)."""
+        s = self.session_stats()
+        return {"holds": s["holds"], "peer_segments": s["peer_segments"]}
 
     def loan(self, n: int) -> Loan:
         """
         A buffer of ``n`` bytes to write a request payload into and send without a copy (see :class:`Loan` and
         :func:`shmgrpc.loaned`); ordinary memory when this channel has no session.
         """
-        s = self._session
-        if s is not None and s.alive:
+        s = self._live()
+        if s is None:
+            s = self._session
+        if s is not None:
             return s.loan(n)
-        return Loan(n, None, None)
+        return _heap_loan(n)
+
+    def _encode(self, session: Session | None, ser: Any, message: Any) -> Any:
+        return _codec.encode(message, ser, session, self._counters, self.threshold, self._fallback)
+
+    def _receive(self, data: bytes) -> _core.Received:
+        return self._shm.receive(data, True)
 
     def _callable(self, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> Any:
         raise NotImplementedError
 
     def unary_unary(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kw: Any
     ) -> Any:
         """See ``grpc.Channel.unary_unary``."""
-        return self._callable("unary_unary", method, request_serializer, response_deserializer, kw)
+        return self._callable("unary_unary", method, request_serializer, response_deserializer, _extra(args, kw))
 
     def unary_stream(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kw: Any
     ) -> Any:
         """See ``grpc.Channel.unary_stream``."""
-        return self._callable("unary_stream", method, request_serializer, response_deserializer, kw)
+        return self._callable("unary_stream", method, request_serializer, response_deserializer, _extra(args, kw))
 
     def stream_unary(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kw: Any
     ) -> Any:
         """See ``grpc.Channel.stream_unary``."""
-        return self._callable("stream_unary", method, request_serializer, response_deserializer, kw)
+        return self._callable("stream_unary", method, request_serializer, response_deserializer, _extra(args, kw))
 
     def stream_stream(
-        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, **kw: Any
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kw: Any
     ) -> Any:
         """See ``grpc.Channel.stream_stream``."""
-        return self._callable("stream_stream", method, request_serializer, response_deserializer, kw)
+        return self._callable("stream_stream", method, request_serializer, response_deserializer, _extra(args, kw))
+
+
+def _extra(args: tuple[Any, ...], kw: dict[str, Any]) -> dict[str, Any]:
+    """
+    The multi-callable factory's further arguments by name: grpcio passes ``_registered_method`` as a fourth
+    positional argument (``grpc.intercept_channel`` does), which the wrapped channel gets back by name.
+    """
+    if args:
+        if len(args) > 1 or "_registered_method" in kw:
+            raise TypeError("unexpected positional arguments")
+        kw = {**kw, "_registered_method": args[0]}
+    return kw
+
+
+def _heap_loan(n: int) -> Loan:
+    """A loan of ordinary memory (no session to lend shared memory)."""
+    return _core.heap_loan(n)
 
 
 class ShmChannel(_ChannelBase, grpc.Channel):
@@ -222,36 +247,39 @@ class ShmChannel(_ChannelBase, grpc.Channel):
         channel: grpc.Channel,
         *,
         shared_memory: bool = True,
-        threshold: int = protocol.DEFAULT_THRESHOLD,
-        pool: Pool | None = None,
-        budget: int = DEFAULT_BUDGET,
+        threshold: int = _core.DEFAULT_THRESHOLD,
+        budget: int | None = None,
         views: dict[str, str] | None = None,
+        unix: str | None = None,
     ) -> None:
         self._channel = channel
         self._views = dict(views or {})
-        self.threshold = threshold
-        self.pool = pool if pool is not None else Pool(budget=budget)
-        self._own = Recorder()
-        self._recorder = Both(self._own)
-        self._session: Session | None = None
-        self._fallback: Fallback | None = None
+        self._init_base(threshold, budget, shared_memory, unix)
         if shared_memory:
+            self._last_try = time.monotonic()
             self._connect()
 
     def _connect(self) -> None:
+        hello = self._channel.unary_unary(_core.HELLO_PATH)
         try:
-            hello = _hello(self._channel)
-            self._session = _handshake(
-                hello.side_channel, hello.ticket, hello.version, self.pool, self.threshold, self._recorder
-            )
-        except _Refused as e:
-            log.info("shmgrpc: no shared memory with this server (%s); messages go inline", e.reason.value)
-            self._fallback = e.reason
+            answer = hello(self._shm.hello_request(), timeout=_core.HANDSHAKE_TIMEOUT)
+        except grpc.RpcError as e:
+            self._settle(None, _discovery_failed(e))
+            return
+        self._settle(answer, None)
 
-    # ---- what shmgrpc adds (and see _ChannelBase) ----
-    def session_figures(self) -> dict[str, int]:
-        """Holds the server has on our buffers and the server's segments mapped here (zeros without a session)."""
-        return self._session.figures() if self._session is not None else {"holds": 0, "peer_segments": 0}
+    def _retry(self) -> None:
+        """A new attempt at a session, on a thread of its own (calls meanwhile go inline)."""
+
+        def run() -> None:
+            try:
+                self._connect()
+                if self._live() is not None:
+                    log.info("shmgrpc: session opened")
+            finally:
+                self._trying = False
+
+        threading.Thread(target=run, name="shmgrpc-reconnect", daemon=True).start()
 
     # ---- grpc.Channel ----
     def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
@@ -267,10 +295,11 @@ class ShmChannel(_ChannelBase, grpc.Channel):
 
     def close(self) -> None:
         """Closes the session (the server's holds and mappings go) and the gRPC channel."""
+        self._wanted = False
         if self._session is not None:
             self._session.close()
         self._channel.close()
-        self.pool.close()
+        self._shm.trim()
 
     def __enter__(self) -> ShmChannel:
         return self
@@ -279,36 +308,19 @@ class ShmChannel(_ChannelBase, grpc.Channel):
         self.close()
 
     # ---- per call ----
-    def _serializer(self, session: Session | None, inner: Any) -> Callable[[Any], bytes]:
-        recorder, threshold, fallback = self._recorder, self.threshold, self._fallback
-
+    def _serializer(self, session: Session | None, ser: Any) -> Callable[[Any], bytes]:
         def serialize(message: Any) -> bytes:
-            return encode_outgoing(message, inner, session, threshold, recorder, fallback)
+            return _codec.settle(self._encode(session, ser, message))
 
         return serialize
 
-    def _deserializer(self, inner: Any) -> Callable[[bytes], Any]:
-        recorder = self._recorder
-        parse = inner if inner is not None else (lambda b: b)
-        if isinstance(inner, ViewOf):
-            view_of = inner
-
-            def deserialize_view(data: bytes) -> Any:
-                try:
-                    if protocol.is_reference(data):
-                        return decode_message(data, view_of, CLIENT, recorder)
-                    recorder.message("received", "inline", len(data))
-                    return view_of(data)
-                except BadReference as e:
-                    raise ValueError(f"{e.code}: {e}") from None
-
-            return deserialize_view
-
+    def _deserializer(self, de: Any) -> Callable[[bytes], Any]:
         def deserialize(data: bytes) -> Any:
             try:
-                return decode_message(data, parse, CLIENT, recorder)
-            except BadReference as e:
-                raise ValueError(f"{e.code}: {e}") from None
+                return _codec.decode(data, de, self._receive, self._counters)
+            except StatusError as e:
+                # grpcio turns a deserializer's exception into INTERNAL; the message keeps the protocol's code.
+                raise ValueError(f"{_codec.status_code(e).name}: {e.args[1]}") from None
 
         return deserialize
 
@@ -329,8 +341,10 @@ class _Callable:
         self._bound: tuple[Session, Any, tuple[tuple[str, str], ...]] | None = None
 
     def _for_call(self, metadata: Sequence[tuple[str, str]] | None) -> tuple[Any, Any]:
-        s = self._ch._session
-        if s is None or not s.alive:
+        s = self._ch._live()
+        if s is None:
+            if self._ch._want_retry():
+                self._ch._retry()
             return self._plain, metadata
         cached = self._bound
         if cached is None or cached[0] is not s:
@@ -338,13 +352,12 @@ class _Callable:
             inner = getattr(self._ch._channel, self._kind)(
                 self._method, self._ch._serializer(s, self._ser), self._de, **self._kw
             )
-            cached = self._bound = (s, inner, ((protocol.SESSION_HEADER, s.header),))
+            cached = self._bound = (s, inner, ((_core.SESSION_HEADER, s.header),))
         md = cached[2] if not metadata else (*metadata, *cached[2])
         return cached[1], md
 
     def _invoke(self, attr: str, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if isinstance(request, Loaned) and request.loan._sent:
-            raise ValueError("a loan is sent once")
+        _codec._check_loan(request)
         if len(args) >= 2:  # (timeout, metadata, ...) positionally
             args = list(args)  # type: ignore[assignment]
             inner, args[1] = self._for_call(args[1])  # type: ignore[index]
@@ -368,9 +381,8 @@ def insecure_channel(
     compression: grpc.Compression | None = None,
     *,
     shared_memory: bool = True,
-    threshold: int = protocol.DEFAULT_THRESHOLD,
-    pool: Pool | None = None,
-    budget: int = DEFAULT_BUDGET,
+    threshold: int = _core.DEFAULT_THRESHOLD,
+    budget: int | None = None,
     views: dict[str, str] | None = None,
 ) -> ShmChannel:
     """
@@ -378,11 +390,14 @@ def insecure_channel(
 
     ``unix:`` targets get ``grpc.default_authority=localhost`` unless ``options`` set one: grpcio otherwise sends
     the percent-encoded socket path as ``:authority``, which tonic (h2) rejects. Message size limits are lifted
-    (``-1``) unless set: through shared memory only a small reference crosses the gRPC stream.
+    (``-1``) unless set: through shared memory only a small reference crosses the gRPC stream. ``budget`` bounds the
+    pool requests are written into (default: 4 GiB, or half the cgroup's memory limit when that is less).
 
     ``views`` maps full method names (``/package.Service/Method``) to a singular ``bytes`` field of the response:
     those methods return a :class:`shmgrpc.View` (the field read in place from shared memory, the other fields in
     ``.message``) instead of the message, which saves protobuf's copy of the field; release each view once used.
     """
     channel = grpc.insecure_channel(target, options=_channel_options(target, options), compression=compression)
-    return ShmChannel(channel, shared_memory=shared_memory, threshold=threshold, pool=pool, budget=budget, views=views)
+    return ShmChannel(
+        channel, shared_memory=shared_memory, threshold=threshold, budget=budget, views=views, unix=_unix_path(target)
+    )

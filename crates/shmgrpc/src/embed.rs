@@ -1,0 +1,607 @@
+//! The session layer without tonic: what a binding to another gRPC stack needs (the Python package's extension
+//! module, `crates/shmgrpc-python`, over grpcio).
+//!
+//! tonic's integration ([`crate::ShmChannel`], [`crate::ShmServer::layer`], [`crate::ShmCodec`]) hides sessions
+//! inside body wrappers. A gRPC stack that cannot be wrapped that way (grpcio calls a serializer and a
+//! deserializer with bytes, and nothing else) drives the same sessions through this module instead:
+//!
+//! - [`ClientCore`]: a client's pool and counters. Its discovery request goes out on the binding's own gRPC
+//!   channel ([`ClientCore::hello_request`]), and [`ClientCore::join`] takes the answer and runs the side-channel
+//!   handshake: the result is a [`CoreSession`].
+//! - [`ServerCore`]: a [`ShmServer`] (the side channel, tickets, sessions) whose discovery answers are given as
+//!   bytes ([`ServerCore::answer_hello`]); a call's session is found from its `shmgrpc-session` header
+//!   ([`ServerCore::session`]).
+//! - Sending: [`CoreSession::send`] encodes an already serialized message (given as slices, so a payload written
+//!   into a [`Loan`], or lying in the peer's memory, is referred to in place) and returns what goes on the gRPC
+//!   stream: a reference, or the message itself when it must go inline. Waits for a registration's answer and for
+//!   the in-flight window are a [`Waiting`] the caller resolves on a thread of its own ([`Waiting::wait`]) or polls
+//!   ([`Waiting::poll`]); nothing waits inside `send`.
+//! - Receiving: [`ClientCore::receive`] / [`receive_request`] resolve a reference into its parts, which point
+//!   into the peer's memory and keep it held until dropped ([`Received`]); [`ClientCore::needs_wait`] tells when a
+//!   reference overtook its registration and resolving it would wait (at most 2 s).
+//!
+//! Everything else (holds, releases, the window, caps, tickets, statistics) is the same code the tonic integration
+//! runs: one implementation of the protocol.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use prost::Message;
+use tokio::sync::Notify;
+
+use crate::config::{ClientConfig, SessionParams};
+use crate::pool::Pool;
+use crate::proto::v1::{self, HelloRequest, HelloResponse};
+use crate::protocol::{REGISTRATION_WAIT, Side};
+use crate::segment::PeerSegment;
+use crate::server::ShmServer;
+use crate::session::{Loan, Outcome, Resolved, Session, SessionStats};
+use crate::stats::{self, Event, Fallback, Recorder, TransferStats};
+use crate::wire::{self, Reference};
+
+/// A gRPC status a binding raises: its code (as `tonic::Code`'s numbers, which are gRPC's) and message.
+pub type Status = tonic::Status;
+
+/// A message already serialized, given as slices in order (written as they are: a slice lying in one of our loans
+/// or in the peer's memory becomes a part of its own, referred to in place).
+#[derive(Debug)]
+struct Raw<'a>(&'a [&'a [u8]]);
+
+impl Message for Raw<'_> {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        for s in self.0 {
+            buf.put_slice(s);
+        }
+    }
+
+    /// Never decoded into: fields are skipped.
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.iter().map(|s| s.len()).sum()
+    }
+
+    fn clear(&mut self) {}
+}
+
+/// Counts into one channel's or server's counters (and the process's): for messages a binding sends or receives
+/// inline, which never reach a session.
+#[derive(Debug, Clone)]
+pub struct Counters(Arc<Recorder>);
+
+impl Counters {
+    /// One message sent inline, of `len` bytes; `fallback` says why when it was meant for shared memory.
+    pub fn inline_sent(&self, len: usize, fallback: Option<Fallback>) {
+        if let Some(reason) = fallback {
+            self.0.record_both(Event::Fallback(reason));
+        }
+        self.0.record_both(Event::InlineSent(len));
+    }
+
+    /// One message received inline, of `len` bytes.
+    pub fn inline_received(&self, len: usize) {
+        self.0.record_both(Event::InlineReceived(len));
+    }
+
+    /// A message that could not be decoded (a bad reference, bytes that are not the message type).
+    pub fn bad_reference(&self) {
+        self.0.record_both(Event::BadReference);
+    }
+
+    /// The counters so far.
+    pub fn snapshot(&self) -> TransferStats {
+        self.0.snapshot()
+    }
+}
+
+/// A client's side of the session layer, for a binding (see the module docs).
+#[derive(Debug)]
+pub struct ClientCore {
+    params: SessionParams,
+    version: u32,
+}
+
+impl ClientCore {
+    /// The pool and counters of one client channel, configured as a [`crate::ShmChannel`] would be
+    /// (`shared_memory(false)` is the binding's business: it then never joins).
+    ///
+    /// # Errors
+    ///
+    /// The pool configuration is invalid.
+    pub fn new(config: ClientConfig) -> crate::Result<ClientCore> {
+        let version = config.protocol_version;
+        Ok(ClientCore { params: config.send.into_params(Side::Client)?, version })
+    }
+
+    /// The encoded `HelloRequest` to send to `/shmgrpc.v1.Session/Hello` ([`crate::protocol::HELLO_PATH`]).
+    pub fn hello_request(&self) -> Vec<u8> {
+        HelloRequest { version: self.version }.encode_to_vec()
+    }
+
+    /// Why a failed discovery call leaves the channel inline, from its status code.
+    pub fn discovery_failed(code: tonic::Code) -> Fallback {
+        crate::client::discovery_fallback(code)
+    }
+
+    /// Joins the session the server offered in `hello` (the encoded `HelloResponse`): connects to its side channel
+    /// (first beside `unix`, the server's Unix socket, when the client reached it through one), checks the
+    /// server's uid and answers the challenge. Blocks the calling thread for at most the handshake timeout (5 s);
+    /// the handshake itself runs on the I/O thread. Must not be called on the I/O thread.
+    ///
+    /// # Errors
+    ///
+    /// Why there is no session (the channel goes inline).
+    pub fn join(&self, hello: &[u8], unix: Option<&Path>) -> Result<CoreSession, Fallback> {
+        let hello = HelloResponse::decode(hello).map_err(|_| Fallback::DiscoveryFailed)?;
+        let (params, version, unix) = (self.params.clone(), self.version, unix.map(Path::to_path_buf));
+        let session =
+            block_on_io(async move { crate::client::join_offer(hello, params, version, unix.as_deref()).await })
+                .ok_or(Fallback::HandshakeFailed)??;
+        Ok(CoreSession { session: session.clone(), _owner: Some(Arc::new(CloseOnDrop(session))) })
+    }
+
+    /// The pool requests are written into.
+    pub fn pool(&self) -> &Pool {
+        &self.params.pool
+    }
+
+    /// This client's counters.
+    pub fn counters(&self) -> Counters {
+        Counters(self.params.recorder.clone())
+    }
+
+    /// Messages from this size up are meant for shared memory.
+    pub fn threshold(&self) -> usize {
+        self.params.threshold
+    }
+
+    /// Resolves a response that is a reference into its parts; a reference that overtook the registration of a segment
+    /// it names waits for it with `wait` (blocking the calling thread, at most 2 s: protocol §6; never on the I/O
+    /// thread) and fails without; the message is counted.
+    ///
+    /// # Errors
+    ///
+    /// The status the protocol gives a bad reference (docs/protocol.md §9).
+    pub fn receive(&self, message: &[u8], wait: bool) -> Result<Received, Status> {
+        receive(message, Side::Client, wait)
+    }
+
+    /// Whether resolving this response would wait for the registration of a segment it names (an asynchronous
+    /// binding then resolves it on a worker thread).
+    pub fn needs_wait(&self, message: &[u8]) -> bool {
+        needs_wait(message, Side::Client)
+    }
+}
+
+/// A server's side of the session layer, for a binding (see the module docs).
+#[derive(Debug)]
+pub struct ServerCore {
+    server: ShmServer,
+}
+
+impl ServerCore {
+    /// Binds the side channel and starts accepting sessions, as [`ShmServer::new`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ShmServer::new`].
+    pub fn new(config: crate::ServerConfig) -> crate::Result<ServerCore> {
+        Ok(ServerCore { server: ShmServer::new(config)? })
+    }
+
+    /// The server.
+    pub fn server(&self) -> &ShmServer {
+        &self.server
+    }
+
+    /// The encoded `HelloResponse` for the encoded `HelloRequest` `request` (a fresh ticket, the side channel's
+    /// path, the version both speak).
+    ///
+    /// # Errors
+    ///
+    /// `INVALID_ARGUMENT` for a request that does not decode, `FAILED_PRECONDITION` for a version this server
+    /// does not speak.
+    pub fn answer_hello(&self, request: &[u8]) -> Result<Vec<u8>, Status> {
+        let request = HelloRequest::decode(request)
+            .map_err(|e| Status::invalid_argument(format!("HelloRequest does not decode: {e}")))?;
+        Ok(self.server.hello_response(request.version)?.encode_to_vec())
+    }
+
+    /// The live session a call's `shmgrpc-session` header names, if it is one of this process's server sessions.
+    pub fn session(&self, header: &str) -> Option<CoreSession> {
+        Session::lookup_hex(header, Side::Server).map(|session| CoreSession { session, _owner: None })
+    }
+
+    /// This server's counters.
+    pub fn counters(&self) -> Counters {
+        Counters(self.server.recorder().clone())
+    }
+}
+
+/// Resolves a request that is a reference, on the server side of the session it names (server sessions are
+/// found in the process's registry: no server object is needed); a reference that overtook the registration of a
+/// segment it names waits for it with `wait` (blocking the calling thread, at most 2 s: protocol §6; never on the I/O
+/// thread) and fails without; the message is counted.
+///
+/// # Errors
+///
+/// The status the protocol gives a bad reference (docs/protocol.md §9).
+pub fn receive_request(message: &[u8], wait: bool) -> Result<Received, Status> {
+    receive(message, Side::Server, wait)
+}
+
+/// Closes a client's session when the last handle goes.
+#[derive(Debug)]
+struct CloseOnDrop(Arc<Session>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// One end of a session, as a binding holds it. A client's session closes when its last handle is dropped (or on
+/// [`CoreSession::close`]); a server's lives as long as its side channel.
+#[derive(Debug, Clone)]
+pub struct CoreSession {
+    session: Arc<Session>,
+    _owner: Option<Arc<CloseOnDrop>>,
+}
+
+/// What goes on the gRPC stream for one message (see [`CoreSession::send`]).
+#[derive(Debug)]
+pub enum Sending {
+    /// A reference: send these bytes in place of the message.
+    Reference(Vec<u8>),
+    /// Send the message itself, inline (counted already; `Some` says why it did not go through shared memory).
+    Inline(Option<Fallback>),
+    /// The message is in shared memory, but must wait for the peer: [`Waiting::wait`] or [`Waiting::poll`].
+    Waiting(Waiting),
+}
+
+impl CoreSession {
+    /// The `shmgrpc-session` header value for this session's calls.
+    pub fn header(&self) -> &str {
+        self.session.header().to_str().expect("hex")
+    }
+
+    /// Whether the session is open.
+    pub fn is_alive(&self) -> bool {
+        self.session.is_alive()
+    }
+
+    /// The protocol version agreed on.
+    pub fn version(&self) -> u32 {
+        self.session.version()
+    }
+
+    /// Figures of this session.
+    pub fn stats(&self) -> SessionStats {
+        self.session.stats()
+    }
+
+    /// Ends the session: the peer's holds come back, its mappings go.
+    pub fn close(&self) {
+        self.session.close();
+    }
+
+    /// A buffer to write a payload into and send without a copy (ordinary memory when the pool has no room or
+    /// the session is closed).
+    pub fn loan(&self, len: usize) -> Loan {
+        self.session.loan(len)
+    }
+
+    /// Messages from this size up are meant for shared memory.
+    pub fn threshold(&self) -> usize {
+        self.session.threshold()
+    }
+
+    /// Encodes the serialized message `slices` (concatenated) for the peer, if it is at least the threshold long.
+    /// Never waits: when the message must wait for the peer (a new segment's registration, a full in-flight
+    /// window), the answer is [`Sending::Waiting`]. Counts what it decided.
+    pub fn send(&self, slices: &[&[u8]]) -> Sending {
+        let raw = Raw(slices);
+        let len = raw.encoded_len();
+        let recorder = self.session.recorder();
+        if len < self.session.threshold() {
+            recorder.record_both(Event::InlineSent(len));
+            return Sending::Inline(None);
+        }
+        let (held, window) = self.session.window_use();
+        match self.session.encode_to_shm(&raw, len, None) {
+            Ok((reference, unacknowledged)) => {
+                let window_wait = held >= window;
+                if unacknowledged.is_empty() && !window_wait {
+                    recorder.record_both(Event::ShmSent(len));
+                    return Sending::Reference(reference_bytes(reference));
+                }
+                if window_wait {
+                    recorder.record_both(Event::WindowWait);
+                }
+                let mine = reference
+                    .parts
+                    .iter()
+                    .map(|p| match &p.kind {
+                        Some(v1::part::Kind::Sender(r)) => r.len,
+                        _ => 0,
+                    })
+                    .sum();
+                let mut limit = Duration::MAX;
+                if !unacknowledged.is_empty() {
+                    limit = limit.min(REGISTRATION_WAIT);
+                }
+                if window_wait {
+                    limit = limit.min(self.session.window_wait());
+                }
+                Sending::Waiting(Waiting {
+                    gate: Gate { session: self.session.clone(), unacknowledged, window: window_wait, mine },
+                    reference: Some(reference),
+                    len,
+                    deadline: Instant::now() + limit,
+                })
+            }
+            Err(reason) => {
+                recorder.record_both(Event::Fallback(reason));
+                recorder.record_both(Event::InlineSent(len));
+                Sending::Inline(Some(reason))
+            }
+        }
+    }
+}
+
+/// A message in shared memory that waits for the peer before its reference may leave: for the registration of a
+/// segment it names (at most 2 s) and, for a full in-flight window, for releases (at most the window wait). Then
+/// it is a reference, or (refused, timed out) the message's own bytes, rebuilt from our buffers, to send inline.
+/// Dropping it unresolved takes the message back (nothing stays held).
+#[derive(Debug)]
+pub struct Waiting {
+    gate: Gate,
+    reference: Option<Reference>,
+    len: usize,
+    deadline: Instant,
+}
+
+/// What a waiting message waits for.
+#[derive(Debug, Clone)]
+struct Gate {
+    session: Arc<Session>,
+    unacknowledged: Vec<u32>,
+    window: bool,
+    /// Bytes of ours this message itself holds (not counted against its own wait for the window).
+    mine: u64,
+}
+
+impl Gate {
+    fn registration(&self) -> Outcome {
+        if self.unacknowledged.is_empty() { Outcome::Acknowledged } else { self.session.outcome(&self.unacknowledged) }
+    }
+
+    fn window_open(&self) -> bool {
+        let (held, window) = self.session.window_use();
+        !self.window || held.saturating_sub(self.mine) < window
+    }
+
+    /// Whether the peer has answered everything this message waits for (or refused it, or the session ended).
+    fn settled(&self) -> bool {
+        !self.session.is_alive()
+            || match self.registration() {
+                Outcome::Refused => true,
+                Outcome::Pending => false,
+                Outcome::Acknowledged => self.window_open(),
+            }
+    }
+}
+
+/// What a resolved [`Waiting`] sends.
+#[derive(Debug)]
+pub enum Resolution {
+    /// The reference's bytes.
+    Reference(Vec<u8>),
+    /// The message's bytes, inline, and why.
+    Inline(Vec<u8>, Fallback),
+}
+
+impl Waiting {
+    /// Without waiting: the resolution once the peer has answered (or the wait ran out), `None` while it waits
+    /// (and after the resolution was taken).
+    pub fn poll(&mut self) -> Option<Resolution> {
+        if self.gate.settled() || Instant::now() >= self.deadline { self.finish() } else { None }
+    }
+
+    /// Blocks the calling thread until the peer has answered or the wait ran out (the wait is bounded: 2 s for a
+    /// registration, the window wait for the window). Must not be called on the I/O thread.
+    pub fn wait(mut self) -> Resolution {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if !self.gate.settled() && !left.is_zero() {
+            let gate = self.gate.clone();
+            let notify = gate.session.progress().clone();
+            let _ = block_on_io(async move { until(&notify, left, || gate.settled()).await });
+        }
+        self.finish().expect("resolved once: `wait` takes the message")
+    }
+
+    fn finish(&mut self) -> Option<Resolution> {
+        let reference = self.reference.take()?;
+        let g = &self.gate;
+        let s = &g.session;
+        let recorder = s.recorder();
+        let reason = match g.registration() {
+            Outcome::Refused => Fallback::RegistrationFailed,
+            Outcome::Pending => {
+                s.give_up(&g.unacknowledged);
+                Fallback::RegistrationFailed
+            }
+            Outcome::Acknowledged if g.window_open() => {
+                recorder.record_both(Event::ShmSent(self.len));
+                return Some(Resolution::Reference(reference_bytes(reference)));
+            }
+            Outcome::Acknowledged => Fallback::WindowFull,
+        };
+        Some(match s.take_back(&reference) {
+            Some(bytes) => {
+                recorder.record_both(Event::Fallback(reason));
+                recorder.record_both(Event::InlineSent(self.len));
+                Resolution::Inline(bytes, reason)
+            }
+            // The session closed meanwhile: the holds are gone, the reference fails at the peer as any reference
+            // to a closed session does (the caller's call fails, as with a connection lost).
+            None => {
+                recorder.record_both(Event::ShmSent(self.len));
+                Resolution::Reference(reference_bytes(reference))
+            }
+        })
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(r) = self.reference.take() {
+            let _ = self.gate.session.take_back(&r);
+        }
+    }
+}
+
+fn reference_bytes(r: Reference) -> Vec<u8> {
+    let mut out = Vec::new();
+    wire::encode_reference(r, &mut out);
+    out
+}
+
+/// A resolved reference: the message's parts in order, pointing into the peer's memory (or ours, for a part the
+/// peer sent back). The peer's buffers stay held until this is dropped (then the releases go, from the I/O
+/// thread; dropping never blocks).
+#[derive(Debug)]
+pub struct Received {
+    parts: Vec<Bytes>,
+    segments: Vec<Arc<PeerSegment>>,
+}
+
+impl Received {
+    /// The parts, in order; the message is their concatenation.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The message's length.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    /// Whether the message is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// After reading: `DATA_LOSS` if the peer shrank one of its segments while it was read (what was read past the
+    /// new end were zeros, not the message).
+    ///
+    /// # Errors
+    ///
+    /// `DATA_LOSS`, as said.
+    pub fn check(&self) -> Result<(), Status> {
+        if self.segments.iter().any(|s| s.is_poisoned()) {
+            return Err(Status::data_loss("the peer shrank a shared segment while the message was read"));
+        }
+        Ok(())
+    }
+}
+
+/// A loan of ordinary memory, for a binding's channel without a session: the same code then sends the message
+/// inline.
+pub fn heap_loan(len: usize) -> Loan {
+    Loan::heap(len)
+}
+
+/// Whether `message` is a reference (the first bytes of field 19999), not an inline message.
+pub fn is_reference(message: &[u8]) -> bool {
+    wire::is_reference(message)
+}
+
+/// The session a reference names, on our side `side`.
+fn session_of(r: &Reference, side: Side) -> Result<Arc<Session>, Status> {
+    let ours = Side::of_sender(r.from_server).peer();
+    let unknown = || Status::failed_precondition("shmgrpc reference to an unknown or closed session");
+    if ours != side {
+        return Err(unknown());
+    }
+    Session::lookup(&r.session, ours).ok_or_else(unknown)
+}
+
+/// Whether resolving the reference `message` on side `side` would wait for the registration of a segment it names.
+fn needs_wait(message: &[u8], side: Side) -> bool {
+    let Ok(r) = wire::decode_reference(message) else { return false };
+    session_of(&r, side).is_ok_and(|s| s.awaits_registration(&r))
+}
+
+/// Resolves the reference `message` (a gRPC message that [`is_reference`]) received on side `side`. With `wait`, a
+/// reference that overtook the registration of a segment it names waits for it, blocking the calling thread for at
+/// most 2 s (protocol §6); without, it fails as a reference to an unknown segment would. Counts the message.
+fn receive(message: &[u8], side: Side, wait: bool) -> Result<Received, Status> {
+    let r = match wire::decode_reference(message) {
+        Ok(r) => r,
+        Err(e) => {
+            stats::global(Event::BadReference);
+            return Err(Status::invalid_argument(format!("bad shmgrpc reference: {e}")));
+        }
+    };
+    let session = session_of(&r, side).inspect_err(|_| stats::global(Event::BadReference))?;
+    if wait && session.awaits_registration(&r) {
+        let (s, r2) = (session.clone(), r.clone());
+        let notify = session.registrations().clone();
+        let _ = block_on_io(async move { until(&notify, REGISTRATION_WAIT, || !s.awaits_registration(&r2)).await });
+    }
+    let recorder = session.recorder().clone();
+    match session.resolve(r) {
+        Ok(Resolved { parts, segments }) => {
+            let received = Received { parts, segments };
+            recorder.record_both(Event::ShmReceived(received.len()));
+            Ok(received)
+        }
+        Err(status) => {
+            recorder.record_both(Event::BadReference);
+            Err(status)
+        }
+    }
+}
+
+/// Waits until `ready()` holds (checked on every notification of `notify`) or `limit` has passed; whether it holds.
+async fn until(notify: &Notify, limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let waited = tokio::time::timeout(limit, async {
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if ready() {
+                return;
+            }
+            notified.await;
+        }
+    })
+    .await;
+    waited.is_ok() || ready()
+}
+
+/// Runs `fut` on the I/O runtime and blocks the calling thread until it is done (`None` if the runtime cannot
+/// run it). Never call it on the I/O thread.
+fn block_on_io<F>(fut: F) -> Option<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    crate::io::spawn(async move {
+        let _ = tx.send(fut.await);
+    })
+    .ok()?;
+    rx.recv().ok()
+}
