@@ -604,6 +604,22 @@ impl Received {
         copy_out(py, &self.parts()?)
     }
 
+    /// Whether every boundary between pieces falls between two top-level fields of the message: then parsing the
+    /// first piece and merging the others in order gives the message (protobuf's merge of concatenated encodings),
+    /// without joining them.
+    fn aligned(&self) -> PyResult<bool> {
+        let parts = self.parts()?;
+        let Some(fields) = top_level_fields(&parts) else { return Ok(false) };
+        let mut at = 0;
+        for p in &parts[..parts.len().saturating_sub(1)] {
+            at += p.len();
+            if !fields.iter().any(|f| f.end == at) && at != 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Raises `StatusError(DATA_LOSS)` if the peer shrank a segment while the message was read.
     fn check(&self) -> PyResult<()> {
         match lock(&self.0).as_ref() {

@@ -65,6 +65,40 @@ def _check_loan(message: Any) -> None:
         raise ValueError("a loan is sent once")
 
 
+def prepare(message: Any, serialize: Callable[[Any], bytes] | None, session: Session | None) -> list[Any]:
+    """
+    The slices of ``message``'s encoding: for a :class:`Loaned` message its head and the loan; with a session,
+    large ``bytes`` fields as their own values (see :func:`_split`); else the serialized message.
+    """
+    if isinstance(message, Loaned):
+        return [message.head(serialize), message.loan]
+    if session is not None:
+        split = _split(message, serialize)
+        if split is not None:
+            return split
+    return [serialize(message) if serialize is not None else message]
+
+
+def send(
+    items: list[Any],
+    session: Session | None,
+    counters: Counters,
+    threshold: int,
+    fallback: Fallback | None,
+) -> Any:
+    """
+    What goes on the gRPC stream for the message ``items`` make: ``bytes`` (a reference or the message inline) or
+    a ``_core.Waiting`` when the message waits for the peer (resolve it with :func:`settle` or
+    :func:`settle_async`).
+    """
+    if session is not None and session.alive:
+        return session.send(items)
+    n = sum(len(x) for x in items)
+    reason = (fallback or (Fallback.SESSION_CLOSED if session is not None else None)) if n >= threshold else None
+    counters.inline_sent(n, reason.value if reason is not None else None)
+    return _inline(items)
+
+
 def encode(
     message: Any,
     serialize: Callable[[Any], bytes] | None,
@@ -73,23 +107,92 @@ def encode(
     threshold: int,
     fallback: Fallback | None,
 ) -> Any:
+    """:func:`prepare`, then :func:`send`."""
+    return send(prepare(message, serialize, session), session, counters, threshold, fallback)
+
+
+LARGE_FIELD = 32 * 1024
+"""A top-level ``bytes`` field from this size up is written straight from its value into shared memory."""
+
+
+_BYTES_FIELDS: dict[Any, tuple[Any, ...]] = {}
+"""The singular ``bytes`` fields of each message type seen (those :func:`_split` looks at)."""
+
+
+def _split(message: Any, serialize: Any) -> list[Any] | None:
     """
-    What goes on the gRPC stream for ``message``: ``bytes`` (a reference or the message inline) or a
-    ``_core.Waiting`` when the message waits for the peer (resolve it with :func:`settle` or :func:`settle_async`).
+    ``message``'s encoding as slices when it has large top-level ``bytes`` fields: the other fields serialized,
+    then each large field's key, length and value (the value object itself, which the core copies once into shared
+    memory, without the GIL). protobuf's ``SerializeToString`` would first build the whole encoding in a fresh
+    ``bytes`` object: a second copy of every payload, and a fresh allocation that costs page faults (and upb's
+    ``ByteSize`` encodes the whole message to count it). A field's position in the encoding does not change the
+    message (protobuf parsers take fields in any order). ``None`` (serialize as usual) when there is no large
+    ``bytes`` field, and for a custom serializer, extensions or unknown fields.
     """
-    if isinstance(message, Loaned):
-        head = message.head(serialize)
-        items: list[Any] = [head, message.loan]
-        n = len(head) + len(message.loan)
-    else:
-        data = serialize(message) if serialize is not None else message
-        items = [data]
-        n = len(data)
-    if session is None or not session.alive:
-        reason = (fallback or (Fallback.SESSION_CLOSED if session is not None else None)) if n >= threshold else None
-        counters.inline_sent(n, reason.value if reason is not None else None)
-        return _inline(items)
-    return session.send(items)
+    if isinstance(message, (bytes, bytearray, memoryview)) or not hasattr(message, "SerializeToString"):
+        return None
+    if serialize is not None and serialize != type(message).SerializeToString:
+        return None
+    desc = message.DESCRIPTOR
+    fields = _BYTES_FIELDS.get(desc)
+    if fields is None:
+        fields = _BYTES_FIELDS[desc] = tuple(fd for fd in desc.fields if fd.type == fd.TYPE_BYTES and not _repeated(fd))
+    large = []
+    for fd in fields:
+        value = getattr(message, fd.name)
+        if len(value) >= LARGE_FIELD:
+            large.append((fd, value))
+    if not large:
+        return None
+    try:
+        if desc.extensions or _has_unknown(message):
+            return None
+        big = {fd.name for fd, _ in large}
+        rest = type(message)()
+        for fd in desc.fields:
+            name = fd.name
+            if name in big:
+                continue
+            if _repeated(fd):
+                values = getattr(message, name)
+                if len(values):
+                    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+                        target = getattr(rest, name)
+                        for k in values:
+                            if fd.message_type.fields_by_name["value"].message_type is not None:
+                                target[k].CopyFrom(values[k])
+                            else:
+                                target[k] = values[k]
+                    else:
+                        getattr(rest, name).extend(values)
+                continue
+            if fd.has_presence and not message.HasField(name):
+                continue
+            value = getattr(message, name)
+            if fd.message_type is not None:
+                getattr(rest, name).CopyFrom(value)
+            else:
+                setattr(rest, name, value)
+    except Exception:
+        return None
+    items: list[Any] = [rest.SerializeToString()]
+    for fd, value in large:
+        items.append(_varint(fd.number << 3 | 2) + _varint(len(value)))
+        items.append(value)
+    return items
+
+
+def _repeated(fd: Any) -> bool:
+    return bool(fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED)
+
+
+def _has_unknown(message: Any) -> bool:
+    try:
+        from google.protobuf import unknown_fields
+
+        return len(unknown_fields.UnknownFieldSet(message)) > 0
+    except Exception:
+        return True
 
 
 def _inline(items: list[Any]) -> bytes:
@@ -124,15 +227,11 @@ def parse_received(r: Received, parse: Callable[[Any], Any] | None) -> Any:
         if parse is None:
             return r.join()
         pieces = r.pieces()
-        if len(pieces) == 1:
-            view = memoryview(pieces[0])
-            try:
-                msg = parse(view)
-            finally:
-                try:
-                    view.release()
-                except BufferError:
-                    pass  # the parser kept an export: the piece lives as long as it does
+        if len(pieces) == 1 or r.aligned():
+            # In place: the first piece parsed, the others merged (pieces end between top-level fields).
+            msg = _in_place(parse, pieces[0], None)
+            for piece in pieces[1:]:
+                _in_place(msg.MergeFromString, piece, msg)
         else:
             msg = parse(r.join())
         r.check()
@@ -145,6 +244,19 @@ def parse_received(r: Received, parse: Callable[[Any], Any] | None) -> Any:
         ) from None
     finally:
         r.release()
+
+
+def _in_place(f: Callable[[Any], Any], piece: Piece, result: Any) -> Any:
+    """``f`` of a memoryview of ``piece``, released afterwards (unless ``f`` kept an export: it keeps the piece)."""
+    view = memoryview(piece)
+    try:
+        out = f(view)
+    finally:
+        try:
+            view.release()
+        except BufferError:
+            pass
+    return result if result is not None else out
 
 
 def parse_inline(data: bytes, parse: Callable[[Any], Any] | None, counters: Counters) -> Any:

@@ -108,11 +108,12 @@ class AioShmChannel(_ChannelBase):
         One request's bytes. A large message is serialized and copied into shared memory on a worker thread, and
         a wait for the server (a registration, the window) runs off the event loop too: the loop never stalls.
         """
-        size = getattr(message, "ByteSize", None)
-        if session is not None and size is not None and size() >= LARGE:
+        items = _codec.prepare(message, ser, session)
+        send = (items, session, self._counters, self.threshold, self._fallback)
+        if session is not None and sum(len(x) for x in items) >= LARGE:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, lambda: _codec.settle(self._encode(session, ser, message)))
-        return await _codec.settle_async(self._encode(session, ser, message))
+            return await loop.run_in_executor(None, lambda: _codec.settle(_codec.send(*send)))
+        return await _codec.settle_async(_codec.send(*send))
 
     async def _decode(self, data: bytes, parse: Any) -> Any:
         """One response; a reference that overtook its registration waits for it on a worker thread."""

@@ -62,6 +62,20 @@ impl Mapped {
     }
 }
 
+/// Where a region starting at `start` of `memory` begins once the inline part just before it (`out`'s last part) is
+/// folded in: when that part holds exactly the bytes that precede the region in memory (a field's key and length
+/// written in front of its payload, as loans and echoes are sent), it is dropped and the region starts that much
+/// earlier, so the message's field lies in one piece with its key (read in place by bindings that parse pieces).
+fn fold(out: &mut Vec<Bytes>, memory: &[u8], start: usize) -> usize {
+    let Some(head) = out.last() else { return start };
+    let k = head.len();
+    if k == 0 || k > start || memory.get(start - k..start) != Some(&head[..]) {
+        return start;
+    }
+    out.pop();
+    start - k
+}
+
 /// A key for a peer whose pid the kernel did not tell (another pid namespace): each such session counts as a peer
 /// of its own, above the range of pids.
 static UNKNOWN_PEERS: AtomicU64 = AtomicU64::new(1 << 32);
@@ -290,7 +304,7 @@ impl Receiver {
         let mut segments = Vec::new();
         let mut returned = Vec::new();
         for p in r.parts {
-            out.push(match p.kind {
+            let part = match p.kind {
                 None => return Err(Status::invalid_argument("shmgrpc reference part without a kind")),
                 Some(part::Kind::Inline(b)) => b,
                 Some(part::Kind::Sender(reg)) => {
@@ -299,6 +313,7 @@ impl Receiver {
                     })?;
                     let (start, end) = crate::segment::check_range(seg.backend(), reg.offset, reg.len, seg.len())
                         .map_err(|e| Status::out_of_range(format!("shmgrpc reference out of range: {e}")))?;
+                    let start = fold(&mut out, seg.as_slice(), start);
                     segments.push(seg.clone());
                     let incoming = Arc::new(Incoming {
                         seg,
@@ -329,9 +344,11 @@ impl Receiver {
                         crate::segment::check_range(crate::segment::Backend::Memfd, offset, reg.len, buf.lease.len())
                             .map_err(|e| out_of_range(e.to_string()))?;
                     returned.push((reg.segment, reg.generation));
+                    let start = fold(&mut out, &buf.lease, start);
                     Bytes::from_owner(OutgoingView(buf)).slice(start..end)
                 }
-            });
+            };
+            out.push(part);
         }
         // We hold our own buffers again through the Bytes just made: the peer may drop its holds.
         for (segment, generation) in returned {
