@@ -1,10 +1,12 @@
-"""The demo blob service in Python (for the interop tests): ``blob_server.py ADDRESS [--plain]``.
+"""The demo blob service in Python (for the interop tests): ``blob_server.py ADDRESS [--plain] [--aio]``.
 
-Prints one JSON readiness line on stdout, like ``shmgrpc serve``; stops on SIGTERM.
+Prints one JSON readiness line on stdout, like ``shmgrpc serve``; stops on SIGTERM. ``--aio`` serves it with
+``shmgrpc.aio.server`` (async handlers).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sys
@@ -17,6 +19,7 @@ import blob_pb2_grpc  # type: ignore[import-not-found]
 import grpc
 
 import shmgrpc
+import shmgrpc.aio
 
 
 def pattern(size: int, seed: int) -> bytes:
@@ -56,8 +59,52 @@ class Blob(blob_pb2_grpc.BlobServicer):  # type: ignore[misc]
         yield from requests
 
 
+class AioBlob(blob_pb2_grpc.BlobServicer):  # type: ignore[misc]
+    """The same service with async handlers."""
+
+    async def Echo(self, request: Any, context: Any) -> Any:
+        return request
+
+    async def Upload(self, request: Any, context: Any) -> Any:
+        return blob_pb2.Digest(len=len(request.data), crc32=zlib.crc32(request.data))
+
+    async def Download(self, request: Any, context: Any) -> Any:
+        data = pattern(request.size, request.seed)
+        loan = shmgrpc.loan(request.size)
+        loan.view[:] = data
+        return shmgrpc.loaned(blob_pb2.Payload(crc32=zlib.crc32(data)), "data", loan)
+
+    async def DownloadStream(self, request: Any, context: Any) -> Any:
+        for i in range(request.count):
+            yield payload(request.size, request.seed + i)
+
+    async def UploadStream(self, requests: Any, context: Any) -> Any:
+        digests = [blob_pb2.Digest(len=len(p.data), crc32=zlib.crc32(p.data)) async for p in requests]
+        return blob_pb2.DigestList(digests=digests)
+
+    async def EchoStream(self, requests: Any, context: Any) -> Any:
+        async for r in requests:
+            yield r
+
+
+async def serve_aio(address: str) -> None:
+    server = shmgrpc.aio.server()
+    blob_pb2_grpc.add_BlobServicer_to_server(AioBlob(), server)
+    server.add_insecure_port(address)
+    await server.start()
+    ready = {"event": "ready", "listen": [address], "side_channel": server.side_channel_path, "shared_memory": True}
+    print(json.dumps(ready), flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(None)
+
+
 def main() -> None:
     address = sys.argv[1]
+    if "--aio" in sys.argv:
+        asyncio.run(serve_aio(address))
+        return
     plain = "--plain" in sys.argv
     pool = futures.ThreadPoolExecutor(8)
     big = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]

@@ -312,6 +312,11 @@ impl Server {
         Ok(Received::new(r))
     }
 
+    /// Whether resolving this request would wait for a registration.
+    fn needs_wait(&self, data: &[u8]) -> bool {
+        embed::request_needs_wait(data)
+    }
+
     /// This server's counters.
     fn counters(&self) -> Counters {
         Counters(self.counters.clone())

@@ -228,6 +228,12 @@ impl ServerCore {
     }
 }
 
+/// Whether resolving the request `message` (a reference) would wait for the registration of a segment it names (an
+/// asynchronous binding then resolves it on a worker thread).
+pub fn request_needs_wait(message: &[u8]) -> bool {
+    needs_wait(message, Side::Server)
+}
+
 /// Resolves a request that is a reference, on the server side of the session it names (server sessions are
 /// found in the process's registry: no server object is needed); a reference that overtook the registration of a
 /// segment it names waits for it with `wait` (blocking the calling thread, at most 2 s: protocol §6; never on the I/O

@@ -51,6 +51,9 @@ struct Shared {
     tickets: Tickets,
     /// The highest protocol version this server speaks.
     max_version: u32,
+    /// The process that runs the server: a child made by `fork` inherits it, never serves it, and must leave the
+    /// socket file to the parent.
+    pid: u32,
     /// Sessions opened on the side channel (each is held by its own reader task; gone ones are pruned as new
     /// ones come).
     sessions: Mutex<Vec<Weak<Session>>>,
@@ -131,6 +134,7 @@ impl ShmServer {
             params,
             tickets,
             max_version: config.protocol_version,
+            pid: std::process::id(),
             sessions: Mutex::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: AtomicBool::new(false),
@@ -189,6 +193,12 @@ impl Drop for ShmServer {
     /// Stops accepting, ends every session, and frees the pool's idle buffers, all before returning: a process
     /// that exits right after dropping its server leaves nothing behind (POSIX names included).
     fn drop(&mut self) {
+        if self.shared.pid != std::process::id() {
+            // A forked child's copy: the socket, the sessions and the pool are the parent's, and so is the accept
+            // task (on the parent's runtime, which the child never runs).
+            std::mem::forget(self.accept.take());
+            return;
+        }
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.accept.take() {
             t.abort();

@@ -21,9 +21,12 @@ import grpc
 import grpc.aio
 
 from . import _codec, _core
+from ._aio_server import AioShmServer, server
 from ._codec import ViewOf
 from ._core import StatusError
 from .client import _channel_options, _ChannelBase, _discovery_failed, _unix_path
+
+__all__ = ["AioShmChannel", "AioShmServer", "ShmRpcError", "insecure_channel", "server"]
 
 log = logging.getLogger("shmgrpc")
 
@@ -197,12 +200,17 @@ def insecure_channel(
     threshold: int = _core.DEFAULT_THRESHOLD,
     budget: int | None = None,
     views: dict[str, str] | None = None,
+    interceptors: Sequence[Any] | None = None,
 ) -> AioShmChannel:
     """
     Like ``grpc.aio.insecure_channel``, with shared memory once the session is open (``await
-    channel.connect()``, or ``async with``); the same options as :func:`shmgrpc.insecure_channel`.
+    channel.connect()``, or ``async with``); the same options as :func:`shmgrpc.insecure_channel`, and
+    ``interceptors`` as ``grpc.aio.insecure_channel`` takes them (they see each call's metadata, shmgrpc's session
+    header included, and its messages as the bytes that go on the wire).
     """
-    channel = grpc.aio.insecure_channel(target, options=_channel_options(target, options), compression=compression)
+    channel = grpc.aio.insecure_channel(
+        target, options=_channel_options(target, options), compression=compression, interceptors=interceptors
+    )
     return AioShmChannel(
         channel,
         shared_memory=shared_memory,

@@ -12,8 +12,10 @@ was not up yet, tries again in the background (at most once a second). Generated
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +93,31 @@ def _make_core(threshold: int, budget: int | None) -> _core.Client:
     return _core.Client(threshold=threshold, budget=budget, protocol_version=PROTOCOL_VERSION)
 
 
+_CHANNELS: weakref.WeakSet[_ChannelBase] = weakref.WeakSet()
+"""Live channels of this process (a forked child gives each a core of its own)."""
+
+_INHERITED: list[Any] = []
+"""A forked child's copies of its parent's cores and sessions: kept, never dropped (their socket and pool are the
+parent's; the Rust core also refuses to use them: a session's copy is never alive in a child)."""
+
+
+def _after_fork_in_child() -> None:
+    """Gives every channel a new core (pool, counters) and no session: it opens its own on its next call."""
+    for ch in list(_CHANNELS):
+        _INHERITED.append((ch._shm, ch._session))
+        ch._shm = _make_core(ch.threshold, ch._budget)
+        ch._counters = ch._shm.counters()
+        ch.pool = PoolView(ch._shm.pool_stats)
+        ch._session = None
+        ch._fallback = None
+        ch._retry_lock = threading.Lock()
+        ch._trying = False
+        ch._last_try = 0.0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _ChannelBase:
     """What the sync and asyncio channels share: the core client, the session, retries, the multi-callables."""
 
@@ -103,6 +130,7 @@ class _ChannelBase:
 
     def _init_base(self, threshold: int, budget: int | None, shared_memory: bool, unix: str | None) -> None:
         self.threshold = threshold
+        self._budget = budget
         self._shm = _make_core(threshold, budget)
         self._counters = self._shm.counters()
         self._session = None
@@ -113,6 +141,7 @@ class _ChannelBase:
         self._last_try = 0.0
         self._trying = False
         self.pool = PoolView(self._shm.pool_stats)
+        _CHANNELS.add(self)
 
     def _settle(self, hello: bytes | None, reason: Fallback | None) -> None:
         """Joins the session ``hello`` offers (on this thread, without the GIL), or records why there is none."""

@@ -9,6 +9,7 @@ responses sent as references; every other call is plain gRPC. A bad reference ge
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,36 @@ from .client import PROTOCOL_VERSION, PoolView
 log = logging.getLogger("shmgrpc")
 
 _current = threading.local()
+
+CURRENT: contextvars.ContextVar[Session | None] = contextvars.ContextVar("shmgrpc_session", default=None)
+"""The session of the call an asyncio handler serves (see :mod:`shmgrpc._aio_server`)."""
+
+
+def _mark(deserialize: Callable[..., Any]) -> None:
+    """Marks a request deserializer as shmgrpc's (a handler that has one is not wrapped again)."""
+    deserialize._shmgrpc = True  # type: ignore[attr-defined]
+
+
+def _is_ours(h: grpc.RpcMethodHandler) -> bool:
+    """Whether a method handler already decodes and encodes through shmgrpc."""
+    return getattr(h.request_deserializer, "_shmgrpc", False) is True
+
+
+class _Guard(grpc.ServerInterceptor):
+    """
+    An application's interceptor, made to pass shmgrpc's discovery untouched (it carries no application metadata),
+    and whose own handlers (a rejection, say) still resolve and release the references of the requests they get.
+    """
+
+    def __init__(self, server: Callable[[], ShmServer | None], inner: grpc.ServerInterceptor) -> None:
+        self._server, self._inner = server, inner
+
+    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        if handler_call_details.method == _core.HELLO_PATH:
+            return continuation(handler_call_details)
+        h = self._inner.intercept_service(continuation, handler_call_details)
+        server = self._server()
+        return _wrap(server, h) if h is not None and server is not None else h
 
 
 class _Failed:
@@ -154,6 +185,8 @@ class _Generic(grpc.GenericRpcHandler):
 
 def _wrap(server: ShmServer, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """The same method with shmgrpc's request decoding and response encoding around its (de)serializers."""
+    if _is_ours(h):
+        return h
     core, counters, threshold = server._shm, server._counters, server.threshold
     de = h.request_deserializer
     ser = h.response_serializer
@@ -203,6 +236,7 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
         return run
 
+    _mark(deserialize)
     kw = {"request_deserializer": deserialize, "response_serializer": serialize}
     if h.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary_in(h.unary_unary), **kw)
@@ -218,7 +252,7 @@ def loan(n: int) -> Loan:
     Inside a handler: a buffer of ``n`` bytes to write a response payload into and send without a copy (see
     :class:`shmgrpc.Loan`); ordinary memory when the call has no session.
     """
-    session: Session | None = getattr(_current, "session", None)
+    session: Session | None = CURRENT.get() or getattr(_current, "session", None)
     if session is not None and session.alive:
         return session.loan(n)
     return _core.heap_loan(n)
@@ -250,14 +284,17 @@ def server(
     for key in ("grpc.max_receive_message_length", "grpc.max_send_message_length"):
         if key not in names:
             opts.append((key, -1))
+    holder: list[ShmServer] = []
+    guarded = [_Guard(lambda: holder[0] if holder else None, i) for i in interceptors or ()]
     inner = grpc.server(
         thread_pool,
-        interceptors=interceptors,
+        interceptors=guarded or None,
         options=opts,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         compression=compression,
     )
     s = ShmServer(inner, threshold=threshold, side_channel=side_channel, allowed_uids=allowed_uids, budget=budget)
+    holder.append(s)
     if handlers:
         s.add_generic_rpc_handlers(handlers)
     return s

@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 pub(crate) struct Owned {
     name: PosixName,
     _fd: OwnedFd,
+    /// The process that created the segment: a child it forked inherits this value but must not unlink the name,
+    /// which the parent still uses.
+    creator: u32,
 }
 
 impl Owned {
@@ -28,6 +31,9 @@ impl Owned {
 
 impl Drop for Owned {
     fn drop(&mut self) {
+        if self.creator != std::process::id() {
+            return; // a forked child's copy: the name is the parent's
+        }
         if let Err(e) = shm::unlink(self.name.as_str()) {
             tracing::warn!(error = %e, "shm_unlink of an owned POSIX segment failed");
         }
@@ -47,7 +53,7 @@ pub(crate) fn create(len: usize) -> Result<(Owned, MapRw)> {
         }
     };
     // From here on the name exists: wrap it at once so every error path unlinks it.
-    let owned = Owned { name, _fd: fd };
+    let owned = Owned { name, _fd: fd, creator: std::process::id() };
     let fd = owned._fd.as_fd();
     // Liveness every pid namespace can see: the creator holds a shared lock on the file for as long as it keeps the
     // descriptor, and the kernel drops it when the process dies. `shmgrpc gc` removes a segment only when it can

@@ -177,6 +177,9 @@ pub(crate) struct Session {
     /// The `shmgrpc-session` header value, made once.
     header: http::HeaderValue,
     alive: AtomicBool,
+    /// The process the session belongs to: a child made by `fork` inherits the memory of the session, never the
+    /// session (its side channel and pool are the parent's).
+    pid: u32,
     /// The side channel, to shut it down when the session closes.
     socket: Arc<UnixStream>,
     outbox: Arc<Outbox>,
@@ -214,6 +217,7 @@ impl Session {
             header: http::HeaderValue::from_str(&id.iter().map(|b| format!("{b:02x}")).collect::<String>())
                 .expect("hex is a valid header value"),
             alive: AtomicBool::new(true),
+            pid: std::process::id(),
             socket: socket.clone(),
             receiver: Receiver::new(recorder, outbox.clone(), peer_pid),
             sender: Sender::new(params, outbox.clone()),
@@ -287,8 +291,14 @@ impl Session {
         }
     }
 
+    /// Whether the session is open, in this process (a forked child's copy never is).
     pub(crate) fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.alive.load(Ordering::Acquire) && !self.forked()
+    }
+
+    /// Whether this is a forked child's copy of a session of its parent's.
+    fn forked(&self) -> bool {
+        self.pid != std::process::id()
     }
 
     /// The protocol version agreed on (§2).
@@ -534,6 +544,14 @@ impl Session {
     /// Ends the session: what the peer held comes back, the peer's mappings go (readers keep theirs until they
     /// drop them), and everything waiting on the session is woken.
     pub(crate) fn close(&self) {
+        if self.forked() {
+            // A forked child's copy: the socket and the pool are shared with the parent, whose session goes on.
+            // Nothing is shut down, sent or given back; the copy only stops being found.
+            if self.alive.swap(false, Ordering::AcqRel) {
+                lock(&REGISTRY).remove(&(self.id, self.side));
+            }
+            return;
+        }
         if !self.alive.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -555,6 +573,11 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if self.forked() {
+            // The side channel's socket is registered with the parent's reactor, whose epoll instance the child
+            // shares: dropping the socket here would deregister it for the parent too. The child keeps it for good.
+            std::mem::forget(self.socket.clone());
+        }
         self.close();
     }
 }

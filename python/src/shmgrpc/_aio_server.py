@@ -1,0 +1,297 @@
+"""
+The asyncio server: :func:`server`, a drop-in for ``grpc.aio.server`` (exported as ``shmgrpc.aio.server``).
+
+Handlers are written as for ``grpc.aio`` (``async def``, async generators, async request iterators). Nothing that
+waits for a peer runs on the event loop: a request whose reference overtook its segment's registration is resolved
+on a worker thread, responses are encoded in the handler's wrapper (a large one, and any wait for the client's
+answer, on a worker thread), and the response serializer only passes the encoded bytes on. ``shmgrpc.loan(n)``
+works inside async handlers (the call's session is a context variable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from . import _codec, _core
+from ._core import Session, StatusError
+from .client import PROTOCOL_VERSION, PoolView
+from .server import CURRENT, _Failed, _is_ours, _mark
+
+LARGE = 1 << 20
+"""Responses from this size up are encoded (copied into shared memory) on a worker thread."""
+
+
+class _Deferred:
+    """A request reference whose registration has not arrived yet: resolved off the loop by the wrapper."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _Encoded(bytes):
+    """A response already encoded by the wrapper: the response serializer passes it on as it is."""
+
+
+class AioShmServer:
+    """A ``grpc.aio.Server`` with shmgrpc (see the module docs). Every ``grpc.aio.Server`` method works as usual."""
+
+    def __init__(
+        self,
+        inner: grpc.aio.Server,
+        *,
+        threshold: int,
+        side_channel: str | None,
+        allowed_uids: Sequence[int] | None,
+        budget: int | None,
+    ) -> None:
+        self._inner = inner
+        self.threshold = threshold
+        self._shm = _core.Server(
+            threshold=threshold,
+            side_channel=side_channel,
+            allowed_uids=list(allowed_uids) if allowed_uids is not None else None,
+            budget=budget,
+            protocol_version=PROTOCOL_VERSION,
+        )
+        self._counters = self._shm.counters()
+        self.side_channel_path = self._shm.side_channel_path
+        self.pool = PoolView(self._shm.pool_stats)
+        inner.add_generic_rpc_handlers((_AioHello(self._shm),))
+
+    # ---- what shmgrpc adds ----
+    def stats(self) -> dict[str, object]:
+        """Transfer counters of this server (see :func:`shmgrpc.stats`)."""
+        return self._counters.snapshot()
+
+    def sessions(self) -> int:
+        """Sessions currently open."""
+        return self._shm.sessions()
+
+    def session_stats(self) -> dict[str, int]:
+        """Figures summed over the open sessions."""
+        return self._shm.session_stats()
+
+    # ---- grpc.aio.Server ----
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """See ``grpc.aio.Server.add_generic_rpc_handlers``."""
+        self._inner.add_generic_rpc_handlers(tuple(_AioGeneric(self, h) for h in generic_rpc_handlers))
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
+        """See ``grpc.aio.Server.add_registered_method_handlers``."""
+        add = getattr(self._inner, "add_registered_method_handlers", None)
+        if add is not None:
+            add(service_name, {name: _wrap_aio(self, h) for name, h in method_handlers.items()})
+
+    def add_insecure_port(self, address: str) -> int:
+        """See ``grpc.aio.Server.add_insecure_port``."""
+        return self._inner.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        """See ``grpc.aio.Server.add_secure_port``."""
+        return self._inner.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        """See ``grpc.aio.Server.start``."""
+        await self._inner.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """Stops the gRPC server, then the side channel and every session."""
+        await self._inner.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self._shm.close)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """See ``grpc.aio.Server.wait_for_termination``."""
+        return await self._inner.wait_for_termination(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _AioHello(grpc.GenericRpcHandler):
+    """Answers discovery (protocol section 2) on the event loop: issuing a ticket never waits."""
+
+    def __init__(self, core: _core.Server) -> None:
+        self._shm = core
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method != _core.HELLO_PATH:
+            return None
+        return grpc.unary_unary_rpc_method_handler(self._hello)
+
+    async def _hello(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return self._shm.answer_hello(request)
+        except StatusError as e:
+            await context.abort(_codec.status_code(e), str(e.args[1]))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        raise AssertionError("abort raises")
+
+
+class _AioGeneric(grpc.GenericRpcHandler):
+    def __init__(self, server: AioShmServer, inner: grpc.GenericRpcHandler) -> None:
+        self._server, self._inner = server, inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        h = self._inner.service(handler_call_details)
+        return _wrap_aio(self._server, h) if h is not None else None
+
+
+def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The method with shmgrpc's decoding and encoding around it, nothing of it waiting on the event loop."""
+    if _is_ours(h):
+        return h
+    core, counters, threshold = server._shm, server._counters, server.threshold
+    de, ser = h.request_deserializer, h.response_serializer
+    behaviour = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+    if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+        # A synchronous handler (run on the server's migration thread pool): the thread server's wrapper.
+        from .server import _wrap
+
+        return _wrap(server, h)  # type: ignore[arg-type]
+
+    def deserialize(data: bytes) -> Any:
+        if _core.is_reference(data) and core.needs_wait(data):
+            return _Deferred(data)  # resolved by the wrapper, on a worker thread
+        try:
+            return _codec.decode(data, de, lambda d: core.receive(d, False), counters)
+        except StatusError as e:
+            return _Failed(e)
+
+    def serialize(message: Any) -> bytes:
+        if isinstance(message, _Encoded):
+            return bytes(message)
+        # A message written with `context.write`: encoded here, on the loop (a rare wait blocks it, bounded).
+        return _codec.settle(_codec.encode(message, ser, CURRENT.get(), counters, threshold, None))
+
+    async def resolve(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Deferred):
+            loop = asyncio.get_running_loop()
+            try:
+                received = await loop.run_in_executor(None, core.receive, request.data, True)
+                request = _codec.decode(request.data, de, lambda _: received, counters)
+            except StatusError as e:
+                request = _Failed(e)
+        if isinstance(request, _Failed):
+            await context.abort(request.code, request.message)
+        return request
+
+    async def requests_of(it: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for r in it:
+            yield await resolve(r, context)
+
+    async def encode(message: Any, session: Session | None) -> _Encoded:
+        items = _codec.prepare(message, ser, session)
+        args = (items, session, counters, threshold, None)
+        if session is not None and sum(len(x) for x in items) >= LARGE:
+            loop = asyncio.get_running_loop()
+            return _Encoded(await loop.run_in_executor(None, lambda: _codec.settle(_codec.send(*args))))
+        return _Encoded(await _codec.settle_async(_codec.send(*args)))
+
+    def enter(context: grpc.aio.ServicerContext) -> Session | None:
+        value = None
+        for key, v in context.invocation_metadata() or ():
+            if key == _core.SESSION_HEADER:
+                value = v if isinstance(v, str) else v.decode()
+        session = core.session(value) if value else None
+        CURRENT.set(session)
+        return session
+
+    async def unary_in(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        session = enter(context)
+        response = await behaviour(await resolve(request, context), context)
+        return None if response is None else await encode(response, session)
+
+    async def stream_in(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        session = enter(context)
+        response = await behaviour(requests_of(requests, context), context)
+        return None if response is None else await encode(response, session)
+
+    def streaming(request_in: Callable[[Any, Any], Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            session = enter(context)
+            source = behaviour(await request_in(request, context), context)
+            if inspect.isasyncgen(source):
+                async for response in source:
+                    yield await encode(response, session)
+            else:
+                await source  # writes with `context.write` (encoded by the serializer)
+
+        return run
+
+    async def one_request(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await resolve(request, context)
+
+    async def many_requests(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return requests_of(requests, context)
+
+    _mark(deserialize)
+    kw = {"request_deserializer": deserialize, "response_serializer": serialize}
+    if h.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary_in, **kw)
+    if h.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming(one_request), **kw)
+    if h.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(stream_in, **kw)
+    return grpc.stream_stream_rpc_method_handler(streaming(many_requests), **kw)
+
+
+class _AioGuard(grpc.aio.ServerInterceptor):
+    """
+    An application's interceptor, made to pass shmgrpc's discovery untouched (it carries no application metadata),
+    and whose own handlers (a rejection, say) still resolve and release the references of the requests they get.
+    """
+
+    def __init__(self, server: Callable[[], AioShmServer | None], inner: grpc.aio.ServerInterceptor) -> None:
+        self._server, self._inner = server, inner
+
+    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        if handler_call_details.method == _core.HELLO_PATH:
+            return await continuation(handler_call_details)
+        h = await self._inner.intercept_service(continuation, handler_call_details)
+        server = self._server()
+        return _wrap_aio(server, h) if h is not None and server is not None else h
+
+
+def server(
+    migration_thread_pool: Any = None,
+    handlers: Sequence[grpc.GenericRpcHandler] | None = None,
+    interceptors: Sequence[Any] | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+    maximum_concurrent_rpcs: int | None = None,
+    compression: grpc.Compression | None = None,
+    *,
+    threshold: int = _core.DEFAULT_THRESHOLD,
+    side_channel: str | None = None,
+    allowed_uids: Sequence[int] | None = None,
+    budget: int | None = None,
+) -> AioShmServer:
+    """
+    Like ``grpc.aio.server``, with shmgrpc; the same options as :func:`shmgrpc.server`. ``interceptors`` see every
+    application call; shmgrpc's discovery passes them untouched.
+    """
+    opts = list(options or ())
+    names = {k for k, _ in opts}
+    for key in ("grpc.max_receive_message_length", "grpc.max_send_message_length"):
+        if key not in names:
+            opts.append((key, -1))
+    holder: list[AioShmServer] = []
+    guarded = [_AioGuard(lambda: holder[0] if holder else None, i) for i in interceptors or ()]
+    inner = grpc.aio.server(
+        migration_thread_pool,
+        interceptors=guarded or None,
+        options=opts,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+        compression=compression,
+    )
+    s = AioShmServer(inner, threshold=threshold, side_channel=side_channel, allowed_uids=allowed_uids, budget=budget)
+    holder.append(s)
+    if handlers:
+        s.add_generic_rpc_handlers(handlers)
+    return s

@@ -1,0 +1,232 @@
+"""What the Rust core gives the Python package: the asyncio server, interceptors on both sides, rejected calls
+that give their buffers back, arrays that point into shared memory, copies that leave other threads running, and
+``fork``."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+import shmgrpc
+import shmgrpc.aio
+
+from .conftest import ROOT, Served, _stop, eventually, start_py_server
+
+MIB = 1 << 20
+
+
+def payload(blob: Any, size: int, seed: int = 1) -> Any:
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    return blob.Payload(data=data, crc32=zlib.crc32(data))
+
+
+@pytest.fixture
+def aio_server(stubs_dir: str, tmp_path: pathlib.Path) -> Any:
+    s = start_py_server(stubs_dir, f"unix:{tmp_path / 'aio.sock'}", "--aio")
+    yield s
+    _stop(s)
+
+
+def test_the_asyncio_server_serves_python_and_rust_clients_through_shared_memory(
+    aio_server: Served, bin_path: str, blob: Any, blob_grpc: Any
+) -> None:
+    async def main() -> None:
+        async with shmgrpc.aio.insecure_channel(aio_server.unix) as ch:
+            assert ch.is_shared_memory(), ch.fallback()
+            stub = blob_grpc.BlobStub(ch)
+            p = payload(blob, 20 * MIB)
+            r = await stub.Echo(p)
+            assert r.data == p.data
+            assert (await stub.Upload(p)).crc32 == p.crc32
+            d = await stub.Download(blob.DownloadRequest(size=3 * MIB, seed=2, count=1))
+            assert zlib.crc32(d.data) == d.crc32 and len(d.data) == 3 * MIB
+            got = [x async for x in stub.DownloadStream(blob.DownloadRequest(size=MIB, seed=3, count=3))]
+            assert [len(x.data) for x in got] == [MIB] * 3
+            frames = [payload(blob, 2 * MIB, i) for i in range(3)]
+            assert [x.crc32 for x in (await stub.UploadStream(iter(frames))).digests] == [f.crc32 for f in frames]
+            assert [x.crc32 async for x in stub.EchoStream(iter(frames))] == [f.crc32 for f in frames]
+            s = ch.stats()
+            assert s["shm_sent"] == 1 + 1 + 3 + 3 and s["shm_received"] == 1 + 1 + 3 + 3, s
+
+    asyncio.run(main())
+    out = subprocess.run(
+        [bin_path, "call", "--target", aio_server.unix, "--op", "bidi", "--size", "4MiB", "--repeat", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"shared_memory":true' in out.stdout.replace(" ", ""), out.stdout
+
+
+class Auth(grpc.ServerInterceptor):
+    """Rejects every call without ``authorization: secret``."""
+
+    def __init__(self) -> None:
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if ("authorization", "secret") in (details.invocation_metadata or ()):
+            return continuation(details)
+        return self._deny
+
+
+class Token(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: secret`` to every call."""
+
+    def _add(self, details: Any) -> Any:
+        md = [*(details.metadata or ()), ("authorization", "secret")]
+        return details._replace(metadata=md) if hasattr(details, "_replace") else _Details(details, md)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._add(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._add(details), requests)
+
+
+class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
+    def __init__(self, d: Any, metadata: Any) -> None:
+        self.method, self.timeout, self.metadata = d.method, d.timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = d.credentials, d.wait_for_ready, d.compression
+
+
+def test_an_auth_interceptor_on_the_server_and_intercept_channel_on_the_client_keep_shared_memory(
+    blob: Any, blob_grpc: Any, tmp_path: pathlib.Path
+) -> None:
+    from .blob_server import Blob
+
+    server = shmgrpc.server(futures.ThreadPoolExecutor(4), interceptors=[Auth()])
+    blob_grpc.add_BlobServicer_to_server(Blob(), server)
+    target = f"unix:{tmp_path / 'auth.sock'}"
+    server.add_insecure_port(target)
+    server.start()
+    try:
+        with shmgrpc.insecure_channel(target) as ch:
+            assert ch.is_shared_memory(), f"discovery passed the interceptor: {ch.fallback()}"
+            p = payload(blob, 20 * MIB)
+            with pytest.raises(grpc.RpcError) as e:
+                blob_grpc.BlobStub(ch).Echo(p)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            intercepted = grpc.intercept_channel(ch, Token())
+            stub = blob_grpc.BlobStub(intercepted)
+            assert stub.Echo(p).data == p.data
+            assert stub.UploadStream(iter([p, p])).digests[1].crc32 == p.crc32
+            assert ch.stats()["shm_sent"] >= 3, ch.stats()
+            # Rejected uploads are resolved and released by the rejecting handler: nothing stays held.
+            for _ in range(10):
+                with pytest.raises(grpc.RpcError):
+                    blob_grpc.BlobStub(ch).Echo(p)
+            eventually("rejected requests give their buffers back", lambda: ch.session_figures()["holds"] == 0)
+            eventually("the pool is idle", lambda: ch.pool.stats().in_use_bytes == 0)
+    finally:
+        server.stop(None)
+
+
+def test_arrays_point_into_the_mapping_and_outlive_their_view(rust_server: Served, blob: Any, blob_grpc: Any) -> None:
+    download = "/shmgrpc.demo.v1.Blob/Download"
+    with shmgrpc.insecure_channel(rust_server.unix, views={download: "data"}) as ch:
+        stub = blob_grpc.BlobStub(ch)
+        v = stub.Download(blob.DownloadRequest(size=8 * MIB, seed=9, count=1))
+        assert isinstance(v, shmgrpc.View) and v.shared
+        a = np.frombuffer(v.data, dtype=np.float32)
+        piece = v._piece
+        assert piece is not None
+        assert piece.address <= a.ctypes.data < piece.address + len(piece), "the array is the sender's memory"
+        crc = v.message.crc32
+        v.release()
+        held = ch.session_figures()["peer_segments"]
+        assert held >= 1
+        assert zlib.crc32(a.tobytes()) == crc, "the array is still valid after its view was released"
+        del a, piece, v
+        # A 1 GiB float32 array round trip, in place both ways: a loan in, a view out.
+    echo = "/shmgrpc.demo.v1.Blob/Echo"
+    with shmgrpc.insecure_channel(rust_server.unix, views={echo: "data"}) as ch:
+        stub = blob_grpc.BlobStub(ch)
+        n = (256 * MIB) // 4
+        loan = ch.loan(n * 4)
+        arr = np.ndarray((n,), np.float32, buffer=loan)
+        arr[:] = 1.5
+        assert arr.ctypes.data == loan.address
+        del arr
+        v = stub.Echo(shmgrpc.loaned(blob.Payload(), "data", loan))
+        out = np.frombuffer(v.data, dtype=np.float32)
+        assert out.shape == (n,) and float(out[0]) == 1.5 and float(out[-1]) == 1.5
+        assert out.ctypes.data == loan.address, "the echo is our own buffer, sent back"
+        del out
+        v.release()
+        eventually("our buffer comes back", lambda: ch.pool.stats().in_use_bytes == 0)
+
+
+def test_copies_into_shared_memory_leave_other_threads_running(rust_server: Served, blob: Any, blob_grpc: Any) -> None:
+    """A 256 MiB message's copies run without the GIL: a Python thread counts on meanwhile."""
+    with shmgrpc.insecure_channel(rust_server.unix) as ch:
+        stub = blob_grpc.BlobStub(ch)
+        data = bytes(256 * MIB)
+        big = blob.Payload(data=data, crc32=zlib.crc32(data))
+        stub.Upload(big)  # warm: the pool's buffer exists
+        ticks = 0
+        stop = threading.Event()
+
+        def count() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+
+        t = threading.Thread(target=count)
+        t.start()
+        time.sleep(0.05)
+        before = ticks
+        for _ in range(3):
+            assert stub.Upload(big).len == 256 * MIB  # each copies 256 MiB into shared memory
+        during = ticks - before
+        stop.set()
+        t.join()
+        assert ch.stats()["shm_sent"] == 4
+        assert during > 0, "the other thread ran while the payloads were copied"
+
+
+FORK_CHILD = """
+import os, sys, zlib
+sys.path[:0] = {paths!r}
+import blob_pb2, blob_pb2_grpc, shmgrpc
+ch = shmgrpc.insecure_channel({target!r})
+stub = blob_pb2_grpc.BlobStub(ch)
+d = os.urandom(2 << 20)
+assert stub.Echo(blob_pb2.Payload(data=d, crc32=zlib.crc32(d))).data == d
+pid = os.fork()
+if pid == 0:
+    # The child has no share of the parent's session: it opens its own (or goes inline) and is served.
+    ok = stub.Echo(blob_pb2.Payload(data=d, crc32=zlib.crc32(d))).data == d
+    child = shmgrpc.insecure_channel({target!r})
+    ok = ok and blob_pb2_grpc.BlobStub(child).Echo(blob_pb2.Payload(data=d)).data == d
+    ok = ok and child.is_shared_memory()
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+# The parent's session is untouched by the child.
+assert ch.is_shared_memory()
+assert stub.Echo(blob_pb2.Payload(data=d, crc32=zlib.crc32(d))).data == d
+print("ok", ch.stats()["shm_sent"])
+"""
+
+
+def test_a_forked_child_gets_no_share_of_the_parents_session(rust_server: Served, stubs_dir: str) -> None:
+    code = FORK_CHILD.format(paths=[stubs_dir, str(ROOT / "python" / "src")], target=rust_server.unix)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("ok"), out.stdout
