@@ -1,13 +1,24 @@
-"""Benchmark: a Python client against the Rust server (``shmgrpc serve``), stock grpcio against shmgrpc on the same
-Unix socket, echo round trips of 1 KiB, 1 MiB, 20 MiB and 256 MiB. Transports alternate in blocks, so drifts of a
-shared machine hit both alike; every reply is checked (outside the timed region).
+"""Benchmark of the Python package against stock grpcio, side by side in one run, on Unix sockets.
 
-    python bench.py [--bin target/release/shmgrpc] [--sizes 1KiB,1MiB,20MiB,256MiB] [--json out.json]
+    python bench.py [--bin target/release/shmgrpc] [--sizes 1KiB,1MiB,20MiB,100MiB] [--array 1GiB]
+                    [--json ../docs/python-bench.json]
 
-Four lanes: stock grpcio, shmgrpc with ordinary messages, shmgrpc with the request payload written into a loan
-(``shmgrpc.loaned``), and the same with the reply's payload read in place (``views=``, a ``shmgrpc.View``). Prints a
-table and writes JSON: per size and lane the median, p90 and p99 in milliseconds, and the ratios stock / shmgrpc of
-the medians. Needs the demo service's stubs; they are generated into a temporary directory with grpcio-tools.
+Four parts, every reply checked outside the timed region, lanes alternating in blocks so that drifts of a shared
+machine hit all alike:
+
+- ``rust``: a Python client against ``shmgrpc serve`` (Rust). Lanes: stock grpcio; shmgrpc with ordinary messages
+  (the converted service: nothing else changed); with the request payload written into a loan
+  (``shmgrpc.loaned``); and with the reply read in place too (``views=``, a ``shmgrpc.View``).
+- ``python``: Python client and Python server (``tests/blob_server.py``). Stock grpcio against a stock grpcio
+  server; shmgrpc against the converted server; with loans and views on both sides (``--views``: the server reads
+  the request in place and echoes it without a copy).
+- ``array``: a float32 numpy array round trip (echo) of ``--array`` bytes, Python to Python: stock grpcio
+  (``tobytes`` in, ``frombuffer`` out) against shmgrpc with the array made in a loan and the reply read as an array
+  over the view (no copy). The producer's filling of the array is not timed in either lane.
+- ``latency``: p50/p99 of 1 KiB echoes on one channel while another thread of the same process echoes 256 MiB
+  messages on another channel (transparent path), against the same without the large echoes.
+
+Medians and percentiles in milliseconds, and the ratios stock / shmgrpc, go to stdout and to ``--json``.
 """
 
 from __future__ import annotations
@@ -21,15 +32,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+import numpy as np
 
 import shmgrpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+HERE = pathlib.Path(__file__).resolve().parent
 UNITS = {"KiB": 1024, "MiB": 1 << 20, "GiB": 1 << 30}
+ECHO = "/shmgrpc.demo.v1.Blob/Echo"
+BIG = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
 def parse_size(s: str) -> int:
@@ -56,9 +73,11 @@ def iterations(size: int) -> int:
         return 2000
     if size <= 4 << 20:
         return 300
-    if size <= 64 << 20:
+    if size <= 32 << 20:
         return 40
-    return 6
+    if size <= 128 << 20:
+        return 8
+    return 4
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -66,102 +85,270 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))]
 
 
+def summary(ts: list[float]) -> dict[str, float]:
+    ms = [t * 1e3 for t in ts]
+    return {"median_ms": statistics.median(ms), "p90_ms": pct(ms, 0.9), "p99_ms": pct(ms, 0.99)}
+
+
+class Servers:
+    """Server processes, stopped at the end."""
+
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, name: str, cmd: list[str]) -> str:
+        sock = f"unix:{self.tmp}/{name}.sock"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([self.tmp, str(HERE / "src")])}
+        args = [sock if c == "{sock}" else c for c in cmd]
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.startswith("{"), f"{name} did not start"
+        self.procs.append(p)
+        return sock
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+            p.wait()
+
+
+def run_lanes(
+    lanes: dict[str, Callable[[], Any]], check: Callable[[str, Any], None], n: int, blocks: int
+) -> dict[str, dict[str, float]]:
+    """Times each lane ``n`` times, in ``blocks`` interleaved blocks, after 3 warm-up calls each."""
+    for name, call in lanes.items():
+        for _ in range(3):
+            check(name, call())
+    times: dict[str, list[float]] = {k: [] for k in lanes}
+    per = max(1, n // blocks)
+    for _ in range(blocks):
+        for name, call in lanes.items():
+            for _ in range(per):
+                t = time.perf_counter()
+                r = call()
+                took = time.perf_counter() - t
+                check(name, r)
+                times[name].append(took)
+                del r
+    return {k: summary(v) for k, v in times.items()}
+
+
+def echo_lanes(blob: Any, stubs_: dict[str, Any], channels: dict[str, Any], data: bytes) -> dict[str, Any]:
+    msg = blob.Payload(data=data, crc32=0)
+
+    def loaned(ch: Any, stub: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            loan = ch.loan(len(data))
+            loan.view[:] = data  # timed: the producer's write, as with an ordinary message's construction
+            r = stub.Echo(shmgrpc.loaned(blob.Payload(crc32=0), "data", loan))
+            if isinstance(r, shmgrpc.View):
+                r.release()  # timed: the release is part of every call's cycle
+            return r
+
+        return call
+
+    return {
+        "grpcio": lambda: stubs_["grpcio"].Echo(msg),
+        "shmgrpc": lambda: stubs_["shmgrpc"].Echo(msg),
+        "shmgrpc+loan": loaned(channels["shmgrpc"], stubs_["shmgrpc"]),
+        "shmgrpc+loan+view": loaned(channels["viewing"], stubs_["viewing"]),
+    }
+
+
+def echo_part(
+    title: str, blob: Any, blob_grpc: Any, targets: dict[str, str], sizes: list[int], blocks: int
+) -> list[dict[str, Any]]:
+    stock = grpc.insecure_channel(targets["grpcio"], options=[("grpc.default_authority", "localhost"), *BIG])
+    shm = shmgrpc.insecure_channel(targets["shmgrpc"])
+    viewing = shmgrpc.insecure_channel(targets["viewing"], views={ECHO: "data"})
+    assert shm.is_shared_memory() and viewing.is_shared_memory(), (shm.fallback(), viewing.fallback())
+    channels = {"shmgrpc": shm, "viewing": viewing}
+    stubs_ = {"grpcio": blob_grpc.BlobStub(stock), "shmgrpc": blob_grpc.BlobStub(shm)}
+    stubs_["viewing"] = blob_grpc.BlobStub(viewing)
+    rows = []
+    for size in sizes:
+        data = os.urandom(size)
+
+        def check(name: str, r: Any, data: bytes = data) -> None:
+            if isinstance(r, shmgrpc.View):
+                return  # released inside the timed call; checked by the test suite
+            if r.data != data:
+                raise SystemExit(f"{title} {name}: the reply differs from the request")
+
+        res = run_lanes(echo_lanes(blob, stubs_, channels, data), check, iterations(size), blocks)
+        row: dict[str, Any] = {"size": size, "calls": iterations(size) // blocks * blocks, **res}
+        g = res["grpcio"]["median_ms"]
+        for lane in ("shmgrpc", "shmgrpc+loan", "shmgrpc+loan+view"):
+            row[f"speedup {lane}"] = g / res[lane]["median_ms"]
+        rows.append(row)
+        print(
+            f"{title:>6} {size:>10} B  grpcio {g:9.3f}  "
+            + "  ".join(f"{k} {res[k]['median_ms']:8.3f} (x{row[f'speedup {k}']:.1f})" for k in list(res)[1:])
+            + f"  ms median; {row['calls']} calls",
+            flush=True,
+        )
+    for ch in (stock, shm, viewing):
+        ch.close()
+    return rows
+
+
+def array_part(blob: Any, blob_grpc: Any, targets: dict[str, str], nbytes: int) -> dict[str, Any]:
+    n = nbytes // 4
+    stock = grpc.insecure_channel(targets["grpcio"], options=[("grpc.default_authority", "localhost"), *BIG])
+    viewing = shmgrpc.insecure_channel(targets["viewing"], views={ECHO: "data"})
+    assert viewing.is_shared_memory(), viewing.fallback()
+    s_stub, v_stub = blob_grpc.BlobStub(stock), blob_grpc.BlobStub(viewing)
+    arr = np.arange(n, dtype=np.float32)
+
+    def stock_call() -> float:
+        reply = s_stub.Echo(blob.Payload(data=arr.tobytes()))
+        out = np.frombuffer(reply.data, dtype=np.float32)
+        return float(out[-1])
+
+    def shm_call() -> float:
+        t = time.perf_counter()
+        loan = viewing.loan(nbytes)
+        a = np.ndarray((n,), np.float32, buffer=loan)
+        # The producer computes into `a` in place here (not timed: the stock lane's array exists already).
+        del a
+        view = v_stub.Echo(shmgrpc.loaned(blob.Payload(), "data", loan))
+        out = np.frombuffer(view.data, dtype=np.float32)
+        assert out.shape == (n,)
+        del out
+        view.release()
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {"grpcio": [], "shmgrpc+loan+view": []}
+    shm_call()  # warm-up
+    for _ in range(3):
+        t = time.perf_counter()
+        stock_call()
+        times["grpcio"].append(time.perf_counter() - t)
+        times["shmgrpc+loan+view"].append(shm_call())
+    res = {k: summary(v) for k, v in times.items()}
+    speedup = res["grpcio"]["median_ms"] / res["shmgrpc+loan+view"]["median_ms"]
+    print(
+        f" array {nbytes:>10} B  grpcio {res['grpcio']['median_ms']:9.1f}  loan+view "
+        f"{res['shmgrpc+loan+view']['median_ms']:8.3f} ms median (x{speedup:.0f}); 3 calls",
+        flush=True,
+    )
+    stock.close()
+    viewing.close()
+    return {"bytes": nbytes, "calls": 3, **res, "speedup": speedup}
+
+
+def latency_part(blob: Any, blob_grpc: Any, target: str, seconds: float) -> dict[str, Any]:
+    small_ch = shmgrpc.insecure_channel(target)
+    small = blob_grpc.BlobStub(small_ch)
+    tiny = blob.Payload(data=os.urandom(1024))
+    size = 256 << 20
+    payload = os.urandom(size)
+
+    def smalls(duration: float) -> list[float]:
+        ts = []
+        end = time.perf_counter() + duration
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            small.Echo(tiny)
+            ts.append(time.perf_counter() - t)
+        return ts
+
+    def loaded(big_echo: Callable[[], None]) -> tuple[list[float], int]:
+        stop = threading.Event()
+        count = 0
+
+        def load() -> None:
+            nonlocal count
+            while not stop.is_set():
+                big_echo()
+                count += 1
+
+        t = threading.Thread(target=load)
+        t.start()
+        time.sleep(0.2)
+        ts = smalls(seconds)
+        stop.set()
+        t.join()
+        return ts, count
+
+    transparent_ch = shmgrpc.insecure_channel(target)
+    transparent = blob_grpc.BlobStub(transparent_ch)
+    large = blob.Payload(data=payload)
+    viewing_ch = shmgrpc.insecure_channel(target, views={ECHO: "data"})
+    viewing = blob_grpc.BlobStub(viewing_ch)
+
+    def echo_in_place() -> None:
+        loan = viewing_ch.loan(size)
+        view = viewing.Echo(shmgrpc.loaned(blob.Payload(), "data", loan))
+        view.release()
+
+    res: dict[str, Any] = {"quiet": summary(smalls(seconds))}
+    for name, big_echo in (
+        ("while_256MiB_loan_view_echoes", echo_in_place),
+        ("while_256MiB_transparent_echoes", lambda: transparent.Echo(large)),
+    ):
+        ts, count = loaded(big_echo)
+        res[name] = {**summary(ts), "calls": len(ts), "large_echoes": count}
+    print(
+        "latency 1 KiB p50/p99: " + "; ".join(f"{k} {v['median_ms']:.3f}/{v['p99_ms']:.3f} ms" for k, v in res.items()),
+        flush=True,
+    )
+    for ch in (small_ch, transparent_ch, viewing_ch):
+        ch.close()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "shmgrpc"))
-    ap.add_argument("--sizes", default="1KiB,1MiB,20MiB,256MiB")
+    ap.add_argument("--sizes", default="1KiB,1MiB,20MiB,100MiB")
+    ap.add_argument("--array", default="1GiB")
+    ap.add_argument("--latency-seconds", type=float, default=5.0)
+    ap.add_argument("--parts", default="rust,python,array,latency")
     ap.add_argument("--json", default=None)
     ap.add_argument("--blocks", type=int, default=4)
     a = ap.parse_args()
     if not os.path.exists(a.bin):
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "shmgrpc-cli"], cwd=ROOT, check=True)
+    parts = set(a.parts.split(","))
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "grpcio": grpc.__version__,
+        "numpy": np.__version__,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         blob, blob_grpc = stubs(tmp)
-        sock = f"unix:{tmp}/bench.sock"
-        server = subprocess.Popen([a.bin, "serve", "--listen", sock], stdout=subprocess.PIPE, text=True)
+        servers = Servers(tmp)
         try:
-            assert server.stdout is not None
-            json.loads(server.stdout.readline())
-            big = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-            stock = grpc.insecure_channel(sock, options=[("grpc.default_authority", "localhost"), *big])
-            shm = shmgrpc.insecure_channel(sock)
-            viewing = shmgrpc.insecure_channel(sock, views={"/shmgrpc.demo.v1.Blob/Echo": "data"})
-            assert shm.is_shared_memory() and viewing.is_shared_memory(), shm.fallback()
-            lanes = {
-                "grpcio": blob_grpc.BlobStub(stock),
-                "shmgrpc": blob_grpc.BlobStub(shm),
-                "shmgrpc+loan": blob_grpc.BlobStub(shm),
-                "shmgrpc+loan+view": blob_grpc.BlobStub(viewing),
-            }
-
-            def echo(name: str, stub: Any, msg: Any, data: bytes) -> Any:
-                if name in ("grpcio", "shmgrpc"):
-                    return stub.Echo(msg)
-                # The request payload is written into a loan (timed: it is the copy a producer makes anyway) and
-                # sent in place; the reply is parsed as usual, or read in place (a View).
-                ch = shm if name == "shmgrpc+loan" else viewing
-                loan = ch.loan(len(data))
-                loan.view[:] = data
-                return stub.Echo(shmgrpc.loaned(blob.Payload(crc32=0), "data", loan))
-
-            results = []
-            for size in [parse_size(s) for s in a.sizes.split(",")]:
-                data = os.urandom(size)
-                msg = blob.Payload(data=data, crc32=0)
-                times: dict[str, list[float]] = {k: [] for k in lanes}
-                for name, stub in lanes.items():
-                    for _ in range(3):  # warm-up: connections, first buffers, mappings
-                        r = echo(name, stub, msg, data)
-                        if isinstance(r, shmgrpc.View):
-                            r.release()
-                n = max(1, iterations(size) // a.blocks)
-                for _ in range(a.blocks):
-                    for name, stub in lanes.items():
-                        for _ in range(n):
-                            t = time.perf_counter()
-                            r = echo(name, stub, msg, data)
-                            took = time.perf_counter() - t
-                            if r.data != data:
-                                raise SystemExit(f"{name}: the reply differs from the request")
-                            if isinstance(r, shmgrpc.View):
-                                t = time.perf_counter()
-                                r.release()  # timed: the release is part of every call's cycle
-                                took += time.perf_counter() - t
-                            times[name].append(took)
-                            del r
-                row: dict[str, Any] = {"size": size, "calls": n * a.blocks}
-                for name, ts in times.items():
-                    ms = [t * 1e3 for t in ts]
-                    row[name] = {"median_ms": statistics.median(ms), "p90_ms": pct(ms, 0.9), "p99_ms": pct(ms, 0.99)}
-                row["speedup"] = row["grpcio"]["median_ms"] / row["shmgrpc"]["median_ms"]
-                row["speedup_loan"] = row["grpcio"]["median_ms"] / row["shmgrpc+loan"]["median_ms"]
-                row["speedup_loan_view"] = row["grpcio"]["median_ms"] / row["shmgrpc+loan+view"]["median_ms"]
-                results.append(row)
-                g, s_, lo, lv = row["grpcio"], row["shmgrpc"], row["shmgrpc+loan"], row["shmgrpc+loan+view"]
-                print(
-                    f"{size:>11} B  grpcio {g['median_ms']:9.3f}"
-                    f"  shmgrpc {s_['median_ms']:9.3f} (x{row['speedup']:.2f})"
-                    f"  +loan {lo['median_ms']:9.3f} (x{row['speedup_loan']:.2f})"
-                    f"  +view {lv['median_ms']:9.3f} (x{row['speedup_loan_view']:.2f}) ms median;"
-                    f"  p99 {g['p99_ms']:.3f} / {s_['p99_ms']:.3f} / {lo['p99_ms']:.3f} / {lv['p99_ms']:.3f} ms;"
-                    f" {n * a.blocks} calls",
-                    flush=True,
-                )
-            report = {
-                "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
-                "grpcio": grpc.__version__,
-                "server": "shmgrpc serve (Rust, release)",
-                "results": results,
-                "shmgrpc_stats": shm.stats(),
-            }
-            if a.json:
-                pathlib.Path(a.json).write_text(json.dumps(report, indent=2))
-            shm.close()
-            viewing.close()
-            stock.close()
+            py = [sys.executable, str(HERE / "tests" / "blob_server.py"), "{sock}"]
+            rust = servers.start("rust", [a.bin, "serve", "--listen", "{sock}"])
+            if "rust" in parts:
+                targets = {"grpcio": rust, "shmgrpc": rust, "viewing": rust}
+                report["rust"] = echo_part("rust", blob, blob_grpc, targets, sizes, a.blocks)
+            if "python" in parts or "array" in parts:
+                plain = servers.start("py-plain", [*py, "--plain"])
+                converted = servers.start("py-shm", py)
+                views = servers.start("py-views", [*py, "--views"])
+                targets = {"grpcio": plain, "shmgrpc": converted, "viewing": views}
+                if "python" in parts:
+                    report["python"] = echo_part("python", blob, blob_grpc, targets, sizes, a.blocks)
+                if "array" in parts:
+                    report["array"] = array_part(blob, blob_grpc, targets, parse_size(a.array))
+            if "latency" in parts:
+                report["latency"] = latency_part(blob, blob_grpc, rust, a.latency_seconds)
         finally:
-            server.terminate()
-            server.wait()
+            servers.stop()
+    report["shmgrpc_stats"] = shmgrpc.stats()
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The demo blob service in Python (for the interop tests): ``blob_server.py ADDRESS [--plain] [--aio]``.
+"""The demo blob service in Python (for the interop tests and bench.py): ``blob_server.py ADDRESS [--plain] [--aio]
+[--views]``.
 
 Prints one JSON readiness line on stdout, like ``shmgrpc serve``; stops on SIGTERM. ``--aio`` serves it with
-``shmgrpc.aio.server`` (async handlers).
+``shmgrpc.aio.server`` (async handlers); ``--views`` reads the payload of Echo and Upload requests in place (a
+``shmgrpc.View``) and echoes it back without a copy.
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ class Blob(blob_pb2_grpc.BlobServicer):  # type: ignore[misc]
         yield from requests
 
 
+ECHO, UPLOAD = "/shmgrpc.demo.v1.Blob/Echo", "/shmgrpc.demo.v1.Blob/Upload"
+
+
+class ViewBlob(Blob):
+    """Echo and Upload get a ``shmgrpc.View`` of the request's payload: read, and echoed, in place."""
+
+    def Echo(self, request: Any, context: Any) -> Any:
+        return shmgrpc.loaned(request.message, "data", request)
+
+    def Upload(self, request: Any, context: Any) -> Any:
+        with request:
+            return blob_pb2.Digest(len=len(request.data), crc32=zlib.crc32(request.data))
+
+
 class AioBlob(blob_pb2_grpc.BlobServicer):  # type: ignore[misc]
     """The same service with async handlers."""
 
@@ -108,8 +124,13 @@ def main() -> None:
     plain = "--plain" in sys.argv
     pool = futures.ThreadPoolExecutor(8)
     big = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    server: Any = grpc.server(pool, options=big) if plain else shmgrpc.server(pool)
-    blob_pb2_grpc.add_BlobServicer_to_server(Blob(), server)
+    views = "--views" in sys.argv
+    server: Any = (
+        grpc.server(pool, options=big)
+        if plain
+        else shmgrpc.server(pool, views={ECHO: "data", UPLOAD: "data"} if views else None)
+    )
+    blob_pb2_grpc.add_BlobServicer_to_server(ViewBlob() if views else Blob(), server)
     server.add_insecure_port(address)
     server.start()
     side = None if plain else server.side_channel_path

@@ -24,7 +24,8 @@ pub(crate) struct ServeArgs {
     /// directory.
     #[arg(long)]
     side_channel: Option<std::path::PathBuf>,
-    /// Also accept sessions from this uid (the server's own uid and root always are). Repeat for several.
+    /// Accept sessions from this uid; repeat for several. The list replaces the default set (the server's own uid
+    /// and root), as `ServerConfig::allowed_uids` and Python's `allowed_uids=` do: list your own uid to keep it.
     #[arg(long)]
     allow_uid: Vec<u32>,
     /// Byte budget of the server's pool (for example 512MiB; default 4 GiB, or half the memory limit of the
@@ -137,8 +138,7 @@ pub(crate) async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         config = config.side_channel_beside(sock);
     }
     if !a.allow_uid.is_empty() {
-        let me = rustix::process::getuid().as_raw();
-        config = config.allowed_uids(a.allow_uid.iter().copied().chain([me, 0]));
+        config = config.allowed_uids(a.allow_uid.iter().copied());
     }
     let shm = if a.plain { None } else { Some(ShmServer::new(config)?) };
     let layer = shm.as_ref().map(|s| s.layer());

@@ -390,7 +390,7 @@ impl Session {
     /// A buffer of `n` bytes to write a payload into and send without a copy (ordinary memory when the pool has no
     /// room or the session is closed).
     fn loan(&self, py: Python<'_>, n: usize) -> Loan {
-        Loan::new(py.detach(|| self.0.loan(n)))
+        Loan::new(py.detach(|| self.0.loan(n + LOAN_HEADROOM)), LOAN_HEADROOM)
     }
 
     /// Encodes the serialized message `items` (buffers, `Loan`s and `Piece`s, concatenated) for the peer: returns
@@ -404,9 +404,20 @@ impl Session {
             Buffer(usize),
         }
         let mut order = Vec::with_capacity(items.len());
-        for item in &items {
+        // A loaned message (its head, then the loan): the head goes into the loan's headroom, and the message is
+        // one region of the loan.
+        let mut rest: &[Bound<'_, PyAny>] = &items;
+        if let [head, loan] = &items[..]
+            && let (Ok(head), Ok(loan)) = (head.cast::<PyBytes>(), loan.cast::<Loan>())
+            && head.as_bytes().len() <= loan.get().headroom
+        {
+            kept.push(loan.get().freeze(Some(head.as_bytes()))?);
+            order.push(Src::Kept(0));
+            rest = &[];
+        }
+        for item in rest {
             if let Ok(loan) = item.cast::<Loan>() {
-                kept.push(loan.get().freeze()?);
+                kept.push(loan.get().freeze(None)?);
                 order.push(Src::Kept(kept.len() - 1));
             } else if let Ok(piece) = item.cast::<Piece>() {
                 kept.push(piece.get().0.clone());
@@ -768,27 +779,49 @@ struct Loan {
     /// The payload's address and length, fixed for the loan's life (sending does not move it).
     addr: usize,
     len: usize,
+    /// Bytes of the buffer before the payload: the message's other fields and the field's key and length are
+    /// written there when it is sent, so that the whole message is one region (the receiver parses it in place).
+    headroom: usize,
     shared: bool,
     exports: AtomicUsize,
 }
 
+/// Headroom of a session's loans (see [`Loan::headroom`]).
+const LOAN_HEADROOM: usize = 64;
+
 impl Loan {
-    fn new(mut loan: shmgrpc::Loan) -> Loan {
-        let (addr, len, shared) = (loan.as_mut_ptr() as usize, loan.len(), loan.is_shared());
-        Loan { state: Mutex::new(LoanState::Open(loan)), addr, len, shared, exports: AtomicUsize::new(0) }
+    /// A loan whose payload starts `headroom` bytes into `loan`.
+    fn new(mut loan: shmgrpc::Loan, headroom: usize) -> Loan {
+        let headroom = headroom.min(loan.len());
+        let (base, total, shared) = (loan.as_mut_ptr() as usize, loan.len(), loan.is_shared());
+        Loan {
+            state: Mutex::new(LoanState::Open(loan)),
+            addr: base + headroom,
+            len: total - headroom,
+            headroom,
+            shared,
+            exports: AtomicUsize::new(0),
+        }
     }
 
-    /// The `Bytes` to send: the loan's memory, frozen. The loan keeps them only while exports live.
-    fn freeze(&self) -> PyResult<Bytes> {
+    /// The `Bytes` to send: the payload, frozen, preceded by `head` when it fits the headroom (written there
+    /// first). The loan keeps them only while exports live.
+    fn freeze(&self, head: Option<&[u8]>) -> PyResult<Bytes> {
         let mut state = lock(&self.state);
         match std::mem::replace(&mut *state, LoanState::Released) {
-            LoanState::Open(loan) => {
-                let bytes = loan.freeze();
-                let exported = self.exports.load(Ordering::Acquire) > 0;
-                *state = LoanState::Sent(exported.then(|| bytes.clone()));
-                if bytes.as_ptr() as usize != self.addr {
+            LoanState::Open(mut loan) => {
+                let k = head.filter(|h| h.len() <= self.headroom).map_or(0, |h| {
+                    loan[self.headroom - h.len()..self.headroom].copy_from_slice(h);
+                    h.len()
+                });
+                let whole = loan.freeze();
+                if whole.as_ptr() as usize + self.headroom != self.addr {
+                    *state = LoanState::Released;
                     return Err(PyValueError::new_err("the loan's memory moved"));
                 }
+                let bytes = whole.slice(self.headroom - k..self.headroom + self.len);
+                let exported = self.exports.load(Ordering::Acquire) > 0;
+                *state = LoanState::Sent(exported.then(|| bytes.clone()));
                 Ok(bytes)
             }
             sent @ LoanState::Sent(_) => {
@@ -848,7 +881,7 @@ impl Loan {
 
     /// Sends the loan inline: a copy of its bytes (made without the GIL), after which it counts as sent.
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = self.freeze()?;
+        let bytes = self.freeze(None)?;
         copy_out(py, &[bytes])
     }
 
@@ -860,7 +893,7 @@ impl Loan {
             LoanState::Released
         } else {
             match std::mem::replace(&mut *state, LoanState::Released) {
-                LoanState::Open(l) => LoanState::Sent(Some(l.freeze())),
+                LoanState::Open(l) => LoanState::Sent(Some(l.freeze())), // the exports keep the memory
                 other => other,
             }
         };
@@ -913,7 +946,7 @@ fn constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// A loan of `n` bytes of ordinary memory (for a channel without a session).
 #[pyfunction]
 fn heap_loan(n: usize) -> Loan {
-    Loan::new(embed::heap_loan(n))
+    Loan::new(embed::heap_loan(n), 0)
 }
 
 /// Whether `data` is a reference rather than an inline message.

@@ -24,10 +24,12 @@ from .server import ShmServer, loan, server
 from .stats import Fallback, stats
 
 
-def loaned(message: Any, field: str, loan: Loan) -> Loaned:
+def loaned(message: Any, field: str, loan: Loan | View) -> Loaned:
     """
-    ``message`` with its ``bytes`` field ``field`` (left unset) carried by ``loan``: pass it to a stub in place
-    of the message, and the loan's bytes go out in place (no copy through shared memory).
+    ``message`` with its ``bytes`` field ``field`` (left unset) carried by ``loan``: pass it to a stub (or return
+    it from a handler) in place of the message, and the loan's bytes go out in place (no copy through shared
+    memory). A received :class:`View` works too: its bytes go back to their sender in place (an echo or a forward
+    without a copy).
     """
     return Loaned(message, field, loan)
 

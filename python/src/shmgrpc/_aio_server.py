@@ -49,9 +49,11 @@ class AioShmServer:
         side_channel: str | None,
         allowed_uids: Sequence[int] | None,
         budget: int | None,
+        views: dict[str, str] | None = None,
     ) -> None:
         self._inner = inner
         self.threshold = threshold
+        self._views = dict(views or {})
         self._shm = _core.Server(
             threshold=threshold,
             side_channel=side_channel,
@@ -86,7 +88,10 @@ class AioShmServer:
         """See ``grpc.aio.Server.add_registered_method_handlers``."""
         add = getattr(self._inner, "add_registered_method_handlers", None)
         if add is not None:
-            add(service_name, {name: _wrap_aio(self, h) for name, h in method_handlers.items()})
+            add(
+                service_name,
+                {name: _wrap_aio(self, h, f"/{service_name}/{name}") for name, h in method_handlers.items()},
+            )
 
     def add_insecure_port(self, address: str) -> int:
         """See ``grpc.aio.Server.add_insecure_port``."""
@@ -140,21 +145,24 @@ class _AioGeneric(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         h = self._inner.service(handler_call_details)
-        return _wrap_aio(self._server, h) if h is not None else None
+        return _wrap_aio(self._server, h, handler_call_details.method) if h is not None else None
 
 
-def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None = None) -> grpc.RpcMethodHandler:
     """The method with shmgrpc's decoding and encoding around it, nothing of it waiting on the event loop."""
     if _is_ours(h):
         return h
     core, counters, threshold = server._shm, server._counters, server.threshold
     de, ser = h.request_deserializer, h.response_serializer
+    field = server._views.get(method) if method is not None else None
+    if field is not None and de is not None:
+        de = _codec.ViewOf(de, field)
     behaviour = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
     if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
         # A synchronous handler (run on the server's migration thread pool): the thread server's wrapper.
         from .server import _wrap
 
-        return _wrap(server, h)  # type: ignore[arg-type]
+        return _wrap(server, h, method)  # type: ignore[arg-type]
 
     def deserialize(data: bytes) -> Any:
         if _core.is_reference(data) and core.needs_wait(data):
@@ -271,6 +279,7 @@ def server(
     side_channel: str | None = None,
     allowed_uids: Sequence[int] | None = None,
     budget: int | None = None,
+    views: dict[str, str] | None = None,
 ) -> AioShmServer:
     """
     Like ``grpc.aio.server``, with shmgrpc; the same options as :func:`shmgrpc.server`. ``interceptors`` see every
@@ -290,7 +299,14 @@ def server(
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         compression=compression,
     )
-    s = AioShmServer(inner, threshold=threshold, side_channel=side_channel, allowed_uids=allowed_uids, budget=budget)
+    s = AioShmServer(
+        inner,
+        threshold=threshold,
+        side_channel=side_channel,
+        allowed_uids=allowed_uids,
+        budget=budget,
+        views=views,
+    )
     holder.append(s)
     if handlers:
         s.add_generic_rpc_handlers(handlers)

@@ -42,9 +42,13 @@ def _varint(n: int) -> bytes:
 
 
 class Loaned:
-    """A message whose ``bytes`` field ``field`` is a :class:`Loan` (built by :func:`shmgrpc.loaned`)."""
+    """
+    A message whose ``bytes`` field ``field`` is carried by a :class:`Loan`, or by a received :class:`View`
+    (built by :func:`shmgrpc.loaned`). A view's bytes in the peer's memory go back to it in place (a ``receiver``
+    part: an echo or a forward without a copy).
+    """
 
-    def __init__(self, message: Any, field: str, loan: Loan) -> None:
+    def __init__(self, message: Any, field: str, loan: Loan | View) -> None:
         desc = message.DESCRIPTOR.fields_by_name.get(field)
         if desc is None or desc.type != desc.TYPE_BYTES:
             raise ValueError(f"{field} is not a bytes field of {message.DESCRIPTOR.full_name}")
@@ -61,7 +65,7 @@ class Loaned:
 
 
 def _check_loan(message: Any) -> None:
-    if isinstance(message, Loaned) and message.loan.sent:
+    if isinstance(message, Loaned) and isinstance(message.loan, Loan) and message.loan.sent:
         raise ValueError("a loan is sent once")
 
 
@@ -71,7 +75,10 @@ def prepare(message: Any, serialize: Callable[[Any], bytes] | None, session: Ses
     large ``bytes`` fields as their own values (see :func:`_split`); else the serialized message.
     """
     if isinstance(message, Loaned):
-        return [message.head(serialize), message.loan]
+        carrier = message.loan
+        if isinstance(carrier, View):
+            return [message.head(serialize), carrier._piece if carrier._piece is not None else carrier.data]
+        return [message.head(serialize), carrier]
     if session is not None:
         split = _split(message, serialize)
         if split is not None:
@@ -199,8 +206,12 @@ def _inline(items: list[Any]) -> bytes:
     """The message's bytes (a loan's are copied without the GIL, and the loan counts as sent)."""
     if len(items) == 1:
         return items[0] if isinstance(items[0], bytes) else bytes(items[0])
-    head, loan = items
-    return bytes(head) + loan.take()
+    head, carrier = items
+    if isinstance(carrier, Loan):
+        return bytes(head) + carrier.take()
+    if isinstance(carrier, Piece):
+        return bytes(head) + carrier.tobytes()
+    return bytes(head) + bytes(carrier)
 
 
 def settle(out: Any) -> bytes:
@@ -293,6 +304,9 @@ class View:
     def shared(self) -> bool:
         """Whether :attr:`data` lies in shared memory."""
         return self._piece is not None
+
+    def __len__(self) -> int:
+        return len(self.data)
 
     def release(self) -> None:
         """Lets the sender reuse its buffer once no array made from :attr:`data` lives (idempotent)."""

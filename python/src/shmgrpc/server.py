@@ -75,9 +75,11 @@ class ShmServer:
         side_channel: str | None = None,
         allowed_uids: Sequence[int] | None = None,
         budget: int | None = None,
+        views: dict[str, str] | None = None,
     ) -> None:
         self._inner = inner
         self.threshold = threshold
+        self._views = dict(views or {})
         self._shm = _core.Server(
             threshold=threshold,
             side_channel=side_channel,
@@ -116,7 +118,7 @@ class ShmServer:
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
         """See ``grpc.Server.add_registered_method_handlers``."""
-        wrapped = {name: _wrap(self, h) for name, h in method_handlers.items()}
+        wrapped = {name: _wrap(self, h, f"/{service_name}/{name}") for name, h in method_handlers.items()}
         add = getattr(self._inner, "add_registered_method_handlers", None)
         if add is not None:
             add(service_name, wrapped)
@@ -180,15 +182,21 @@ class _Generic(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         h = self._inner.service(handler_call_details)
-        return _wrap(self._server, h) if h is not None else None
+        return _wrap(self._server, h, handler_call_details.method) if h is not None else None
 
 
-def _wrap(server: ShmServer, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """The same method with shmgrpc's request decoding and response encoding around its (de)serializers."""
+def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None) -> grpc.RpcMethodHandler:
+    """
+    The same method with shmgrpc's request decoding and response encoding around its (de)serializers; for a method
+    named in the server's ``views``, the handler gets a :class:`shmgrpc.View` of the request.
+    """
     if _is_ours(h):
         return h
     core, counters, threshold = server._shm, server._counters, server.threshold
     de = h.request_deserializer
+    field = server._views.get(method) if method is not None else None
+    if field is not None and de is not None:
+        de = _codec.ViewOf(de, field)
     ser = h.response_serializer
 
     def receive(data: bytes) -> _core.Received:
@@ -270,14 +278,17 @@ def server(
     side_channel: str | None = None,
     allowed_uids: Sequence[int] | None = None,
     budget: int | None = None,
+    views: dict[str, str] | None = None,
 ) -> ShmServer:
     """
     Like ``grpc.server``, with shmgrpc: discovery, the side channel (at ``side_channel``: a path, mode 0600, or
     ``@name`` for an abstract socket; a fresh path in the temporary directory by default) and references both ways.
     Sessions are opened for the uids in ``allowed_uids``, which *replaces* the default set (the server's own uid
     and root), as ``ServerConfig::allowed_uids`` does in Rust. ``budget`` bounds the pool responses are written into
-    (default: 4 GiB, or half the cgroup's memory limit when that is less). Message size limits are lifted (``-1``)
-    unless ``options`` set them.
+    (default: 4 GiB, or half the cgroup's memory limit when that is less). ``views`` maps full method names to a
+    singular ``bytes`` field of the request: those handlers get a :class:`shmgrpc.View` (the field in place in the
+    client's memory, the other fields in ``.message``), and ``shmgrpc.loaned(reply, field, view)`` sends it back
+    without a copy. Message size limits are lifted (``-1``) unless ``options`` set them.
     """
     opts = list(options or ())
     names = {k for k, _ in opts}
@@ -293,7 +304,9 @@ def server(
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         compression=compression,
     )
-    s = ShmServer(inner, threshold=threshold, side_channel=side_channel, allowed_uids=allowed_uids, budget=budget)
+    s = ShmServer(
+        inner, threshold=threshold, side_channel=side_channel, allowed_uids=allowed_uids, budget=budget, views=views
+    )
     holder.append(s)
     if handlers:
         s.add_generic_rpc_handlers(handlers)
