@@ -1,8 +1,9 @@
 //! The `shmgrpc` command: `bench` (shmgrpc against plain gRPC, side by side), `serve` / `call` (the demo blob
-//! service), `pool-demo` (the pool alone between two processes), and `ls` / `gc` for this machine's shmgrpc
-//! segments (our `ipcs` / `ipcrm`).
+//! service), `pool-demo` (the pool alone between two processes), `ls` / `gc` for this machine's shmgrpc segments
+//! (our `ipcs` / `ipcrm`), and `conformance` (the protocol's conformance suite against a server).
 
 mod bench;
+mod conformance;
 mod grpc;
 mod plot;
 mod pool_demo;
@@ -34,6 +35,8 @@ enum Command {
     Ls(segments::LsArgs),
     /// Remove segments whose creator is dead.
     Gc(segments::GcArgs),
+    /// Check a server against the protocol (docs/protocol.md), rule by rule: the conformance suite.
+    Conformance(conformance::Args),
 }
 
 #[tokio::main]
@@ -50,5 +53,6 @@ async fn main() -> anyhow::Result<()> {
         Command::PoolDemoChild(a) => pool_demo::child(a),
         Command::Ls(a) => segments::ls(a),
         Command::Gc(a) => segments::gc(a),
+        Command::Conformance(a) => conformance::run(a).await,
     }
 }

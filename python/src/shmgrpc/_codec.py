@@ -379,8 +379,7 @@ def decode(
     """One incoming message (inline or a reference) parsed with ``parse`` (a :class:`ViewOf` gives a view)."""
     if not _core.is_reference(data):
         if isinstance(parse, ViewOf):
-            counters.inline_received(len(data))
-            return parse.inline(data)
+            return parse_inline(data, parse.inline, counters)
         return parse_inline(data, parse, counters)
     r = receive(data)
     if isinstance(parse, ViewOf):

@@ -1,0 +1,27 @@
+//! The protocol's conformance suite (`conformance/`) against `shmgrpc serve`, through the CLI a third
+//! implementation would use (`shmgrpc conformance --target ... --json`): every case passes. The Python servers run
+//! the same suite in `python/tests/test_conformance.py`.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn shmgrpc_serve_passes_every_conformance_case() {
+    let srv = common::serve_blocking(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_shmgrpc"))
+        .args(["conformance", "--json", "--target", &srv.unix])
+        .output()
+        .expect("shmgrpc conformance runs");
+    let lines = common::json_lines(&out.stdout);
+    let failed: Vec<_> = lines.iter().filter(|l| l["passed"] != true).collect();
+    assert!(failed.is_empty(), "failed cases: {failed:#?}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = Command::new(env!("CARGO_BIN_EXE_shmgrpc")).args(["conformance", "--list"]).output().unwrap();
+    let cases = String::from_utf8_lossy(&listed.stdout).lines().count();
+    assert_eq!(lines.len(), cases, "every case ran");
+    assert!(cases >= 40, "{cases} cases");
+    for l in &lines {
+        assert!(l["section"].as_str().is_some_and(|s| s.starts_with('§')), "a case without its section: {l}");
+    }
+}
