@@ -164,6 +164,19 @@ pub(crate) fn all() -> Vec<Case> {
         ),
         case!(
             "§5",
+            "register.segment-cap",
+            "Limits: a server refuses registrations beyond its cap of segments per session (shmgrpc: 4 096); the \
+             session goes on",
+            register_segment_cap
+        ),
+        case!(
+            "§5",
+            "register.bytes-cap",
+            "Limits: a segment beyond the server's cap of bytes per session (shmgrpc: 64 GiB, real size) is refused",
+            register_bytes_cap
+        ),
+        case!(
+            "§5",
             "forget.final",
             "After Forget an id is never mapped again, and a reference to it fails at once with INVALID_ARGUMENT",
             forget_final
@@ -191,6 +204,12 @@ pub(crate) fn all() -> Vec<Case> {
             "reference.unregistered",
             "A reference to a segment never registered: INVALID_ARGUMENT (after at most 2 s)",
             reference_unregistered
+        ),
+        case!(
+            "§9",
+            "reference.closed-while-held",
+            "The session closes while a reference waits for its registration: FAILED_PRECONDITION",
+            reference_closed_while_held
         ),
         case!(
             "§9",
@@ -632,6 +651,44 @@ async fn reference_held_back(t: Target) -> Result<(), String> {
     let reply = call.await.map_err(|e| e.to_string())?.map_err(|st| format!("the held-back call failed: {st}"))?;
     let got = resolve_in(&s, &reply, 5, &body).await?;
     same_payload(&got, &body)
+}
+
+async fn register_segment_cap(t: Target) -> Result<(), String> {
+    let s = t.session().await?;
+    let fd = sealed_memfd(4096, b"")?;
+    let mut refused_at = None;
+    for id in 1..=5000u32 {
+        let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).map_err(|e| e.to_string())?;
+        if !s.register(id, 4096, None, Some(dup)).await?.is_empty() {
+            refused_at = Some(id);
+            break;
+        }
+    }
+    let at = refused_at.ok_or("5 000 segments were all accepted")?;
+    ensure(at > 16, || format!("refused the {at}th segment already"))?;
+    // Still a session: the next answer comes.
+    s.register(1, 4096, None, Some(sealed_memfd(4096, b"")?)).await.map(drop)
+}
+
+async fn register_bytes_cap(t: Target) -> Result<(), String> {
+    let s = t.session().await?;
+    // Sparse: it costs no memory, only the receiver's caps.
+    let big = sealed_memfd((64 << 30) + 4096, b"")?;
+    let e = s.register(1, 4096, None, Some(big)).await?;
+    ensure(!e.is_empty(), || "a segment of 64 GiB and a page was accepted".into())?;
+    let e = s.register(2, 4096, None, Some(sealed_memfd(4096, b"")?)).await?;
+    ensure(e.is_empty(), || format!("a small segment after it was refused: {e}"))
+}
+
+async fn reference_closed_while_held(t: Target) -> Result<(), String> {
+    let s = t.session().await?;
+    let r = reference(&s.id, false, vec![sender(7, 1, 0, 16)]);
+    let (t2, id) = (t.clone(), s.id);
+    let call = tokio::spawn(async move { t2.call(ECHO, r, Some(&id)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = s.side.0.shutdown(std::net::Shutdown::Both);
+    let got = call.await.map_err(|e| e.to_string())?;
+    code_is(got, tonic::Code::FailedPrecondition)
 }
 
 async fn reference_unregistered(t: Target) -> Result<(), String> {
