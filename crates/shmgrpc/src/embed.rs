@@ -567,6 +567,11 @@ fn receive(message: &[u8], side: Side, wait: bool) -> Result<Received, Status> {
         let _ = block_on_io(async move { until(&notify, REGISTRATION_WAIT, || !s.awaits_registration(&r2)).await });
     }
     let recorder = session.recorder().clone();
+    if !session.is_alive() {
+        // It closed while the reference waited for its registration (§9): as a reference to a closed session.
+        recorder.record_both(Event::BadReference);
+        return Err(Status::failed_precondition("shmgrpc reference to an unknown or closed session"));
+    }
     match session.resolve(r) {
         Ok(Resolved { parts, segments }) => {
             let received = Received { parts, segments };
