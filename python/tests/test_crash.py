@@ -12,7 +12,7 @@ from typing import Any
 
 import shmgrpc
 
-from .conftest import ROOT, InProcess, Served, eventually, segments_of, start_py_server
+from .conftest import ROOT, InProcess, Served, _stop, eventually, segments_of, start_py_server
 
 HERE = os.path.dirname(__file__)
 
@@ -106,3 +106,50 @@ def test_kill9_of_a_python_server_under_a_rust_client(bin_path: str, stubs_dir: 
     client.wait(30)
     assert client.returncode != 0, "the client noticed the server is gone"
     assert segments_of(bin_path, {srv.proc.pid, client.pid}) == []
+
+
+HOLDER = """
+import sys, time
+sys.path[:0] = {paths!r}
+import blob_pb2, blob_pb2_grpc, shmgrpc
+ch = shmgrpc.insecure_channel({target!r}, views={{"/shmgrpc.demo.v1.Blob/Download": "data"}})
+stub = blob_pb2_grpc.BlobStub(ch)
+kept = [stub.Download(blob_pb2.DownloadRequest(size=24 << 20, seed=i, count=1)) for i in range(3)]
+assert all(v.shared for v in kept)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_kill9_of_a_python_client_gives_the_rust_server_its_buffers_back(
+    bin_path: str, stubs_dir: str, tmp_path: Any, blob: Any, blob_grpc: Any
+) -> None:
+    """
+    A Python client holds three 24 MiB replies of a Rust server whose pool has 128 MiB (each reply takes a 32 MiB
+    buffer: 96 MiB held), and is killed. The server takes them back at once: a 40 MiB reply (a 64 MiB buffer) to
+    another client goes through shared memory, which it could not while they were held.
+    """
+    from .conftest import _start
+
+    unix = f"unix:{tmp_path / 'budget.sock'}"
+    srv = _start([bin_path, "serve", "--listen", unix, "--pool-budget", "128MiB"], unix)
+    try:
+        code = HOLDER.format(paths=[stubs_dir, str(ROOT / "python" / "src")], target=unix)
+        holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        download = "/shmgrpc.demo.v1.Blob/Download"
+        with shmgrpc.insecure_channel(unix, views={download: "data"}) as ch:
+            stub = blob_grpc.BlobStub(ch)
+            with stub.Download(blob.DownloadRequest(size=40 << 20, seed=1, count=1)) as v:
+                assert not v.shared, "while the buffers are held, the server's pool has no room: inline"
+            holder.kill()
+            holder.wait()
+
+            def shared_again() -> bool:
+                with stub.Download(blob.DownloadRequest(size=40 << 20, seed=2, count=1)) as v:
+                    return v.shared and zlib.crc32(v.data) == v.message.crc32
+
+            eventually("the dead client's buffers are back in the server's pool", shared_again)
+    finally:
+        _stop(srv)

@@ -25,3 +25,29 @@ fn shmgrpc_serve_passes_every_conformance_case() {
         assert!(l["section"].as_str().is_some_and(|s| s.starts_with('§')), "a case without its section: {l}");
     }
 }
+
+/// docs/protocol.md's appendix lists every case, with its section and rule, as `shmgrpc conformance --list` does.
+#[test]
+fn the_spec_lists_every_case_with_its_section() {
+    let listed = Command::new(env!("CARGO_BIN_EXE_shmgrpc")).args(["conformance", "--list"]).output().unwrap();
+    assert!(listed.status.success());
+    let cases: Vec<(String, String, String)> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| {
+            let mut p = l.split_whitespace();
+            let (id, section) = (p.next().unwrap().to_string(), p.next().unwrap().to_string());
+            (id, section, p.collect::<Vec<_>>().join(" "))
+        })
+        .collect();
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/protocol.md")).unwrap();
+    let appendix = spec.split("## Appendix: conformance cases").nth(1).expect("the appendix");
+    let rows: Vec<(String, String, String)> = appendix
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
+            (cells[0].trim_matches('`').to_string(), cells[1].to_string(), cells[2].to_string())
+        })
+        .collect();
+    assert_eq!(rows, cases, "docs/protocol.md's appendix and the suite disagree");
+}
