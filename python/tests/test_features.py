@@ -275,3 +275,67 @@ def test_gzip_compresses_the_reference_not_the_payload_in_shared_memory(
         assert s["shm_sent"] == 1 and s["shm_received"] == 1, s
         small = payload(blob, 1024)
         assert stub.Echo(small).data == small.data, "inline messages are compressed as usual"
+
+
+def slow_upload_stream_server(tmp_path: pathlib.Path, blob: Any, blob_grpc: Any) -> tuple[Any, str]:
+    """A Python server whose UploadStream stops reading after the request with note "stop"."""
+    from .blob_server import Blob
+
+    class Stopping(Blob):  # type: ignore[misc]
+        def UploadStream(self, requests: Any, context: Any) -> Any:
+            digests = []
+            for p in requests:
+                digests.append(blob.Digest(len=len(p.data), crc32=zlib.crc32(p.data)))
+                if p.note == "stop":
+                    break
+            return blob.DigestList(digests=digests)
+
+    server = shmgrpc.server(futures.ThreadPoolExecutor(4))
+    blob_grpc.add_BlobServicer_to_server(Stopping(), server)
+    target = f"unix:{tmp_path / 'stopping.sock'}"
+    server.add_insecure_port(target)
+    server.start()
+    return server, target
+
+
+def test_streams_read_only_in_part_give_every_buffer_back_at_once(
+    tmp_path: pathlib.Path, blob: Any, blob_grpc: Any, rust_server: Served
+) -> None:
+    """
+    Protocol version 3 (`CallEnd`): a request stream the server stops reading, and a response stream the client
+    stops reading, give back the holds of the messages sent and never read, at once (not when the session ends).
+    """
+    server, target = slow_upload_stream_server(tmp_path, blob, blob_grpc)
+    try:
+        with shmgrpc.insecure_channel(target) as ch:
+            assert ch._session is not None and ch._session.version == 3
+            stub = blob_grpc.BlobStub(ch)
+            for _ in range(5):
+                frames = [payload(blob, 4 * MIB, i) for i in range(8)]
+                frames[1].note = "stop"
+                assert len(stub.UploadStream(iter(frames)).digests) == 2
+            # The client's requests the server never read: released by its CallEnd, not kept till the session ends.
+            eventually("the unread requests' holds come back", lambda: ch.session_figures()["holds"] == 0)
+            eventually("the client's pool is idle", lambda: ch.pool.stats().in_use_bytes == 0)
+            # Response streams the client drops after two messages: the server's holds of the rest come back.
+            for i in range(5):
+                responses = stub.DownloadStream(blob.DownloadRequest(size=4 * MIB, seed=i, count=8))
+                assert len(next(responses).data) == 4 * MIB
+                assert len(next(responses).data) == 4 * MIB
+                responses.cancel()
+                del responses
+            eventually("the server's unread replies are given back", lambda: server.session_figures()["holds"] == 0)
+            assert ch.is_shared_memory()
+    finally:
+        server.stop(None)
+    # Against the Rust server too: its replies the Python client never read come back (the session stays usable).
+    with shmgrpc.insecure_channel(rust_server.unix) as ch:
+        assert ch._session is not None and ch._session.version == 3
+        stub = blob_grpc.BlobStub(ch)
+        for i in range(5):
+            responses = stub.DownloadStream(blob.DownloadRequest(size=4 * MIB, seed=i, count=8))
+            next(responses)
+            responses.cancel()
+        d = payload(blob, 2 * MIB)
+        assert stub.Echo(d).data == d.data
+        assert ch.stats()["shm_sent"] >= 1

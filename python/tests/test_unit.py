@@ -20,7 +20,7 @@ from .conftest import encode_reference
 
 def test_the_protocols_constants_come_from_the_rust_crate() -> None:
     assert _core.PROTOCOL_VERSION == 3 and _core.MIN_PROTOCOL_VERSION == 2
-    assert shmgrpc.PROTOCOL_VERSION == 2, "the grpcio glue numbers no calls: it speaks version 2"
+    assert shmgrpc.PROTOCOL_VERSION == 3, "the grpcio glue numbers calls: it speaks the core's version"
     assert _core.DEFAULT_THRESHOLD == shmgrpc.DEFAULT_THRESHOLD == 64 * 1024
     assert _core.SESSION_HEADER == "shmgrpc-session" and _core.HELLO_PATH == "/shmgrpc.v1.Session/Hello"
     assert _core.HANDSHAKE_TIMEOUT == 5.0

@@ -397,82 +397,132 @@ impl Session {
     /// the bytes to send (the reference, or the message itself inline: counted, with its reason), or a `Waiting`
     /// when it must wait for the peer first. Copies run without the GIL. A loan counts as sent either way.
     fn send(&self, py: Python<'_>, items: Vec<Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
-        let mut kept: Vec<Bytes> = Vec::new();
-        let mut buffers: Vec<PyBuffer<u8>> = Vec::new();
-        enum Src {
-            Kept(usize),
-            Buffer(usize),
-        }
-        let mut order = Vec::with_capacity(items.len());
-        // A loaned message (its head, then the loan): the head goes into the loan's headroom, and the message is
-        // one region of the loan.
-        let mut rest: &[Bound<'_, PyAny>] = &items;
-        if let [head, loan] = &items[..]
-            && let (Ok(head), Ok(loan)) = (head.cast::<PyBytes>(), loan.cast::<Loan>())
-            && head.as_bytes().len() <= loan.get().headroom
-        {
-            kept.push(loan.get().freeze(Some(head.as_bytes()))?);
-            order.push(Src::Kept(0));
-            rest = &[];
-        }
-        for item in rest {
-            if let Ok(loan) = item.cast::<Loan>() {
-                kept.push(loan.get().freeze(None)?);
-                order.push(Src::Kept(kept.len() - 1));
-            } else if let Ok(piece) = item.cast::<Piece>() {
-                kept.push(piece.get().0.clone());
-                order.push(Src::Kept(kept.len() - 1));
-            } else {
-                let b = PyBuffer::<u8>::get(item)?;
-                if !b.is_c_contiguous() {
-                    return Err(PyBufferError::new_err("a message slice must be C-contiguous bytes"));
-                }
-                buffers.push(b);
-                order.push(Src::Buffer(buffers.len() - 1));
-            }
-        }
-        let slices: Vec<&[u8]> = order
-            .iter()
-            .map(|s| match *s {
-                Src::Kept(i) => &kept[i][..],
-                // SAFETY: the buffer is C-contiguous (checked above) and stays exported (so its memory stays
-                // valid) until `buffers` is dropped at the end of this function, after the last use of the
-                // slice. Its exporter may let another thread write the memory meanwhile (a `bytearray` changed
-                // while the GIL is released): the bytes sent are then some mix of old and new, as with any C
-                // extension that copies without the GIL; nothing here depends on their value.
-                Src::Buffer(i) => unsafe {
-                    std::slice::from_raw_parts(buffers[i].buf_ptr() as *const u8, buffers[i].len_bytes())
-                },
-            })
-            .collect();
-        let sending = py.detach(|| self.0.send(&slices));
-        let out = match sending {
-            Sending::Reference(r) => PyBytes::new(py, &r).into_any().unbind(),
-            Sending::Inline(_) => match (&items[..], &order[..]) {
-                // One `bytes` object: it is the message.
-                ([one], [Src::Buffer(_)]) if one.is_exact_instance_of::<PyBytes>() => one.clone().unbind(),
-                _ => {
-                    let len = slices.iter().map(|s| s.len()).sum();
-                    PyBytes::new_with(py, len, |out| {
-                        py.detach(|| {
-                            let mut at = 0;
-                            for s in &slices {
-                                out[at..at + s.len()].copy_from_slice(s);
-                                at += s.len();
-                            }
-                        });
-                        Ok(())
-                    })?
-                    .into_any()
-                    .unbind()
-                }
-            },
-            Sending::Waiting(w) => Py::new(py, Waiting(Mutex::new(Some(w))))?.into_any(),
-        };
-        drop(slices);
-        drop(buffers);
-        Ok(out)
+        send_items(py, items, |slices| self.0.send(slices))
     }
+
+    /// The scope of one call when the session numbers calls (protocol version 3), else `None`: a client passes
+    /// no number (a new one is taken: send it in the `shmgrpc-call` header), a server the header's.
+    #[pyo3(signature = (number=None))]
+    fn call(&self, number: Option<u64>) -> Option<Call> {
+        self.0.call(number).map(Call)
+    }
+}
+
+/// One call of a session that numbers calls: see `shmgrpc::embed::CallScope`.
+#[pyclass(frozen, module = "shmgrpc._core")]
+struct Call(embed::CallScope);
+
+#[pymethods]
+impl Call {
+    /// The call's number (the `shmgrpc-call` header's value).
+    #[getter]
+    fn number(&self) -> u64 {
+        self.0.number()
+    }
+
+    /// Sends our next message on the call (as `Session.send`, numbered).
+    fn send(&self, py: Python<'_>, items: Vec<Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+        send_items(py, items, |slices| self.0.send(slices))
+    }
+
+    /// One more message of the peer's was decoded on this call.
+    fn received(&self) {
+        self.0.received();
+    }
+
+    /// The peer's stream was read to its end.
+    fn complete(&self) {
+        self.0.complete();
+    }
+
+    /// The call is over on our side: if we stopped reading the peer's stream early, the peer learns how many of
+    /// its messages we read (`CallEnd`). Once; never blocks.
+    fn end(&self) {
+        self.0.end();
+    }
+}
+
+/// Encodes `items` with `send` (see `Session.send`).
+fn send_items(
+    py: Python<'_>,
+    items: Vec<Bound<'_, PyAny>>,
+    send: impl FnOnce(&[&[u8]]) -> Sending + Send,
+) -> PyResult<Py<PyAny>> {
+    let mut kept: Vec<Bytes> = Vec::new();
+    let mut buffers: Vec<PyBuffer<u8>> = Vec::new();
+    enum Src {
+        Kept(usize),
+        Buffer(usize),
+    }
+    let mut order = Vec::with_capacity(items.len());
+    // A loaned message (its head, then the loan): the head goes into the loan's headroom, and the message is
+    // one region of the loan.
+    let mut rest: &[Bound<'_, PyAny>] = &items;
+    if let [head, loan] = &items[..]
+        && let (Ok(head), Ok(loan)) = (head.cast::<PyBytes>(), loan.cast::<Loan>())
+        && head.as_bytes().len() <= loan.get().headroom
+    {
+        kept.push(loan.get().freeze(Some(head.as_bytes()))?);
+        order.push(Src::Kept(0));
+        rest = &[];
+    }
+    for item in rest {
+        if let Ok(loan) = item.cast::<Loan>() {
+            kept.push(loan.get().freeze(None)?);
+            order.push(Src::Kept(kept.len() - 1));
+        } else if let Ok(piece) = item.cast::<Piece>() {
+            kept.push(piece.get().0.clone());
+            order.push(Src::Kept(kept.len() - 1));
+        } else {
+            let b = PyBuffer::<u8>::get(item)?;
+            if !b.is_c_contiguous() {
+                return Err(PyBufferError::new_err("a message slice must be C-contiguous bytes"));
+            }
+            buffers.push(b);
+            order.push(Src::Buffer(buffers.len() - 1));
+        }
+    }
+    let slices: Vec<&[u8]> = order
+        .iter()
+        .map(|s| match *s {
+            Src::Kept(i) => &kept[i][..],
+            // SAFETY: the buffer is C-contiguous (checked above) and stays exported (so its memory stays
+            // valid) until `buffers` is dropped at the end of this function, after the last use of the
+            // slice. Its exporter may let another thread write the memory meanwhile (a `bytearray` changed
+            // while the GIL is released): the bytes sent are then some mix of old and new, as with any C
+            // extension that copies without the GIL; nothing here depends on their value.
+            Src::Buffer(i) => unsafe {
+                std::slice::from_raw_parts(buffers[i].buf_ptr() as *const u8, buffers[i].len_bytes())
+            },
+        })
+        .collect();
+    let sending = py.detach(|| send(&slices));
+    let out = match sending {
+        Sending::Reference(r) => PyBytes::new(py, &r).into_any().unbind(),
+        Sending::Inline(_) => match (&items[..], &order[..]) {
+            // One `bytes` object: it is the message.
+            ([one], [Src::Buffer(_)]) if one.is_exact_instance_of::<PyBytes>() => one.clone().unbind(),
+            _ => {
+                let len = slices.iter().map(|s| s.len()).sum();
+                PyBytes::new_with(py, len, |out| {
+                    py.detach(|| {
+                        let mut at = 0;
+                        for s in &slices {
+                            out[at..at + s.len()].copy_from_slice(s);
+                            at += s.len();
+                        }
+                    });
+                    Ok(())
+                })?
+                .into_any()
+                .unbind()
+            }
+        },
+        Sending::Waiting(w) => Py::new(py, Waiting(Mutex::new(Some(w))))?.into_any(),
+    };
+    drop(slices);
+    drop(buffers);
+    Ok(out)
 }
 
 /// A message in shared memory waiting for the peer (a new segment's registration, a full window).
@@ -961,6 +1011,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
     m.add_class::<Server>()?;
     m.add_class::<Session>()?;
+    m.add_class::<Call>()?;
     m.add_class::<Waiting>()?;
     m.add_class::<Received>()?;
     m.add_class::<Piece>()?;

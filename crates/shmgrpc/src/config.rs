@@ -172,8 +172,7 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The highest protocol version to speak (default and most: [`PROTOCOL_VERSION`]): a client asking for more
-    /// gets this one. For rolling upgrades, and for servers that do not implement a later version's duties (the
-    /// Python package's grpcio server numbers no calls, so it speaks version 2).
+    /// gets this one. For rolling upgrades, and for front ends that do not implement a later version's duties.
     pub fn protocol_version(mut self, version: u32) -> Self {
         self.protocol_version = version;
         self

@@ -25,6 +25,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
@@ -312,10 +313,37 @@ impl CoreSession {
         self.session.threshold()
     }
 
+    /// The scope of one call in a session that numbers calls (protocol version 3, §6), `None` in one that does
+    /// not. A client passes `None` and gets a new number (send it in the `shmgrpc-call` header); a server passes
+    /// the number the call's header carries.
+    pub fn call(&self, number: Option<u64>) -> Option<CallScope> {
+        if !self.session.numbers_calls() {
+            return None;
+        }
+        let number = match number {
+            Some(n) => n,
+            None => self.session.new_call()?,
+        };
+        self.session.open_call(number);
+        Some(CallScope {
+            session: self.clone(),
+            number,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            complete: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+        })
+    }
+
     /// Encodes the serialized message `slices` (concatenated) for the peer, if it is at least the threshold long.
     /// Never waits: when the message must wait for the peer (a new segment's registration, a full in-flight
     /// window), the answer is [`Sending::Waiting`]. Counts what it decided.
     pub fn send(&self, slices: &[&[u8]]) -> Sending {
+        self.send_tagged(slices, None)
+    }
+
+    /// [`CoreSession::send`] for message `message` (call number, index in the call) of a numbered call.
+    fn send_tagged(&self, slices: &[&[u8]], message: Option<(u64, u64)>) -> Sending {
         let raw = Raw(slices);
         let len = raw.encoded_len();
         let recorder = self.session.recorder();
@@ -324,7 +352,7 @@ impl CoreSession {
             return Sending::Inline(None);
         }
         let (held, window) = self.session.window_use();
-        match self.session.encode_to_shm(&raw, len, None) {
+        match self.session.encode_to_shm(&raw, len, message) {
             Ok((reference, unacknowledged)) => {
                 let window_wait = held >= window;
                 if unacknowledged.is_empty() && !window_wait {
@@ -362,6 +390,57 @@ impl CoreSession {
                 Sending::Inline(Some(reason))
             }
         }
+    }
+}
+
+/// One call of a session that numbers calls (protocol version 3): our messages on it are numbered (so that the
+/// peer's `CallEnd` gives back the holds of those it never read), the peer's are counted, and when our reading of
+/// the peer's stream stops before its end, [`CallScope::end`] tells the peer how many we read (`CallEnd`).
+#[derive(Debug)]
+pub struct CallScope {
+    session: CoreSession,
+    number: u64,
+    sent: AtomicU64,
+    received: AtomicU64,
+    complete: AtomicBool,
+    ended: AtomicBool,
+}
+
+impl CallScope {
+    /// The call's number (the `shmgrpc-call` header's value).
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// Sends our next message on the call (see [`CoreSession::send`]); every message counts, inline ones too.
+    pub fn send(&self, slices: &[&[u8]]) -> Sending {
+        let index = self.sent.fetch_add(1, Ordering::Relaxed);
+        self.session.send_tagged(slices, Some((self.number, index)))
+    }
+
+    /// One more message of the peer's was read (decoded) on this call.
+    pub fn received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The peer's stream was read to its end: [`CallScope::end`] has nothing to say.
+    pub fn complete(&self) {
+        self.complete.store(true, Ordering::Release);
+    }
+
+    /// The call is over on our side. If we stopped reading the peer's stream before its end, the peer learns how
+    /// many of its messages we read (`CallEnd`), and drops the holds of the rest. Once; never blocks.
+    pub fn end(&self) {
+        if self.ended.swap(true, Ordering::AcqRel) || self.complete.load(Ordering::Acquire) {
+            return;
+        }
+        self.session.session.end_call(self.number, self.received.load(Ordering::Relaxed));
+    }
+}
+
+impl Drop for CallScope {
+    fn drop(&mut self) {
+        self.session.session.close_call(self.number);
     }
 }
 

@@ -21,7 +21,7 @@ import grpc.aio
 from . import _codec, _core
 from ._core import Session, StatusError
 from .client import PROTOCOL_VERSION, PoolView
-from .server import CURRENT, _Failed, _is_ours, _mark
+from .server import CALL, CURRENT, _Failed, _is_ours, _mark
 
 LARGE = 1 << 20
 """Responses from this size up are encoded (copied into shared memory) on a worker thread."""
@@ -176,7 +176,7 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         if isinstance(message, _Encoded):
             return bytes(message)
         # A message written with `context.write`: encoded here, on the loop (a rare wait blocks it, bounded).
-        return _codec.settle(_codec.encode(message, ser, CURRENT.get(), counters, threshold, None))
+        return _codec.settle(_codec.encode(message, ser, CURRENT.get(), counters, threshold, None, CALL.get()))
 
     async def resolve(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Deferred):
@@ -191,28 +191,44 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         return request
 
     async def requests_of(it: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = CALL.get()
         async for r in it:
+            if call is not None:
+                call.received()
             yield await resolve(r, context)
+        if call is not None:
+            call.complete()
 
     async def encode(message: Any, session: Session | None) -> _Encoded:
         items = _codec.prepare(message, ser, session)
-        args = (items, session, counters, threshold, None)
+        args = (items, session, counters, threshold, None, CALL.get())
         if session is not None and sum(len(x) for x in items) >= LARGE:
             loop = asyncio.get_running_loop()
             return _Encoded(await loop.run_in_executor(None, lambda: _codec.settle(_codec.send(*args))))
         return _Encoded(await _codec.settle_async(_codec.send(*args)))
 
     def enter(context: grpc.aio.ServicerContext) -> Session | None:
+        metadata = context.invocation_metadata() or ()
         value = None
-        for key, v in context.invocation_metadata() or ():
+        for key, v in metadata:
             if key == _core.SESSION_HEADER:
                 value = v if isinstance(v, str) else v.decode()
         session = core.session(value) if value else None
+        number = _codec.call_number(metadata) if session is not None else None
+        call = session.call(number) if session is not None and number is not None else None
+        if call is not None:
+            # Protocol version 3: see the thread server's wrapper.
+            context.add_done_callback(lambda _: call.end())
         CURRENT.set(session)
+        CALL.set(call)
         return session
 
     async def unary_in(request: Any, context: grpc.aio.ServicerContext) -> Any:
         session = enter(context)
+        call = CALL.get()
+        if call is not None:
+            call.received()
+            call.complete()
         response = await behaviour(await resolve(request, context), context)
         return None if response is None else await encode(response, session)
 
@@ -234,6 +250,10 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         return run
 
     async def one_request(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = CALL.get()
+        if call is not None:
+            call.received()
+            call.complete()
         return await resolve(request, context)
 
     async def many_requests(requests: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from . import _core
-from ._core import Counters, Loan, Piece, Received, Session, StatusError
+from ._core import Call, Counters, Loan, Piece, Received, Session, StatusError
 from .stats import Fallback
 
 CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -92,14 +92,15 @@ def send(
     counters: Counters,
     threshold: int,
     fallback: Fallback | None,
+    call: Call | None = None,
 ) -> Any:
     """
     What goes on the gRPC stream for the message ``items`` make: ``bytes`` (a reference or the message inline) or
     a ``_core.Waiting`` when the message waits for the peer (resolve it with :func:`settle` or
-    :func:`settle_async`).
+    :func:`settle_async`). With ``call`` (a session that numbers calls), the message is the call's next one.
     """
     if session is not None and session.alive:
-        return session.send(items)
+        return (call or session).send(items)
     n = sum(len(x) for x in items)
     reason = (fallback or (Fallback.SESSION_CLOSED if session is not None else None)) if n >= threshold else None
     counters.inline_sent(n, reason.value if reason is not None else None)
@@ -113,9 +114,27 @@ def encode(
     counters: Counters,
     threshold: int,
     fallback: Fallback | None,
+    call: Call | None = None,
 ) -> Any:
     """:func:`prepare`, then :func:`send`."""
-    return send(prepare(message, serialize, session), session, counters, threshold, fallback)
+    return send(prepare(message, serialize, session), session, counters, threshold, fallback, call)
+
+
+class Encoded(bytes):
+    """A message already encoded (by shmgrpc's wrapper around a call): the serializer passes it on as it is."""
+
+
+CALL_DIGITS = frozenset("0123456789")
+
+
+def call_number(metadata: Any) -> int | None:
+    """The ``shmgrpc-call`` header's number (protocol section 6), ``None`` without a well-formed one."""
+    for key, value in metadata or ():
+        if key == _core.CALL_HEADER:
+            v = value if isinstance(value, str) else value.decode()
+            if v and set(v) <= CALL_DIGITS and len(v) <= 20 and int(v) < 1 << 64:
+                return int(v)
+    return None
 
 
 LARGE_FIELD = 32 * 1024

@@ -106,13 +106,13 @@ class AioShmChannel(_ChannelBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _encode_async(self, session: Any, ser: Any, message: Any) -> bytes:
+    async def _encode_async(self, session: Any, ser: Any, message: Any, call: Any = None) -> bytes:
         """
         One request's bytes. A large message is serialized and copied into shared memory on a worker thread, and
         a wait for the server (a registration, the window) runs off the event loop too: the loop never stalls.
         """
         items = _codec.prepare(message, ser, session)
-        send = (items, session, self._counters, self.threshold, self._fallback)
+        send = (items, session, self._counters, self.threshold, self._fallback, call)
         if session is not None and sum(len(x) for x in items) >= LARGE:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, lambda: _codec.settle(_codec.send(*send)))
@@ -160,35 +160,57 @@ class _AioCallable:
         ch = self._ch
         ch._maybe_connect()
         s = ch._live()
-        header = ((_core.SESSION_HEADER, s.header),) if s is not None else ()
+        call = s.call() if s is not None else None  # protocol version 3: the call's number tags its messages
+        header: tuple[tuple[str, str], ...] = ((_core.SESSION_HEADER, s.header),) if s is not None else ()
+        if call is not None:
+            header = (*header, (_core.CALL_HEADER, str(call.number)))
         md = (*(metadata or ()), *header) or None
         if self._kind in ("unary_unary", "unary_stream"):
-            requests: Any = self._one(s, request)
+            requests: Any = self._one(s, request, call)
         else:
-            requests = self._many(s, request)
+            requests = self._many(s, request, call)
         if self._kind in ("unary_unary", "stream_unary"):
-            return self._unary(requests, md, kw)
-        return self._stream(requests, md, kw)
+            return self._unary(requests, md, kw, call)
+        return self._stream(requests, md, kw, call)
 
-    async def _one(self, s: Any, request: Any) -> bytes:
-        return await self._ch._encode_async(s, self._ser, request)
+    async def _one(self, s: Any, request: Any, call: Any) -> bytes:
+        return await self._ch._encode_async(s, self._ser, request, call)
 
-    async def _many(self, s: Any, requests: Iterable[Any] | AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    async def _many(self, s: Any, requests: Iterable[Any] | AsyncIterator[Any], call: Any) -> AsyncIterator[bytes]:
         if hasattr(requests, "__aiter__"):
             async for r in requests:
-                yield await self._ch._encode_async(s, self._ser, r)
+                yield await self._ch._encode_async(s, self._ser, r, call)
         else:
             for r in requests:
-                yield await self._ch._encode_async(s, self._ser, r)
+                yield await self._ch._encode_async(s, self._ser, r, call)
 
-    async def _unary(self, requests: Any, md: Any, kw: dict[str, Any]) -> Any:
-        request = await requests if self._kind == "unary_unary" else requests
-        return await self._ch._decode(await self._inner(request, metadata=md, **kw), self._parse)
+    async def _unary(self, requests: Any, md: Any, kw: dict[str, Any], call: Any) -> Any:
+        try:
+            request = await requests if self._kind == "unary_unary" else requests
+            reply = await self._ch._decode(await self._inner(request, metadata=md, **kw), self._parse)
+        except BaseException:
+            if call is not None:
+                call.end()  # cancelled or failed before the response was read: the server drops what it sent
+            raise
+        if call is not None:
+            call.received()
+            call.complete()
+        return reply
 
-    async def _stream(self, requests: Any, md: Any, kw: dict[str, Any]) -> AsyncIterator[Any]:
-        request = await requests if self._kind == "unary_stream" else requests
-        async for data in self._inner(request, metadata=md, **kw):
-            yield await self._ch._decode(data, self._parse)
+    async def _stream(self, requests: Any, md: Any, kw: dict[str, Any], call: Any) -> AsyncIterator[Any]:
+        try:
+            request = await requests if self._kind == "unary_stream" else requests
+            async for data in self._inner(request, metadata=md, **kw):
+                item = await self._ch._decode(data, self._parse)
+                if call is not None:
+                    call.received()
+                yield item
+            if call is not None:
+                call.complete()
+        finally:
+            # Left early (the caller stopped iterating, or cancelled): the server learns how many were read.
+            if call is not None:
+                call.end()
 
 
 def insecure_channel(

@@ -29,8 +29,11 @@ from .stats import Fallback
 
 log = logging.getLogger("shmgrpc")
 
-PROTOCOL_VERSION = 2
-"""The protocol version the Python package speaks (it numbers no calls: docs/protocol.md section 2)."""
+PROTOCOL_VERSION = _core.PROTOCOL_VERSION
+"""The highest protocol version the package speaks (the Rust core's: docs/protocol.md section 2)."""
+
+_CALL = threading.local()
+"""The call whose request the serializer encodes on this thread (grpcio serializes unary requests in-thread)."""
 
 RETRY_INTERVAL = 1.0
 """Smallest pause, in seconds, between two attempts to open a session."""
@@ -217,8 +220,8 @@ class _ChannelBase:
             return s.loan(n)
         return _heap_loan(n)
 
-    def _encode(self, session: Session | None, ser: Any, message: Any) -> Any:
-        return _codec.encode(message, ser, session, self._counters, self.threshold, self._fallback)
+    def _encode(self, session: Session | None, ser: Any, message: Any, call: _core.Call | None = None) -> Any:
+        return _codec.encode(message, ser, session, self._counters, self.threshold, self._fallback, call)
 
     def _receive(self, data: bytes) -> _core.Received:
         return self._shm.receive(data, True)
@@ -310,6 +313,11 @@ class ShmChannel(_ChannelBase, grpc.Channel):
 
         threading.Thread(target=run, name="shmgrpc-reconnect", daemon=True).start()
 
+    def _encoded_stream(self, requests: Any, session: Session | None, ser: Any, call: _core.Call) -> Any:
+        """The request stream, each message encoded as its call's next (grpcio consumes it on a thread of its own)."""
+        for message in requests:
+            yield _codec.Encoded(_codec.settle(self._encode(session, ser, message, call)))
+
     # ---- grpc.Channel ----
     def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
         """See ``grpc.Channel.subscribe``."""
@@ -339,7 +347,10 @@ class ShmChannel(_ChannelBase, grpc.Channel):
     # ---- per call ----
     def _serializer(self, session: Session | None, ser: Any) -> Callable[[Any], bytes]:
         def serialize(message: Any) -> bytes:
-            return _codec.settle(self._encode(session, ser, message))
+            if isinstance(message, _codec.Encoded):
+                return bytes(message)
+            call = getattr(_CALL, "call", None)
+            return _codec.settle(self._encode(session, ser, message, call))
 
         return serialize
 
@@ -369,12 +380,14 @@ class _Callable:
         self._plain = getattr(ch._channel, kind)(method, ch._serializer(None, ser), self._de, **kw)
         self._bound: tuple[Session, Any, tuple[tuple[str, str], ...]] | None = None
 
-    def _for_call(self, metadata: Sequence[tuple[str, str]] | None) -> tuple[Any, Any]:
+    def _for_call(
+        self, metadata: Sequence[tuple[str, str]] | None
+    ) -> tuple[Any, Any, Session | None, _core.Call | None]:
         s = self._ch._live()
         if s is None:
             if self._ch._want_retry():
                 self._ch._retry()
-            return self._plain, metadata
+            return self._plain, metadata, None, None
         cached = self._bound
         if cached is None or cached[0] is not s:
             # Made once per session: the serializer sends through this session, whose header the call carries.
@@ -382,17 +395,33 @@ class _Callable:
                 self._method, self._ch._serializer(s, self._ser), self._de, **self._kw
             )
             cached = self._bound = (s, inner, ((_core.SESSION_HEADER, s.header),))
-        md = cached[2] if not metadata else (*metadata, *cached[2])
-        return cached[1], md
+        header = cached[2]
+        call = s.call()  # protocol version 3: the call's number, which tags its messages
+        if call is not None:
+            header = (*header, (_core.CALL_HEADER, str(call.number)))
+        md = header if not metadata else (*metadata, *header)
+        return cached[1], md, s, call
 
     def _invoke(self, attr: str, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         _codec._check_loan(request)
         if len(args) >= 2:  # (timeout, metadata, ...) positionally
             args = list(args)  # type: ignore[assignment]
-            inner, args[1] = self._for_call(args[1])  # type: ignore[index]
+            inner, args[1], session, call = self._for_call(args[1])  # type: ignore[index]
         else:
-            inner, kwargs["metadata"] = self._for_call(kwargs.get("metadata"))
-        return getattr(inner, attr)(request, *args, **kwargs)
+            inner, kwargs["metadata"], session, call = self._for_call(kwargs.get("metadata"))
+        if call is None:
+            return getattr(inner, attr)(request, *args, **kwargs)
+        if self._kind.startswith("stream_"):
+            request = self._ch._encoded_stream(request, session, self._ser, call)
+        _CALL.call = call
+        try:
+            result = getattr(inner, attr)(request, *args, **kwargs)
+        except BaseException:
+            call.end()  # no response was read: the server drops what it sent of it
+            raise
+        finally:
+            _CALL.call = None
+        return _Tracked.wrap(self._kind, attr, result, call)
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         return self._invoke("__call__", request, args, kwargs)
@@ -402,6 +431,68 @@ class _Callable:
 
     def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         return self._invoke("future", request, args, kwargs)
+
+
+class _Tracked:
+    """
+    The response side of a numbered call (protocol version 3): counts the responses read, and when reading stops
+    before the end (the call is cancelled, fails, or a response stream is dropped half read) tells the server how
+    many were read (`CallEnd`), so it drops the holds of the rest at once.
+    """
+
+    @staticmethod
+    def wrap(kind: str, attr: str, result: Any, call: _core.Call) -> Any:
+        if kind.endswith("_stream"):
+            return _TrackedStream(result, call)
+        if attr == "future":
+
+            def done(f: Any) -> None:
+                if f.cancelled() or f.exception() is not None:
+                    call.end()
+                else:
+                    call.received()
+                    call.complete()
+
+            result.add_done_callback(done)
+            return result
+        call.received()  # the response, decoded
+        call.complete()
+        return result
+
+
+class _TrackedStream:
+    """A response stream (a ``grpc.Call`` and iterator) whose reading is counted for its numbered call."""
+
+    def __init__(self, inner: Any, call: _core.Call) -> None:
+        self._inner = inner
+        self._call = call
+
+    def __iter__(self) -> _TrackedStream:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            item = next(self._inner)
+        except StopIteration:
+            self._call.complete()
+            raise
+        except BaseException:
+            self._call.end()
+            raise
+        self._call.received()
+        return item
+
+    def cancel(self) -> bool:
+        """See ``grpc.RpcContext.cancel``; the server drops what it sent and was not read."""
+        done = bool(self._inner.cancel())
+        self._call.end()
+        return done
+
+    def __del__(self) -> None:
+        self._call.end()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def insecure_channel(

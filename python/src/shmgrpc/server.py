@@ -28,6 +28,9 @@ _current = threading.local()
 CURRENT: contextvars.ContextVar[Session | None] = contextvars.ContextVar("shmgrpc_session", default=None)
 """The session of the call an asyncio handler serves (see :mod:`shmgrpc._aio_server`)."""
 
+CALL: contextvars.ContextVar[_core.Call | None] = contextvars.ContextVar("shmgrpc_call", default=None)
+"""The numbered call (protocol version 3) an asyncio handler serves."""
+
 
 def _mark(deserialize: Callable[..., Any]) -> None:
     """Marks a request deserializer as shmgrpc's (a handler that has one is not wrapped again)."""
@@ -210,37 +213,56 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
 
     def serialize(message: Any) -> bytes:
         session: Session | None = getattr(_current, "session", None)
-        return _codec.settle(_codec.encode(message, ser, session, counters, threshold, None))
+        call: _core.Call | None = getattr(_current, "call", None)
+        return _codec.settle(_codec.encode(message, ser, session, counters, threshold, None, call))
 
-    def enter(context: grpc.ServicerContext) -> None:
+    def enter(context: grpc.ServicerContext) -> _core.Call | None:
         # The response serializer runs on this thread after the behaviour returns (and while a response iterator
         # is consumed): the call's session is left current until the next call on this thread sets its own.
+        metadata = context.invocation_metadata()
         value = None
-        for key, v in context.invocation_metadata():
+        for key, v in metadata:
             if key == _core.SESSION_HEADER:
                 value = v if isinstance(v, str) else v.decode()
-        _current.session = core.session(value) if value else None
+        session = core.session(value) if value else None
+        call = None
+        number = _codec.call_number(metadata) if session is not None else None
+        if session is not None and number is not None:
+            # Protocol version 3: our responses are the call's numbered messages, and if the handler stops reading
+            # the request stream early, the client learns how many it read when the call ends (`CallEnd`).
+            call = session.call(number)
+            if call is not None:
+                context.add_callback(call.end)
+        _current.session, _current.call = session, call
+        return call
 
     def check(request: Any, context: grpc.ServicerContext) -> Any:
         if isinstance(request, _Failed):
             context.abort(request.code, request.message)
         return request
 
-    def checked_iter(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    def checked_iter(requests: Iterator[Any], context: grpc.ServicerContext, call: _core.Call | None) -> Iterator[Any]:
         for r in requests:
+            if call is not None:
+                call.received()
             yield check(r, context)
+        if call is not None:
+            call.complete()
 
     def unary_in(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            enter(context)
+            call = enter(context)
+            if call is not None:
+                call.received()
+                call.complete()
             return behaviour(check(request, context), context)
 
         return run
 
     def stream_in(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            enter(context)
-            return behaviour(checked_iter(requests, context), context)
+            call = enter(context)
+            return behaviour(checked_iter(requests, context, call), context)
 
         return run
 
