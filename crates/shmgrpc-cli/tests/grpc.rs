@@ -262,7 +262,7 @@ async fn raw_echo(ch: &ShmChannel, body: Bytes) -> Result<Bytes, Status> {
     let mut g = tonic::client::Grpc::new(ch.clone());
     g.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
     let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Echo");
-    g.unary(Request::new(body), path, common::Raw).await.map(|r| r.into_inner())
+    g.unary(Request::new(body), path, shmgrpc_conformance::peer::Raw).await.map(|r| r.into_inner())
 }
 
 fn reference(r: Reference) -> Bytes {

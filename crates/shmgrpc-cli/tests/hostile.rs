@@ -42,25 +42,7 @@ fn side(srv: &Served) -> Sock {
 /// Reads until the server closes the connection; returns the refusal reason if it sent one. Fails if the server
 /// leaves the connection open (the read times out instead of ending).
 async fn closed(s: &Sock) -> Option<String> {
-    let s = s.clone();
-    blocking(move || {
-        let mut reason = None;
-        loop {
-            match wire::read_frame(&s) {
-                Ok(Some((m, _))) => {
-                    if let Some(Kind::Refused(r)) = m.kind {
-                        reason = Some(r.reason);
-                    }
-                }
-                Ok(None) => return reason,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
-                    panic!("the server left the connection open")
-                }
-                Err(_) => return reason,
-            }
-        }
-    })
-    .await
+    shmgrpc_conformance::peer::Side(s.clone()).closed().await.expect("the server closes the connection")
 }
 
 /// The next frame from the server, with its descriptors.
@@ -230,42 +212,6 @@ async fn bad_registrations_are_refused_and_floods_of_releases_are_ignored() {
     still_serves(&srv).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_descriptor_without_a_frame_start_closes_the_session() {
-    use rustix::fs::{MemfdFlags, SealFlags};
-    let srv = serve(&[]).await;
-    let (s, _id) = handshake(&srv).await;
-    let fd = rustix::fs::memfd_create("x", MemfdFlags::ALLOW_SEALING).unwrap();
-    rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
-    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
-    let closed_for_it = s.clone();
-    blocking(move || {
-        let s = closed_for_it;
-        // A registration without a descriptor (answered with an error) and, in the same write, the first bytes of a
-        // second frame. Once the answer is in, the server has read those bytes too.
-        let mut bytes = Vec::new();
-        wire::encode_frame(&wire::frame(Kind::Register(v1::Register { segment: 1, len: 1, source: None })), &mut bytes);
-        let mut next = Vec::new();
-        wire::encode_frame(
-            &wire::frame(Kind::Register(v1::Register { segment: 2, len: 1 << 20, source: None })),
-            &mut next,
-        );
-        bytes.extend_from_slice(&next[..3]);
-        (&*s).write_all(&bytes).unwrap();
-        loop {
-            let (m, _) = wire::read_frame(&s).unwrap().expect("answered");
-            if matches!(m.kind, Some(Kind::Registered(_))) {
-                break;
-            }
-        }
-        // The descriptor rides with bytes from the middle of that frame: no frame starts in them (§3).
-        shmgrpc::fdpass::send_with_fds(&*s, &next[3..next.len() - 1], &[fd.as_fd()]).unwrap();
-    })
-    .await;
-    closed(&s).await;
-    still_serves(&srv).await;
-}
-
 /// A sealed, sparse memfd of `len` bytes: it costs no memory, only the receiver's caps.
 fn sparse_memfd(len: u64) -> std::os::fd::OwnedFd {
     use rustix::fs::{MemfdFlags, SealFlags};
@@ -360,7 +306,7 @@ async fn raw_download(ch: &tonic::transport::Channel, id: &[u8], size: u64, seed
     let mut req = tonic::Request::new(Bytes::from(body));
     req.metadata_mut().insert("shmgrpc-session", hex.parse().unwrap());
     let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Download");
-    g.unary(req, path, common::Raw).await.unwrap().into_inner()
+    g.unary(req, path, shmgrpc_conformance::peer::Raw).await.unwrap().into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,7 +401,8 @@ async fn one_session_cannot_reach_another_sessions_buffers() {
         let mut g = tonic::client::Grpc::new(b.clone());
         g.ready().await.unwrap();
         let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Upload");
-        let err = g.unary(tonic::Request::new(Bytes::from(body)), path, common::Raw).await.unwrap_err();
+        let err =
+            g.unary(tonic::Request::new(Bytes::from(body)), path, shmgrpc_conformance::peer::Raw).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
     }
     shmgrpc_demo::verify(&kept).unwrap();
@@ -533,7 +480,7 @@ async fn a_posix_segment_shrunk_after_sharing_is_data_loss_not_sigbus() {
     let mut g = tonic::client::Grpc::new(common::plain_channel(&srv.unix).await);
     g.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static("/shmgrpc.demo.v1.Blob/Upload");
-    let err = g.unary(tonic::Request::new(Bytes::from(msg)), path, common::Raw).await.unwrap_err();
+    let err = g.unary(tonic::Request::new(Bytes::from(msg)), path, shmgrpc_conformance::peer::Raw).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
     assert!(!err.message().contains(&name[9..]), "{err}");
     still_serves(&srv).await;

@@ -35,7 +35,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The sending options both ends share.
+/// Applies the options both ends share to a `ClientConfig` or `ServerConfig` (which have the same builder methods
+/// for them); the `?` of a bad `window_wait` returns from the calling function.
+macro_rules! send_options {
+    ($config:expr, $threshold:expr, $budget:expr, $window:expr, $window_wait:expr, $version:expr) => {{
+        let mut config = $config.threshold($threshold).pool_config(pool_config($budget));
+        if let Some(w) = $window {
+            config = config.window(w);
+        }
+        if let Some(w) = $window_wait {
+            let wait = Duration::try_from_secs_f64(w).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            config = config.window_wait(wait);
+        }
+        if let Some(v) = $version {
+            config = config.protocol_version(v);
+        }
+        config
+    }};
+}
+
+/// The pool configuration of a budget (the default's when none is given).
 fn pool_config(budget: Option<u64>) -> PoolConfig {
     match budget {
         Some(b) => PoolConfig::default().budget(b),
@@ -164,17 +183,8 @@ impl Client {
         window_wait: Option<f64>,
         protocol_version: Option<u32>,
     ) -> PyResult<Self> {
-        let mut config = ClientConfig::default().threshold(threshold).pool_config(pool_config(budget));
-        if let Some(w) = window {
-            config = config.window(w);
-        }
-        if let Some(w) = window_wait {
-            config =
-                config.window_wait(Duration::try_from_secs_f64(w).map_err(|e| PyValueError::new_err(e.to_string()))?);
-        }
-        if let Some(v) = protocol_version {
-            config = config.protocol_version(v);
-        }
+        let config = ClientConfig::default();
+        let config = send_options!(config, threshold, budget, window, window_wait, protocol_version);
         ClientCore::new(config).map(Client).map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
@@ -264,23 +274,14 @@ impl Server {
         window_wait: Option<f64>,
         protocol_version: Option<u32>,
     ) -> PyResult<Self> {
-        let mut config = ServerConfig::default().threshold(threshold).pool_config(pool_config(budget));
+        let mut config = ServerConfig::default();
         if let Some(p) = side_channel {
             config = config.side_channel(p);
         }
         if let Some(uids) = allowed_uids {
             config = config.allowed_uids(uids);
         }
-        if let Some(w) = window {
-            config = config.window(w);
-        }
-        if let Some(w) = window_wait {
-            config =
-                config.window_wait(Duration::try_from_secs_f64(w).map_err(|e| PyValueError::new_err(e.to_string()))?);
-        }
-        if let Some(v) = protocol_version {
-            config = config.protocol_version(v);
-        }
+        let config = send_options!(config, threshold, budget, window, window_wait, protocol_version);
         let core = ServerCore::new(config).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let path = core.server().side_channel_path().to_string_lossy().into_owned();
         let counters = core.counters();

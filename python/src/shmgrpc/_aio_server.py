@@ -20,8 +20,7 @@ import grpc.aio
 
 from . import _codec, _core
 from ._core import Session, StatusError
-from .client import PROTOCOL_VERSION, PoolView
-from .server import CALL, CURRENT, _Failed, _is_ours, _mark
+from .server import CALL, CURRENT, ServerBase, _Failed, _HelloHandler, _is_ours, _mark
 
 LARGE = 1 << 20
 """Responses from this size up are encoded (copied into shared memory) on a worker thread."""
@@ -38,7 +37,7 @@ class _Encoded(bytes):
     """A response already encoded by the wrapper: the response serializer passes it on as it is."""
 
 
-class AioShmServer:
+class AioShmServer(ServerBase):
     """A ``grpc.aio.Server`` with shmgrpc (see the module docs). Every ``grpc.aio.Server`` method works as usual."""
 
     def __init__(
@@ -51,33 +50,15 @@ class AioShmServer:
         budget: int | None,
         views: dict[str, str] | None = None,
     ) -> None:
-        self._inner = inner
-        self.threshold = threshold
-        self._views = dict(views or {})
-        self._shm = _core.Server(
+        super().__init__(
+            inner,
+            _AioHello,
             threshold=threshold,
             side_channel=side_channel,
-            allowed_uids=list(allowed_uids) if allowed_uids is not None else None,
+            allowed_uids=allowed_uids,
             budget=budget,
-            protocol_version=PROTOCOL_VERSION,
+            views=views,
         )
-        self._counters = self._shm.counters()
-        self.side_channel_path = self._shm.side_channel_path
-        self.pool = PoolView(self._shm.pool_stats)
-        inner.add_generic_rpc_handlers((_AioHello(self._shm),))
-
-    # ---- what shmgrpc adds ----
-    def stats(self) -> dict[str, object]:
-        """Transfer counters of this server (see :func:`shmgrpc.stats`)."""
-        return self._counters.snapshot()
-
-    def sessions(self) -> int:
-        """Sessions currently open."""
-        return self._shm.sessions()
-
-    def session_stats(self) -> dict[str, int]:
-        """Figures summed over the open sessions."""
-        return self._shm.session_stats()
 
     # ---- grpc.aio.Server ----
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -114,29 +95,20 @@ class AioShmServer:
         """See ``grpc.aio.Server.wait_for_termination``."""
         return await self._inner.wait_for_termination(timeout)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
-
-class _AioHello(grpc.GenericRpcHandler):
+class _AioHello(_HelloHandler):
     """Answers discovery (protocol section 2) on the event loop: issuing a ticket never waits."""
-
-    def __init__(self, core: _core.Server) -> None:
-        self._shm = core
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if handler_call_details.method != _core.HELLO_PATH:
             return None
-        return grpc.unary_unary_rpc_method_handler(self._hello)
+        return grpc.unary_unary_rpc_method_handler(self._aio_hello)
 
-    async def _hello(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            return self._shm.answer_hello(request)
-        except StatusError as e:
-            await context.abort(_codec.status_code(e), str(e.args[1]))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        raise AssertionError("abort raises")
+    async def _aio_hello(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        answer, code, details = self.answer(request)
+        if answer is None:
+            await context.abort(code, details)
+        return answer  # type: ignore[return-value]
 
 
 class _AioGeneric(grpc.GenericRpcHandler):

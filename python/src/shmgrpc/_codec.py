@@ -269,11 +269,14 @@ def parse_received(r: Received, parse: Callable[[Any], Any] | None) -> Any:
     except StatusError:
         raise
     except Exception as e:
-        raise StatusError(
-            grpc.StatusCode.INVALID_ARGUMENT.value[0], f"message in shared memory does not decode: {e}"
-        ) from None
+        raise undecodable(e) from None
     finally:
         r.release()
+
+
+def undecodable(e: Exception) -> StatusError:
+    """The status of a message in shared memory that does not decode as the method's message (section 9)."""
+    return StatusError(grpc.StatusCode.INVALID_ARGUMENT.value[0], f"message in shared memory does not decode: {e}")
 
 
 def _in_place(f: Callable[[Any], Any], piece: Piece, result: Any) -> Any:
@@ -382,9 +385,7 @@ class ViewOf:
         except StatusError:
             raise
         except Exception as e:
-            raise StatusError(
-                grpc.StatusCode.INVALID_ARGUMENT.value[0], f"message in shared memory does not decode: {e}"
-            ) from None
+            raise undecodable(e) from None
         finally:
             r.release()
 

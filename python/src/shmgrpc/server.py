@@ -67,18 +67,19 @@ class _Failed:
         self.message = str(e.args[1])
 
 
-class ShmServer:
-    """A ``grpc.Server`` with shmgrpc (see the module docs). Every ``grpc.Server`` method works as usual."""
+class ServerBase:
+    """What the thread and the asyncio servers share: the core server (side channel, sessions, pool) and figures."""
 
     def __init__(
         self,
-        inner: grpc.Server,
+        inner: Any,
+        hello: type[_HelloHandler],
         *,
-        threshold: int = _core.DEFAULT_THRESHOLD,
-        side_channel: str | None = None,
-        allowed_uids: Sequence[int] | None = None,
-        budget: int | None = None,
-        views: dict[str, str] | None = None,
+        threshold: int,
+        side_channel: str | None,
+        allowed_uids: Sequence[int] | None,
+        budget: int | None,
+        views: dict[str, str] | None,
     ) -> None:
         self._inner = inner
         self.threshold = threshold
@@ -93,10 +94,8 @@ class ShmServer:
         self._counters = self._shm.counters()
         self.side_channel_path = self._shm.side_channel_path
         self.pool = PoolView(self._shm.pool_stats)
-        self._stopped = False
-        inner.add_generic_rpc_handlers((_HelloHandler(self._shm),))
+        inner.add_generic_rpc_handlers((hello(self._shm),))
 
-    # ---- what shmgrpc adds ----
     def stats(self) -> dict[str, object]:
         """Transfer counters of this server (see :func:`shmgrpc.stats`)."""
         return self._counters.snapshot()
@@ -113,6 +112,34 @@ class ShmServer:
         """Holds and peer segments summed over the open sessions."""
         s = self._shm.session_stats()
         return {"holds": s["holds"], "peer_segments": s["peer_segments"]}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class ShmServer(ServerBase):
+    """A ``grpc.Server`` with shmgrpc (see the module docs). Every ``grpc.Server`` method works as usual."""
+
+    def __init__(
+        self,
+        inner: grpc.Server,
+        *,
+        threshold: int = _core.DEFAULT_THRESHOLD,
+        side_channel: str | None = None,
+        allowed_uids: Sequence[int] | None = None,
+        budget: int | None = None,
+        views: dict[str, str] | None = None,
+    ) -> None:
+        self._stopped = False
+        super().__init__(
+            inner,
+            _HelloHandler,
+            threshold=threshold,
+            side_channel=side_channel,
+            allowed_uids=allowed_uids,
+            budget=budget,
+            views=views,
+        )
 
     # ---- grpc.Server ----
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -154,29 +181,32 @@ class ShmServer:
         self._stopped = True
         self._shm.close()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
 
 class _HelloHandler(grpc.GenericRpcHandler):
     """Answers ``/shmgrpc.v1.Session/Hello`` (protocol section 2) with the core's ticket and side channel."""
 
     def __init__(self, core: _core.Server) -> None:
-        self._shm = core
+        self.core = core
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if handler_call_details.method != _core.HELLO_PATH:
             return None
         return grpc.unary_unary_rpc_method_handler(self._hello)
 
-    def _hello(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def answer(self, request: bytes) -> tuple[bytes | None, grpc.StatusCode, str]:
+        """The answer to a discovery request, or the status to abort with."""
         try:
-            return self._shm.answer_hello(request)
-        except (StatusError, ValueError) as e:
-            if isinstance(e, StatusError):
-                context.abort(_codec.status_code(e), str(e.args[1]))
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            raise
+            return self.core.answer_hello(request), grpc.StatusCode.OK, ""
+        except StatusError as e:
+            return None, _codec.status_code(e), str(e.args[1])
+        except ValueError as e:
+            return None, grpc.StatusCode.UNAVAILABLE, str(e)
+
+    def _hello(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        answer, code, details = self.answer(request)
+        if answer is None:
+            context.abort(code, details)
+        return answer  # type: ignore[return-value]
 
 
 class _Generic(grpc.GenericRpcHandler):
