@@ -60,28 +60,10 @@ class AioShmServer(ServerBase):
             views=views,
         )
 
+    def _wrap(self, h: grpc.RpcMethodHandler, method: str | None) -> grpc.RpcMethodHandler:
+        return _wrap_aio(self, h, method)
+
     # ---- grpc.aio.Server ----
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        """See ``grpc.aio.Server.add_generic_rpc_handlers``."""
-        self._inner.add_generic_rpc_handlers(tuple(_AioGeneric(self, h) for h in generic_rpc_handlers))
-
-    def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
-        """See ``grpc.aio.Server.add_registered_method_handlers``."""
-        add = getattr(self._inner, "add_registered_method_handlers", None)
-        if add is not None:
-            add(
-                service_name,
-                {name: _wrap_aio(self, h, f"/{service_name}/{name}") for name, h in method_handlers.items()},
-            )
-
-    def add_insecure_port(self, address: str) -> int:
-        """See ``grpc.aio.Server.add_insecure_port``."""
-        return self._inner.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        """See ``grpc.aio.Server.add_secure_port``."""
-        return self._inner.add_secure_port(address, server_credentials)
-
     async def start(self) -> None:
         """See ``grpc.aio.Server.start``."""
         await self._inner.start()
@@ -109,15 +91,6 @@ class _AioHello(_HelloHandler):
         if answer is None:
             await context.abort(code, details)
         return answer  # type: ignore[return-value]
-
-
-class _AioGeneric(grpc.GenericRpcHandler):
-    def __init__(self, server: AioShmServer, inner: grpc.GenericRpcHandler) -> None:
-        self._server, self._inner = server, inner
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        h = self._inner.service(handler_call_details)
-        return _wrap_aio(self._server, h, handler_call_details.method) if h is not None else None
 
 
 def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None = None) -> grpc.RpcMethodHandler:

@@ -113,6 +113,29 @@ class ServerBase:
         s = self._shm.session_stats()
         return {"holds": s["holds"], "peer_segments": s["peer_segments"]}
 
+    def _wrap(self, h: grpc.RpcMethodHandler, method: str | None) -> grpc.RpcMethodHandler:
+        """``h`` with shmgrpc's decoding and encoding around it (the thread or the asyncio server's way)."""
+        raise NotImplementedError
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """See ``grpc.Server.add_generic_rpc_handlers``; every handler's methods move through shared memory."""
+        self._inner.add_generic_rpc_handlers(tuple(_Generic(self, h) for h in generic_rpc_handlers))
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
+        """See ``grpc.Server.add_registered_method_handlers``."""
+        wrapped = {name: self._wrap(h, f"/{service_name}/{name}") for name, h in method_handlers.items()}
+        add = getattr(self._inner, "add_registered_method_handlers", None)
+        if add is not None:
+            add(service_name, wrapped)
+
+    def add_insecure_port(self, address: str) -> int:
+        """See ``grpc.Server.add_insecure_port``."""
+        return int(self._inner.add_insecure_port(address))
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        """See ``grpc.Server.add_secure_port``."""
+        return int(self._inner.add_secure_port(address, server_credentials))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
@@ -141,26 +164,10 @@ class ShmServer(ServerBase):
             views=views,
         )
 
+    def _wrap(self, h: grpc.RpcMethodHandler, method: str | None) -> grpc.RpcMethodHandler:
+        return _wrap(self, h, method)
+
     # ---- grpc.Server ----
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        """See ``grpc.Server.add_generic_rpc_handlers``; every handler's methods move through shared memory."""
-        self._inner.add_generic_rpc_handlers(tuple(_Generic(self, h) for h in generic_rpc_handlers))
-
-    def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
-        """See ``grpc.Server.add_registered_method_handlers``."""
-        wrapped = {name: _wrap(self, h, f"/{service_name}/{name}") for name, h in method_handlers.items()}
-        add = getattr(self._inner, "add_registered_method_handlers", None)
-        if add is not None:
-            add(service_name, wrapped)
-
-    def add_insecure_port(self, address: str) -> int:
-        """See ``grpc.Server.add_insecure_port``."""
-        return self._inner.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        """See ``grpc.Server.add_secure_port``."""
-        return self._inner.add_secure_port(address, server_credentials)
-
     def start(self) -> None:
         """See ``grpc.Server.start``."""
         self._inner.start()
@@ -210,12 +217,12 @@ class _HelloHandler(grpc.GenericRpcHandler):
 
 
 class _Generic(grpc.GenericRpcHandler):
-    def __init__(self, server: ShmServer, inner: grpc.GenericRpcHandler) -> None:
+    def __init__(self, server: ServerBase, inner: grpc.GenericRpcHandler) -> None:
         self._server, self._inner = server, inner
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         h = self._inner.service(handler_call_details)
-        return _wrap(self._server, h, handler_call_details.method) if h is not None else None
+        return self._server._wrap(h, handler_call_details.method) if h is not None else None
 
 
 def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None) -> grpc.RpcMethodHandler:
