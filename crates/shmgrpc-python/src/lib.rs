@@ -675,16 +675,7 @@ impl Received {
     /// first piece and merging the others in order gives the message (protobuf's merge of concatenated encodings),
     /// without joining them.
     fn aligned(&self) -> PyResult<bool> {
-        let parts = self.parts()?;
-        let Some(fields) = top_level_fields(&parts) else { return Ok(false) };
-        let mut at = 0;
-        for p in &parts[..parts.len().saturating_sub(1)] {
-            at += p.len();
-            if !fields.iter().any(|f| f.end == at) && at != 0 {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        Ok(embed::aligned(&self.parts()?))
     }
 
     /// Raises `StatusError(DATA_LOSS)` if the peer shrank a segment while the message was read.
@@ -700,19 +691,7 @@ impl Received {
     /// absent, repeated, split across pieces, or the message does not parse as protobuf.
     fn split_field<'py>(&self, py: Python<'py>, number: u32) -> PyResult<Option<(Piece, Bound<'py, PyBytes>)>> {
         let parts = self.parts()?;
-        let Some(fields) = top_level_fields(&parts) else { return Ok(None) };
-        let mut found = fields.iter().filter(|f| f.number == number && f.content.is_some());
-        let (Some(field), None) = (found.next(), found.next()) else { return Ok(None) };
-        if fields.iter().filter(|f| f.number == number).count() != 1 {
-            return Ok(None);
-        }
-        let (start, end) = field.content.expect("filtered");
-        let Some(piece) = slice_within(&parts, start, end) else { return Ok(None) };
-        let mut rest = Vec::new();
-        for f in fields.iter().filter(|f| f.number != number) {
-            rest.extend(range_bytes(&parts, f.start, f.end));
-        }
-        Ok(Some((Piece(piece), PyBytes::new(py, &rest))))
+        Ok(embed::split_field(&parts, number).map(|(field, rest)| (Piece(field), PyBytes::new(py, &rest))))
     }
 
     /// Lets the peer reuse its buffers, except what pieces handed out still hold (idempotent).
@@ -720,97 +699,6 @@ impl Received {
         let r = lock(&self.0).take();
         py.detach(move || drop(r));
     }
-}
-
-/// One top-level field of a message: its encoding's range, and its content's for a length-delimited field (in
-/// offsets of the whole message).
-struct Field {
-    number: u32,
-    start: usize,
-    end: usize,
-    content: Option<(usize, usize)>,
-}
-
-/// The byte at `at` of the concatenation of `parts`.
-fn byte_at(parts: &[Bytes], mut at: usize) -> Option<u8> {
-    for p in parts {
-        if at < p.len() {
-            return Some(p[at]);
-        }
-        at -= p.len();
-    }
-    None
-}
-
-fn varint(parts: &[Bytes], at: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let b = byte_at(parts, *at)?;
-        *at += 1;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-/// The top-level fields of the message `parts` make, or `None` if it is not well-formed protobuf.
-fn top_level_fields(parts: &[Bytes]) -> Option<Vec<Field>> {
-    let total: usize = parts.iter().map(Bytes::len).sum();
-    let mut at = 0;
-    let mut out = Vec::new();
-    while at < total {
-        let start = at;
-        let key = varint(parts, &mut at)?;
-        let number = u32::try_from(key >> 3).ok().filter(|&n| n > 0)?;
-        let mut content = None;
-        match key & 7 {
-            0 => {
-                varint(parts, &mut at)?;
-            }
-            1 => at = at.checked_add(8)?,
-            5 => at = at.checked_add(4)?,
-            2 => {
-                let n = usize::try_from(varint(parts, &mut at)?).ok()?;
-                let end = at.checked_add(n)?;
-                content = Some((at, end));
-                at = end;
-            }
-            _ => return None,
-        }
-        if at > total {
-            return None;
-        }
-        out.push(Field { number, start, end: at, content });
-    }
-    Some(out)
-}
-
-/// `start..end` of the concatenation as a slice of one part (no copy), if it lies in one.
-fn slice_within(parts: &[Bytes], start: usize, end: usize) -> Option<Bytes> {
-    let mut base = 0;
-    for p in parts {
-        if start >= base && end <= base + p.len() {
-            return Some(p.slice(start - base..end - base));
-        }
-        base += p.len();
-    }
-    None
-}
-
-/// A copy of `start..end` of the concatenation.
-fn range_bytes(parts: &[Bytes], start: usize, end: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(end - start);
-    let mut base = 0;
-    for p in parts {
-        let (a, b) = (start.max(base), end.min(base + p.len()));
-        if a < b {
-            out.extend_from_slice(&p[a - base..b - base]);
-        }
-        base += p.len();
-    }
-    out
 }
 
 /// What a loan holds: the buffer until it is sent; then the `Bytes` that were sent (the same memory) only while

@@ -695,3 +695,220 @@ where
     .ok()?;
     rx.recv().ok()
 }
+
+// ---- top-level fields of a message given as parts (for bindings that parse pieces in place) ----
+
+/// The one top-level length-delimited field `number` of the message `parts` make, when its content lies in one
+/// part: that content (a slice of the part, no copy) and every other field's encoding, concatenated. `None` when
+/// the field is absent or repeated, its content spans parts, or the message is not well-formed protobuf. A
+/// binding hands the content out in place (a view) and parses the rest.
+pub fn split_field(parts: &[Bytes], number: u32) -> Option<(Bytes, Vec<u8>)> {
+    let fields = top_level_fields(parts)?;
+    let mut found = fields.iter().filter(|f| f.number == number);
+    let (Some(field), None) = (found.next(), found.next()) else { return None };
+    let (start, end) = field.content?;
+    let content = slice_within(parts, start, end)?;
+    let mut rest = Vec::new();
+    for f in fields.iter().filter(|f| f.number != number) {
+        rest.extend(range_bytes(parts, f.start, f.end));
+    }
+    Some((content, rest))
+}
+
+/// Whether every boundary between `parts` falls between two top-level fields of the message they make: then
+/// parsing the first part and merging the others in order gives the message (protobuf merges concatenated
+/// encodings), without joining them.
+pub fn aligned(parts: &[Bytes]) -> bool {
+    let Some(fields) = top_level_fields(parts) else { return false };
+    let mut at = 0;
+    for p in &parts[..parts.len().saturating_sub(1)] {
+        at += p.len();
+        if at != 0 && !fields.iter().any(|f| f.end == at) {
+            return false;
+        }
+    }
+    true
+}
+
+/// One top-level field of a message: its encoding's range, and its content's for a length-delimited field (in
+/// offsets of the whole message).
+struct Field {
+    number: u32,
+    start: usize,
+    end: usize,
+    content: Option<(usize, usize)>,
+}
+
+/// The byte at `at` of the concatenation of `parts`.
+fn byte_at(parts: &[Bytes], mut at: usize) -> Option<u8> {
+    for p in parts {
+        if at < p.len() {
+            return Some(p[at]);
+        }
+        at -= p.len();
+    }
+    None
+}
+
+fn varint(parts: &[Bytes], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = byte_at(parts, *at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The top-level fields of the message `parts` make, or `None` if it is not well-formed protobuf.
+fn top_level_fields(parts: &[Bytes]) -> Option<Vec<Field>> {
+    let total: usize = parts.iter().map(Bytes::len).sum();
+    let mut at = 0;
+    let mut out = Vec::new();
+    while at < total {
+        let start = at;
+        let key = varint(parts, &mut at)?;
+        let number = u32::try_from(key >> 3).ok().filter(|&n| n > 0)?;
+        let mut content = None;
+        match key & 7 {
+            0 => {
+                varint(parts, &mut at)?;
+            }
+            1 => at = at.checked_add(8)?,
+            5 => at = at.checked_add(4)?,
+            2 => {
+                let n = usize::try_from(varint(parts, &mut at)?).ok()?;
+                let end = at.checked_add(n)?;
+                content = Some((at, end));
+                at = end;
+            }
+            _ => return None,
+        }
+        if at > total {
+            return None;
+        }
+        out.push(Field { number, start, end: at, content });
+    }
+    Some(out)
+}
+
+/// `start..end` of the concatenation as a slice of one part (no copy), if it lies in one.
+fn slice_within(parts: &[Bytes], start: usize, end: usize) -> Option<Bytes> {
+    let mut base = 0;
+    for p in parts {
+        if start >= base && end <= base + p.len() {
+            return Some(p.slice(start - base..end - base));
+        }
+        base += p.len();
+    }
+    None
+}
+
+/// A copy of `start..end` of the concatenation.
+fn range_bytes(parts: &[Bytes], start: usize, end: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(end - start);
+    let mut base = 0;
+    for p in parts {
+        let (a, b) = (start.max(base), end.min(base + p.len()));
+        if a < b {
+            out.extend_from_slice(&p[a - base..b - base]);
+        }
+        base += p.len();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(number: u32, wire: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        prost::encoding::encode_varint(u64::from(number << 3 | wire), &mut v);
+        v
+    }
+
+    /// A message of fields `(number, Some(bytes))` (length-delimited) or `(number, None)` (a varint 7), each
+    /// field's encoding as its own part.
+    fn message(fields: &[(u32, Option<Vec<u8>>)]) -> Vec<Bytes> {
+        fields
+            .iter()
+            .map(|(n, v)| {
+                let mut out = Vec::new();
+                match v {
+                    Some(b) => {
+                        out.extend(key(*n, 2));
+                        prost::encoding::encode_varint(b.len() as u64, &mut out);
+                        out.extend_from_slice(b);
+                    }
+                    None => {
+                        out.extend(key(*n, 0));
+                        out.push(7);
+                    }
+                }
+                Bytes::from(out)
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Peer bytes never make the scanners panic, however they are cut into parts.
+        #[test]
+        fn any_bytes_in_any_parts_are_scanned_without_panic(
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+            cuts in proptest::collection::vec(0usize..300, 0..6),
+            number in 0u32..20,
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= data.len()).collect();
+            cuts.sort_unstable();
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for c in cuts.into_iter().chain([data.len()]) {
+                parts.push(Bytes::copy_from_slice(&data[at..c.max(at)]));
+                at = c.max(at);
+            }
+            let _ = aligned(&parts);
+            if let Some((content, rest)) = split_field(&parts, number) {
+                prop_assert!(content.len() + rest.len() <= data.len());
+            }
+        }
+
+        /// A well-formed message cut between its fields: aligned, and a unique length-delimited field comes out
+        /// in place, with the others' encodings as the rest.
+        #[test]
+        fn a_field_comes_out_in_place_and_the_rest_is_the_other_fields(
+            values in proptest::collection::vec(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)), 1..6),
+        ) {
+            let fields: Vec<(u32, Option<Vec<u8>>)> =
+                values.into_iter().enumerate().map(|(i, v)| (i as u32 + 1, v)).collect();
+            let parts = message(&fields);
+            prop_assert!(aligned(&parts));
+            for (i, (n, v)) in fields.iter().enumerate() {
+                match (v, split_field(&parts, *n)) {
+                    (Some(b), Some((content, rest))) => {
+                        prop_assert_eq!(&content[..], &b[..]);
+                        let others: Vec<u8> =
+                            parts.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, p)| p.to_vec()).collect();
+                        prop_assert_eq!(rest, others);
+                    }
+                    (None, found) => prop_assert!(found.is_none(), "a varint field has no content"),
+                    (Some(_), None) => prop_assert!(false, "field {} not found", n),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_field_split_across_parts_is_not_handed_out_and_breaks_alignment() {
+        let whole = message(&[(1, Some(vec![9; 10]))]).concat();
+        let parts = vec![Bytes::copy_from_slice(&whole[..4]), Bytes::copy_from_slice(&whole[4..])];
+        assert!(split_field(&parts, 1).is_none());
+        assert!(!aligned(&parts));
+        let repeated = message(&[(1, Some(vec![1])), (1, Some(vec![2]))]);
+        assert!(split_field(&repeated, 1).is_none(), "a repeated field is not one field");
+    }
+}
