@@ -13,10 +13,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Instant;
 
+pub mod fake;
 pub mod peer;
 
 mod cases;
+mod client_cases;
 
+pub use client_cases::ClientCase;
 pub use peer::Target;
 
 /// A case's check: `Ok` when the server did what the rule requires, else what it did instead.
@@ -82,4 +85,70 @@ pub async fn run(target: &str, only: Option<&str>) -> Result<Vec<Outcome>, Strin
         });
     }
     Ok(out)
+}
+
+/// Every client case.
+pub fn client_cases() -> Vec<ClientCase> {
+    client_cases::all()
+}
+
+/// Runs the client cases whose id starts with `only` (all without it): for each, a fake server follows the case's
+/// script and `command` (run with `sh -c`, `{target}` replaced by the fake server's address) is the client under
+/// test; see [`fake`] for what the command must do.
+///
+/// # Errors
+///
+/// A fake server could not start.
+pub async fn run_client(command: &str, only: Option<&str>) -> Result<Vec<Outcome>, String> {
+    let mut out = Vec::new();
+    for case in client_cases::all().into_iter().filter(|c| only.is_none_or(|p| c.id.starts_with(p))) {
+        let start = Instant::now();
+        let fake = fake::Fake::start(case.script).await?;
+        let cmd = command.replace("{target}", &fake.target);
+        let ran = peer::blocking(move || run_bounded(&cmd, CLIENT_LIMIT)).await;
+        let result = match ran {
+            Ok(o) => {
+                let checked = (case.check)(o.status.success(), &fake);
+                checked.map_err(|e| {
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    let tail: String = err.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+                    if o.status.success() || tail.is_empty() { e } else { format!("{e} (client: {tail})") }
+                })
+            }
+            Err(e) => Err(format!("the client command did not run: {e}")),
+        };
+        out.push(Outcome {
+            id: case.id,
+            section: case.section,
+            rule: case.rule,
+            passed: result.is_ok(),
+            detail: result.err().unwrap_or_default(),
+            millis: start.elapsed().as_millis(),
+        });
+    }
+    Ok(out)
+}
+
+/// How long a client command may take for one case.
+const CLIENT_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `cmd` with `sh -c`, killing it after `limit`.
+fn run_bounded(cmd: &str, limit: std::time::Duration) -> std::io::Result<std::process::Output> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output()
 }

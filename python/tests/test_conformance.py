@@ -1,17 +1,20 @@
 """The protocol's conformance suite (``shmgrpc conformance``, ``conformance/`` in the repository) against the
-Python servers, threads and asyncio: every case passes, as against ``shmgrpc serve``
-(``crates/shmgrpc-cli/tests/conformance.rs``)."""
+Python servers (threads, asyncio, views) and clients (sync and asyncio): every case passes, as against
+``shmgrpc serve`` and ``shmgrpc call`` (``crates/shmgrpc-cli/tests/conformance.rs``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shlex
 import subprocess
+import sys
 from typing import Any
 
 import pytest
 
-from .conftest import _stop, start_py_server
+from .conftest import HERE, ROOT, _stop, start_py_server
 
 
 @pytest.mark.parametrize("flavour", [[], ["--aio"], ["--views"]], ids=["threads", "asyncio", "views"])
@@ -30,3 +33,23 @@ def test_the_python_server_passes_every_conformance_case(
     assert not failed, failed
     assert out.returncode == 0, out.stderr
     assert len(lines) >= 40
+
+
+@pytest.mark.parametrize("flavour", [[], ["--aio"]], ids=["sync", "asyncio"])
+def test_the_python_client_passes_every_client_conformance_case(
+    bin_path: str, stubs_dir: str, flavour: list[str]
+) -> None:
+    client = [sys.executable, str(HERE / "conformance_client.py"), "{target}", *flavour]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([stubs_dir, str(ROOT / "python" / "src")])}
+    out = subprocess.run(
+        [bin_path, "conformance", "--json", "--client", shlex.join(client)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    lines: list[dict[str, Any]] = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    failed = [x for x in lines if not x["passed"]]
+    assert not failed, failed
+    assert out.returncode == 0, out.stderr
+    assert len(lines) >= 10
