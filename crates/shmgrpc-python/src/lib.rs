@@ -398,7 +398,7 @@ impl Session {
     /// the bytes to send (the reference, or the message itself inline: counted, with its reason), or a `Waiting`
     /// when it must wait for the peer first. Copies run without the GIL. A loan counts as sent either way.
     fn send(&self, py: Python<'_>, items: Vec<Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
-        send_items(py, items, |slices| self.0.send(slices))
+        send_items(py, items, self.0.threshold(), |slices| self.0.send(slices))
     }
 
     /// The scope of one call when the session numbers calls (protocol version 3), else `None`: a client passes
@@ -423,7 +423,7 @@ impl Call {
 
     /// Sends our next message on the call (as `Session.send`, numbered).
     fn send(&self, py: Python<'_>, items: Vec<Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
-        send_items(py, items, |slices| self.0.send(slices))
+        send_items(py, items, self.0.threshold(), |slices| self.0.send(slices))
     }
 
     /// One more message of the peer's was decoded on this call.
@@ -443,10 +443,12 @@ impl Call {
     }
 }
 
-/// Encodes `items` with `send` (see `Session.send`).
+/// Encodes `items` with `send` (see `Session.send`). A message below `threshold` goes inline without a copy, so the
+/// GIL is released only for messages that may be copied into shared memory.
 fn send_items(
     py: Python<'_>,
     items: Vec<Bound<'_, PyAny>>,
+    threshold: usize,
     send: impl FnOnce(&[&[u8]]) -> Sending + Send,
 ) -> PyResult<Py<PyAny>> {
     let mut kept: Vec<Bytes> = Vec::new();
@@ -497,7 +499,8 @@ fn send_items(
             },
         })
         .collect();
-    let sending = py.detach(|| send(&slices));
+    let total: usize = slices.iter().map(|s| s.len()).sum();
+    let sending = if total < threshold { send(&slices) } else { py.detach(|| send(&slices)) };
     let out = match sending {
         Sending::Reference(r) => PyBytes::new(py, &r).into_any().unbind(),
         Sending::Inline(_) => match (&items[..], &order[..]) {

@@ -418,6 +418,11 @@ impl CallScope {
         self.session.send_tagged(slices, Some((self.number, index)))
     }
 
+    /// Messages from this size up are meant for shared memory (the session's threshold).
+    pub fn threshold(&self) -> usize {
+        self.session.threshold()
+    }
+
     /// One more message of the peer's was read (decoded) on this call.
     pub fn received(&self) {
         self.received.fetch_add(1, Ordering::Relaxed);
