@@ -16,6 +16,7 @@ use crate::{Case, Check};
 
 const ECHO: &str = "/shmgrpc.demo.v1.Blob/Echo";
 const UPLOAD: &str = "/shmgrpc.demo.v1.Blob/Upload";
+const DOWNLOAD: &str = "/shmgrpc.demo.v1.Blob/Download";
 
 type Checked = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -120,6 +121,18 @@ pub(crate) fn all() -> Vec<Case> {
             frame_unexpected_kind
         ),
         case!(
+            "§3",
+            "frame.two-descriptors",
+            "More than one descriptor for one frame: the session closes",
+            frame_two_descriptors
+        ),
+        case!(
+            "§3",
+            "frame.descriptor-on-release",
+            "A descriptor on a frame of a kind that carries none (a Release): the session closes",
+            frame_descriptor_on_release
+        ),
+        case!(
             "§5",
             "register.memfd",
             "Register of a sealed memfd at least as long as len: Registered without error",
@@ -180,6 +193,18 @@ pub(crate) fn all() -> Vec<Case> {
             "forget.final",
             "After Forget an id is never mapped again, and a reference to it fails at once with INVALID_ARGUMENT",
             forget_final
+        ),
+        case!(
+            "§6",
+            "response.inline-without-header",
+            "A call without the shmgrpc-session header gets no reference in its response, however large",
+            response_inline_without_header
+        ),
+        case!(
+            "§6",
+            "call.malformed-number",
+            "A call whose shmgrpc-call header is not a decimal number is served (as in version 2)",
+            call_malformed_number
         ),
         case!(
             "§6",
@@ -542,6 +567,55 @@ async fn frame_unexpected_kind(t: Target) -> Result<(), String> {
     let s = t.session().await?;
     s.side.send(Kind::Welcome(v1::Welcome { session: vec![0; 16].into(), threshold: 0 })).await?;
     s.closed().await.map(drop)
+}
+
+/// Sends `kind` framed, with `fds` riding on its first byte.
+async fn send_with(s: &Session, kind: Kind, fds: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
+    let mut bytes = Vec::new();
+    wire::encode_frame(&wire::frame(kind), &mut bytes);
+    let sock = s.side.0.clone();
+    crate::peer::blocking(move || {
+        use std::os::fd::AsFd;
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        let n = shmgrpc::fdpass::send_with_fds(&*sock, &bytes, &borrowed)?;
+        std::io::Write::write_all(&mut &*sock, &bytes[n..])
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+async fn frame_two_descriptors(t: Target) -> Result<(), String> {
+    let s = t.session().await?;
+    let fds = vec![sealed_memfd(4096, b"")?, sealed_memfd(4096, b"")?];
+    send_with(&s, Kind::Register(v1::Register { segment: 1, len: 4096, source: None }), fds).await?;
+    s.closed().await.map(drop)
+}
+
+async fn frame_descriptor_on_release(t: Target) -> Result<(), String> {
+    let s = t.session().await?;
+    let fds = vec![sealed_memfd(4096, b"")?];
+    send_with(&s, Kind::Release(v1::Release { segment: 1, generation: 1 }), fds).await?;
+    s.closed().await.map(drop)
+}
+
+async fn response_inline_without_header(t: Target) -> Result<(), String> {
+    let _s = t.session().await?; // a session exists; this call does not name it
+    let req = shmgrpc_demo::DownloadRequest { size: 2 << 20, seed: 3, count: 1 }.encode_to_vec();
+    let reply = t.call(DOWNLOAD, req.into(), None).await.map_err(|st| format!("the call failed: {st}"))?;
+    ensure(!wire::is_reference(&reply), || "a reference in the response of a call without the header".into())?;
+    let p = Payload::decode(reply).map_err(|e| format!("the reply does not decode: {e}"))?;
+    shmgrpc_demo::verify(&p).map_err(|e| format!("the reply's payload: {e}"))
+}
+
+async fn call_malformed_number(t: Target) -> Result<(), String> {
+    let (s, body) = with_payload(&t, 300_000).await?;
+    let r = reference(&s.id, false, vec![sender(1, 1, 0, body.len() as u64)]);
+    let reply = t
+        .call_with(ECHO, r, Some(&s.id), &[(shmgrpc::protocol::CALL_HEADER, "+5")])
+        .await
+        .map_err(|st| format!("the call failed: {st}"))?;
+    let got = resolve(&s, &reply, &body).await?;
+    same_payload(&got, &body)
 }
 
 async fn register_answer(

@@ -72,6 +72,21 @@ impl Target {
     ///
     /// The call's status.
     pub async fn call(&self, method: &str, body: Bytes, session: Option<&[u8]>) -> Result<Bytes, tonic::Status> {
+        self.call_with(method, body, session, &[]).await
+    }
+
+    /// [`Target::call`] with more request headers.
+    ///
+    /// # Errors
+    ///
+    /// The call's status.
+    pub async fn call_with(
+        &self,
+        method: &str,
+        body: Bytes,
+        session: Option<&[u8]>,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Bytes, tonic::Status> {
         let mut g = tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(usize::MAX);
         g.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let mut req = tonic::Request::new(body);
@@ -79,6 +94,10 @@ impl Target {
         if let Some(id) = session {
             let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
             req.metadata_mut().insert(SESSION_HEADER, hex.parse().expect("hex"));
+        }
+        for (name, value) in headers {
+            let value = value.parse().map_err(|_| tonic::Status::internal("a header value that is no ASCII"))?;
+            req.metadata_mut().insert(*name, value);
         }
         let path: http::uri::PathAndQuery = method.parse().map_err(|_| tonic::Status::internal("bad method"))?;
         Ok(g.unary(req, path, Raw).await?.into_inner())
