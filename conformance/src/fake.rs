@@ -350,25 +350,35 @@ impl tonic::server::NamedService for BlobService {
     const NAME: &'static str = "shmgrpc.demo.v1.Blob";
 }
 
-impl tower::Service<http::Request<tonic::body::Body>> for HelloService {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+/// The tower service of a scripted gRPC service: the method at `$path` when `$serves` holds, `UNIMPLEMENTED`
+/// otherwise, its unary handler `$handler` over raw bytes.
+macro_rules! scripted_service {
+    ($service:ident, $handler:ident, $path:expr, $serves:expr) => {
+        impl tower::Service<http::Request<tonic::body::Body>> for $service {
+            type Response = http::Response<tonic::body::Body>;
+            type Error = Infallible;
+            type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let st = self.0.clone();
-        Box::pin(async move {
-            if req.uri().path() != HELLO_PATH || st.script.hello == HelloMode::Unimplemented {
-                return Ok(tonic::Status::unimplemented("scripted").into_http());
+            fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+                Poll::Ready(Ok(()))
             }
-            Ok(tonic::server::Grpc::new(Raw).unary(Hello(st), req).await)
-        })
-    }
+
+            fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+                let st = self.0.clone();
+                Box::pin(async move {
+                    let serves: fn(&State) -> bool = $serves;
+                    if req.uri().path() != $path || !serves(&st) {
+                        return Ok(tonic::Status::unimplemented("scripted").into_http());
+                    }
+                    Ok(tonic::server::Grpc::new(Raw).unary($handler(st), req).await)
+                })
+            }
+        }
+    };
 }
+
+scripted_service!(HelloService, Hello, HELLO_PATH, |st| st.script.hello != HelloMode::Unimplemented);
+scripted_service!(BlobService, Echo, "/shmgrpc.demo.v1.Blob/Echo", |_| true);
 
 struct Hello(Arc<State>);
 
@@ -387,26 +397,6 @@ impl tonic::server::UnaryService<Bytes> for Hello {
                 ticket: ticket.into(),
             };
             Ok(tonic::Response::new(answer.encode_to_vec().into()))
-        })
-    }
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for BlobService {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let st = self.0.clone();
-        Box::pin(async move {
-            if req.uri().path() != "/shmgrpc.demo.v1.Blob/Echo" {
-                return Ok(tonic::Status::unimplemented("only Echo").into_http());
-            }
-            Ok(tonic::server::Grpc::new(Raw).unary(Echo(st), req).await)
         })
     }
 }

@@ -60,6 +60,24 @@ pub struct Outcome {
     pub millis: u128,
 }
 
+impl Outcome {
+    /// The outcome of the case `(id, section, rule)` that started at `start` and ended with `result`.
+    fn of(
+        (id, section, rule): (&'static str, &'static str, &'static str),
+        start: Instant,
+        result: Result<(), String>,
+    ) -> Outcome {
+        Outcome {
+            id,
+            section,
+            rule,
+            passed: result.is_ok(),
+            detail: result.err().unwrap_or_default(),
+            millis: start.elapsed().as_millis(),
+        }
+    }
+}
+
 /// Runs the cases whose id starts with `only` (all without it) against the server at `target`, one after the
 /// other, and reports each. A case that panics is a failure.
 ///
@@ -75,14 +93,7 @@ pub async fn run(target: &str, only: Option<&str>) -> Result<Vec<Outcome>, Strin
             Ok(r) => r,
             Err(e) => Err(format!("the check panicked: {e}")),
         };
-        out.push(Outcome {
-            id: case.id,
-            section: case.section,
-            rule: case.rule,
-            passed: result.is_ok(),
-            detail: result.err().unwrap_or_default(),
-            millis: start.elapsed().as_millis(),
-        });
+        out.push(Outcome::of((case.id, case.section, case.rule), start, result));
     }
     Ok(out)
 }
@@ -117,14 +128,7 @@ pub async fn run_client(command: &str, only: Option<&str>) -> Result<Vec<Outcome
             }
             Err(e) => Err(format!("the client command did not run: {e}")),
         };
-        out.push(Outcome {
-            id: case.id,
-            section: case.section,
-            rule: case.rule,
-            passed: result.is_ok(),
-            detail: result.err().unwrap_or_default(),
-            millis: start.elapsed().as_millis(),
-        });
+        out.push(Outcome::of((case.id, case.section, case.rule), start, result));
     }
     Ok(out)
 }

@@ -6,17 +6,24 @@ mod common;
 
 use std::process::Command;
 
-#[test]
-fn shmgrpc_serve_passes_every_conformance_case() {
-    let srv = common::serve_blocking(&[]);
+/// Runs `shmgrpc conformance --json` with `args`; every case passed: their report lines.
+fn every_case_passes(args: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_shmgrpc"))
-        .args(["conformance", "--json", "--target", &srv.unix])
+        .args(["conformance", "--json"])
+        .args(args)
         .output()
         .expect("shmgrpc conformance runs");
     let lines = common::json_lines(&out.stdout);
     let failed: Vec<_> = lines.iter().filter(|l| l["passed"] != true).collect();
     assert!(failed.is_empty(), "failed cases: {failed:#?}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    lines
+}
+
+#[test]
+fn shmgrpc_serve_passes_every_conformance_case() {
+    let srv = common::serve_blocking(&[]);
+    let lines = every_case_passes(&["--target", &srv.unix]);
     let listed = Command::new(env!("CARGO_BIN_EXE_shmgrpc")).args(["conformance", "--list"]).output().unwrap();
     let cases = String::from_utf8_lossy(&listed.stdout).lines().filter(|l| !l.starts_with("client.")).count();
     assert_eq!(lines.len(), cases, "every server case ran");
@@ -58,13 +65,6 @@ fn the_spec_lists_every_case_with_its_section() {
 #[test]
 fn shmgrpc_call_passes_every_client_conformance_case() {
     let client = format!("{} call --target {{target}} --size 1MiB --repeat 2", env!("CARGO_BIN_EXE_shmgrpc"));
-    let out = Command::new(env!("CARGO_BIN_EXE_shmgrpc"))
-        .args(["conformance", "--json", "--client", &client])
-        .output()
-        .expect("shmgrpc conformance runs");
-    let lines = common::json_lines(&out.stdout);
-    let failed: Vec<_> = lines.iter().filter(|l| l["passed"] != true).collect();
-    assert!(failed.is_empty(), "failed cases: {failed:#?}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = every_case_passes(&["--client", &client]);
     assert!(lines.len() >= 10, "{} cases", lines.len());
 }

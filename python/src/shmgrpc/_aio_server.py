@@ -20,7 +20,7 @@ import grpc.aio
 
 from . import _codec, _core
 from ._core import Session, StatusError
-from .server import CALL, CURRENT, ServerBase, _Failed, _HelloHandler, _is_ours, _mark
+from .server import CALL, CURRENT, ServerBase, _Failed, _HelloHandler, _is_ours, _mark, session_of
 
 LARGE = 1 << 20
 """Responses from this size up are encoded (copied into shared memory) on a worker thread."""
@@ -153,16 +153,8 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         return _Encoded(await _codec.settle_async(_codec.send(*args)))
 
     def enter(context: grpc.aio.ServicerContext) -> Session | None:
-        metadata = context.invocation_metadata() or ()
-        value = None
-        for key, v in metadata:
-            if key == _core.SESSION_HEADER:
-                value = v if isinstance(v, str) else v.decode()
-        session = core.session(value) if value else None
-        number = _codec.call_number(metadata) if session is not None else None
-        call = session.call(number) if session is not None and number is not None else None
+        session, call = session_of(core, context.invocation_metadata())
         if call is not None:
-            # Protocol version 3: see the thread server's wrapper.
             context.add_done_callback(lambda _: call.end())
         CURRENT.set(session)
         CALL.set(call)

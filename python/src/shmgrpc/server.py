@@ -32,6 +32,22 @@ CALL: contextvars.ContextVar[_core.Call | None] = contextvars.ContextVar("shmgrp
 """The numbered call (protocol version 3) an asyncio handler serves."""
 
 
+def session_of(core: _core.Server, metadata: Any) -> tuple[Session | None, _core.Call | None]:
+    """
+    The live session a call's ``shmgrpc-session`` header names, and in a session of protocol version 3 the scope of
+    the call its ``shmgrpc-call`` header numbers: our responses are the call's numbered messages, and if the handler
+    stops reading the request stream early, the client learns how many it read when the call ends (``CallEnd``).
+    """
+    value = None
+    for key, v in metadata or ():
+        if key == _core.SESSION_HEADER:
+            value = v if isinstance(v, str) else v.decode()
+    session = core.session(value) if value else None
+    number = _codec.call_number(metadata) if session is not None else None
+    call = session.call(number) if session is not None and number is not None else None
+    return session, call
+
+
 def _mark(deserialize: Callable[..., Any]) -> None:
     """Marks a request deserializer as shmgrpc's (a handler that has one is not wrapped again)."""
     deserialize._shmgrpc = True  # type: ignore[attr-defined]
@@ -256,20 +272,9 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
     def enter(context: grpc.ServicerContext) -> _core.Call | None:
         # The response serializer runs on this thread after the behaviour returns (and while a response iterator
         # is consumed): the call's session is left current until the next call on this thread sets its own.
-        metadata = context.invocation_metadata()
-        value = None
-        for key, v in metadata:
-            if key == _core.SESSION_HEADER:
-                value = v if isinstance(v, str) else v.decode()
-        session = core.session(value) if value else None
-        call = None
-        number = _codec.call_number(metadata) if session is not None else None
-        if session is not None and number is not None:
-            # Protocol version 3: our responses are the call's numbered messages, and if the handler stops reading
-            # the request stream early, the client learns how many it read when the call ends (`CallEnd`).
-            call = session.call(number)
-            if call is not None:
-                context.add_callback(call.end)
+        session, call = session_of(core, context.invocation_metadata())
+        if call is not None:
+            context.add_callback(call.end)
         _current.session, _current.call = session, call
         return call
 
