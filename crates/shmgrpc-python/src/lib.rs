@@ -550,6 +550,13 @@ impl Waiting {
         Ok(resolution(py, r))
     }
 
+    /// Without waiting, for a caller that must not wait (an event loop's thread): as `wait` would answer now, the
+    /// message inline if the peer has not answered yet.
+    fn now<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyBytes>, bool)> {
+        let w = lock(&self.0).take().ok_or_else(|| PyValueError::new_err("already resolved"))?;
+        Ok(resolution(py, w.now()))
+    }
+
     /// Without waiting: the resolution as `wait` gives it once the peer answered, `None` before.
     fn poll<'py>(&self, py: Python<'py>) -> PyResult<Option<(Bound<'py, PyBytes>, bool)>> {
         let mut guard = lock(&self.0);

@@ -508,6 +508,13 @@ impl Waiting {
         if self.gate.settled() || Instant::now() >= self.deadline { self.finish() } else { None }
     }
 
+    /// Without waiting: the resolution now. A message whose registration is still unanswered, or whose window is
+    /// still full, goes inline (rebuilt from our buffers), as when the wait runs out: for a caller that must not
+    /// wait (an event loop), never for one that may.
+    pub fn now(mut self) -> Resolution {
+        self.finish().expect("resolved once: `now` takes the message")
+    }
+
     /// Blocks the calling thread until the peer has answered or the wait ran out (the wait is bounded: 2 s for a
     /// registration, the window wait for the window). Must not be called on the I/O thread.
     pub fn wait(mut self) -> Resolution {

@@ -26,13 +26,6 @@ LARGE = 1 << 20
 """Responses from this size up are encoded (copied into shared memory) on a worker thread."""
 
 
-class _Deferred:
-    """A request reference whose registration has not arrived yet: resolved off the loop by the wrapper."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
 class _Encoded(bytes):
     """A response already encoded by the wrapper: the response serializer passes it on as it is."""
 
@@ -111,7 +104,7 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
 
     def deserialize(data: bytes) -> Any:
         if _core.is_reference(data) and core.needs_wait(data):
-            return _Deferred(data)  # resolved by the wrapper, on a worker thread
+            return _codec.Deferred(data, de)  # resolved by the wrapper, on a worker thread
         try:
             return _codec.decode(data, de, lambda d: core.receive(d, False), counters)
         except StatusError as e:
@@ -120,11 +113,12 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
     def serialize(message: Any) -> bytes:
         if isinstance(message, _Encoded):
             return bytes(message)
-        # A message written with `context.write`: encoded here, on the loop (a rare wait blocks it, bounded).
-        return _codec.settle(_codec.encode(message, ser, CURRENT.get(), counters, threshold, None, CALL.get()))
+        # A message written with `context.write`: encoded here, on the loop, which must not wait for the client: a
+        # message that would (a new segment's registration, a full window) goes inline instead.
+        return _codec.settle_now(_codec.encode(message, ser, CURRENT.get(), counters, threshold, None, CALL.get()))
 
     async def resolve(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Deferred):
+        if isinstance(request, _codec.Deferred):
             loop = asyncio.get_running_loop()
             try:
                 received = await loop.run_in_executor(None, core.receive, request.data, True)

@@ -24,6 +24,22 @@ CODES = {code.value[0]: code for code in grpc.StatusCode}
 """gRPC status codes by number."""
 
 
+class ShmRpcError(grpc.RpcError):
+    """A response that could not be decoded, with the protocol's status code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        """The status code (see ``docs/protocol.md`` section 9)."""
+        return self._code
+
+    def details(self) -> str:
+        """Why."""
+        return self._details
+
+
 def status_code(e: StatusError) -> grpc.StatusCode:
     """The ``grpc.StatusCode`` of a core ``StatusError``."""
     return CODES.get(e.args[0], grpc.StatusCode.UNKNOWN)
@@ -239,6 +255,25 @@ def settle(out: Any) -> bytes:
         return bytes(out)
     data, _ = out.wait()
     return data
+
+
+def settle_now(out: Any) -> bytes:
+    """As :func:`settle`, for a thread that must not wait (an event loop): a message still waiting goes inline."""
+    if isinstance(out, (bytes, bytearray, memoryview)):
+        return bytes(out)
+    data, _ = out.now()
+    return data
+
+
+class Deferred:
+    """
+    A reference that overtook its segment's registration, met on a thread that must not wait for it (grpcio's
+    channel or server polling thread, an event loop): resolved later, on the call's own thread.
+    """
+
+    def __init__(self, data: bytes, parse: Any) -> None:
+        self.data = data
+        self.parse = parse
 
 
 async def settle_async(out: Any) -> bytes:

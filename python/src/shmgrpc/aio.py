@@ -22,7 +22,7 @@ import grpc.aio
 
 from . import _codec, _core
 from ._aio_server import AioShmServer, server
-from ._codec import ViewOf
+from ._codec import ShmRpcError, ViewOf
 from ._core import StatusError
 from .client import _channel_options, _ChannelBase, _discovery_failed, _unix_path
 
@@ -128,22 +128,6 @@ class AioShmChannel(_ChannelBase):
             return _codec.decode(data, parse, lambda d: self._shm.receive(d, False), self._counters)
         except StatusError as e:
             raise ShmRpcError(_codec.status_code(e), str(e.args[1])) from None
-
-
-class ShmRpcError(grpc.RpcError):
-    """A response that could not be decoded, with the protocol's status code."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        """The status code (see ``docs/protocol.md`` section 9)."""
-        return self._code
-
-    def details(self) -> str:
-        """Why."""
-        return self._details
 
 
 class _AioCallable:

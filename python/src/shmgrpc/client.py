@@ -223,9 +223,6 @@ class _ChannelBase:
     def _encode(self, session: Session | None, ser: Any, message: Any, call: _core.Call | None = None) -> Any:
         return _codec.encode(message, ser, session, self._counters, self.threshold, self._fallback, call)
 
-    def _receive(self, data: bytes) -> _core.Received:
-        return self._shm.receive(data, True)
-
     def _callable(self, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> Any:
         raise NotImplementedError
 
@@ -356,13 +353,28 @@ class ShmChannel(_ChannelBase, grpc.Channel):
 
     def _deserializer(self, de: Any) -> Callable[[bytes], Any]:
         def deserialize(data: bytes) -> Any:
+            # grpcio deserializes on the caller's thread for blocking unary calls, and on the channel's one polling
+            # thread for futures and response streams: there a reference that overtook its segment's registration
+            # is handed on as it is and resolved on the caller's thread when it reads it (`_resolve`).
+            may_wait = getattr(_CALL, "may_wait", False)
+            if not may_wait and _core.is_reference(data) and self._shm.needs_wait(data):
+                return _codec.Deferred(data, de)
             try:
-                return _codec.decode(data, de, self._receive, self._counters)
+                return _codec.decode(data, de, lambda d: self._shm.receive(d, may_wait), self._counters)
             except StatusError as e:
                 # grpcio turns a deserializer's exception into INTERNAL; the message keeps the protocol's code.
                 raise ValueError(f"{_codec.status_code(e).name}: {e.args[1]}") from None
 
         return deserialize
+
+    def _resolve(self, item: Any) -> Any:
+        """A response as read by the caller: a deferred reference is resolved here, waiting (at most 2 s)."""
+        if not isinstance(item, _codec.Deferred):
+            return item
+        try:
+            return _codec.decode(item.data, item.parse, lambda d: self._shm.receive(d, True), self._counters)
+        except StatusError as e:
+            raise _codec.ShmRpcError(_codec.status_code(e), str(e.args[1])) from None
 
 
 class _Callable:
@@ -409,19 +421,21 @@ class _Callable:
             inner, args[1], session, call = self._for_call(args[1])  # type: ignore[index]
         else:
             inner, kwargs["metadata"], session, call = self._for_call(kwargs.get("metadata"))
-        if call is None:
+        if session is None:
             return getattr(inner, attr)(request, *args, **kwargs)
-        if self._kind.startswith("stream_"):
+        if call is not None and self._kind.startswith("stream_"):
             request = self._ch._encoded_stream(request, session, self._ser, call)
-        _CALL.call = call
+        # Blocking unary calls deserialize the response on this thread, which may wait for a registration.
+        _CALL.call, _CALL.may_wait = call, attr != "future" and self._kind in ("unary_unary", "stream_unary")
         try:
             result = getattr(inner, attr)(request, *args, **kwargs)
         except BaseException:
-            call.end()  # no response was read: the server drops what it sent of it
+            if call is not None:
+                call.end()  # no response was read: the server drops what it sent of it
             raise
         finally:
-            _CALL.call = None
-        return _Tracked.wrap(self._kind, attr, result, call)
+            _CALL.call, _CALL.may_wait = None, False
+        return _Tracked.wrap(self._kind, attr, result, call, self._ch._resolve)
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         return self._invoke("__call__", request, args, kwargs)
@@ -435,16 +449,30 @@ class _Callable:
 
 class _Tracked:
     """
-    The response side of a numbered call (protocol version 3): counts the responses read, and when reading stops
-    before the end (the call is cancelled, fails, or a response stream is dropped half read) tells the server how
-    many were read (`CallEnd`), so it drops the holds of the rest at once.
+    The response side of a call with a session: resolves responses deferred off grpcio's polling thread when the
+    caller reads them, and in a numbered call (protocol version 3) counts the responses read and, when reading
+    stops before the end (the call is cancelled, fails, or a response stream is dropped half read), tells the
+    server how many were read (`CallEnd`), so it drops the holds of the rest at once.
     """
 
     @staticmethod
-    def wrap(kind: str, attr: str, result: Any, call: _core.Call) -> Any:
+    def wrap(kind: str, attr: str, result: Any, call: _core.Call | None, resolve: Callable[[Any], Any]) -> Any:
         if kind.endswith("_stream"):
-            return _TrackedStream(result, call)
+            return _TrackedStream(result, call, resolve)
         if attr == "future":
+            return _TrackedFuture(result, call, resolve)
+        if call is not None:
+            call.received()  # the response, decoded
+            call.complete()
+        return result
+
+
+class _TrackedFuture:
+    """A unary call's future (a ``grpc.Future`` and ``grpc.Call``) whose result is resolved when it is read."""
+
+    def __init__(self, inner: Any, call: _core.Call | None, resolve: Callable[[Any], Any]) -> None:
+        self._inner, self._resolve = inner, resolve
+        if call is not None:
 
             def done(f: Any) -> None:
                 if f.cancelled() or f.exception() is not None:
@@ -453,43 +481,56 @@ class _Tracked:
                     call.received()
                     call.complete()
 
-            result.add_done_callback(done)
-            return result
-        call.received()  # the response, decoded
-        call.complete()
-        return result
+            inner.add_done_callback(done)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """See ``grpc.Future.result``."""
+        return self._resolve(self._inner.result(timeout))
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """See ``grpc.Future.add_done_callback``; ``fn`` gets this future."""
+        self._inner.add_done_callback(lambda _: fn(self))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 class _TrackedStream:
-    """A response stream (a ``grpc.Call`` and iterator) whose reading is counted for its numbered call."""
+    """A response stream (a ``grpc.Call`` and iterator): resolved as read, and counted for its numbered call."""
 
-    def __init__(self, inner: Any, call: _core.Call) -> None:
+    def __init__(self, inner: Any, call: _core.Call | None, resolve: Callable[[Any], Any]) -> None:
         self._inner = inner
         self._call = call
+        self._resolve = resolve
 
     def __iter__(self) -> _TrackedStream:
         return self
 
     def __next__(self) -> Any:
         try:
-            item = next(self._inner)
+            item = self._resolve(next(self._inner))
         except StopIteration:
-            self._call.complete()
+            if self._call is not None:
+                self._call.complete()
             raise
         except BaseException:
-            self._call.end()
+            if self._call is not None:
+                self._call.end()
             raise
-        self._call.received()
+        if self._call is not None:
+            self._call.received()
         return item
 
     def cancel(self) -> bool:
         """See ``grpc.RpcContext.cancel``; the server drops what it sent and was not read."""
         done = bool(self._inner.cancel())
-        self._call.end()
+        if self._call is not None:
+            self._call.end()
         return done
 
     def __del__(self) -> None:
-        self._call.end()
+        if self._call is not None:
+            self._call.end()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

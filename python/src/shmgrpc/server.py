@@ -255,12 +255,13 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
         de = _codec.ViewOf(de, field)
     ser = h.response_serializer
 
-    def receive(data: bytes) -> _core.Received:
-        return core.receive(data, True)
-
     def deserialize(data: bytes) -> Any:
+        # grpcio calls this on its server thread, which every call shares: a reference that overtook its segment's
+        # registration is resolved by the call's own handler thread instead (`check`), which may wait for it.
+        if _core.is_reference(data) and core.needs_wait(data):
+            return _codec.Deferred(data, de)
         try:
-            return _codec.decode(data, de, receive, counters)
+            return _codec.decode(data, de, lambda d: core.receive(d, False), counters)
         except StatusError as e:
             return _Failed(e)
 
@@ -279,6 +280,11 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
         return call
 
     def check(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _codec.Deferred):
+            try:
+                request = _codec.decode(request.data, request.parse, lambda d: core.receive(d, True), counters)
+            except StatusError as e:
+                request = _Failed(e)
         if isinstance(request, _Failed):
             context.abort(request.code, request.message)
         return request
