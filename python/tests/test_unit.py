@@ -117,3 +117,61 @@ def test_a_channel_made_before_its_server_gets_shared_memory_once_it_is_up(
             eventually("the channel opens a session", echoed_through_shared_memory, timeout=30)
         finally:
             server.stop(None)
+
+
+class Recorder(grpc.ServerInterceptor):
+    """Keeps the metadata of every call."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        self.seen.append({k: v for k, v in details.invocation_metadata or () if isinstance(v, str)})
+        return continuation(details)
+
+
+def test_blocking_unary_calls_made_in_rust_carry_the_callers_metadata_and_options(
+    blob: Any, blob_grpc: Any, tmp_path: Any
+) -> None:
+    """
+    The hot path of small calls (``_core.UnaryUnary``, the Rust serializer and deserializer, the server's
+    ``_core.UnaryHandler``) does what the Python multi-callable does: the caller's metadata and the session's
+    headers, a new call number per call, options by name or by position, inline and shared-memory messages counted.
+    """
+    from .blob_server import Blob
+
+    rec = Recorder()
+    server = shmgrpc.server(futures.ThreadPoolExecutor(2), interceptors=[rec])
+    blob_grpc.add_BlobServicer_to_server(Blob(), server)
+    target = f"unix:{tmp_path / 'hot.sock'}"
+    server.add_insecure_port(target)
+    server.start()
+    try:
+        with shmgrpc.insecure_channel(target) as ch:
+            assert ch.is_shared_memory(), ch.fallback()
+            stub = blob_grpc.BlobStub(ch)
+            assert isinstance(stub.Echo, _core.UnaryUnary)
+            small = blob.Payload(data=os.urandom(1024), crc32=7)
+            assert stub.Echo(small, metadata=[("x-user", "ann")], timeout=10) == small
+            assert stub.Echo(small, 10, [("x-user", "bob")]) == small  # positional: the Python multi-callable
+            big = blob.Payload(data=os.urandom(1 << 20), crc32=8)
+            assert stub.Echo(big) == big
+            reply, call = stub.Echo.with_call(small, metadata=[("x-user", "cy")])
+            assert reply == small and call.code() == grpc.StatusCode.OK
+            echoes = [m for m in rec.seen if _core.SESSION_HEADER in m]
+            assert [m.get("x-user") for m in echoes] == ["ann", "bob", None, "cy"], echoes
+            assert {m[_core.SESSION_HEADER] for m in echoes} == {ch._session.header}  # type: ignore[union-attr]
+            numbers = [int(m[_core.CALL_HEADER]) for m in echoes]
+            assert len(set(numbers)) == 4, numbers
+            s = ch.stats()
+            assert (s["inline_sent"], s["inline_received"], s["shm_sent"], s["shm_received"]) == (3, 3, 1, 1), s
+            # A call that fails (no such method on the server) raises as grpcio does, and its scope is closed.
+            missing = ch.unary_unary("/shmgrpc.demo.v1.Blob/Missing", small.SerializeToString, blob.Payload.FromString)
+            with pytest.raises(grpc.RpcError) as e:
+                missing(small, metadata=[("x-user", "dee")])
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert stub.Echo(small) == small
+        s = server.stats()
+        assert (s["inline_received"], s["shm_received"]) == (4, 1), s
+    finally:
+        server.stop(None)

@@ -8,6 +8,8 @@
 //! numpy, `memoryview` and protobuf read and write them in place; the memory (and the peer's hold on it) lives as
 //! long as any export does.
 
+mod codec;
+
 use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -22,6 +24,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use shmgrpc::embed::{self, ClientCore, CoreSession, Resolution, Sending, ServerCore};
+use shmgrpc::protocol::{CALL_HEADER, SESSION_HEADER};
 use shmgrpc::{ClientConfig, Fallback, PoolConfig, ServerConfig, TransferStats};
 
 create_exception!(_core, StatusError, PyException, "A gRPC status: `args` are the code (an int) and the message.");
@@ -244,6 +247,9 @@ impl Client {
 
 /// A server's side of the session layer: the side channel and its sessions. `close()` removes the socket and
 /// ends every session.
+/// A call's session and numbered call (see `Server.session_of`).
+type CallOf = (Option<Py<Session>>, Option<Py<Call>>);
+
 #[pyclass(frozen, module = "shmgrpc._core")]
 struct Server {
     core: Mutex<Option<ServerCore>>,
@@ -303,6 +309,51 @@ impl Server {
     /// The live session a call's `shmgrpc-session` header names, or `None`.
     fn session(&self, header: &str) -> PyResult<Option<Session>> {
         Ok(self.with(|c| c.session(header))?.map(Session))
+    }
+
+    /// A call's session and call from its metadata (grpcio's `(key, value)` pairs): the live session its
+    /// `shmgrpc-session` header names, and in a session that numbers calls (protocol version 3) the scope of the
+    /// call its `shmgrpc-call` header numbers (our responses are the call's numbered messages; end the scope when
+    /// the call ends). `(None, None)` for a plain call.
+    fn session_of(&self, py: Python<'_>, metadata: &Bound<'_, PyAny>) -> PyResult<CallOf> {
+        let mut header = None;
+        let mut number = None;
+        if !metadata.is_none() {
+            for item in metadata.try_iter()? {
+                let item = item?;
+                let key = item.get_item(0)?;
+                let Ok(key) = key.cast::<pyo3::types::PyString>() else { continue };
+                let key = key.to_cow()?;
+                if key == SESSION_HEADER {
+                    header = Some(text(&item.get_item(1)?)?);
+                } else if key == CALL_HEADER {
+                    number = embed::call_number(&text(&item.get_item(1)?)?);
+                }
+            }
+        }
+        let Some(session) = header.and_then(|h| self.with(|c| c.session(&h)).transpose()).transpose()? else {
+            return Ok((None, None));
+        };
+        let call = number.and_then(|n| session.call(Some(n))).map(|c| Py::new(py, Call(c))).transpose()?;
+        Ok((Some(Py::new(py, Session(session))?), call))
+    }
+
+    /// Enters a call on this thread (see `session_of`): its response serializer sends through the call's session
+    /// (it runs on this thread after the handler returns, and while a response iterator is consumed, so the call
+    /// stays this thread's until the next one). A unary request counts as read to its end, and `None` is returned;
+    /// for a request stream, the call's scope, to end when the call ends (`None` for a call that is not numbered).
+    fn enter(&self, py: Python<'_>, metadata: &Bound<'_, PyAny>, unary: bool) -> PyResult<Option<Py<Call>>> {
+        let (session, call) = self.session_of(py, metadata)?;
+        if unary {
+            if let Some(c) = &call {
+                c.get().0.received();
+                c.get().0.complete();
+            }
+            codec::serve(session, call);
+            return Ok(None);
+        }
+        codec::serve(session, call.as_ref().map(|c| c.clone_ref(py)));
+        Ok(call)
     }
 
     /// Resolves a request that is a reference (see `Client.receive`).
@@ -886,6 +937,7 @@ fn constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_THRESHOLD", p::DEFAULT_THRESHOLD)?;
     m.add("SESSION_HEADER", p::SESSION_HEADER)?;
     m.add("CALL_HEADER", p::CALL_HEADER)?;
+    m.add("LARGE_FIELD", codec::LARGE_FIELD)?;
     m.add("HELLO_PATH", p::HELLO_PATH)?;
     m.add("HANDSHAKE_TIMEOUT", p::HANDSHAKE_TIMEOUT.as_secs_f64())?;
     m.add("DEFAULT_BUDGET", shmgrpc::pool::default_budget())?;
@@ -896,6 +948,14 @@ fn constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction]
 fn heap_loan(n: usize) -> Loan {
     Loan::new(embed::heap_loan(n), 0)
+}
+
+/// A metadata value as text (grpcio gives `str`, or `bytes` for binary headers).
+fn text(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    match value.cast::<PyBytes>() {
+        Ok(b) => Ok(String::from_utf8_lossy(b.as_bytes()).into_owned()),
+        Err(_) => value.extract(),
+    }
 }
 
 /// Whether `data` is a reference rather than an inline message.
@@ -921,5 +981,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(is_reference, m)?)?;
     m.add_function(wrap_pyfunction!(heap_loan, m)?)?;
+    m.add_class::<codec::Serializer>()?;
+    m.add_class::<codec::Deserializer>()?;
+    m.add_class::<codec::UnaryUnary>()?;
+    m.add_class::<codec::UnaryHandler>()?;
+    m.add_function(wrap_pyfunction!(codec::enter_call, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::leave_call, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::current, m)?)?;
     constants(m)
 }

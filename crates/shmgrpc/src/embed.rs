@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 use crate::config::{ClientConfig, SessionParams};
 use crate::pool::Pool;
 use crate::proto::v1::{self, HelloRequest, HelloResponse};
+pub use crate::protocol::call_number;
 use crate::protocol::{REGISTRATION_WAIT, Side};
 use crate::segment::PeerSegment;
 use crate::server::ShmServer;

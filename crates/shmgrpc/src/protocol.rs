@@ -61,6 +61,15 @@ pub const SESSION_HEADER: &str = "shmgrpc-session";
 /// chooses, distinct among the session's calls; `CallEnd` names the call by it.
 pub const CALL_HEADER: &str = "shmgrpc-call";
 
+/// The number a [`CALL_HEADER`] value gives (§6): ASCII decimal digits whose value fits a `u64`. `None` for
+/// anything else: the call is then served unnumbered, as in version 2.
+pub fn call_number(value: &str) -> Option<u64> {
+    if !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
 /// The discovery method, answered by the server layer on the gRPC connection itself (§2).
 pub const HELLO_PATH: &str = "/shmgrpc.v1.Session/Hello";
 
@@ -134,3 +143,18 @@ pub const DEFAULT_WINDOW: u64 = 512 << 20;
 
 /// Default bound on the wait for the window to open; after it the message goes inline.
 pub const DEFAULT_WINDOW_WAIT: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::call_number;
+
+    #[test]
+    fn a_call_number_is_decimal_digits_that_fit_a_u64() {
+        assert_eq!(call_number("0"), Some(0));
+        assert_eq!(call_number("0042"), Some(42));
+        assert_eq!(call_number("18446744073709551615"), Some(u64::MAX));
+        for bad in ["", "+5", "-1", " 5", "5 ", "0x10", "1e3", "18446744073709551616", "٣"] {
+            assert_eq!(call_number(bad), None, "{bad:?}");
+        }
+    }
+}

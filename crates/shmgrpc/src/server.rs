@@ -373,10 +373,10 @@ where
             .and_then(|hex| Session::lookup_hex(hex, Side::Server));
         // The call's number (protocol version 3): a header that is missing or not a decimal number leaves the call
         // unnumbered, served as in version 2.
-        let call = session.as_ref().filter(|s| s.numbers_calls()).and_then(|_| {
-            let v = req.headers().get(CALL_HEADER)?.to_str().ok()?;
-            v.bytes().all(|b| b.is_ascii_digit()).then(|| v.parse::<u64>().ok()).flatten()
-        });
+        let call = session
+            .as_ref()
+            .filter(|s| s.numbers_calls())
+            .and_then(|_| crate::protocol::call_number(req.headers().get(CALL_HEADER)?.to_str().ok()?));
         let mut req = req;
         if let Some(s) = &session {
             req.extensions_mut().insert(CallSession(s.clone()));

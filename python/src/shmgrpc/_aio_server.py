@@ -20,7 +20,7 @@ import grpc.aio
 
 from . import _codec, _core
 from ._core import Session, StatusError
-from .server import CALL, CURRENT, ServerBase, _Failed, _HelloHandler, _is_ours, _mark, session_of
+from .server import CALL, CURRENT, ServerBase, _Failed, _HelloHandler, _is_ours, session_of
 
 LARGE = 1 << 20
 """Responses from this size up are encoded (copied into shared memory) on a worker thread."""
@@ -102,7 +102,7 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
 
         return _wrap(server, h, method)  # type: ignore[arg-type]
 
-    def deserialize(data: bytes) -> Any:
+    def slow_deserialize(data: bytes) -> Any:
         if _core.is_reference(data) and core.needs_wait(data):
             return _codec.Deferred(data, de)  # resolved by the wrapper, on a worker thread
         try:
@@ -190,7 +190,8 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
     async def many_requests(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         return requests_of(requests, context)
 
-    _mark(deserialize)
+    plain = de if de is not None and not isinstance(de, _codec.ViewOf) else None
+    deserialize = _core.Deserializer(plain, slow_deserialize, counters)  # inline messages: the Rust fast path
     kw = {"request_deserializer": deserialize, "response_serializer": serialize}
     if h.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary_in, **kw)

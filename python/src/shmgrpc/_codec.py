@@ -140,21 +140,21 @@ class Encoded(bytes):
     """A message already encoded (by shmgrpc's wrapper around a call): the serializer passes it on as it is."""
 
 
-CALL_DIGITS = frozenset("0123456789")
-
-
-def call_number(metadata: Any) -> int | None:
-    """The ``shmgrpc-call`` header's number (protocol section 6), ``None`` without a well-formed one."""
-    for key, value in metadata or ():
-        if key == _core.CALL_HEADER:
-            v = value if isinstance(value, str) else value.decode()
-            if v and set(v) <= CALL_DIGITS and len(v) <= 20 and int(v) < 1 << 64:
-                return int(v)
-    return None
-
-
-LARGE_FIELD = 32 * 1024
+LARGE_FIELD = _core.LARGE_FIELD
 """A top-level ``bytes`` field from this size up is written straight from its value into shared memory."""
+
+
+def large_fields(ty: type, serialize: Callable[[Any], bytes] | None) -> tuple[str, ...] | None:
+    """
+    For the Rust serializer (``_core.Serializer``): the fields of message type ``ty`` that, when one is large,
+    make :func:`_split` write it from its value (the message then takes the slow path, :func:`encode`), or ``None``
+    when every message of the type takes the slow path (a loaned or an already encoded message, no serializer).
+    """
+    if serialize is None or issubclass(ty, (Loaned, bytes, bytearray, memoryview)):
+        return None
+    if not hasattr(ty, "SerializeToString") or serialize != ty.SerializeToString:
+        return ()  # a custom serializer: its output is sent as it is
+    return tuple(fd.name for fd in _bytes_fields(ty.DESCRIPTOR))  # type: ignore[attr-defined]
 
 
 _BYTES_FIELDS: dict[Any, tuple[Any, ...]] = {}
@@ -176,9 +176,7 @@ def _split(message: Any, serialize: Any) -> list[Any] | None:
     if serialize is not None and serialize != type(message).SerializeToString:
         return None
     desc = message.DESCRIPTOR
-    fields = _BYTES_FIELDS.get(desc)
-    if fields is None:
-        fields = _BYTES_FIELDS[desc] = tuple(fd for fd in desc.fields if fd.type == fd.TYPE_BYTES and not _repeated(fd))
+    fields = _bytes_fields(desc)
     large = []
     for fd in fields:
         value = getattr(message, fd.name)
@@ -222,6 +220,13 @@ def _split(message: Any, serialize: Any) -> list[Any] | None:
         items.append(_varint(fd.number << 3 | 2) + _varint(len(value)))
         items.append(value)
     return items
+
+
+def _bytes_fields(desc: Any) -> tuple[Any, ...]:
+    fields = _BYTES_FIELDS.get(desc)
+    if fields is None:
+        fields = _BYTES_FIELDS[desc] = tuple(fd for fd in desc.fields if fd.type == fd.TYPE_BYTES and not _repeated(fd))
+    return fields
 
 
 def _repeated(fd: Any) -> bool:

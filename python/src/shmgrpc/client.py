@@ -11,6 +11,7 @@ was not up yet, tries again in the background (at most once a second). Generated
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -31,9 +32,6 @@ log = logging.getLogger("shmgrpc")
 
 PROTOCOL_VERSION = _core.PROTOCOL_VERSION
 """The highest protocol version the package speaks (the Rust core's: docs/protocol.md section 2)."""
-
-_CALL = threading.local()
-"""The call whose request the serializer encodes on this thread (grpcio serializes unary requests in-thread)."""
 
 RETRY_INTERVAL = 1.0
 """Smallest pause, in seconds, between two attempts to open a session."""
@@ -325,7 +323,9 @@ class ShmChannel(_ChannelBase, grpc.Channel):
         self._channel.unsubscribe(callback)
 
     def _callable(self, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> Any:
-        return _Callable(self, kind, method, ser, de, kw)
+        c = _Callable(self, kind, method, ser, de, kw)
+        # A blocking unary call through a session is made in Rust (the hot path of small calls); the rest in Python.
+        return _core.UnaryUnary(c, self, _codec.Loaned) if kind == "unary_unary" else c
 
     def close(self) -> None:
         """Closes the session (the server's holds and mappings go) and the gRPC channel."""
@@ -343,20 +343,31 @@ class ShmChannel(_ChannelBase, grpc.Channel):
 
     # ---- per call ----
     def _serializer(self, session: Session | None, ser: Any) -> Callable[[Any], bytes]:
+        """
+        The request serializer through ``session`` (or inline): the Rust fast path for ordinary messages, this
+        slow path for loaned and already encoded messages and large ``bytes`` fields.
+        """
+
         def serialize(message: Any) -> bytes:
             if isinstance(message, _codec.Encoded):
                 return bytes(message)
-            call = getattr(_CALL, "call", None)
+            call = _core.current()[1]  # the call `_invoke` entered on this thread (grpcio serializes in-thread)
             return _codec.settle(self._encode(session, ser, message, call))
 
-        return serialize
+        def reason() -> str | None:
+            return self._fallback.value if self._fallback is not None else None
+
+        fields = functools.partial(_codec.large_fields, serialize=ser)
+        return _core.Serializer(ser, serialize, fields, self._counters, self.threshold, reason=reason, session=session)
 
     def _deserializer(self, de: Any) -> Callable[[bytes], Any]:
+        """The response deserializer: the Rust fast path for inline messages, this slow path for the rest."""
+
         def deserialize(data: bytes) -> Any:
             # grpcio deserializes on the caller's thread for blocking unary calls, and on the channel's one polling
             # thread for futures and response streams: there a reference that overtook its segment's registration
             # is handed on as it is and resolved on the caller's thread when it reads it (`_resolve`).
-            may_wait = getattr(_CALL, "may_wait", False)
+            may_wait = _core.current()[2]
             if not may_wait and _core.is_reference(data) and self._shm.needs_wait(data):
                 return _codec.Deferred(data, de)
             try:
@@ -365,7 +376,8 @@ class ShmChannel(_ChannelBase, grpc.Channel):
                 # grpcio turns a deserializer's exception into INTERNAL; the message keeps the protocol's code.
                 raise ValueError(f"{_codec.status_code(e).name}: {e.args[1]}") from None
 
-        return deserialize
+        plain = de if de is not None and not isinstance(de, ViewOf) else None
+        return _core.Deserializer(plain, deserialize, self._counters)
 
     def _resolve(self, item: Any) -> Any:
         """A response as read by the caller: a deferred reference is resolved here, waiting (at most 2 s)."""
@@ -390,7 +402,7 @@ class _Callable:
             de = ViewOf(de, field)
         self._de = ch._deserializer(de)
         self._plain = getattr(ch._channel, kind)(method, ch._serializer(None, ser), self._de, **kw)
-        self._bound: tuple[Session, Any, tuple[tuple[str, str], ...]] | None = None
+        self._bound: tuple[Session, Any] | None = None
 
     def _for_call(
         self, metadata: Sequence[tuple[str, str]] | None
@@ -400,19 +412,23 @@ class _Callable:
             if self._ch._want_retry():
                 self._ch._retry()
             return self._plain, metadata, None, None
-        cached = self._bound
-        if cached is None or cached[0] is not s:
-            # Made once per session: the serializer sends through this session, whose header the call carries.
-            inner = getattr(self._ch._channel, self._kind)(
-                self._method, self._ch._serializer(s, self._ser), self._de, **self._kw
-            )
-            cached = self._bound = (s, inner, ((_core.SESSION_HEADER, s.header),))
-        header = cached[2]
+        inner = self._inner_for(s)
+        header: tuple[tuple[str, str], ...] = ((_core.SESSION_HEADER, s.header),)
         call = s.call()  # protocol version 3: the call's number, which tags its messages
         if call is not None:
             header = (*header, (_core.CALL_HEADER, str(call.number)))
         md = header if not metadata else (*metadata, *header)
-        return cached[1], md, s, call
+        return inner, md, s, call
+
+    def _inner_for(self, s: Session) -> Any:
+        """The grpcio multi-callable for calls through ``s``: its serializer sends through ``s`` (made once)."""
+        cached = self._bound
+        if cached is None or cached[0] is not s:
+            inner = getattr(self._ch._channel, self._kind)(
+                self._method, self._ch._serializer(s, self._ser), self._de, **self._kw
+            )
+            cached = self._bound = (s, inner)
+        return cached[1]
 
     def _invoke(self, attr: str, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         _codec._check_loan(request)
@@ -426,7 +442,7 @@ class _Callable:
         if call is not None and self._kind.startswith("stream_"):
             request = self._ch._encoded_stream(request, session, self._ser, call)
         # Blocking unary calls deserialize the response on this thread, which may wait for a registration.
-        _CALL.call, _CALL.may_wait = call, attr != "future" and self._kind in ("unary_unary", "stream_unary")
+        _core.enter_call(call, attr != "future" and self._kind in ("unary_unary", "stream_unary"))
         try:
             result = getattr(inner, attr)(request, *args, **kwargs)
         except BaseException:
@@ -434,7 +450,7 @@ class _Callable:
                 call.end()  # no response was read: the server drops what it sent of it
             raise
         finally:
-            _CALL.call, _CALL.may_wait = None, False
+            _core.leave_call()
         return _Tracked.wrap(self._kind, attr, result, call, self._ch._resolve)
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:

@@ -10,6 +10,7 @@ responses sent as references; every other call is plain gRPC. A bad reference ge
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -22,8 +23,6 @@ from ._core import Loan, Session, StatusError
 from .client import PROTOCOL_VERSION, PoolView
 
 log = logging.getLogger("shmgrpc")
-
-_current = threading.local()
 
 CURRENT: contextvars.ContextVar[Session | None] = contextvars.ContextVar("shmgrpc_session", default=None)
 """The session of the call an asyncio handler serves (see :mod:`shmgrpc._aio_server`)."""
@@ -38,24 +37,12 @@ def session_of(core: _core.Server, metadata: Any) -> tuple[Session | None, _core
     the call its ``shmgrpc-call`` header numbers: our responses are the call's numbered messages, and if the handler
     stops reading the request stream early, the client learns how many it read when the call ends (``CallEnd``).
     """
-    value = None
-    for key, v in metadata or ():
-        if key == _core.SESSION_HEADER:
-            value = v if isinstance(v, str) else v.decode()
-    session = core.session(value) if value else None
-    number = _codec.call_number(metadata) if session is not None else None
-    call = session.call(number) if session is not None and number is not None else None
-    return session, call
-
-
-def _mark(deserialize: Callable[..., Any]) -> None:
-    """Marks a request deserializer as shmgrpc's (a handler that has one is not wrapped again)."""
-    deserialize._shmgrpc = True  # type: ignore[attr-defined]
+    return core.session_of(metadata)
 
 
 def _is_ours(h: grpc.RpcMethodHandler) -> bool:
     """Whether a method handler already decodes and encodes through shmgrpc."""
-    return getattr(h.request_deserializer, "_shmgrpc", False) is True
+    return isinstance(h.request_deserializer, _core.Deserializer)
 
 
 class _Guard(grpc.ServerInterceptor):
@@ -255,7 +242,7 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
         de = _codec.ViewOf(de, field)
     ser = h.response_serializer
 
-    def deserialize(data: bytes) -> Any:
+    def slow_deserialize(data: bytes) -> Any:
         # grpcio calls this on its server thread, which every call shares: a reference that overtook its segment's
         # registration is resolved by the call's own handler thread instead (`check`), which may wait for it.
         if _core.is_reference(data) and core.needs_wait(data):
@@ -265,18 +252,23 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
         except StatusError as e:
             return _Failed(e)
 
-    def serialize(message: Any) -> bytes:
-        session: Session | None = getattr(_current, "session", None)
-        call: _core.Call | None = getattr(_current, "call", None)
+    def slow_serialize(message: Any) -> bytes:
+        session, call, _ = _core.current()
         return _codec.settle(_codec.encode(message, ser, session, counters, threshold, None, call))
+
+    # Inline messages take the Rust fast path; the rest these slow paths. The response serializer sends through
+    # the session of the call its thread serves (`enter`).
+    plain = de if de is not None and not isinstance(de, _codec.ViewOf) else None
+    deserialize = _core.Deserializer(plain, slow_deserialize, counters)
+    fields = functools.partial(_codec.large_fields, serialize=ser)
+    serialize = _core.Serializer(ser, slow_serialize, fields, counters, threshold, thread=True)
 
     def enter(context: grpc.ServicerContext) -> _core.Call | None:
         # The response serializer runs on this thread after the behaviour returns (and while a response iterator
         # is consumed): the call's session is left current until the next call on this thread sets its own.
-        session, call = session_of(core, context.invocation_metadata())
+        call = core.enter(context.invocation_metadata(), False)
         if call is not None:
             context.add_callback(call.end)
-        _current.session, _current.call = session, call
         return call
 
     def check(request: Any, context: grpc.ServicerContext) -> Any:
@@ -298,14 +290,8 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
             call.complete()
 
     def unary_in(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
-            call = enter(context)
-            if call is not None:
-                call.received()
-                call.complete()
-            return behaviour(check(request, context), context)
-
-        return run
+        # In Rust (the hot path of small calls): enters the call, hands `check` an unfinished request.
+        return _core.UnaryHandler(behaviour, core, check, (_codec.Deferred, _Failed))
 
     def stream_in(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
@@ -314,7 +300,6 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
 
         return run
 
-    _mark(deserialize)
     kw = {"request_deserializer": deserialize, "response_serializer": serialize}
     if h.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary_in(h.unary_unary), **kw)
@@ -330,7 +315,7 @@ def loan(n: int) -> Loan:
     Inside a handler: a buffer of ``n`` bytes to write a response payload into and send without a copy (see
     :class:`shmgrpc.Loan`); ordinary memory when the call has no session.
     """
-    session: Session | None = CURRENT.get() or getattr(_current, "session", None)
+    session: Session | None = CURRENT.get() or _core.current()[0]
     if session is not None and session.alive:
         return session.loan(n)
     return _core.heap_loan(n)

@@ -1,0 +1,442 @@
+//! The per-call path of the grpcio wrappers, in Rust: the serializer and deserializer shmgrpc gives grpcio, the
+//! call a thread is serving, and the session headers of a call.
+//!
+//! grpcio calls a serializer and a deserializer per message, and a small message's whole cost over stock grpcio is
+//! what those and the wrapper around the call add: Python bytecode run between grpcio's C calls, with cold caches.
+//! Here the common case (a message below the threshold, inline) is a few C-API calls: serialize, length, count. The
+//! rest (a loaned message, large `bytes` fields written from their values, a reference, views) goes to the Python
+//! slow path the wrapper hands over (`python/src/shmgrpc/_codec.py`), which the fast path never second-guesses.
+
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString, PyTuple, PyType};
+use shmgrpc::Fallback;
+use shmgrpc::embed;
+
+use shmgrpc::protocol::{CALL_HEADER, SESSION_HEADER};
+
+use crate::{Call, Counters, Session, Waiting, lock, send_items};
+
+/// What this thread is serving: set by the wrapper around a call, read by the serializers grpcio runs on it.
+#[derive(Default)]
+struct Current {
+    /// The session of the call (a server's handler thread; a client's serializer has its session bound).
+    session: Option<Py<Session>>,
+    /// The call's scope when its session numbers calls (protocol version 3).
+    call: Option<Py<Call>>,
+    /// Whether a deserializer on this thread may wait for a registration (a client's blocking unary call).
+    may_wait: bool,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Current> = RefCell::new(Current::default());
+}
+
+/// Makes `call` (and whether a response may wait for its registration) this thread's: a client calls it around a
+/// call, whose request grpcio serializes on the caller's thread. `leave_call` undoes it.
+#[pyfunction]
+#[pyo3(signature = (call, may_wait))]
+pub(crate) fn enter_call(call: Option<Py<Call>>, may_wait: bool) {
+    CURRENT.with(|c| {
+        let mut c = c.borrow_mut();
+        c.call = call;
+        c.may_wait = may_wait;
+    });
+}
+
+/// Forgets this thread's call (see `enter_call`); the session a server thread serves stays until the next call.
+#[pyfunction]
+pub(crate) fn leave_call(py: Python<'_>) {
+    let old = CURRENT.with(|c| {
+        let mut c = c.borrow_mut();
+        c.may_wait = false;
+        c.call.take()
+    });
+    drop(old);
+    let _ = py;
+}
+
+/// This thread's `(session, call, may_wait)` (see `enter_call` and `Server.enter`).
+#[pyfunction]
+pub(crate) fn current(py: Python<'_>) -> (Option<Py<Session>>, Option<Py<Call>>, bool) {
+    CURRENT.with(|c| {
+        let c = c.borrow();
+        (c.session.as_ref().map(|s| s.clone_ref(py)), c.call.as_ref().map(|s| s.clone_ref(py)), c.may_wait)
+    })
+}
+
+/// Makes a server call's session and call this thread's (its response serializer runs on it after the handler
+/// returns, and while a response iterator is consumed, so they stay until the next call on the thread).
+pub(crate) fn serve(session: Option<Py<Session>>, call: Option<Py<Call>>) {
+    let old = CURRENT.with(|c| {
+        let mut c = c.borrow_mut();
+        let old = (c.session.take(), c.call.take());
+        c.session = session;
+        c.call = call;
+        c.may_wait = false;
+        old
+    });
+    drop(old);
+}
+
+/// Whose session a serializer sends through.
+enum Through {
+    /// None: every message inline (a channel without a session).
+    Nothing,
+    /// The session it was made for (a client's: a call never mixes one session's header with another's messages).
+    Bound(Py<Session>),
+    /// The session this thread serves (a server's: see `Server.enter`).
+    Thread,
+}
+
+/// A top-level `bytes` field from this size up is written straight from its value into shared memory, by the
+/// slow path (`_codec._split`); this size must equal `_codec.LARGE_FIELD`.
+pub(crate) const LARGE_FIELD: usize = 32 * 1024;
+
+/// grpcio's request or response serializer for one method: the message serialized by the method's own serializer
+/// and sent inline, or through the session as `Session.send` would (waiting, without the GIL, when it must). A
+/// message the fast path does not take (see the module docs) goes to `slow`, which returns the bytes to send.
+#[pyclass(frozen, module = "shmgrpc._core")]
+pub(crate) struct Serializer {
+    serialize: Py<PyAny>,
+    slow: Py<PyAny>,
+    /// Python: a message type's `bytes` fields that may be large (a tuple of names), or `None` when the slow path
+    /// takes every message of the type.
+    fields: Py<PyAny>,
+    /// Python: the label of why the channel has no session (for a large message sent inline), or `None`.
+    reason: Option<Py<PyAny>>,
+    counters: embed::Counters,
+    threshold: usize,
+    through: Through,
+    /// The last message type seen, and its `fields` (a method has one).
+    seen: Mutex<Option<Seen>>,
+}
+
+/// A message type and its `bytes` fields to look at (see `Serializer::fields_of`).
+type Seen = (Py<PyType>, Option<Py<PyTuple>>);
+
+#[pymethods]
+impl Serializer {
+    /// See the type. `session` binds the serializer to a session; `thread` makes it send through the session the
+    /// serving thread's call names (a server's); with neither, messages go inline.
+    #[new]
+    #[pyo3(signature = (serialize, slow, fields, counters, threshold, *, reason=None, session=None, thread=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        serialize: Py<PyAny>,
+        slow: Py<PyAny>,
+        fields: Py<PyAny>,
+        counters: &Counters,
+        threshold: usize,
+        reason: Option<Py<PyAny>>,
+        session: Option<Py<Session>>,
+        thread: bool,
+    ) -> Self {
+        let through = match (session, thread) {
+            (Some(s), _) => Through::Bound(s),
+            (None, true) => Through::Thread,
+            (None, false) => Through::Nothing,
+        };
+        Serializer {
+            serialize,
+            slow,
+            fields,
+            reason,
+            counters: counters.0.clone(),
+            threshold,
+            through,
+            seen: Mutex::new(None),
+        }
+    }
+
+    fn __call__(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let Some(fields) = self.fields_of(py, message)? else {
+            return self.slow.call1(py, (message,));
+        };
+        for name in fields.bind(py).iter() {
+            if message.getattr(name.cast::<PyString>()?)?.len()? >= LARGE_FIELD {
+                return self.slow.call1(py, (message,));
+            }
+        }
+        let encoded = self.serialize.bind(py).call1((message,))?;
+        let Ok(bytes) = encoded.cast::<PyBytes>() else {
+            return self.slow.call1(py, (message,));
+        };
+        let n = bytes.as_bytes().len();
+        let (session, call) = match &self.through {
+            Through::Nothing => (None, None),
+            Through::Bound(s) => {
+                (Some(s.clone_ref(py)), CURRENT.with(|c| c.borrow().call.as_ref().map(|c| c.clone_ref(py))))
+            }
+            Through::Thread => CURRENT.with(|c| {
+                let c = c.borrow();
+                (c.session.as_ref().map(|s| s.clone_ref(py)), c.call.as_ref().map(|c| c.clone_ref(py)))
+            }),
+        };
+        match &session {
+            Some(s) if s.get().0.is_alive() => {
+                let s = s.get();
+                if n < s.0.threshold() {
+                    // Inline: counted (and numbered in its call) by the session; the bytes are the message.
+                    let slices = [bytes.as_bytes()];
+                    let sent = match &call {
+                        Some(c) => c.get().0.send(&slices),
+                        None => s.0.send(&slices),
+                    };
+                    debug_assert!(matches!(sent, embed::Sending::Inline(_)));
+                    return Ok(encoded.unbind());
+                }
+                let items = vec![encoded.clone()];
+                let out = match &call {
+                    Some(c) => send_items(py, items, s.0.threshold(), |slices| c.get().0.send(slices))?,
+                    None => send_items(py, items, s.0.threshold(), |slices| s.0.send(slices))?,
+                };
+                settle(py, out)
+            }
+            _ => {
+                let reason = if n < self.threshold {
+                    None
+                } else {
+                    match &self.reason {
+                        Some(f) => {
+                            f.call0(py)?.extract::<Option<String>>(py)?.map(|l| crate::fallback_of(&l)).transpose()?
+                        }
+                        None => None,
+                    }
+                    .or(session.as_ref().map(|_| Fallback::SessionClosed))
+                };
+                self.counters.inline_sent(n, reason);
+                Ok(encoded.unbind())
+            }
+        }
+    }
+}
+
+impl Serializer {
+    /// The `bytes` fields of `message`'s type to look at, or `None` when the slow path takes it.
+    fn fields_of(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyTuple>>> {
+        let ty = message.get_type();
+        if let Some((seen, fields)) = lock(&self.seen).as_ref()
+            && seen.is(&ty)
+        {
+            return Ok(fields.as_ref().map(|f| f.clone_ref(py)));
+        }
+        let fields = self.fields.call1(py, (&ty,))?;
+        let fields: Option<Py<PyTuple>> = fields.extract(py)?;
+        *lock(&self.seen) = Some((ty.unbind(), fields.as_ref().map(|f| f.clone_ref(py))));
+        Ok(fields)
+    }
+}
+
+/// The bytes to send for what `send_items` returned, waiting for the peer (without the GIL) if it must.
+fn settle(py: Python<'_>, out: Py<PyAny>) -> PyResult<Py<PyAny>> {
+    let Ok(waiting) = out.bind(py).cast::<Waiting>() else {
+        return Ok(out);
+    };
+    let (data, _) = waiting.get().wait(py)?;
+    Ok(data.into_any().unbind())
+}
+
+/// grpcio's response or request deserializer for one method: an inline message parsed by the method's own
+/// deserializer and counted; anything else (a reference, a view, a message that does not parse) goes to `slow`.
+#[pyclass(frozen, module = "shmgrpc._core")]
+pub(crate) struct Deserializer {
+    parse: Option<Py<PyAny>>,
+    slow: Py<PyAny>,
+    counters: embed::Counters,
+}
+
+#[pymethods]
+impl Deserializer {
+    /// See the type; `parse` is `None` when the slow path takes every message (a view of a field, raw bytes).
+    #[new]
+    fn new(parse: Option<Py<PyAny>>, slow: Py<PyAny>, counters: &Counters) -> Self {
+        Deserializer { parse, slow, counters: counters.0.clone() }
+    }
+
+    fn __call__(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        if let (Some(parse), Ok(bytes)) = (&self.parse, data.cast::<PyBytes>()) {
+            let b = bytes.as_bytes();
+            if !embed::is_reference(b)
+                && let Ok(message) = parse.call1(py, (data,))
+            {
+                self.counters.inline_received(b.len());
+                return Ok(message);
+            }
+        }
+        self.slow.call1(py, (data,))
+    }
+}
+
+/// A blocking unary-unary call through a session (`multi_callable(request, timeout=..., metadata=...)`), the hot
+/// path of a client's small calls, made here rather than in Python: the session's header (and in protocol version 3
+/// the call's number) added to the metadata, the call entered on this thread for the serializer, the call's scope
+/// closed once the response is read. Anything else (no live session, positional options, a loaned request, the
+/// `with_call` and `future` forms) is the Python multi-callable's (`client._Callable`), which does the same.
+#[pyclass(frozen, module = "shmgrpc._core")]
+pub(crate) struct UnaryUnary {
+    /// The Python multi-callable: the slow path, and `with_call`/`future`.
+    slow: Py<PyAny>,
+    /// The Python channel, whose `_session` is the session calls go through.
+    channel: Py<PyAny>,
+    /// A loaned message's type (`_codec.Loaned`): the Python multi-callable checks and sends loans.
+    loaned: Py<PyType>,
+    /// The grpcio multi-callable for calls without a session (its serializer sends inline).
+    plain: Py<PyAny>,
+    /// The session the last call went through, the multi-callable made for it (its serializer bound to the
+    /// session), and the session's header.
+    bound: Mutex<Option<Made>>,
+}
+
+/// The grpcio multi-callable made for a session, and the session's header (see `UnaryUnary`).
+struct Made {
+    session: Py<Session>,
+    inner: Py<PyAny>,
+    header: Py<PyTuple>,
+}
+
+#[pymethods]
+impl UnaryUnary {
+    /// See the type; `slow` is `client._Callable` for the method.
+    #[new]
+    fn new(py: Python<'_>, slow: Py<PyAny>, channel: Py<PyAny>, loaned: Py<PyType>) -> PyResult<Self> {
+        let plain = slow.getattr(py, pyo3::intern!(py, "_plain"))?;
+        Ok(UnaryUnary { slow, channel, loaned, plain, bound: Mutex::new(None) })
+    }
+
+    #[pyo3(signature = (request, *args, **kwargs))]
+    fn __call__(
+        &self,
+        py: Python<'_>,
+        request: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let slow = || self.slow.call(py, (request,).into_pyobject(py)?.add(args)?.cast_into::<PyTuple>()?, kwargs);
+        if !args.is_empty() || request.is_instance(self.loaned.bind(py))? {
+            return slow();
+        }
+        let channel = self.channel.bind(py);
+        let session = channel.getattr(pyo3::intern!(py, "_session"))?;
+        let session = match session.cast_into::<Session>() {
+            Ok(s) if s.get().0.is_alive() => s,
+            // No session (or it ended): a plain call, and maybe a new try for a session in the background.
+            _ => {
+                if channel.call_method0(pyo3::intern!(py, "_want_retry"))?.is_truthy()? {
+                    channel.call_method0(pyo3::intern!(py, "_retry"))?;
+                }
+                return self.plain.call(py, (request,), kwargs);
+            }
+        };
+        let (inner, header) = {
+            let bound = lock(&self.bound);
+            match bound.as_ref() {
+                Some(m) if m.session.is(&session) => (m.inner.clone_ref(py), m.header.clone_ref(py)),
+                _ => {
+                    drop(bound);
+                    let inner = self.slow.call_method1(py, pyo3::intern!(py, "_inner_for"), (&session,))?;
+                    let header = PyTuple::new(py, [SESSION_HEADER, session.get().0.header()])?.unbind();
+                    *lock(&self.bound) = Some(Made {
+                        session: session.clone().unbind(),
+                        inner: inner.clone_ref(py),
+                        header: header.clone_ref(py),
+                    });
+                    (inner, header)
+                }
+            }
+        };
+        let call = session.get().0.call(None).map(|c| Py::new(py, Call(c))).transpose()?;
+        let kwargs = match kwargs {
+            Some(k) => k.copy()?,
+            None => pyo3::types::PyDict::new(py),
+        };
+        let key = pyo3::intern!(py, "metadata");
+        let mut md: Vec<Bound<'_, PyAny>> = Vec::with_capacity(4);
+        if let Some(user) = kwargs.get_item(key)?
+            && !user.is_none()
+        {
+            for item in user.try_iter()? {
+                md.push(item?);
+            }
+        }
+        md.push(header.into_bound(py).into_any());
+        if let Some(c) = &call {
+            let number = c.get().0.number().to_string();
+            md.push(PyTuple::new(py, [CALL_HEADER, number.as_str()])?.into_any());
+        }
+        kwargs.set_item(key, PyTuple::new(py, md)?)?;
+        enter_call(call.as_ref().map(|c| c.clone_ref(py)), true);
+        let result = inner.call(py, (request,), Some(&kwargs));
+        leave_call(py);
+        if let Some(c) = &call {
+            match &result {
+                // The response was read (decoded by the deserializer, on this thread).
+                Ok(_) => {
+                    c.get().0.received();
+                    c.get().0.complete();
+                }
+                // No response was read: the server drops what it sent of it.
+                Err(_) => c.get().0.end(),
+            }
+        }
+        result
+    }
+
+    /// See `grpc.UnaryUnaryMultiCallable.with_call`.
+    #[pyo3(signature = (*args, **kwargs))]
+    fn with_call(
+        &self,
+        py: Python<'_>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.slow.call_method(py, pyo3::intern!(py, "with_call"), args, kwargs)
+    }
+
+    /// See `grpc.UnaryUnaryMultiCallable.future`.
+    #[pyo3(signature = (*args, **kwargs))]
+    fn future(
+        &self,
+        py: Python<'_>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        self.slow.call_method(py, pyo3::intern!(py, "future"), args, kwargs)
+    }
+}
+
+/// A server's handler of a unary request (the behaviour of `grpc.unary_unary_rpc_method_handler` and
+/// `unary_stream_rpc_method_handler`), the hot path of a server's small calls: enters the call on this thread
+/// (`Server.enter`: its session and number, for the response serializer), hands a request the deserializer could
+/// not finish (a reference that overtook its registration, one that failed) to `check`, then runs the application's
+/// behaviour.
+#[pyclass(frozen, module = "shmgrpc._core")]
+pub(crate) struct UnaryHandler {
+    behaviour: Py<PyAny>,
+    server: Py<crate::Server>,
+    /// Python: `check(request, context)`, the request to hand on (or the call aborted).
+    check: Py<PyAny>,
+    /// The types of requests `check` takes (`_codec.Deferred`, `server._Failed`).
+    unfinished: Py<PyTuple>,
+}
+
+#[pymethods]
+impl UnaryHandler {
+    /// See the type.
+    #[new]
+    fn new(behaviour: Py<PyAny>, server: Py<crate::Server>, check: Py<PyAny>, unfinished: Py<PyTuple>) -> Self {
+        UnaryHandler { behaviour, server, check, unfinished }
+    }
+
+    fn __call__(&self, py: Python<'_>, request: &Bound<'_, PyAny>, context: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let metadata = context.call_method0(pyo3::intern!(py, "invocation_metadata"))?;
+        self.server.get().enter(py, &metadata, true)?;
+        if request.is_instance(self.unfinished.bind(py))? {
+            let request = self.check.call1(py, (request, context))?;
+            return self.behaviour.call1(py, (request, context));
+        }
+        self.behaviour.call1(py, (request, context))
+    }
+}
