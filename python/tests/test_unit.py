@@ -175,3 +175,34 @@ def test_blocking_unary_calls_made_in_rust_carry_the_callers_metadata_and_option
         assert (s["inline_received"], s["shm_received"]) == (4, 1), s
     finally:
         server.stop(None)
+
+
+def test_a_large_field_is_read_once_and_sent_from_that_value(blob: Any) -> None:
+    """
+    Reading a ``bytes`` field of a upb message copies it (a new ``bytes`` object each time): the Rust serializer
+    reads each field once to find the large ones and hands those values to the slow path, which sends them as they
+    are (a second read would cost a copy of the payload and a fresh allocation).
+    """
+    from shmgrpc import _codec
+
+    ser = blob.Payload.SerializeToString
+    calls: list[tuple[Any, ...]] = []
+
+    def slow(*args: Any) -> bytes:
+        calls.append(args)
+        return b"sent"
+
+    def fields(ty: type) -> tuple[str, ...] | None:
+        return _codec.large_fields(ty, ser)
+
+    counters = _core.Client(threshold=1 << 16).counters()
+    serialize = _core.Serializer(ser, slow, fields, counters, 1 << 16)
+    small = blob.Payload(data=b"x" * 100, crc32=1)
+    assert serialize(small) == small.SerializeToString() and calls == []
+    big = blob.Payload(data=os.urandom(_core.LARGE_FIELD), crc32=2)
+    assert serialize(big) == b"sent"
+    [(message, read)] = calls
+    assert message is big and list(read) == ["data"] and read["data"] == big.data
+    items = _codec._split(big, ser, read)
+    assert items is not None and items[-1] is read["data"], "the value read is the one sent"
+    assert blob.Payload.FromString(b"".join(bytes(i) for i in items)) == big

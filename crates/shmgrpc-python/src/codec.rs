@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple, PyType};
 use shmgrpc::Fallback;
 use shmgrpc::embed;
 
@@ -97,7 +97,8 @@ pub(crate) const LARGE_FIELD: usize = 32 * 1024;
 
 /// grpcio's request or response serializer for one method: the message serialized by the method's own serializer
 /// and sent inline, or through the session as `Session.send` would (waiting, without the GIL, when it must). A
-/// message the fast path does not take (see the module docs) goes to `slow`, which returns the bytes to send.
+/// message the fast path does not take (see the module docs) goes to `slow(message)`, which returns the bytes to
+/// send; one with large `bytes` fields to `slow(message, {field: value})`, with the values read here.
 #[pyclass(frozen, module = "shmgrpc._core")]
 pub(crate) struct Serializer {
     serialize: Py<PyAny>,
@@ -155,10 +156,17 @@ impl Serializer {
         let Some(fields) = self.fields_of(py, message)? else {
             return self.slow.call1(py, (message,));
         };
+        // Each read of a field copies it (upb returns a new `bytes` object): the large ones read here are handed
+        // to the slow path, which sends them from these values.
+        let mut large: Option<Bound<'_, PyDict>> = None;
         for name in fields.bind(py).iter() {
-            if message.getattr(name.cast::<PyString>()?)?.len()? >= LARGE_FIELD {
-                return self.slow.call1(py, (message,));
+            let value = message.getattr(name.cast::<PyString>()?)?;
+            if value.len()? >= LARGE_FIELD {
+                large.get_or_insert_with(|| PyDict::new(py)).set_item(name, value)?;
             }
+        }
+        if let Some(large) = large {
+            return self.slow.call1(py, (message, large));
         }
         let encoded = self.serialize.bind(py).call1((message,))?;
         let Ok(bytes) = encoded.cast::<PyBytes>() else {
@@ -312,7 +320,7 @@ impl UnaryUnary {
         py: Python<'_>,
         request: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
-        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         let slow = || self.slow.call(py, (request,).into_pyobject(py)?.add(args)?.cast_into::<PyTuple>()?, kwargs);
         if !args.is_empty() || request.is_instance(self.loaned.bind(py))? {
@@ -350,7 +358,7 @@ impl UnaryUnary {
         let call = session.get().0.call(None).map(|c| Py::new(py, Call(c))).transpose()?;
         let kwargs = match kwargs {
             Some(k) => k.copy()?,
-            None => pyo3::types::PyDict::new(py),
+            None => PyDict::new(py),
         };
         let key = pyo3::intern!(py, "metadata");
         let mut md: Vec<Bound<'_, PyAny>> = Vec::with_capacity(4);
@@ -390,7 +398,7 @@ impl UnaryUnary {
         &self,
         py: Python<'_>,
         args: &Bound<'_, PyTuple>,
-        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         self.slow.call_method(py, pyo3::intern!(py, "with_call"), args, kwargs)
     }
@@ -401,7 +409,7 @@ impl UnaryUnary {
         &self,
         py: Python<'_>,
         args: &Bound<'_, PyTuple>,
-        kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         self.slow.call_method(py, pyo3::intern!(py, "future"), args, kwargs)
     }

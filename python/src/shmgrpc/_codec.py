@@ -85,10 +85,16 @@ def _check_loan(message: Any) -> None:
         raise ValueError("a loan is sent once")
 
 
-def prepare(message: Any, serialize: Callable[[Any], bytes] | None, session: Session | None) -> list[Any]:
+def prepare(
+    message: Any,
+    serialize: Callable[[Any], bytes] | None,
+    session: Session | None,
+    large: dict[str, Any] | None = None,
+) -> list[Any]:
     """
     The slices of ``message``'s encoding: for a :class:`Loaned` message its head and the loan; with a session,
-    large ``bytes`` fields as their own values (see :func:`_split`); else the serialized message.
+    large ``bytes`` fields as their own values (see :func:`_split`; ``large`` gives those values when the caller
+    already read them); else the serialized message.
     """
     if isinstance(message, Loaned):
         carrier = message.loan
@@ -96,7 +102,7 @@ def prepare(message: Any, serialize: Callable[[Any], bytes] | None, session: Ses
             return [message.head(serialize), carrier._piece if carrier._piece is not None else carrier.data]
         return [message.head(serialize), carrier]
     if session is not None:
-        split = _split(message, serialize)
+        split = _split(message, serialize, large)
         if split is not None:
             return split
     return [serialize(message) if serialize is not None else message]
@@ -131,9 +137,10 @@ def encode(
     threshold: int,
     fallback: Fallback | None,
     call: Call | None = None,
+    large: dict[str, Any] | None = None,
 ) -> Any:
     """:func:`prepare`, then :func:`send`."""
-    return send(prepare(message, serialize, session), session, counters, threshold, fallback, call)
+    return send(prepare(message, serialize, session, large), session, counters, threshold, fallback, call)
 
 
 class Encoded(bytes):
@@ -161,7 +168,7 @@ _BYTES_FIELDS: dict[Any, tuple[Any, ...]] = {}
 """The singular ``bytes`` fields of each message type seen (those :func:`_split` looks at)."""
 
 
-def _split(message: Any, serialize: Any) -> list[Any] | None:
+def _split(message: Any, serialize: Any, read: dict[str, Any] | None = None) -> list[Any] | None:
     """
     ``message``'s encoding as slices when it has large top-level ``bytes`` fields: the other fields serialized,
     then each large field's key, length and value (the value object itself, which the core copies once into shared
@@ -169,7 +176,9 @@ def _split(message: Any, serialize: Any) -> list[Any] | None:
     ``bytes`` object: a second copy of every payload, and a fresh allocation that costs page faults (and upb's
     ``ByteSize`` encodes the whole message to count it). A field's position in the encoding does not change the
     message (protobuf parsers take fields in any order). ``None`` (serialize as usual) when there is no large
-    ``bytes`` field, and for a custom serializer, extensions or unknown fields.
+    ``bytes`` field, and for a custom serializer, extensions or unknown fields. ``read`` holds the large fields'
+    values when the caller already read every ``bytes`` field (the Rust serializer does): reading one again would
+    copy it again (upb returns a new ``bytes`` object on each read).
     """
     if isinstance(message, (bytes, bytearray, memoryview)) or not hasattr(message, "SerializeToString"):
         return None
@@ -179,7 +188,7 @@ def _split(message: Any, serialize: Any) -> list[Any] | None:
     fields = _bytes_fields(desc)
     large = []
     for fd in fields:
-        value = getattr(message, fd.name)
+        value = read.get(fd.name, b"") if read is not None else getattr(message, fd.name)
         if len(value) >= LARGE_FIELD:
             large.append((fd, value))
     if not large:

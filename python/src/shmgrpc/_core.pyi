@@ -30,7 +30,7 @@ class Serializer:
     def __init__(
         self,
         serialize: Callable[[Any], bytes] | None,
-        slow: Callable[[Any], bytes],
+        slow: Callable[..., bytes],
         fields: Callable[[type], tuple[str, ...] | None],
         counters: Counters,
         threshold: int,

@@ -218,8 +218,15 @@ class _ChannelBase:
             return s.loan(n)
         return _heap_loan(n)
 
-    def _encode(self, session: Session | None, ser: Any, message: Any, call: _core.Call | None = None) -> Any:
-        return _codec.encode(message, ser, session, self._counters, self.threshold, self._fallback, call)
+    def _encode(
+        self,
+        session: Session | None,
+        ser: Any,
+        message: Any,
+        call: _core.Call | None = None,
+        large: dict[str, Any] | None = None,
+    ) -> Any:
+        return _codec.encode(message, ser, session, self._counters, self.threshold, self._fallback, call, large)
 
     def _callable(self, kind: str, method: str, ser: Any, de: Any, kw: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -348,11 +355,11 @@ class ShmChannel(_ChannelBase, grpc.Channel):
         slow path for loaned and already encoded messages and large ``bytes`` fields.
         """
 
-        def serialize(message: Any) -> bytes:
+        def serialize(message: Any, large: dict[str, Any] | None = None) -> bytes:
             if isinstance(message, _codec.Encoded):
                 return bytes(message)
             call = _core.current()[1]  # the call `_invoke` entered on this thread (grpcio serializes in-thread)
-            return _codec.settle(self._encode(session, ser, message, call))
+            return _codec.settle(self._encode(session, ser, message, call, large))
 
         def reason() -> str | None:
             return self._fallback.value if self._fallback is not None else None

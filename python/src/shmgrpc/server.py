@@ -252,9 +252,9 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
         except StatusError as e:
             return _Failed(e)
 
-    def slow_serialize(message: Any) -> bytes:
+    def slow_serialize(message: Any, large: dict[str, Any] | None = None) -> bytes:
         session, call, _ = _core.current()
-        return _codec.settle(_codec.encode(message, ser, session, counters, threshold, None, call))
+        return _codec.settle(_codec.encode(message, ser, session, counters, threshold, None, call, large))
 
     # Inline messages take the Rust fast path; the rest these slow paths. The response serializer sends through
     # the session of the call its thread serves (`enter`).
