@@ -158,6 +158,19 @@ pub(crate) fn all() -> Vec<ClientCase> {
             },
         },
         ClientCase {
+            id: "client.held-back",
+            section: "§6",
+            rule: "A reply reference that arrives before its segment's registration is held back until the \
+                   registration is in (here 300 ms later), then read and released",
+            script: Script { reply: ReplyMode::SenderAhead, ..d },
+            check: |ok, f| {
+                succeeded(ok)?;
+                let got = f.wait_for(Duration::from_secs(5), |s| s.releases.iter().any(|r| r.1 == 5));
+                ensure(got, || format!("no Release of generation 5; releases {:?}", f.seen(|s| s.releases.clone())))?;
+                f.seen(|s| ensure(s.faults.is_empty(), || s.faults.join("; ")))
+            },
+        },
+        ClientCase {
             id: "client.returned",
             section: "§7",
             rule: "A reply that sends the client's own region back (a receiver part) is answered Returned",

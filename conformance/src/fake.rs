@@ -66,6 +66,9 @@ pub enum ReplyMode {
     /// A reference that sends the client's own region back (a `receiver` part): the client must answer
     /// `Returned`.
     Receiver,
+    /// As `Sender`, but the reference leaves before its segment's registration, which follows 300 ms later (a
+    /// sender that does not wait for `Registered`): the client must hold the reply back until it is in.
+    SenderAhead,
 }
 
 /// What a case's fake server does.
@@ -458,24 +461,32 @@ fn answer(st: &State, body: Bytes) -> Result<Bytes, String> {
     let sock = st.socket.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let session = st.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).session;
     let reply = match (st.script.reply, sock, session, ours) {
-        (ReplyMode::Sender, Some(sock), Some(id), _) => {
+        (mode @ (ReplyMode::Sender | ReplyMode::SenderAhead), Some(sock), Some(id), _) => {
             // A segment of its own for each reply: segment ids are never reused (protocol section 5).
             let segment = st.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).requests.len() as u32;
             let fd: OwnedFd = sealed_memfd((payload.len() as u64).max(4096), &payload)?;
             let len = (payload.len() as u64).max(4096);
-            let reg = Kind::Register(v1::Register { segment, len, source: None });
-            wire::write_frame(&sock, &wire::frame(reg), Some(fd.as_fd())).map_err(|e| e.to_string())?;
-            // The reference waits for the client's answer, as a sender does (protocol section 5).
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut seen = st.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            while !seen.answers.contains_key(&segment) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err("the client never answered our registration".into());
+            let reg = wire::frame(Kind::Register(v1::Register { segment, len, source: None }));
+            if mode == ReplyMode::SenderAhead {
+                // The registration follows the reference (a sender that does not wait for `Registered`).
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    // A failed write leaves the reply unresolvable: the client's call fails, and so does the case.
+                    let _ = wire::write_frame(&sock, &reg, Some(fd.as_fd()));
+                });
+            } else {
+                wire::write_frame(&sock, &reg, Some(fd.as_fd())).map_err(|e| e.to_string())?;
+                // The reference waits for the client's answer, as a sender does (protocol section 5).
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let mut seen = st.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                while !seen.answers.contains_key(&segment) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err("the client never answered our registration".into());
+                    }
+                    seen = st.changed.wait_timeout(seen, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
                 }
-                seen = st.changed.wait_timeout(seen, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
             }
-            drop(seen);
             let part = v1::Part {
                 kind: Some(part::Kind::Sender(v1::Region {
                     segment,

@@ -35,7 +35,7 @@ def test_the_python_server_passes_every_conformance_case(
     assert len(lines) >= 40
 
 
-@pytest.mark.parametrize("flavour", [[], ["--aio"]], ids=["sync", "asyncio"])
+@pytest.mark.parametrize("flavour", [[], ["--aio"], ["--future"]], ids=["sync", "asyncio", "future"])
 def test_the_python_client_passes_every_client_conformance_case(
     bin_path: str, stubs_dir: str, flavour: list[str]
 ) -> None:
@@ -52,4 +52,4 @@ def test_the_python_client_passes_every_client_conformance_case(
     failed = [x for x in lines if not x["passed"]]
     assert not failed, failed
     assert out.returncode == 0, out.stderr
-    assert len(lines) >= 10
+    assert len(lines) >= 11
