@@ -4,11 +4,14 @@
                     [--json ../docs/python-bench.json]
 
 Four parts, every reply checked outside the timed region, lanes alternating in blocks so that drifts of a shared
-machine hit all alike:
+machine hit all alike. In the echo parts every lane makes its request from the same ``bytes`` payload inside the
+timed call (a message with the field set, or the payload written into a loan):
 
 - ``rust``: a Python client against ``shmgrpc serve`` (Rust). Lanes: stock grpcio; shmgrpc with ordinary messages
   (the converted service: nothing else changed); with the request payload written into a loan
-  (``shmgrpc.loaned``); and with the reply read in place too (``views=``, a ``shmgrpc.View``).
+  (``shmgrpc.loaned``); and with the reply read in place too (``views=``, a ``shmgrpc.View``). Below the
+  threshold also ``grpcio+headers``: stock grpcio sending a session's headers to the shmgrpc server, what the
+  headers cost without shmgrpc's client code.
 - ``python``: Python client and Python server (``tests/blob_server.py``). Stock grpcio against a stock grpcio
   server; shmgrpc against the converted server; with loans and views on both sides (``--views``: the server reads
   the request in place and echoes it without a copy).
@@ -24,6 +27,7 @@ Medians and percentiles in milliseconds, and the ratios stock / shmgrpc, go to s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -41,6 +45,7 @@ import grpc
 import numpy as np
 
 import shmgrpc
+from shmgrpc import _core
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HERE = pathlib.Path(__file__).resolve().parent
@@ -136,7 +141,10 @@ def run_lanes(
 
 
 def echo_lanes(blob: Any, stubs_: dict[str, Any], channels: dict[str, Any], data: bytes) -> dict[str, Any]:
-    msg = blob.Payload(data=data, crc32=0)
+    """
+    The lanes of an echo of ``data``. Each makes its request from ``data`` inside the timed call, as a producer
+    does: a message with the field set (protobuf copies the value), or the payload written into a loan.
+    """
 
     def loaned(ch: Any, stub: Any) -> Callable[[], Any]:
         def call() -> Any:
@@ -150,8 +158,8 @@ def echo_lanes(blob: Any, stubs_: dict[str, Any], channels: dict[str, Any], data
         return call
 
     return {
-        "grpcio": lambda: stubs_["grpcio"].Echo(msg),
-        "shmgrpc": lambda: stubs_["shmgrpc"].Echo(msg),
+        "grpcio": lambda: stubs_["grpcio"].Echo(blob.Payload(data=data, crc32=0)),
+        "shmgrpc": lambda: stubs_["shmgrpc"].Echo(blob.Payload(data=data, crc32=0)),
         "shmgrpc+loan": loaned(channels["shmgrpc"], stubs_["shmgrpc"]),
         "shmgrpc+loan+view": loaned(channels["viewing"], stubs_["viewing"]),
     }
@@ -167,6 +175,8 @@ def echo_part(
     channels = {"shmgrpc": shm, "viewing": viewing}
     stubs_ = {"grpcio": blob_grpc.BlobStub(stock), "shmgrpc": blob_grpc.BlobStub(shm)}
     stubs_["viewing"] = blob_grpc.BlobStub(viewing)
+    headed = grpc.insecure_channel(targets["shmgrpc"], options=[("grpc.default_authority", "localhost"), *BIG])
+    stubs_["headers"] = blob_grpc.BlobStub(headed)
     rows = []
     for size in sizes:
         data = os.urandom(size)
@@ -177,10 +187,22 @@ def echo_part(
             if r.data != data:
                 raise SystemExit(f"{title} {name}: the reply differs from the request")
 
-        res = run_lanes(echo_lanes(blob, stubs_, channels, data), check, iterations(size), blocks)
+        lanes = echo_lanes(blob, stubs_, channels, data)
+        if size < shm.threshold:
+            # What the headers cost without the client's glue: stock grpcio sending the session's headers (and
+            # call numbers of its own, far from the channel's) to the converted server.
+            calls = itertools.count(1 << 40)
+            header = (_core.SESSION_HEADER, shm._session.header)  # type: ignore[union-attr]
+
+            def headed_call(data: bytes = data, header: Any = header, calls: Any = calls) -> Any:
+                numbered = (header, (_core.CALL_HEADER, str(next(calls))))
+                return stubs_["headers"].Echo(blob.Payload(data=data, crc32=0), metadata=numbered)
+
+            lanes["grpcio+headers"] = headed_call
+        res = run_lanes(lanes, check, iterations(size), blocks)
         row: dict[str, Any] = {"size": size, "calls": iterations(size) // blocks * blocks, **res}
         g = res["grpcio"]["median_ms"]
-        for lane in ("shmgrpc", "shmgrpc+loan", "shmgrpc+loan+view"):
+        for lane in list(res)[1:]:
             row[f"speedup {lane}"] = g / res[lane]["median_ms"]
         rows.append(row)
         print(
@@ -189,7 +211,7 @@ def echo_part(
             + f"  ms median; {row['calls']} calls",
             flush=True,
         )
-    for ch in (stock, shm, viewing):
+    for ch in (stock, shm, viewing, headed):
         ch.close()
     return rows
 
