@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -171,21 +172,31 @@ class InProcess:
     target: str
 
 
-@pytest.fixture
-def inproc(blob_grpc: Any, tmp_path: pathlib.Path) -> Iterator[InProcess]:
+@contextlib.contextmanager
+def serving(blob_grpc: Any, target: str, **options: Any) -> Iterator[Any]:
+    """A Python shmgrpc server of the demo service in this process (``shmgrpc.server(pool, **options)``), serving
+    on ``target`` until the block ends."""
     from concurrent import futures
 
     import shmgrpc
 
     from .blob_server import Blob
 
-    server = shmgrpc.server(futures.ThreadPoolExecutor(4))
+    server = shmgrpc.server(futures.ThreadPoolExecutor(4), **options)
     blob_grpc.add_BlobServicer_to_server(Blob(), server)
-    target = f"unix:{tmp_path / 'inproc.sock'}"
     server.add_insecure_port(target)
     server.start()
-    yield InProcess(server, target)
-    server.stop(None)
+    try:
+        yield server
+    finally:
+        server.stop(None)
+
+
+@pytest.fixture
+def inproc(blob_grpc: Any, tmp_path: pathlib.Path) -> Iterator[InProcess]:
+    target = f"unix:{tmp_path / 'inproc.sock'}"
+    with serving(blob_grpc, target) as server:
+        yield InProcess(server, target)
 
 
 def segments_of(bin_path: str, pids: set[int]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import pytest
 import shmgrpc
 import shmgrpc.aio
 
-from .conftest import ROOT, InProcess, Served, _stop, eventually, start_py_server
+from .conftest import ROOT, InProcess, Served, _stop, eventually, serving, start_py_server
 
 MIB = 1 << 20
 
@@ -108,14 +108,8 @@ class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
 def test_an_auth_interceptor_on_the_server_and_intercept_channel_on_the_client_keep_shared_memory(
     blob: Any, blob_grpc: Any, tmp_path: pathlib.Path
 ) -> None:
-    from .blob_server import Blob
-
-    server = shmgrpc.server(futures.ThreadPoolExecutor(4), interceptors=[Auth()])
-    blob_grpc.add_BlobServicer_to_server(Blob(), server)
     target = f"unix:{tmp_path / 'auth.sock'}"
-    server.add_insecure_port(target)
-    server.start()
-    try:
+    with serving(blob_grpc, target, interceptors=[Auth()]):
         with shmgrpc.insecure_channel(target) as ch:
             assert ch.is_shared_memory(), f"discovery passed the interceptor: {ch.fallback()}"
             p = payload(blob, 20 * MIB)
@@ -133,8 +127,6 @@ def test_an_auth_interceptor_on_the_server_and_intercept_channel_on_the_client_k
                     blob_grpc.BlobStub(ch).Echo(p)
             eventually("rejected requests give their buffers back", lambda: ch.session_figures()["holds"] == 0)
             eventually("the pool is idle", lambda: ch.pool.stats().in_use_bytes == 0)
-    finally:
-        server.stop(None)
 
 
 def test_arrays_point_into_the_mapping_and_outlive_their_view(rust_server: Served, blob: Any, blob_grpc: Any) -> None:

@@ -15,7 +15,7 @@ import pytest
 import shmgrpc
 from shmgrpc import _core
 
-from .conftest import encode_reference
+from .conftest import encode_reference, serving
 
 
 def test_the_protocols_constants_come_from_the_rust_crate() -> None:
@@ -70,24 +70,15 @@ def test_loaned_messages_are_checked(blob: Any) -> None:
 
 def test_allowed_uids_replaces_the_default_set(blob: Any, blob_grpc: Any, tmp_path: Any) -> None:
     """One meaning everywhere (docs/python.md): the list replaces the server's own uid and root."""
-    from .blob_server import Blob
-
     me = os.getuid()
     for allowed, shared in (([me + 1], False), ([me], True), (None, True)):
-        server = shmgrpc.server(futures.ThreadPoolExecutor(2), allowed_uids=allowed)
-        blob_grpc.add_BlobServicer_to_server(Blob(), server)
         target = f"unix:{tmp_path / f'uids-{allowed}.sock'}"
-        server.add_insecure_port(target)
-        server.start()
-        try:
-            with shmgrpc.insecure_channel(target) as ch:
-                assert ch.is_shared_memory() == shared, (allowed, ch.fallback())
-                if not shared:
-                    assert ch.fallback() == shmgrpc.Fallback.HANDSHAKE_FAILED
-                d = os.urandom(1 << 20)
-                assert blob_grpc.BlobStub(ch).Echo(blob.Payload(data=d, crc32=zlib.crc32(d))).data == d
-        finally:
-            server.stop(None)
+        with serving(blob_grpc, target, allowed_uids=allowed), shmgrpc.insecure_channel(target) as ch:
+            assert ch.is_shared_memory() == shared, (allowed, ch.fallback())
+            if not shared:
+                assert ch.fallback() == shmgrpc.Fallback.HANDSHAKE_FAILED
+            d = os.urandom(1 << 20)
+            assert blob_grpc.BlobStub(ch).Echo(blob.Payload(data=d, crc32=zlib.crc32(d))).data == d
 
 
 def test_a_channel_made_before_its_server_gets_shared_memory_once_it_is_up(
@@ -138,15 +129,9 @@ def test_blocking_unary_calls_made_in_rust_carry_the_callers_metadata_and_option
     ``_core.UnaryHandler``) does what the Python multi-callable does: the caller's metadata and the session's
     headers, a new call number per call, options by name or by position, inline and shared-memory messages counted.
     """
-    from .blob_server import Blob
-
     rec = Recorder()
-    server = shmgrpc.server(futures.ThreadPoolExecutor(2), interceptors=[rec])
-    blob_grpc.add_BlobServicer_to_server(Blob(), server)
     target = f"unix:{tmp_path / 'hot.sock'}"
-    server.add_insecure_port(target)
-    server.start()
-    try:
+    with serving(blob_grpc, target, interceptors=[rec]) as server:
         with shmgrpc.insecure_channel(target) as ch:
             assert ch.is_shared_memory(), ch.fallback()
             stub = blob_grpc.BlobStub(ch)
@@ -173,8 +158,6 @@ def test_blocking_unary_calls_made_in_rust_carry_the_callers_metadata_and_option
             assert stub.Echo(small) == small
         s = server.stats()
         assert (s["inline_received"], s["shm_received"]) == (4, 1), s
-    finally:
-        server.stop(None)
 
 
 def test_a_large_field_is_read_once_and_sent_from_that_value(blob: Any) -> None:
