@@ -1,8 +1,9 @@
-"""The demo blob service in Python (for the interop tests and bench.py): ``blob_server.py ADDRESS [--plain] [--aio]
-[--views]``.
+"""The demo blob service in Python (for the interop tests and bench.py): ``blob_server.py ADDRESS [--plain] [--aio |
+--aio-sync] [--views]``.
 
 Prints one JSON readiness line on stdout, like ``shmgrpc serve``; stops on SIGTERM. ``--aio`` serves it with
-``shmgrpc.aio.server`` (async handlers); ``--views`` reads the payload of Echo and Upload requests in place (a
+``shmgrpc.aio.server`` (async handlers), ``--aio-sync`` the synchronous handlers on ``shmgrpc.aio.server`` (which
+grpcio runs on worker threads); ``--views`` reads the payload of Echo and Upload requests in place (a
 ``shmgrpc.View``) and echoes it back without a copy.
 """
 
@@ -103,9 +104,9 @@ class AioBlob(blob_pb2_grpc.BlobServicer):  # type: ignore[misc]
             yield r
 
 
-async def serve_aio(address: str) -> None:
+async def serve_aio(address: str, sync: bool) -> None:
     server = shmgrpc.aio.server()
-    blob_pb2_grpc.add_BlobServicer_to_server(AioBlob(), server)
+    blob_pb2_grpc.add_BlobServicer_to_server(Blob() if sync else AioBlob(), server)
     server.add_insecure_port(address)
     await server.start()
     ready = {"event": "ready", "listen": [address], "side_channel": server.side_channel_path, "shared_memory": True}
@@ -118,8 +119,8 @@ async def serve_aio(address: str) -> None:
 
 def main() -> None:
     address = sys.argv[1]
-    if "--aio" in sys.argv:
-        asyncio.run(serve_aio(address))
+    if "--aio" in sys.argv or "--aio-sync" in sys.argv:
+        asyncio.run(serve_aio(address, "--aio-sync" in sys.argv))
         return
     plain = "--plain" in sys.argv
     pool = futures.ThreadPoolExecutor(8)

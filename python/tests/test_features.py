@@ -70,6 +70,35 @@ def test_the_asyncio_server_serves_python_and_rust_clients_through_shared_memory
     assert '"shared_memory":true' in out.stdout.replace(" ", ""), out.stdout
 
 
+def test_synchronous_handlers_on_the_asyncio_server_answer_through_shared_memory(
+    stubs_dir: str, tmp_path: pathlib.Path, blob: Any, blob_grpc: Any
+) -> None:
+    """
+    grpcio runs a synchronous handler of a ``grpc.aio`` server on a worker thread but serializes its responses on
+    the event loop, where no call is entered: the wrapper encodes them on the worker thread instead (before, every
+    response of such a handler went inline).
+    """
+    s = start_py_server(stubs_dir, f"unix:{tmp_path / 'aio-sync.sock'}", "--aio-sync")
+    try:
+        with shmgrpc.insecure_channel(s.unix) as ch:
+            assert ch.is_shared_memory(), ch.fallback()
+            stub = blob_grpc.BlobStub(ch)
+            p = payload(blob, 20 * MIB)
+            assert stub.Echo(p).data == p.data
+            assert stub.Upload(p).crc32 == p.crc32
+            d = stub.Download(blob.DownloadRequest(size=3 * MIB, seed=2, count=1))
+            assert zlib.crc32(d.data) == d.crc32 and len(d.data) == 3 * MIB
+            got = list(stub.DownloadStream(blob.DownloadRequest(size=MIB, seed=3, count=3)))
+            assert [zlib.crc32(x.data) for x in got] == [x.crc32 for x in got] and len(got) == 3
+            frames = [payload(blob, 2 * MIB, i) for i in range(3)]
+            assert [x.crc32 for x in stub.UploadStream(iter(frames)).digests] == [f.crc32 for f in frames]
+            assert [x.crc32 for x in stub.EchoStream(iter(frames))] == [f.crc32 for f in frames]
+            st = ch.stats()
+            assert st["shm_sent"] == 1 + 1 + 3 + 3 and st["shm_received"] == 1 + 1 + 3 + 3, st
+    finally:
+        _stop(s)
+
+
 class Auth(grpc.ServerInterceptor):
     """Rejects every call without ``authorization: secret``."""
 

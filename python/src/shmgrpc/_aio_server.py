@@ -97,10 +97,11 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         de = _codec.ViewOf(de, field)
     behaviour = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
     if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
-        # A synchronous handler (run on the server's migration thread pool): the thread server's wrapper.
+        # A synchronous handler (run on the server's migration thread pool): the thread server's wrapper, its
+        # responses encoded on that thread (grpcio serializes them on the event loop, where no call is entered).
         from .server import _wrap
 
-        return _wrap(server, h, method)  # type: ignore[arg-type]
+        return _wrap(server, h, method, encode_in_handler=True)
 
     def slow_deserialize(data: bytes) -> Any:
         if _core.is_reference(data) and core.needs_wait(data):

@@ -228,10 +228,16 @@ class _Generic(grpc.GenericRpcHandler):
         return self._server._wrap(h, handler_call_details.method) if h is not None else None
 
 
-def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None) -> grpc.RpcMethodHandler:
+def _wrap(
+    server: ServerBase, h: grpc.RpcMethodHandler, method: str | None = None, *, encode_in_handler: bool = False
+) -> grpc.RpcMethodHandler:
     """
     The same method with shmgrpc's request decoding and response encoding around its (de)serializers; for a method
     named in the server's ``views``, the handler gets a :class:`shmgrpc.View` of the request.
+
+    ``encode_in_handler`` (a synchronous handler on the asyncio server, which grpcio runs on a worker thread but
+    whose responses it serializes on the event loop): responses are encoded on the thread that makes them, where
+    the call is entered, and the serializer passes the encoded bytes on.
     """
     if _is_ours(h):
         return h
@@ -253,6 +259,8 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
             return _Failed(e)
 
     def slow_serialize(message: Any, large: dict[str, Any] | None = None) -> bytes:
+        if isinstance(message, _codec.Encoded):
+            return bytes(message)  # encoded where the handler ran (`encode_in_handler`)
         session, call, _ = _core.current()
         return _codec.settle(_codec.encode(message, ser, session, counters, threshold, None, call, large))
 
@@ -300,14 +308,28 @@ def _wrap(server: ShmServer, h: grpc.RpcMethodHandler, method: str | None = None
 
         return run
 
+    def encoded(message: Any) -> Any:
+        return None if message is None else _codec.Encoded(serialize(message))
+
+    def encoding_one(run: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda request, context: encoded(run(request, context))
+
+    def encoding_each(run: Callable[..., Any]) -> Callable[..., Any]:
+        def each(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            for message in run(request, context):
+                yield encoded(message)
+
+        return each
+
+    one, each = (encoding_one, encoding_each) if encode_in_handler else (lambda f: f, lambda f: f)
     kw = {"request_deserializer": deserialize, "response_serializer": serialize}
     if h.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_in(h.unary_unary), **kw)
+        return grpc.unary_unary_rpc_method_handler(one(unary_in(h.unary_unary)), **kw)
     if h.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(unary_in(h.unary_stream), **kw)
+        return grpc.unary_stream_rpc_method_handler(each(unary_in(h.unary_stream)), **kw)
     if h.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(stream_in(h.stream_unary), **kw)
-    return grpc.stream_stream_rpc_method_handler(stream_in(h.stream_stream), **kw)
+        return grpc.stream_unary_rpc_method_handler(one(stream_in(h.stream_unary)), **kw)
+    return grpc.stream_stream_rpc_method_handler(each(stream_in(h.stream_stream)), **kw)
 
 
 def loan(n: int) -> Loan:
