@@ -189,3 +189,26 @@ def test_a_large_field_is_read_once_and_sent_from_that_value(blob: Any) -> None:
     items = _codec._split(big, ser, read)
     assert items is not None and items[-1] is read["data"], "the value read is the one sent"
     assert blob.Payload.FromString(b"".join(bytes(i) for i in items)) == big
+
+
+def test_messages_that_are_not_protobuf_are_serialized_as_they_say() -> None:
+    """A class of its own with a ``SerializeToString`` (no descriptor, as some protobuf libraries make) is sent as
+    its serializer makes it: no field scan, no split."""
+    from shmgrpc import _codec
+
+    class Plain:
+        def SerializeToString(self) -> bytes:
+            return b"plain" * 10
+
+    ser = Plain.SerializeToString
+    assert _codec.large_fields(Plain, ser) == ()
+    assert _codec._split(Plain(), ser) is None
+
+    def slow(*args: Any) -> bytes:
+        raise AssertionError(f"the slow path took {args}")
+
+    def fields(ty: type) -> tuple[str, ...] | None:
+        return _codec.large_fields(ty, ser)
+
+    counters = _core.Client(threshold=1 << 16).counters()
+    assert _core.Serializer(ser, slow, fields, counters, 1 << 16)(Plain()) == b"plain" * 10

@@ -161,7 +161,10 @@ def large_fields(ty: type, serialize: Callable[[Any], bytes] | None) -> tuple[st
         return None
     if not hasattr(ty, "SerializeToString") or serialize != ty.SerializeToString:
         return ()  # a custom serializer: its output is sent as it is
-    return tuple(fd.name for fd in _bytes_fields(ty.DESCRIPTOR))  # type: ignore[attr-defined]
+    desc = getattr(ty, "DESCRIPTOR", None)
+    if desc is None:
+        return ()  # not a protobuf message (a class of its own with a SerializeToString)
+    return tuple(fd.name for fd in _bytes_fields(desc))
 
 
 _BYTES_FIELDS: dict[Any, tuple[Any, ...]] = {}
@@ -184,7 +187,9 @@ def _split(message: Any, serialize: Any, read: dict[str, Any] | None = None) -> 
         return None
     if serialize is not None and serialize != type(message).SerializeToString:
         return None
-    desc = message.DESCRIPTOR
+    desc = getattr(message, "DESCRIPTOR", None)
+    if desc is None:
+        return None
     fields = _bytes_fields(desc)
     large = []
     for fd in fields:
