@@ -212,3 +212,31 @@ def test_messages_that_are_not_protobuf_are_serialized_as_they_say() -> None:
 
     counters = _core.Client(threshold=1 << 16).counters()
     assert _core.Serializer(ser, slow, fields, counters, 1 << 16)(Plain()) == b"plain" * 10
+
+
+def test_the_rust_call_objects_take_part_in_cycle_collection(tmp_path: Any) -> None:
+    """
+    The per-call objects made in Rust hold Python objects (the application's serializers, the channel): a cycle
+    through them and the application's own objects is collected like any other (they report what they hold).
+    """
+    import gc
+    import weakref
+
+    class Holder:
+        def serialize(self, message: bytes) -> bytes:
+            return message
+
+        def parse(self, data: bytes) -> bytes:
+            return data
+
+    ch = shmgrpc.insecure_channel(f"unix:{tmp_path / 'none.sock'}", shared_memory=False)
+    try:
+        holder = Holder()
+        holder.call = ch.unary_unary("/x.Y/Z", holder.serialize, holder.parse)  # type: ignore[attr-defined]
+        assert isinstance(holder.call, _core.UnaryUnary)  # type: ignore[attr-defined]
+        gone = weakref.ref(holder)
+        del holder
+        gc.collect()
+        assert gone() is None, "a cycle through a Rust call object was not collected"
+    finally:
+        ch.close()

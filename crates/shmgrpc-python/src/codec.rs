@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple, PyType};
+use pyo3::{PyTraverseError, PyVisit};
 use shmgrpc::Fallback;
 use shmgrpc::embed;
 
@@ -152,6 +153,25 @@ impl Serializer {
         }
     }
 
+    /// The objects it holds, for Python's cycle collector (a serializer can be part of a cycle through the
+    /// application's objects). A lock held elsewhere skips its contents: a missed edge only keeps objects alive.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.serialize)?;
+        visit.call(&self.slow)?;
+        visit.call(&self.fields)?;
+        visit.call(&self.reason)?;
+        if let Through::Bound(s) = &self.through {
+            visit.call(s)?;
+        }
+        if let Ok(seen) = self.seen.try_lock()
+            && let Some((ty, fields)) = seen.as_ref()
+        {
+            visit.call(ty)?;
+            visit.call(fields)?;
+        }
+        Ok(())
+    }
+
     fn __call__(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let Some(fields) = self.fields_of(py, message)? else {
             return self.slow.call1(py, (message,));
@@ -264,6 +284,12 @@ impl Deserializer {
         Deserializer { parse, slow, counters: counters.0.clone() }
     }
 
+    /// The objects it holds, for Python's cycle collector.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.parse)?;
+        visit.call(&self.slow)
+    }
+
     fn __call__(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         if let (Some(parse), Ok(bytes)) = (&self.parse, data.cast::<PyBytes>()) {
             let b = bytes.as_bytes();
@@ -312,6 +338,22 @@ impl UnaryUnary {
     fn new(py: Python<'_>, slow: Py<PyAny>, channel: Py<PyAny>, loaned: Py<PyType>) -> PyResult<Self> {
         let plain = slow.getattr(py, pyo3::intern!(py, "_plain"))?;
         Ok(UnaryUnary { slow, channel, loaned, plain, bound: Mutex::new(None) })
+    }
+
+    /// The objects it holds, for Python's cycle collector (see `Serializer.__traverse__`).
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.slow)?;
+        visit.call(&self.channel)?;
+        visit.call(&self.loaned)?;
+        visit.call(&self.plain)?;
+        if let Ok(bound) = self.bound.try_lock()
+            && let Some(m) = bound.as_ref()
+        {
+            visit.call(&m.session)?;
+            visit.call(&m.inner)?;
+            visit.call(&m.header)?;
+        }
+        Ok(())
     }
 
     #[pyo3(signature = (request, *args, **kwargs))]
@@ -436,6 +478,14 @@ impl UnaryHandler {
     #[new]
     fn new(behaviour: Py<PyAny>, server: Py<crate::Server>, check: Py<PyAny>, unfinished: Py<PyTuple>) -> Self {
         UnaryHandler { behaviour, server, check, unfinished }
+    }
+
+    /// The objects it holds, for Python's cycle collector.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.behaviour)?;
+        visit.call(&self.server)?;
+        visit.call(&self.check)?;
+        visit.call(&self.unfinished)
     }
 
     fn __call__(&self, py: Python<'_>, request: &Bound<'_, PyAny>, context: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
