@@ -11,7 +11,8 @@ and every array made from it are gone).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -305,9 +306,25 @@ async def settle_async(out: Any) -> bytes:
     return ready[0]
 
 
+@contextlib.contextmanager
+def _decoding(r: Received) -> Iterator[None]:
+    """
+    Decoding a resolved reference: a failure that is not a status already is a message that does not decode
+    (:func:`undecodable`); the peer's buffer is released either way.
+    """
+    try:
+        yield
+    except StatusError:
+        raise
+    except Exception as e:
+        raise undecodable(e) from None
+    finally:
+        r.release()
+
+
 def parse_received(r: Received, parse: Callable[[Any], Any] | None) -> Any:
     """Parses a resolved reference in place (one piece) or from its joined bytes; then lets the peer reuse it."""
-    try:
+    with _decoding(r):
         if parse is None:
             return r.join()
         pieces = r.pieces()
@@ -320,12 +337,6 @@ def parse_received(r: Received, parse: Callable[[Any], Any] | None) -> Any:
             msg = parse(r.join())
         r.check()
         return msg
-    except StatusError:
-        raise
-    except Exception as e:
-        raise undecodable(e) from None
-    finally:
-        r.release()
 
 
 def undecodable(e: Exception) -> StatusError:
@@ -428,7 +439,7 @@ class ViewOf:
 
     def received(self, r: Received) -> View:
         """A resolved reference: the field in place when it lies in one piece, else parsed as usual."""
-        try:
+        with _decoding(r):
             split = r.split_field(self.number)
             if split is None:
                 return self.inline(r.join())
@@ -436,12 +447,6 @@ class ViewOf:
             msg = self.parse(rest)
             r.check()
             return View(msg, memoryview(piece), piece)
-        except StatusError:
-            raise
-        except Exception as e:
-            raise undecodable(e) from None
-        finally:
-            r.release()
 
 
 def decode(
