@@ -27,6 +27,7 @@
 
 pub mod attach;
 pub mod cgroup;
+pub mod copy;
 pub mod error;
 pub mod inventory;
 pub mod pool;

@@ -54,7 +54,7 @@ impl<'a> SplitBuf<'a> {
             Some(loc) => Piece::Shared(loc),
             None if s.len() >= MIN_OWN => match (self.alloc)(s.len()) {
                 Some(mut lease) => {
-                    lease.copy_from_slice(s);
+                    crate::copy::copy(&mut lease, s);
                     Piece::Owned(lease)
                 }
                 None => return false,
