@@ -5,6 +5,7 @@ that give their buffers back, arrays that point into shared memory, copies that 
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
 import subprocess
 import sys
@@ -219,6 +220,36 @@ def test_copies_into_shared_memory_leave_other_threads_running(rust_server: Serv
         t.join()
         assert ch.stats()["shm_sent"] == 4
         assert during > 0, "the other thread ran while the payloads were copied"
+
+
+def test_a_large_write_into_a_loan_leaves_other_threads_running(rust_server: Served, blob: Any, blob_grpc: Any) -> None:
+    """``Loan.write`` copies without the GIL (split across threads when cores are free), and what it wrote is what
+    the server gets."""
+    with shmgrpc.insecure_channel(rust_server.unix) as ch:
+        stub = blob_grpc.BlobStub(ch)
+        data = os.urandom(64 * MIB)
+        ticks = 0
+        stop = threading.Event()
+
+        def count() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+
+        t = threading.Thread(target=count)
+        t.start()
+        time.sleep(0.05)
+        during = 0
+        for _ in range(3):
+            loan = ch.loan(len(data))
+            before = ticks
+            assert loan.write(data) == len(data)
+            during += ticks - before
+            reply = stub.Upload(shmgrpc.loaned(blob.Payload(crc32=zlib.crc32(data)), "data", loan))
+            assert reply.len == len(data) and reply.crc32 == zlib.crc32(data)
+        stop.set()
+        t.join()
+        assert during > 0, "the other thread ran while the loans were written"
 
 
 FORK_CHILD = """

@@ -49,6 +49,41 @@ def test_a_loan_is_an_array_in_place_and_is_sent_once() -> None:
         memoryview(loan)
 
 
+def test_write_fills_a_loan_from_any_buffer_at_an_offset() -> None:
+    loan = _core.heap_loan(64)
+    assert loan.write(b"abcd") == 4 and loan.write(bytearray(b"ef"), 4) == 2
+    assert loan.write(np.arange(3, dtype=np.float32), 8) == 12, "an array is written as its bytes"
+    assert loan.write(memoryview(b"xyz")[1:], 62) == 2, "up to the loan's last byte"
+    out = loan.tobytes()
+    assert out[:6] == b"abcdef" and np.array_equal(np.frombuffer(out[8:20], np.float32), [0, 1, 2])
+    assert out[62:] == b"yz"
+    assert loan.write(loan.view[0:4], 30) == 4, "the loan's own bytes are moved within it"
+    assert loan.tobytes()[30:34] == b"abcd"
+    with pytest.raises(ValueError, match="65 bytes at offset 0 do not fit a loan of 64 bytes"):
+        loan.write(bytes(65))
+    with pytest.raises(ValueError, match="do not fit"):
+        loan.write(b"x", 64)
+    with pytest.raises(BufferError, match="C-contiguous"):
+        loan.write(np.zeros((4, 4))[:, 1])
+    loan.take()
+    with pytest.raises(ValueError, match="sent or released"):
+        loan.write(b"late")
+
+
+def test_a_session_loans_bytes_are_its_payload_only(blob_grpc: Any, tmp_path: Any) -> None:
+    """A session's loan has headroom before its payload (for the message's other fields): ``tobytes`` and
+    ``write`` see the payload alone (``tobytes`` once returned the headroom too)."""
+    target = f"unix:{tmp_path / 'payload.sock'}"
+    with serving(blob_grpc, target), shmgrpc.insecure_channel(target) as ch:
+        assert ch.is_shared_memory(), ch.fallback()
+        loan = ch.loan(100)
+        assert loan.shared
+        loan.write(b"p" * 100)
+        assert loan.tobytes() == b"p" * 100
+        assert bytes(loan.view) == b"p" * 100
+        loan.release()
+
+
 def test_a_released_loan_keeps_memory_that_an_array_still_uses() -> None:
     loan = _core.heap_loan(1024)
     view = loan.view

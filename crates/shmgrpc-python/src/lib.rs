@@ -560,13 +560,7 @@ fn send_items(
             _ => {
                 let len = slices.iter().map(|s| s.len()).sum();
                 PyBytes::new_with(py, len, |out| {
-                    py.detach(|| {
-                        let mut at = 0;
-                        for s in &slices {
-                            out[at..at + s.len()].copy_from_slice(s);
-                            at += s.len();
-                        }
-                    });
+                    py.detach(|| concat_into(out, &slices));
                     Ok(())
                 })?
                 .into_any()
@@ -687,15 +681,20 @@ impl Piece {
 fn copy_out<'py>(py: Python<'py>, parts: &[Bytes]) -> PyResult<Bound<'py, PyBytes>> {
     let len = parts.iter().map(Bytes::len).sum();
     PyBytes::new_with(py, len, |out| {
-        py.detach(|| {
-            let mut at = 0;
-            for p in parts {
-                out[at..at + p.len()].copy_from_slice(p);
-                at += p.len();
-            }
-        });
+        py.detach(|| concat_into(out, parts));
         Ok(())
     })
+}
+
+/// Writes `parts` one after the other into `out`, whose length is their total (large parts are copied by several
+/// threads, `shmgrpc::copy`).
+fn concat_into<T: AsRef<[u8]>>(out: &mut [u8], parts: &[T]) {
+    let mut at = 0;
+    for p in parts {
+        let p = p.as_ref();
+        shmgrpc::copy::copy(&mut out[at..at + p.len()], p);
+        at += p.len();
+    }
 }
 
 /// A resolved reference: the message's pieces in order. `release()` (or dropping it) lets the peer reuse what no
@@ -863,20 +862,73 @@ impl Loan {
         self.addr
     }
 
-    /// A copy of an unsent loan's bytes (made without the GIL).
+    /// A copy of an unsent loan's payload as `bytes` (made without the GIL).
     fn tobytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let state = lock(&self.state);
         let LoanState::Open(l) = &*state else { return Err(PyValueError::new_err("the loan was sent or released")) };
-        let (addr, len) = (l.as_ptr() as usize, l.len());
-        // The loan stays open while we copy: `state` is locked, so neither sending nor releasing can take it.
-        let out = PyBytes::new_with(py, len, |out| {
-            // SAFETY: `addr..addr + len` is the open loan's memory, kept by the locked `state` for this call.
-            let src = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-            py.detach(|| out.copy_from_slice(src));
+        // The payload, after the headroom; the loan stays open while we copy: `state` is locked, so neither
+        // sending nor releasing can take it.
+        let src = &l[self.headroom..];
+        let out = PyBytes::new_with(py, src.len(), |out| {
+            py.detach(|| shmgrpc::copy::copy(out, src));
             Ok(())
         });
         drop(state);
         out
+    }
+
+    /// Copies `data` (`bytes`, `bytearray`, a `memoryview`, a C-contiguous numpy array: any object with the
+    /// buffer protocol, read as bytes) into the unsent loan at byte `offset`, without the GIL; a large copy is
+    /// shared by a few threads (`shmgrpc::copy`). Returns the number of bytes written. The fast way to fill a loan
+    /// from a buffer that already exists (`memoryview(loan)[:] = data` copies while holding the GIL).
+    #[pyo3(signature = (data, offset = 0))]
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>, offset: usize) -> PyResult<usize> {
+        let buffer = match PyBuffer::<u8>::get(data) {
+            Ok(b) => b,
+            // Another item format (a float array): the same memory read as bytes.
+            Err(_) => {
+                let view = pyo3::types::PyMemoryView::from(data)?;
+                if !view.getattr(pyo3::intern!(py, "c_contiguous"))?.is_truthy()? {
+                    return Err(PyBufferError::new_err("the data to write must be C-contiguous"));
+                }
+                PyBuffer::<u8>::get(&view.call_method1(pyo3::intern!(py, "cast"), ("B",))?)?
+            }
+        };
+        if !buffer.is_c_contiguous() {
+            return Err(PyBufferError::new_err("the data to write must be C-contiguous"));
+        }
+        let n = buffer.len_bytes();
+        let end = offset.checked_add(n).filter(|&e| e <= self.len).ok_or_else(|| {
+            PyValueError::new_err(format!("{n} bytes at offset {offset} do not fit a loan of {} bytes", self.len))
+        })?;
+        let mut state = lock(&self.state);
+        let LoanState::Open(l) = &mut *state else {
+            return Err(PyValueError::new_err("the loan was sent or released"));
+        };
+        let at = buffer.buf_ptr() as usize;
+        let (base, whole) = (l.as_ptr() as usize, l.len());
+        if at < base + whole && base < at + n {
+            // Bytes of the loan itself (an export of it passed back): a move within the buffer.
+            let from = at
+                .checked_sub(base)
+                .filter(|f| f + n <= whole)
+                .ok_or_else(|| PyBufferError::new_err("the data to write straddles the loan's memory"))?;
+            let to = self.headroom + offset;
+            py.detach(|| l.copy_within(from..from + n, to));
+            drop(state);
+            return Ok(n);
+        }
+        let dst = &mut l[self.headroom + offset..self.headroom + end];
+        // SAFETY: the buffer is C-contiguous (checked above) and stays exported, so its memory stays valid, until
+        // `buffer` is dropped after the copy; it does not overlap the loan (checked above), so `dst` and `src`
+        // are disjoint. Its exporter may let another thread write it meanwhile (a `bytearray` changed while the
+        // GIL is released): the loan then holds some mix of old and new bytes, as with any C extension that copies
+        // without the GIL; nothing here depends on their value.
+        let src = unsafe { std::slice::from_raw_parts(at as *const u8, n) };
+        py.detach(|| shmgrpc::copy::copy(dst, src));
+        drop(state);
+        drop(buffer);
+        Ok(n)
     }
 
     /// Sends the loan inline: a copy of its bytes (made without the GIL), after which it counts as sent.
