@@ -1,7 +1,8 @@
 //! Hot-path micro-benchmarks of the gRPC layer.
 //!
-//! * `encode_20MiB`: a 20 MiB `Payload` encoded straight into a warm pool buffer (what the codec does above the
-//!   threshold) against encoding into a fresh `Vec` (what plain prost does into tonic's buffer).
+//! * `encode_20MiB`: a 20 MiB `Payload` encoded straight into a warm pool buffer on one thread, and through
+//!   `shmgrpc::copy::Writer` (what the codec does above the threshold: the field's copy shared with helper threads),
+//!   against encoding into a fresh `Vec` (what plain prost does into tonic's buffer).
 //! * `decode_20MiB`: decoding it from `Bytes` over a read-only peer mapping (zero-copy `bytes` field) against from
 //!   a heap `BytesMut` (tonic's path after it has copied the frames).
 //! * `release`: a lease back to its pool; a loan frozen into `Bytes` and dropped.
@@ -32,6 +33,15 @@ fn encode(c: &mut Criterion) {
         b.iter(|| {
             let mut lease = pool.try_alloc(len).unwrap();
             let mut dst: &mut [u8] = &mut lease;
+            black_box(&p).encode(&mut dst).unwrap();
+            black_box(&lease);
+        })
+    });
+    // As the session encodes: through `shmgrpc::copy::Writer`, which shares the field's copy with helper threads.
+    g.bench_function("into_pool_buffer_with_copy_helpers", |b| {
+        b.iter(|| {
+            let mut lease = pool.try_alloc(len).unwrap();
+            let mut dst = shmgrpc::copy::Writer::new(&mut lease);
             black_box(&p).encode(&mut dst).unwrap();
             black_box(&lease);
         })

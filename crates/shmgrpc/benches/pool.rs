@@ -1,5 +1,6 @@
-//! Pool micro-benchmarks: alloc + release per size class, and writing 20 MiB into a warm pool buffer, into a freshly
-//! created segment (with and without prefaulting) and into heap memory (the `memcpy` floor).
+//! Pool micro-benchmarks: alloc + release per size class, and writing 20 MiB into a warm pool buffer (on one thread,
+//! and through `shmgrpc::copy` with its helper threads), into a freshly created segment (with and without
+//! prefaulting) and into heap memory (the `memcpy` floor).
 #![allow(missing_docs)] // criterion_group! generates an undocumented public function.
 
 use std::hint::black_box;
@@ -42,6 +43,15 @@ fn write_20mib(c: &mut Criterion) {
         b.iter(|| {
             let mut lease = pool.try_alloc(size).unwrap();
             lease.copy_from_slice(black_box(&src));
+            black_box(&lease);
+        })
+    });
+
+    // The same write through `shmgrpc::copy`, shared with helper threads while the process has spare cores.
+    g.bench_function("warm_pool_buffer_copy", |b| {
+        b.iter(|| {
+            let mut lease = pool.try_alloc(size).unwrap();
+            shmgrpc::copy::copy(&mut lease, black_box(&src));
             black_box(&lease);
         })
     });

@@ -344,7 +344,8 @@ impl Sender {
             // Before the copy: a segment the peer cannot have (refused, or registrations paused) costs nothing.
             self.ensure_registered(&lease)?;
             {
-                let mut dst: &mut [u8] = &mut lease;
+                // Large fields are copied by several threads when cores are free (`copy`).
+                let mut dst = crate::copy::Writer::new(&mut lease);
                 item.encode(&mut dst).expect("the lease holds exactly encoded_len bytes");
             }
             vec![self.refer(Outgoing::new(lease), 0, len, &mut pending)?]
