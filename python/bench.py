@@ -5,7 +5,7 @@
 
 Four parts, every reply checked outside the timed region, lanes alternating in blocks so that drifts of a shared
 machine hit all alike. In the echo parts every lane makes its request from the same ``bytes`` payload inside the
-timed call (a message with the field set, or the payload written into a loan):
+timed call (a message with the field set, or the payload copied into a loan with ``Loan.write``):
 
 - ``rust``: a Python client against ``shmgrpc serve`` (Rust). Lanes: stock grpcio; shmgrpc with ordinary messages
   (the converted service: nothing else changed); with the request payload written into a loan
@@ -149,7 +149,7 @@ def echo_lanes(blob: Any, stubs_: dict[str, Any], channels: dict[str, Any], data
     def loaned(ch: Any, stub: Any) -> Callable[[], Any]:
         def call() -> Any:
             loan = ch.loan(len(data))
-            loan.view[:] = data  # timed: the producer's write, as with an ordinary message's construction
+            loan.write(data)  # timed: the producer's write, as with an ordinary message's construction
             r = stub.Echo(shmgrpc.loaned(blob.Payload(crc32=0), "data", loan))
             if isinstance(r, shmgrpc.View):
                 r.release()  # timed: the release is part of every call's cycle
