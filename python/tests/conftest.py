@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -203,6 +204,33 @@ def segments_of(bin_path: str, pids: set[int]) -> list[dict[str, Any]]:
     """shmgrpc segments on the machine created by or mapped in ``pids`` (``shmgrpc ls --json``)."""
     out = subprocess.run([bin_path, "ls", "--json"], capture_output=True, text=True, check=True).stdout
     return [s for s in json.loads(out) if s.get("pid") in pids]
+
+
+class Ticker:
+    """A Python thread that counts as fast as it can: if ``ticks`` moves while this thread is in a call, the call
+    let the GIL go."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._count, daemon=True)
+
+    def _count(self) -> None:
+        while not self._stop.is_set():
+            self.ticks += 1
+
+
+@contextlib.contextmanager
+def ticking() -> Iterator[Ticker]:
+    """A running :class:`Ticker` (already counting), stopped on exit."""
+    t = Ticker()
+    t._thread.start()
+    time.sleep(0.05)
+    try:
+        yield t
+    finally:
+        t._stop.set()
+        t._thread.join()
 
 
 def eventually(what: str, f: Any, timeout: float = 10.0) -> None:

@@ -9,8 +9,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
-import time
 import zlib
 from concurrent import futures
 from typing import Any
@@ -22,7 +20,7 @@ import pytest
 import shmgrpc
 import shmgrpc.aio
 
-from .conftest import ROOT, InProcess, Served, _stop, eventually, serving, start_py_server
+from .conftest import ROOT, InProcess, Served, _stop, eventually, serving, start_py_server, ticking
 
 MIB = 1 << 20
 
@@ -201,23 +199,11 @@ def test_copies_into_shared_memory_leave_other_threads_running(rust_server: Serv
         data = bytes(256 * MIB)
         big = blob.Payload(data=data, crc32=zlib.crc32(data))
         stub.Upload(big)  # warm: the pool's buffer exists
-        ticks = 0
-        stop = threading.Event()
-
-        def count() -> None:
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-
-        t = threading.Thread(target=count)
-        t.start()
-        time.sleep(0.05)
-        before = ticks
-        for _ in range(3):
-            assert stub.Upload(big).len == 256 * MIB  # each copies 256 MiB into shared memory
-        during = ticks - before
-        stop.set()
-        t.join()
+        with ticking() as t:
+            before = t.ticks
+            for _ in range(3):
+                assert stub.Upload(big).len == 256 * MIB  # each copies 256 MiB into shared memory
+            during = t.ticks - before
         assert ch.stats()["shm_sent"] == 4
         assert during > 0, "the other thread ran while the payloads were copied"
 
@@ -228,27 +214,15 @@ def test_a_large_write_into_a_loan_leaves_other_threads_running(rust_server: Ser
     with shmgrpc.insecure_channel(rust_server.unix) as ch:
         stub = blob_grpc.BlobStub(ch)
         data = os.urandom(64 * MIB)
-        ticks = 0
-        stop = threading.Event()
-
-        def count() -> None:
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-
-        t = threading.Thread(target=count)
-        t.start()
-        time.sleep(0.05)
         during = 0
-        for _ in range(3):
-            loan = ch.loan(len(data))
-            before = ticks
-            assert loan.write(data) == len(data)
-            during += ticks - before
-            reply = stub.Upload(shmgrpc.loaned(blob.Payload(crc32=zlib.crc32(data)), "data", loan))
-            assert reply.len == len(data) and reply.crc32 == zlib.crc32(data)
-        stop.set()
-        t.join()
+        with ticking() as t:
+            for _ in range(3):
+                loan = ch.loan(len(data))
+                before = t.ticks
+                assert loan.write(data) == len(data)
+                during += t.ticks - before
+                reply = stub.Upload(shmgrpc.loaned(blob.Payload(crc32=zlib.crc32(data)), "data", loan))
+                assert reply.len == len(data) and reply.crc32 == zlib.crc32(data)
         assert during > 0, "the other thread ran while the loans were written"
 
 
