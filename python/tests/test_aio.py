@@ -7,6 +7,8 @@ import asyncio
 import zlib
 from typing import Any
 
+import pytest
+
 import shmgrpc
 import shmgrpc.aio
 
@@ -52,5 +54,39 @@ def test_aio_client_against_a_plain_server(rust_plain_server: Served, blob: Any,
             r = await blob_grpc.BlobStub(ch).Echo(payload(blob, MIB, 5))
             assert len(r.data) == MIB
             assert ch.stats()["fallbacks"]["peer_lacks_shmgrpc"] == 1  # type: ignore[index]
+
+    asyncio.run(main())
+
+
+def test_aio_small_calls_take_the_rust_path_and_count_like_the_rest(
+    rust_server: Served, blob: Any, blob_grpc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small unary request is encoded and counted by ``Serializer.inline`` and its response by the Rust
+    deserializer (the Python encoder is not used: it fails here): the counts match the messages, a large request
+    still goes through shared memory, and a request that does not serialize fails when awaited."""
+
+    async def main() -> None:
+        async with shmgrpc.aio.insecure_channel(rust_server.unix) as ch:
+            assert ch.is_shared_memory(), ch.fallback()
+            stub = blob_grpc.BlobStub(ch)
+            small = payload(blob, 1024, 7)
+            with monkeypatch.context() as m:
+
+                def python_path(*args: Any) -> Any:
+                    raise AssertionError("a small request took the Python encoder")
+
+                m.setattr(shmgrpc._codec, "prepare", python_path)
+                for _ in range(20):
+                    assert (await stub.Echo(small)).data == small.data
+            big = payload(blob, 4 * MIB, 8)
+            assert (await stub.Echo(big)).data == big.data
+            s = ch.stats()
+            assert s["inline_sent"] == 20 and s["inline_received"] == 20, s
+            assert s["shm_sent"] == 1 and s["shm_received"] == 1, s
+            assert s["inline_sent_bytes"] == 20 * small.ByteSize(), s
+            call = stub.Echo(object())  # not a message: nothing is raised until it is awaited
+            with pytest.raises(TypeError, match="SerializeToString"):
+                await call
+            assert ch.stats()["inline_sent"] == 20, "nothing was counted for it"
 
     asyncio.run(main())

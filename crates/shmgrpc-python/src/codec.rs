@@ -240,6 +240,45 @@ impl Serializer {
             }
         }
     }
+
+    /// The bytes of `message` when it goes inline, counted (and numbered in `call`, or in the session when `call`
+    /// is `None`); `None` when it is not a small ordinary message (a type the slow path takes, a large `bytes`
+    /// field, an encoding at or above the threshold), which the caller then sends its own way. Never waits and
+    /// never copies into shared memory: the asyncio client's fast path, on the event loop.
+    #[pyo3(signature = (message, call=None))]
+    fn inline(
+        &self,
+        py: Python<'_>,
+        message: &Bound<'_, PyAny>,
+        call: Option<&Bound<'_, Call>>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let Some(fields) = self.fields_of(py, message)? else { return Ok(None) };
+        for name in fields.bind(py).iter() {
+            if message.getattr(name.cast::<PyString>()?)?.len()? >= LARGE_FIELD {
+                return Ok(None);
+            }
+        }
+        let encoded = self.serialize.bind(py).call1((message,))?;
+        let Ok(bytes) = encoded.cast::<PyBytes>() else { return Ok(None) };
+        let n = bytes.as_bytes().len();
+        let slices = [bytes.as_bytes()];
+        match &self.through {
+            Through::Bound(s) if s.get().0.is_alive() => {
+                if n >= s.get().0.threshold() {
+                    return Ok(None);
+                }
+                // Below the threshold the session sends inline: it counts (and numbers) the message.
+                let sent = match call {
+                    Some(c) => c.get().0.send(&slices),
+                    None => s.get().0.send(&slices),
+                };
+                debug_assert!(matches!(sent, embed::Sending::Inline(_)));
+            }
+            _ if n >= self.threshold => return Ok(None),
+            _ => self.counters.inline_sent(n, None),
+        }
+        Ok(Some(encoded.unbind()))
+    }
 }
 
 impl Serializer {

@@ -13,6 +13,7 @@ decoded messages; the other methods of ``grpc.aio`` call objects are not offered
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -118,14 +119,14 @@ class AioShmChannel(_ChannelBase):
             return await loop.run_in_executor(None, lambda: _codec.settle(_codec.send(*send)))
         return await _codec.settle_async(_codec.send(*send))
 
-    async def _decode(self, data: bytes, parse: Any) -> Any:
-        """One response; a reference that overtook its registration waits for it on a worker thread."""
+    async def _decode_held_back(self, data: bytes, parse: Any) -> Any:
+        """
+        A response reference that overtook its segment's registration: waited for (at most 2 s) on a worker
+        thread, then decoded.
+        """
         try:
-            if _core.is_reference(data) and self._shm.needs_wait(data):
-                loop = asyncio.get_running_loop()
-                received = await loop.run_in_executor(None, self._shm.receive, data, True)
-                return _codec.decode(data, parse, lambda _: received, self._counters)
-            return _codec.decode(data, parse, lambda d: self._shm.receive(d, False), self._counters)
+            received = await asyncio.get_running_loop().run_in_executor(None, self._shm.receive, data, True)
+            return _codec.decode(data, parse, lambda _: received, self._counters)
         except StatusError as e:
             raise ShmRpcError(_codec.status_code(e), str(e.args[1])) from None
 
@@ -138,6 +139,27 @@ class _AioCallable:
         # Requests are encoded here (a wait must not block the loop) and responses decoded here: the inner
         # multi-callable moves bytes.
         self._inner = getattr(ch._channel, kind)(method, None, None, **kw)
+        # The Rust fast paths: a small request encoded and counted in one call (`_core.Serializer.inline`, made per
+        # session), an inline response parsed and counted (`_core.Deserializer`); the rest is the code below.
+        plain = de if de is not None and not isinstance(self._parse, ViewOf) else None
+        self._de = _core.Deserializer(plain, self._decode_now, ch._counters)
+        self._fast: tuple[Any, Any] | None = None
+
+    def _serializer_for(self, s: Any) -> Any:
+        """The Rust serializer for requests through session ``s`` (or none), made once per session."""
+        fast = self._fast
+        if fast is None or fast[0] is not s:
+            fields = functools.partial(_codec.large_fields, serialize=self._ser)
+            ch = self._ch
+            fast = self._fast = (
+                s,
+                _core.Serializer(self._ser, _unused_slow_path, fields, ch._counters, ch.threshold, session=s),
+            )
+        return fast[1]
+
+    def _decode_now(self, data: bytes) -> Any:
+        """A response the Rust deserializer does not take (a reference, a view), decoded without waiting."""
+        return _codec.decode(data, self._parse, lambda d: self._ch._shm.receive(d, False), self._ch._counters)
 
     def __call__(self, request: Any, *, metadata: Sequence[tuple[str, str]] | None = None, **kw: Any) -> Any:
         _codec._check_loan(request)
@@ -149,6 +171,13 @@ class _AioCallable:
         if call is not None:
             header = (*header, (_core.CALL_HEADER, str(call.number)))
         md = (*(metadata or ()), *header) or None
+        if self._kind == "unary_unary" and not isinstance(request, _codec.Loaned):
+            try:
+                data = self._serializer_for(s).inline(request, call)
+            except Exception:
+                data = None  # the path below raises it again, when the call is awaited (as grpc.aio does)
+            if data is not None:
+                return self._unary(data, md, kw, call)
         if self._kind in ("unary_unary", "unary_stream"):
             requests: Any = self._one(s, request, call)
         else:
@@ -156,6 +185,15 @@ class _AioCallable:
         if self._kind in ("unary_unary", "stream_unary"):
             return self._unary(requests, md, kw, call)
         return self._stream(requests, md, kw, call)
+
+    async def _read(self, data: bytes) -> Any:
+        """One response: a reference that overtook its registration is awaited off the loop, the rest decoded now."""
+        if _core.is_reference(data) and self._ch._shm.needs_wait(data):
+            return await self._ch._decode_held_back(data, self._parse)
+        try:
+            return self._de(data)
+        except StatusError as e:
+            raise ShmRpcError(_codec.status_code(e), str(e.args[1])) from None
 
     async def _one(self, s: Any, request: Any, call: Any) -> bytes:
         return await self._ch._encode_async(s, self._ser, request, call)
@@ -170,8 +208,11 @@ class _AioCallable:
 
     async def _unary(self, requests: Any, md: Any, kw: dict[str, Any], call: Any) -> Any:
         try:
-            request = await requests if self._kind == "unary_unary" else requests
-            reply = await self._ch._decode(await self._inner(request, metadata=md, **kw), self._parse)
+            if isinstance(requests, bytes) or self._kind != "unary_unary":
+                request = requests  # encoded already, or a stream of requests
+            else:
+                request = await requests
+            reply = await self._read(await self._inner(request, metadata=md, **kw))
         except BaseException:
             if call is not None:
                 call.end()  # cancelled or failed before the response was read: the server drops what it sent
@@ -185,7 +226,7 @@ class _AioCallable:
         try:
             request = await requests if self._kind == "unary_stream" else requests
             async for data in self._inner(request, metadata=md, **kw):
-                item = await self._ch._decode(data, self._parse)
+                item = await self._read(data)
                 if call is not None:
                     call.received()
                 yield item
@@ -195,6 +236,11 @@ class _AioCallable:
             # Left early (the caller stopped iterating, or cancelled): the server learns how many were read.
             if call is not None:
                 call.end()
+
+
+def _unused_slow_path(message: Any, large: Any = None) -> bytes:
+    """The slow path of the asyncio client's Rust serializers, which only ``inline`` is asked of."""
+    raise AssertionError("the asyncio client encodes through Serializer.inline only")
 
 
 def insecure_channel(
