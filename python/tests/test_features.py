@@ -226,6 +226,45 @@ def test_a_large_write_into_a_loan_leaves_other_threads_running(rust_server: Ser
         assert during > 0, "the other thread ran while the loans were written"
 
 
+def test_the_asyncio_server_answers_small_unary_calls_on_its_rust_path(
+    blob: Any, blob_grpc: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small unary responses of async handlers are encoded, counted and numbered by ``Serializer.inline`` (the
+    Python encoder is not used: it fails here); a large response still goes through shared memory."""
+    from .blob_server import AioBlob
+
+    target = f"unix:{tmp_path / 'aio-fast.sock'}"
+
+    async def main() -> None:
+        server = shmgrpc.aio.server()
+        blob_grpc.add_BlobServicer_to_server(AioBlob(), server)
+        server.add_insecure_port(target)
+        await server.start()
+        try:
+            async with shmgrpc.aio.insecure_channel(target) as ch:
+                assert ch.is_shared_memory(), ch.fallback()
+                stub = blob_grpc.BlobStub(ch)
+                small = payload(blob, 1024)
+                with monkeypatch.context() as m:
+
+                    def python_path(*args: Any) -> Any:
+                        raise AssertionError("a small message took the Python encoder")
+
+                    m.setattr(shmgrpc._codec, "prepare", python_path)
+                    for _ in range(10):
+                        assert (await stub.Echo(small)).data == small.data
+                stats = server.stats()
+                assert stats["inline_sent"] == 10 and stats["inline_received"] == 10, stats
+                big = payload(blob, 4 * MIB)
+                assert (await stub.Echo(big)).data == big.data
+                stats = server.stats()
+                assert stats["shm_sent"] == 1 and stats["inline_sent"] == 10, stats
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
 FORK_CHILD = """
 import os, sys, zlib
 sys.path[:0] = {paths!r}

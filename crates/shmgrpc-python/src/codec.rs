@@ -242,15 +242,17 @@ impl Serializer {
     }
 
     /// The bytes of `message` when it goes inline, counted (and numbered in `call`, or in the session when `call`
-    /// is `None`); `None` when it is not a small ordinary message (a type the slow path takes, a large `bytes`
-    /// field, an encoding at or above the threshold), which the caller then sends its own way. Never waits and
-    /// never copies into shared memory: the asyncio client's fast path, on the event loop.
-    #[pyo3(signature = (message, call=None))]
+    /// is `None`: `session`, else the one the serializer is bound to); `None` when it is not a small ordinary
+    /// message (a type the slow path takes, a large `bytes` field, an encoding at or above the threshold), which
+    /// the caller then sends its own way. Never waits and never copies into shared memory: the asyncio client's
+    /// and server's fast path, on the event loop.
+    #[pyo3(signature = (message, call=None, session=None))]
     fn inline(
         &self,
         py: Python<'_>,
         message: &Bound<'_, PyAny>,
         call: Option<&Bound<'_, Call>>,
+        session: Option<&Bound<'_, Session>>,
     ) -> PyResult<Option<Py<PyAny>>> {
         let Some(fields) = self.fields_of(py, message)? else { return Ok(None) };
         for name in fields.bind(py).iter() {
@@ -262,15 +264,20 @@ impl Serializer {
         let Ok(bytes) = encoded.cast::<PyBytes>() else { return Ok(None) };
         let n = bytes.as_bytes().len();
         let slices = [bytes.as_bytes()];
-        match &self.through {
-            Through::Bound(s) if s.get().0.is_alive() => {
-                if n >= s.get().0.threshold() {
+        let through = match (session, &self.through) {
+            (Some(s), _) => Some(s.get()),
+            (None, Through::Bound(s)) => Some(s.get()),
+            (None, _) => None,
+        };
+        match through {
+            Some(s) if s.0.is_alive() => {
+                if n >= s.0.threshold() {
                     return Ok(None);
                 }
                 // Below the threshold the session sends inline: it counts (and numbers) the message.
                 let sent = match call {
                     Some(c) => c.get().0.send(&slices),
-                    None => s.get().0.send(&slices),
+                    None => s.0.send(&slices),
                 };
                 debug_assert!(matches!(sent, embed::Sending::Inline(_)));
             }

@@ -11,6 +11,7 @@ works inside async handlers (the call's session is a context variable).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -24,10 +25,6 @@ from .server import CALL, CURRENT, ServerBase, _Failed, _HelloHandler, _is_ours,
 
 LARGE = 1 << 20
 """Responses from this size up are encoded (copied into shared memory) on a worker thread."""
-
-
-class _Encoded(bytes):
-    """A response already encoded by the wrapper: the response serializer passes it on as it is."""
 
 
 class AioShmServer(ServerBase):
@@ -112,8 +109,8 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
             return _Failed(e)
 
     def serialize(message: Any) -> bytes:
-        if isinstance(message, _Encoded):
-            return bytes(message)
+        if isinstance(message, _codec.Encoded):
+            return message.data
         # A message written with `context.write`: encoded here, on the loop, which must not wait for the client: a
         # message that would (a new segment's registration, a full window) goes inline instead.
         return _codec.settle_now(_codec.encode(message, ser, CURRENT.get(), counters, threshold, None, CALL.get()))
@@ -139,13 +136,13 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         if call is not None:
             call.complete()
 
-    async def encode(message: Any, session: Session | None) -> _Encoded:
+    async def encode(message: Any, session: Session | None) -> _codec.Encoded:
         items = _codec.prepare(message, ser, session)
         args = (items, session, counters, threshold, None, CALL.get())
         if session is not None and sum(len(x) for x in items) >= LARGE:
             loop = asyncio.get_running_loop()
-            return _Encoded(await loop.run_in_executor(None, lambda: _codec.settle(_codec.send(*args))))
-        return _Encoded(await _codec.settle_async(_codec.send(*args)))
+            return _codec.Encoded(await loop.run_in_executor(None, lambda: _codec.settle(_codec.send(*args))))
+        return _codec.Encoded(await _codec.settle_async(_codec.send(*args)))
 
     def enter(context: grpc.aio.ServicerContext) -> Session | None:
         session, call = session_of(core, context.invocation_metadata())
@@ -156,13 +153,22 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         return session
 
     async def unary_in(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        session = enter(context)
-        call = CALL.get()
+        # As `enter`, without the scope's end when the call ends: a unary request is read to its end at once, so
+        # `end` would have nothing to say.
+        session, call = core.session_of(context.invocation_metadata())
+        CURRENT.set(session)
+        CALL.set(call)
         if call is not None:
             call.received()
             call.complete()
-        response = await behaviour(await resolve(request, context), context)
-        return None if response is None else await encode(response, session)
+        if isinstance(request, (_codec.Deferred, _Failed)):
+            request = await resolve(request, context)
+        response = await behaviour(request, context)
+        if response is None:
+            return None
+        # A small response: encoded, counted and numbered in one Rust call; anything else below.
+        data = fast.inline(response, call, session) if not isinstance(response, _codec.Loaned) else None
+        return _codec.Encoded(data) if data is not None else await encode(response, session)
 
     async def stream_in(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         session = enter(context)
@@ -193,6 +199,8 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
 
     plain = de if de is not None and not isinstance(de, _codec.ViewOf) else None
     deserialize = _core.Deserializer(plain, slow_deserialize, counters)  # inline messages: the Rust fast path
+    fields = functools.partial(_codec.large_fields, serialize=ser)
+    fast = _core.Serializer(ser, _codec.inline_only, fields, counters, threshold)  # `inline` only
     kw = {"request_deserializer": deserialize, "response_serializer": serialize}
     if h.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary_in, **kw)

@@ -144,8 +144,25 @@ def encode(
     return send(prepare(message, serialize, session, large), session, counters, threshold, fallback, call)
 
 
-class Encoded(bytes):
-    """A message already encoded (by shmgrpc's wrapper around a call): the serializer passes it on as it is."""
+class Encoded:
+    """
+    A message already encoded (by shmgrpc's wrapper around a call or a handler): the serializer passes ``data`` on
+    as it is. A wrapper, not a ``bytes`` subclass, which would copy the message when made and again when turned
+    back into ``bytes``.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def inline_only(message: Any, large: Any = None) -> bytes:
+    """
+    The slow path of a Rust serializer that only ``Serializer.inline`` is asked of (the asyncio client's and
+    server's fast paths, which send everything else their own way): never called.
+    """
+    raise AssertionError("a serializer made for Serializer.inline was called")
 
 
 LARGE_FIELD = _core.LARGE_FIELD
@@ -158,7 +175,7 @@ def large_fields(ty: type, serialize: Callable[[Any], bytes] | None) -> tuple[st
     make :func:`_split` write it from its value (the message then takes the slow path, :func:`encode`), or ``None``
     when every message of the type takes the slow path (a loaned or an already encoded message, no serializer).
     """
-    if serialize is None or issubclass(ty, (Loaned, bytes, bytearray, memoryview)):
+    if serialize is None or issubclass(ty, (Loaned, Encoded, bytes, bytearray, memoryview)):
         return None
     if not hasattr(ty, "SerializeToString") or serialize != ty.SerializeToString:
         return ()  # a custom serializer: its output is sent as it is

@@ -153,7 +153,7 @@ class _AioCallable:
             ch = self._ch
             fast = self._fast = (
                 s,
-                _core.Serializer(self._ser, _unused_slow_path, fields, ch._counters, ch.threshold, session=s),
+                _core.Serializer(self._ser, _codec.inline_only, fields, ch._counters, ch.threshold, session=s),
             )
         return fast[1]
 
@@ -236,11 +236,6 @@ class _AioCallable:
             # Left early (the caller stopped iterating, or cancelled): the server learns how many were read.
             if call is not None:
                 call.end()
-
-
-def _unused_slow_path(message: Any, large: Any = None) -> bytes:
-    """The slow path of the asyncio client's Rust serializers, which only ``inline`` is asked of."""
-    raise AssertionError("the asyncio client encodes through Serializer.inline only")
 
 
 def insecure_channel(

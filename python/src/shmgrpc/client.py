@@ -357,7 +357,7 @@ class ShmChannel(_ChannelBase, grpc.Channel):
 
         def serialize(message: Any, large: dict[str, Any] | None = None) -> bytes:
             if isinstance(message, _codec.Encoded):
-                return bytes(message)
+                return message.data
             call = _core.current()[1]  # the call `_invoke` entered on this thread (grpcio serializes in-thread)
             return _codec.settle(self._encode(session, ser, message, call, large))
 

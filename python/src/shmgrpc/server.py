@@ -260,7 +260,7 @@ def _wrap(
 
     def slow_serialize(message: Any, large: dict[str, Any] | None = None) -> bytes:
         if isinstance(message, _codec.Encoded):
-            return bytes(message)  # encoded where the handler ran (`encode_in_handler`)
+            return message.data  # encoded where the handler ran (`encode_in_handler`)
         session, call, _ = _core.current()
         return _codec.settle(_codec.encode(message, ser, session, counters, threshold, None, call, large))
 
