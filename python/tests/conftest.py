@@ -206,6 +206,20 @@ def segments_of(bin_path: str, pids: set[int]) -> list[dict[str, Any]]:
     return [s for s in json.loads(out) if s.get("pid") in pids]
 
 
+@contextlib.contextmanager
+def without_python_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """While the block runs, the Python encoder (``_codec.prepare``) fails: what still works took a Rust path."""
+
+    from shmgrpc import _codec
+
+    def python_path(*args: Any) -> Any:
+        raise AssertionError("a message took the Python encoder")
+
+    with monkeypatch.context() as m:
+        m.setattr(_codec, "prepare", python_path)
+        yield
+
+
 class Ticker:
     """A Python thread that counts as fast as it can: if ``ticks`` moves while this thread is in a call, the call
     let the GIL go."""

@@ -12,7 +12,7 @@ import pytest
 import shmgrpc
 import shmgrpc.aio
 
-from .conftest import Served
+from .conftest import Served, without_python_encoder
 
 MIB = 1 << 20
 
@@ -70,12 +70,7 @@ def test_aio_small_calls_take_the_rust_path_and_count_like_the_rest(
             assert ch.is_shared_memory(), ch.fallback()
             stub = blob_grpc.BlobStub(ch)
             small = payload(blob, 1024, 7)
-            with monkeypatch.context() as m:
-
-                def python_path(*args: Any) -> Any:
-                    raise AssertionError("a small request took the Python encoder")
-
-                m.setattr(shmgrpc._codec, "prepare", python_path)
+            with without_python_encoder(monkeypatch):
                 for _ in range(20):
                     assert (await stub.Echo(small)).data == small.data
             big = payload(blob, 4 * MIB, 8)

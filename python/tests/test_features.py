@@ -20,7 +20,17 @@ import pytest
 import shmgrpc
 import shmgrpc.aio
 
-from .conftest import ROOT, InProcess, Served, _stop, eventually, serving, start_py_server, ticking
+from .conftest import (
+    ROOT,
+    InProcess,
+    Served,
+    _stop,
+    eventually,
+    serving,
+    start_py_server,
+    ticking,
+    without_python_encoder,
+)
 
 MIB = 1 << 20
 
@@ -245,12 +255,7 @@ def test_the_asyncio_server_answers_small_unary_calls_on_its_rust_path(
                 assert ch.is_shared_memory(), ch.fallback()
                 stub = blob_grpc.BlobStub(ch)
                 small = payload(blob, 1024)
-                with monkeypatch.context() as m:
-
-                    def python_path(*args: Any) -> Any:
-                        raise AssertionError("a small message took the Python encoder")
-
-                    m.setattr(shmgrpc._codec, "prepare", python_path)
+                with without_python_encoder(monkeypatch):
                     for _ in range(10):
                         assert (await stub.Echo(small)).data == small.data
                 stats = server.stats()
