@@ -84,6 +84,17 @@ def test_a_session_loans_bytes_are_its_payload_only(blob_grpc: Any, tmp_path: An
         loan.release()
 
 
+def test_join_makes_one_inline_message_of_its_slices() -> None:
+    """An inline message's slices (a loaned message without a session) are joined in one copy; a loan counts as
+    sent, one ``bytes`` object is returned as it is."""
+    one = b"whole message"
+    assert _core.join([one]) is one
+    loan = _core.heap_loan(4)
+    loan.write(b"WXYZ")
+    assert _core.join([b"\x0a\x04", loan]) == b"\x0a\x04WXYZ" and loan.sent
+    assert _core.join([bytearray(b"ab"), memoryview(b"xcdx")[1:3], np.frombuffer(b"ef", np.uint8)]) == b"abcdef"
+
+
 def test_a_released_loan_keeps_memory_that_an_array_still_uses() -> None:
     loan = _core.heap_loan(1024)
     view = loan.view

@@ -1002,6 +1002,14 @@ fn heap_loan(n: usize) -> Loan {
     Loan::new(embed::heap_loan(n), 0)
 }
 
+/// A message's slices (as `Session.send` takes them: `bytes` and other buffers, a loan, a received piece) joined into
+/// one `bytes` object to send inline, copied once without the GIL (a loan counts as sent). One `bytes` object is
+/// returned as it is.
+#[pyfunction]
+fn join(py: Python<'_>, items: Vec<Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+    send_items(py, items, usize::MAX, |_| Sending::Inline(None))
+}
+
 /// A metadata value as text (grpcio gives `str`, or `bytes` for binary headers).
 fn text(value: &Bound<'_, PyAny>) -> PyResult<String> {
     match value.cast::<PyBytes>() {
@@ -1033,6 +1041,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats, m)?)?;
     m.add_function(wrap_pyfunction!(is_reference, m)?)?;
     m.add_function(wrap_pyfunction!(heap_loan, m)?)?;
+    m.add_function(wrap_pyfunction!(join, m)?)?;
     m.add_class::<codec::Serializer>()?;
     m.add_class::<codec::Deserializer>()?;
     m.add_class::<codec::UnaryUnary>()?;
