@@ -3,7 +3,7 @@
     python bench.py [--bin target/release/shmgrpc] [--sizes 1KiB,1MiB,20MiB,100MiB] [--array 1GiB]
                     [--json ../docs/python-bench.json]
 
-Four parts, every reply checked outside the timed region, lanes alternating in blocks so that drifts of a shared
+Five parts, every reply checked outside the timed region, lanes alternating in blocks so that drifts of a shared
 machine hit all alike. In the echo parts every lane makes its request from the same ``bytes`` payload inside the
 timed call (a message with the field set, or the payload copied into a loan with ``Loan.write``):
 
@@ -18,6 +18,8 @@ timed call (a message with the field set, or the payload copied into a loan with
 - ``array``: a float32 numpy array round trip (echo) of ``--array`` bytes, Python to Python: stock grpcio
   (``tobytes`` in, ``frombuffer`` out) against shmgrpc with the array made in a loan and the reply read as an array
   over the view (no copy). The producer's filling of the array is not timed in either lane.
+- ``aio``: asyncio clients against ``shmgrpc serve``: stock ``grpc.aio`` and ``shmgrpc.aio`` (code unchanged);
+  below the threshold also ``grpc.aio+headers`` (stock ``grpc.aio`` sending a session's headers).
 - ``latency``: p50/p99 of 1 KiB echoes on one channel while another thread of the same process echoes 256 MiB
   messages on another channel (transparent path), against the same without the large echoes.
 
@@ -27,6 +29,7 @@ Medians and percentiles in milliseconds, and the ratios stock / shmgrpc, go to s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
@@ -38,10 +41,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import grpc.aio
 import numpy as np
 
 import shmgrpc
@@ -119,25 +123,107 @@ class Servers:
             p.wait()
 
 
-def run_lanes(
-    lanes: dict[str, Callable[[], Any]], check: Callable[[str, Any], None], n: int, blocks: int
-) -> dict[str, dict[str, float]]:
-    """Times each lane ``n`` times, in ``blocks`` interleaved blocks, after 3 warm-up calls each."""
-    for name, call in lanes.items():
-        for _ in range(3):
-            check(name, call())
-    times: dict[str, list[float]] = {k: [] for k in lanes}
+def plan(lanes: dict[str, Callable[[], Any]], n: int, blocks: int) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """The order of the timed calls: each lane's ``n`` calls in ``blocks`` blocks, the lanes alternating."""
     per = max(1, n // blocks)
     for _ in range(blocks):
         for name, call in lanes.items():
             for _ in range(per):
-                t = time.perf_counter()
-                r = call()
-                took = time.perf_counter() - t
-                check(name, r)
-                times[name].append(took)
-                del r
+                yield name, call
+
+
+def run_lanes(
+    lanes: dict[str, Callable[[], Any]], check: Callable[[str, Any], None], n: int, blocks: int
+) -> dict[str, dict[str, float]]:
+    """Times each lane ``n`` times, in ``blocks`` interleaved blocks (:func:`plan`), after 3 warm-up calls each."""
+    for name, call in lanes.items():
+        for _ in range(3):
+            check(name, call())
+    times: dict[str, list[float]] = {k: [] for k in lanes}
+    for name, call in plan(lanes, n, blocks):
+        t = time.perf_counter()
+        r = call()
+        times[name].append(time.perf_counter() - t)
+        check(name, r)
+        del r
     return {k: summary(v) for k, v in times.items()}
+
+
+async def run_lanes_async(
+    lanes: dict[str, Callable[[], Any]], check: Callable[[str, Any], None], n: int, blocks: int
+) -> dict[str, dict[str, float]]:
+    """:func:`run_lanes` for lanes that return awaitables (the asyncio part), timed on the running loop."""
+    for name, call in lanes.items():
+        for _ in range(3):
+            check(name, await call())
+    times: dict[str, list[float]] = {k: [] for k in lanes}
+    for name, call in plan(lanes, n, blocks):
+        t = time.perf_counter()
+        r = await call()
+        times[name].append(time.perf_counter() - t)
+        check(name, r)
+        del r
+    return {k: summary(v) for k, v in times.items()}
+
+
+def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: int) -> list[dict[str, Any]]:
+    """
+    asyncio clients against ``shmgrpc serve``: stock ``grpc.aio`` against ``shmgrpc.aio`` with the code unchanged
+    (and, below the threshold, stock ``grpc.aio`` sending a session's headers: what they cost without shmgrpc).
+    """
+    import shmgrpc.aio
+
+    async def run() -> list[dict[str, Any]]:
+        stock = grpc.aio.insecure_channel(target, options=[("grpc.default_authority", "localhost"), *BIG])
+        shm = shmgrpc.aio.insecure_channel(target)
+        assert await shm.connect(), shm.fallback()
+        s_stub, o_stub = blob_grpc.BlobStub(stock), blob_grpc.BlobStub(shm)
+        calls = itertools.count(1 << 40)
+        header = (_core.SESSION_HEADER, shm._session.header)  # type: ignore[union-attr]
+        rows = []
+        for size in sizes:
+            data = os.urandom(size)
+
+            def check(name: str, r: Any, data: bytes = data) -> None:
+                if r.data != data:
+                    raise SystemExit(f"aio {name}: the reply differs from the request")
+
+            def numbered() -> Any:
+                return (header, (_core.CALL_HEADER, str(next(calls))))
+
+            def stock_echo(data: bytes = data) -> Any:
+                return s_stub.Echo(blob.Payload(data=data, crc32=0))
+
+            def shm_echo(data: bytes = data) -> Any:
+                return o_stub.Echo(blob.Payload(data=data, crc32=0))
+
+            def headed_echo(data: bytes = data) -> Any:
+                return s_stub.Echo(blob.Payload(data=data, crc32=0), metadata=numbered())
+
+            lanes: dict[str, Callable[[], Any]] = {"grpc.aio": stock_echo, "shmgrpc.aio": shm_echo}
+            if size < shm.threshold:
+                lanes["grpc.aio+headers"] = headed_echo
+            res = await run_lanes_async(lanes, check, iterations(size), blocks)
+            g = res["grpc.aio"]["median_ms"]
+            row: dict[str, Any] = {"size": size, "calls": iterations(size) // blocks * blocks, **res}
+            row["speedup shmgrpc.aio"] = g / res["shmgrpc.aio"]["median_ms"]
+            rows.append(row)
+            print(
+                f"   aio {size:>10} B  grpc.aio {g:9.3f}  shmgrpc.aio {res['shmgrpc.aio']['median_ms']:8.3f} "
+                f"(x{row['speedup shmgrpc.aio']:.1f})"
+                + (
+                    f"  grpc.aio+headers {res['grpc.aio+headers']['median_ms']:8.3f}"
+                    if "grpc.aio+headers" in res
+                    else ""
+                )
+                + f"  ms median; {row['calls']} calls",
+                flush=True,
+            )
+        await shm.close()
+        await stock.close()
+        return rows
+
+    return asyncio.run(run())
 
 
 def echo_lanes(blob: Any, stubs_: dict[str, Any], channels: dict[str, Any], data: bytes) -> dict[str, Any]:
@@ -328,7 +414,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1KiB,1MiB,20MiB,100MiB")
     ap.add_argument("--array", default="1GiB")
     ap.add_argument("--latency-seconds", type=float, default=5.0)
-    ap.add_argument("--parts", default="rust,python,array,latency")
+    ap.add_argument("--parts", default="rust,python,aio,array,latency")
     ap.add_argument("--json", default=None)
     ap.add_argument("--blocks", type=int, default=4)
     a = ap.parse_args()
@@ -364,6 +450,8 @@ def main() -> None:
                     report["python"] = echo_part("python", blob, blob_grpc, targets, sizes, a.blocks)
                 if "array" in parts:
                     report["array"] = array_part(blob, blob_grpc, targets, parse_size(a.array))
+            if "aio" in parts:
+                report["aio"] = aio_part(blob, blob_grpc, rust, sizes, a.blocks)
             if "latency" in parts:
                 report["latency"] = latency_part(blob, blob_grpc, rust, a.latency_seconds)
         finally:
