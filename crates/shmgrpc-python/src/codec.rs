@@ -173,24 +173,11 @@ impl Serializer {
     }
 
     fn __call__(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let Some(fields) = self.fields_of(py, message)? else {
-            return self.slow.call1(py, (message,));
-        };
-        // Each read of a field copies it (upb returns a new `bytes` object): the large ones read here are handed
-        // to the slow path, which sends them from these values.
-        let mut large: Option<Bound<'_, PyDict>> = None;
-        for name in fields.bind(py).iter() {
-            let value = message.getattr(name.cast::<PyString>()?)?;
-            if value.len()? >= LARGE_FIELD {
-                large.get_or_insert_with(|| PyDict::new(py)).set_item(name, value)?;
-            }
-        }
-        if let Some(large) = large {
-            return self.slow.call1(py, (message, large));
-        }
-        let encoded = self.serialize.bind(py).call1((message,))?;
-        let Ok(bytes) = encoded.cast::<PyBytes>() else {
-            return self.slow.call1(py, (message,));
+        let bytes = match self.encode_ordinary(py, message)? {
+            Ordinary::Slow => return self.slow.call1(py, (message,)),
+            // The large fields read here are handed to the slow path, which sends them from these values.
+            Ordinary::Large(large) => return self.slow.call1(py, (message, large)),
+            Ordinary::Encoded(bytes) => bytes,
         };
         let n = bytes.as_bytes().len();
         let (session, call) = match &self.through {
@@ -207,16 +194,10 @@ impl Serializer {
             Some(s) if s.get().0.is_alive() => {
                 let s = s.get();
                 if n < s.0.threshold() {
-                    // Inline: counted (and numbered in its call) by the session; the bytes are the message.
-                    let slices = [bytes.as_bytes()];
-                    let sent = match &call {
-                        Some(c) => c.get().0.send(&slices),
-                        None => s.0.send(&slices),
-                    };
-                    debug_assert!(matches!(sent, embed::Sending::Inline(_)));
-                    return Ok(encoded.unbind());
+                    send_inline(s, call.as_ref().map(|c| c.get()), bytes.as_bytes());
+                    return Ok(bytes.into_any().unbind());
                 }
-                let items = vec![encoded.clone()];
+                let items = vec![bytes.into_any()];
                 let out = match &call {
                     Some(c) => send_items(py, items, s.0.threshold(), |slices| c.get().0.send(slices))?,
                     None => send_items(py, items, s.0.threshold(), |slices| s.0.send(slices))?,
@@ -236,7 +217,7 @@ impl Serializer {
                     .or(session.as_ref().map(|_| Fallback::SessionClosed))
                 };
                 self.counters.inline_sent(n, reason);
-                Ok(encoded.unbind())
+                Ok(bytes.into_any().unbind())
             }
         }
     }
@@ -254,16 +235,8 @@ impl Serializer {
         call: Option<&Bound<'_, Call>>,
         session: Option<&Bound<'_, Session>>,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let Some(fields) = self.fields_of(py, message)? else { return Ok(None) };
-        for name in fields.bind(py).iter() {
-            if message.getattr(name.cast::<PyString>()?)?.len()? >= LARGE_FIELD {
-                return Ok(None);
-            }
-        }
-        let encoded = self.serialize.bind(py).call1((message,))?;
-        let Ok(bytes) = encoded.cast::<PyBytes>() else { return Ok(None) };
+        let Ordinary::Encoded(bytes) = self.encode_ordinary(py, message)? else { return Ok(None) };
         let n = bytes.as_bytes().len();
-        let slices = [bytes.as_bytes()];
         let through = match (session, &self.through) {
             (Some(s), _) => Some(s.get()),
             (None, Through::Bound(s)) => Some(s.get()),
@@ -274,21 +247,55 @@ impl Serializer {
                 if n >= s.0.threshold() {
                     return Ok(None);
                 }
-                // Below the threshold the session sends inline: it counts (and numbers) the message.
-                let sent = match call {
-                    Some(c) => c.get().0.send(&slices),
-                    None => s.0.send(&slices),
-                };
-                debug_assert!(matches!(sent, embed::Sending::Inline(_)));
+                send_inline(s, call.map(|c| c.get()), bytes.as_bytes());
             }
             _ if n >= self.threshold => return Ok(None),
             _ => self.counters.inline_sent(n, None),
         }
-        Ok(Some(encoded.unbind()))
+        Ok(Some(bytes.into_any().unbind()))
     }
 }
 
+/// What [`Serializer::encode_ordinary`] made of a message.
+enum Ordinary<'py> {
+    /// A message of a type the slow path takes (loaned, already encoded, not protobuf-serialized to `bytes`).
+    Slow,
+    /// An ordinary message with large `bytes` fields: their values, read once (each read copies).
+    Large(Bound<'py, PyDict>),
+    /// An ordinary message, serialized.
+    Encoded(Bound<'py, PyBytes>),
+}
+
+/// Sends the bytes of an inline message through `session` (in `call`, numbered, when there is one): the session
+/// counts it; the bytes themselves are the message.
+fn send_inline(session: &Session, call: Option<&Call>, bytes: &[u8]) {
+    let slices = [bytes];
+    let sent = match call {
+        Some(c) => c.0.send(&slices),
+        None => session.0.send(&slices),
+    };
+    debug_assert!(matches!(sent, embed::Sending::Inline(_)));
+}
+
 impl Serializer {
+    /// Looks at `message` as both paths need it: its type, its large `bytes` fields (each read of a field copies
+    /// it: upb returns a new `bytes` object, so the values read are kept), then its serialization.
+    fn encode_ordinary<'py>(&self, py: Python<'py>, message: &Bound<'py, PyAny>) -> PyResult<Ordinary<'py>> {
+        let Some(fields) = self.fields_of(py, message)? else { return Ok(Ordinary::Slow) };
+        let mut large: Option<Bound<'py, PyDict>> = None;
+        for name in fields.bind(py).iter() {
+            let value = message.getattr(name.cast::<PyString>()?)?;
+            if value.len()? >= LARGE_FIELD {
+                large.get_or_insert_with(|| PyDict::new(py)).set_item(name, value)?;
+            }
+        }
+        if let Some(large) = large {
+            return Ok(Ordinary::Large(large));
+        }
+        let encoded = self.serialize.bind(py).call1((message,))?;
+        Ok(encoded.cast_into::<PyBytes>().map_or(Ordinary::Slow, Ordinary::Encoded))
+    }
+
     /// The `bytes` fields of `message`'s type to look at, or `None` when the slow path takes it.
     fn fields_of(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyTuple>>> {
         let ty = message.get_type();

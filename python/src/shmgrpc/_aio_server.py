@@ -144,30 +144,27 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
             return _codec.Encoded(await loop.run_in_executor(None, lambda: _codec.settle(_codec.send(*args))))
         return _codec.Encoded(await _codec.settle_async(_codec.send(*args)))
 
-    def enter(context: grpc.aio.ServicerContext) -> Session | None:
+    def enter(context: grpc.aio.ServicerContext, unary: bool = False) -> Session | None:
         session, call = session_of(core, context.invocation_metadata())
-        if call is not None:
+        if call is not None and unary:
+            # A unary request is read to its end at once: the scope's `end` would have nothing to say.
+            call.received()
+            call.complete()
+        elif call is not None:
             context.add_done_callback(lambda _: call.end())
         CURRENT.set(session)
         CALL.set(call)
         return session
 
     async def unary_in(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        # As `enter`, without the scope's end when the call ends: a unary request is read to its end at once, so
-        # `end` would have nothing to say.
-        session, call = core.session_of(context.invocation_metadata())
-        CURRENT.set(session)
-        CALL.set(call)
-        if call is not None:
-            call.received()
-            call.complete()
+        session = enter(context, unary=True)
         if isinstance(request, (_codec.Deferred, _Failed)):
             request = await resolve(request, context)
         response = await behaviour(request, context)
         if response is None:
             return None
         # A small response: encoded, counted and numbered in one Rust call; anything else below.
-        data = fast.inline(response, call, session) if not isinstance(response, _codec.Loaned) else None
+        data = fast.inline(response, CALL.get(), session) if not isinstance(response, _codec.Loaned) else None
         return _codec.Encoded(data) if data is not None else await encode(response, session)
 
     async def stream_in(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
@@ -175,9 +172,9 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         response = await behaviour(requests_of(requests, context), context)
         return None if response is None else await encode(response, session)
 
-    def streaming(request_in: Callable[[Any, Any], Any]) -> Callable[..., AsyncIterator[Any]]:
+    def streaming(request_in: Callable[[Any, Any], Any], unary: bool) -> Callable[..., AsyncIterator[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            session = enter(context)
+            session = enter(context, unary)
             source = behaviour(await request_in(request, context), context)
             if inspect.isasyncgen(source):
                 async for response in source:
@@ -188,10 +185,6 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         return run
 
     async def one_request(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = CALL.get()
-        if call is not None:
-            call.received()
-            call.complete()
         return await resolve(request, context)
 
     async def many_requests(requests: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -205,10 +198,10 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
     if h.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary_in, **kw)
     if h.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming(one_request), **kw)
+        return grpc.unary_stream_rpc_method_handler(streaming(one_request, unary=True), **kw)
     if h.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(stream_in, **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming(many_requests), **kw)
+    return grpc.stream_stream_rpc_method_handler(streaming(many_requests, unary=False), **kw)
 
 
 class _AioGuard(grpc.aio.ServerInterceptor):
