@@ -270,6 +270,48 @@ def test_the_asyncio_server_answers_small_unary_calls_on_its_rust_path(
     asyncio.run(main())
 
 
+def test_the_asyncio_client_and_server_read_a_large_field_once(
+    blob: Any, blob_grpc: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Reading a ``bytes`` field of a upb message copies it. ``Serializer.inline`` reads each field to find the large
+    ones; the asyncio client (for a large request) and server (for a large response) send those values as read,
+    instead of reading the field again in ``_codec._split``: one copy and one fresh 20 MiB block fewer per message,
+    on the event loop.
+    """
+    from shmgrpc import _codec
+
+    from .blob_server import AioBlob
+
+    target = f"unix:{tmp_path / 'aio-once.sock'}"
+    split = _codec._split
+    given: list[tuple[str, ...] | None] = []
+
+    def spy(message: Any, serialize: Any, read: dict[str, Any] | None = None) -> list[Any] | None:
+        given.append(None if read is None else tuple(read))
+        return split(message, serialize, read)
+
+    monkeypatch.setattr(_codec, "_split", spy)
+
+    async def main() -> None:
+        server = shmgrpc.aio.server()
+        blob_grpc.add_BlobServicer_to_server(AioBlob(), server)
+        server.add_insecure_port(target)
+        await server.start()
+        try:
+            async with shmgrpc.aio.insecure_channel(target) as ch:
+                assert ch.is_shared_memory(), ch.fallback()
+                big = payload(blob, 4 * MIB)
+                assert (await blob_grpc.BlobStub(ch).Echo(big)).data == big.data
+                assert ch.stats()["shm_sent"] == 1 and server.stats()["shm_sent"] == 1
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+    # The request on the client, the response on the server: each split from the values read once.
+    assert given == [("data",), ("data",)], given
+
+
 FORK_CHILD = """
 import os, sys, zlib
 sys.path[:0] = {paths!r}

@@ -223,10 +223,11 @@ impl Serializer {
     }
 
     /// The bytes of `message` when it goes inline, counted (and numbered in `call`, or in the session when `call`
-    /// is `None`: `session`, else the one the serializer is bound to); `None` when it is not a small ordinary
-    /// message (a type the slow path takes, a large `bytes` field, an encoding at or above the threshold), which
-    /// the caller then sends its own way. Never waits and never copies into shared memory: the asyncio client's
-    /// and server's fast path, on the event loop.
+    /// is `None`: `session`, else the one the serializer is bound to). Otherwise the caller sends it its own way:
+    /// for a message with large `bytes` fields the result is a `dict` of their values as read here (each read of
+    /// a field copies it: the caller hands them to `_codec.prepare` instead of reading them again), else `None`
+    /// (a type the slow path takes, an encoding at or above the threshold). Never waits and never copies into
+    /// shared memory: the asyncio client's and server's fast path, on the event loop.
     #[pyo3(signature = (message, call=None, session=None))]
     fn inline(
         &self,
@@ -235,7 +236,11 @@ impl Serializer {
         call: Option<&Bound<'_, Call>>,
         session: Option<&Bound<'_, Session>>,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let Ordinary::Encoded(bytes) = self.encode_ordinary(py, message)? else { return Ok(None) };
+        let bytes = match self.encode_ordinary(py, message)? {
+            Ordinary::Encoded(bytes) => bytes,
+            Ordinary::Large(large) => return Ok(Some(large.into_any().unbind())),
+            Ordinary::Slow => return Ok(None),
+        };
         let n = bytes.as_bytes().len();
         let through = match (session, &self.through) {
             (Some(s), _) => Some(s.get()),

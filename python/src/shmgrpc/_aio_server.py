@@ -136,8 +136,8 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         if call is not None:
             call.complete()
 
-    async def encode(message: Any, session: Session | None) -> _codec.Encoded:
-        items = _codec.prepare(message, ser, session)
+    async def encode(message: Any, session: Session | None, large: dict[str, bytes] | None = None) -> _codec.Encoded:
+        items = _codec.prepare(message, ser, session, large)
         args = (items, session, counters, threshold, None, CALL.get())
         if session is not None and sum(len(x) for x in items) >= LARGE:
             loop = asyncio.get_running_loop()
@@ -163,9 +163,12 @@ def _wrap_aio(server: AioShmServer, h: grpc.RpcMethodHandler, method: str | None
         response = await behaviour(request, context)
         if response is None:
             return None
-        # A small response: encoded, counted and numbered in one Rust call; anything else below.
+        # A small response: encoded, counted and numbered in one Rust call; anything else below (a large one from
+        # the field values that call read: each read copies).
         data = fast.inline(response, CALL.get(), session) if not isinstance(response, _codec.Loaned) else None
-        return _codec.Encoded(data) if data is not None else await encode(response, session)
+        if isinstance(data, bytes):
+            return _codec.Encoded(data)
+        return await encode(response, session, data)
 
     async def stream_in(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         session = enter(context)

@@ -107,12 +107,15 @@ class AioShmChannel(_ChannelBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _encode_async(self, session: Any, ser: Any, message: Any, call: Any = None) -> bytes:
+    async def _encode_async(
+        self, session: Any, ser: Any, message: Any, call: Any = None, large: dict[str, bytes] | None = None
+    ) -> bytes:
         """
         One request's bytes. A large message is serialized and copied into shared memory on a worker thread, and
         a wait for the server (a registration, the window) runs off the event loop too: the loop never stalls.
+        ``large``: the values of its large ``bytes`` fields when ``Serializer.inline`` read them already.
         """
-        items = _codec.prepare(message, ser, session)
+        items = _codec.prepare(message, ser, session, large)
         send = (items, session, self._counters, self.threshold, self._fallback, call)
         if session is not None and sum(len(x) for x in items) >= LARGE:
             loop = asyncio.get_running_loop()
@@ -171,15 +174,17 @@ class _AioCallable:
         if call is not None:
             header = (*header, (_core.CALL_HEADER, str(call.number)))
         md = (*(metadata or ()), *header) or None
+        large = None
         if self._kind == "unary_unary" and not isinstance(request, _codec.Loaned):
             try:
                 data = self._serializer_for(s).inline(request, call)
             except Exception:
                 data = None  # the path below raises it again, when the call is awaited (as grpc.aio does)
-            if data is not None:
+            if isinstance(data, bytes):
                 return self._unary(data, md, kw, call)
+            large = data  # the large fields' values, read once (a read copies): sent from these
         if self._kind in ("unary_unary", "unary_stream"):
-            requests: Any = self._one(s, request, call)
+            requests: Any = self._one(s, request, call, large)
         else:
             requests = self._many(s, request, call)
         if self._kind in ("unary_unary", "stream_unary"):
@@ -195,8 +200,8 @@ class _AioCallable:
         except StatusError as e:
             raise ShmRpcError(_codec.status_code(e), str(e.args[1])) from None
 
-    async def _one(self, s: Any, request: Any, call: Any) -> bytes:
-        return await self._ch._encode_async(s, self._ser, request, call)
+    async def _one(self, s: Any, request: Any, call: Any, large: dict[str, bytes] | None = None) -> bytes:
+        return await self._ch._encode_async(s, self._ser, request, call, large)
 
     async def _many(self, s: Any, requests: Iterable[Any] | AsyncIterator[Any], call: Any) -> AsyncIterator[bytes]:
         if hasattr(requests, "__aiter__"):
