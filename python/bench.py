@@ -23,7 +23,9 @@ timed call (a message with the field set, or the payload copied into a loan with
 - ``latency``: p50/p99 of 1 KiB echoes on one channel while another thread of the same process echoes 256 MiB
   messages on another channel (transparent path), against the same without the large echoes.
 
-Medians and percentiles in milliseconds, and the ratios stock / shmgrpc, go to stdout and to ``--json``.
+Medians and percentiles in milliseconds, and the ratios stock / shmgrpc, go to stdout and to ``--json``; the JSON
+also has each echo lane's median minor page faults per call (``faults_median``, the whole process's: every fresh
+4 KiB page a call touches is one, and large messages' cost depends much on them, see docs/python.md).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -66,13 +69,13 @@ def parse_size(s: str) -> int:
 
 
 def stubs(tmp: str) -> tuple[Any, Any]:
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     proto = ROOT / "crates" / "shmgrpc-demo" / "proto"
     assert protoc.main(["protoc", f"-I{proto}", f"--python_out={tmp}", f"--grpc_python_out={tmp}", "blob.proto"]) == 0
     sys.path.insert(0, tmp)
-    import blob_pb2  # type: ignore[import-not-found]
-    import blob_pb2_grpc  # type: ignore[import-not-found]
+    import blob_pb2
+    import blob_pb2_grpc
 
     return blob_pb2, blob_pb2_grpc
 
@@ -94,9 +97,18 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))]
 
 
-def summary(ts: list[float]) -> dict[str, float]:
+def summary(ts: list[float], faults: list[int] | None = None) -> dict[str, float]:
+    """Median and percentiles of ``ts`` (seconds) in ms; with ``faults``, the median page faults per call."""
     ms = [t * 1e3 for t in ts]
-    return {"median_ms": statistics.median(ms), "p90_ms": pct(ms, 0.9), "p99_ms": pct(ms, 0.99)}
+    out = {"median_ms": statistics.median(ms), "p90_ms": pct(ms, 0.9), "p99_ms": pct(ms, 0.99)}
+    if faults:
+        out["faults_median"] = statistics.median(faults)
+    return out
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far (every thread's): a fresh page of memory touched costs one."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class Servers:
@@ -140,13 +152,16 @@ def run_lanes(
         for _ in range(3):
             check(name, call())
     times: dict[str, list[float]] = {k: [] for k in lanes}
+    faults: dict[str, list[int]] = {k: [] for k in lanes}
     for name, call in plan(lanes, n, blocks):
+        f = minor_faults()
         t = time.perf_counter()
         r = call()
         times[name].append(time.perf_counter() - t)
+        faults[name].append(minor_faults() - f)
         check(name, r)
         del r
-    return {k: summary(v) for k, v in times.items()}
+    return {k: summary(v, faults[k]) for k, v in times.items()}
 
 
 async def run_lanes_async(
@@ -157,19 +172,23 @@ async def run_lanes_async(
         for _ in range(3):
             check(name, await call())
     times: dict[str, list[float]] = {k: [] for k in lanes}
+    faults: dict[str, list[int]] = {k: [] for k in lanes}
     for name, call in plan(lanes, n, blocks):
+        f = minor_faults()
         t = time.perf_counter()
         r = await call()
         times[name].append(time.perf_counter() - t)
+        faults[name].append(minor_faults() - f)
         check(name, r)
         del r
-    return {k: summary(v) for k, v in times.items()}
+    return {k: summary(v, faults[k]) for k, v in times.items()}
 
 
 def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: int) -> list[dict[str, Any]]:
     """
     asyncio clients against ``shmgrpc serve``: stock ``grpc.aio`` against ``shmgrpc.aio`` with the code unchanged
     (and, below the threshold, stock ``grpc.aio`` sending a session's headers: what they cost without shmgrpc).
+    ``shmgrpc (blocking)`` is the blocking client's call made from the loop, the same echo beside the asyncio ones.
     """
     import shmgrpc.aio
 
@@ -177,7 +196,10 @@ def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: i
         stock = grpc.aio.insecure_channel(target, options=[("grpc.default_authority", "localhost"), *BIG])
         shm = shmgrpc.aio.insecure_channel(target)
         assert await shm.connect(), shm.fallback()
+        blocking = shmgrpc.insecure_channel(target)
+        assert blocking.is_shared_memory(), blocking.fallback()
         s_stub, o_stub = blob_grpc.BlobStub(stock), blob_grpc.BlobStub(shm)
+        b_stub = blob_grpc.BlobStub(blocking)
         calls = itertools.count(1 << 40)
         header = (_core.SESSION_HEADER, shm._session.header)  # type: ignore[union-attr]
         rows = []
@@ -200,7 +222,14 @@ def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: i
             def headed_echo(data: bytes = data) -> Any:
                 return s_stub.Echo(blob.Payload(data=data, crc32=0), metadata=numbered())
 
-            lanes: dict[str, Callable[[], Any]] = {"grpc.aio": stock_echo, "shmgrpc.aio": shm_echo}
+            async def blocking_echo(data: bytes = data) -> Any:
+                return b_stub.Echo(blob.Payload(data=data, crc32=0))  # blocks the loop: nothing else runs on it
+
+            lanes: dict[str, Callable[[], Any]] = {
+                "grpc.aio": stock_echo,
+                "shmgrpc.aio": shm_echo,
+                "shmgrpc (blocking)": blocking_echo,
+            }
             if size < shm.threshold:
                 lanes["grpc.aio+headers"] = headed_echo
             res = await run_lanes_async(lanes, check, iterations(size), blocks)
@@ -210,7 +239,7 @@ def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: i
             rows.append(row)
             print(
                 f"   aio {size:>10} B  grpc.aio {g:9.3f}  shmgrpc.aio {res['shmgrpc.aio']['median_ms']:8.3f} "
-                f"(x{row['speedup shmgrpc.aio']:.1f})"
+                f"(x{row['speedup shmgrpc.aio']:.1f})  blocking {res['shmgrpc (blocking)']['median_ms']:8.3f}"
                 + (
                     f"  grpc.aio+headers {res['grpc.aio+headers']['median_ms']:8.3f}"
                     if "grpc.aio+headers" in res
@@ -221,6 +250,7 @@ def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: i
             )
         await shm.close()
         await stock.close()
+        blocking.close()
         return rows
 
     return asyncio.run(run())
@@ -318,7 +348,7 @@ def array_part(blob: Any, blob_grpc: Any, targets: dict[str, str], nbytes: int) 
     def shm_call() -> float:
         t = time.perf_counter()
         loan = viewing.loan(nbytes)
-        a = np.ndarray((n,), np.float32, buffer=loan)
+        a = np.ndarray((n,), np.float32, buffer=loan)  # type: ignore[arg-type]  # numpy's stubs: a buffer from Python 3.12
         # The producer computes into `a` in place here (not timed: the stock lane's array exists already).
         del a
         view = v_stub.Echo(shmgrpc.loaned(blob.Payload(), "data", loan))

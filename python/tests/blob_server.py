@@ -17,8 +17,8 @@ import zlib
 from concurrent import futures
 from typing import Any
 
-import blob_pb2  # type: ignore[import-not-found]
-import blob_pb2_grpc  # type: ignore[import-not-found]
+import blob_pb2
+import blob_pb2_grpc
 import grpc
 
 import shmgrpc
@@ -35,7 +35,7 @@ def payload(size: int, seed: int) -> Any:
     return blob_pb2.Payload(data=d, crc32=zlib.crc32(d))
 
 
-class Blob(blob_pb2_grpc.BlobServicer):  # type: ignore[misc]
+class Blob(blob_pb2_grpc.BlobServicer):
     def Echo(self, request: Any, context: Any) -> Any:
         return request
 
@@ -76,7 +76,7 @@ class ViewBlob(Blob):
             return blob_pb2.Digest(len=len(request.data), crc32=zlib.crc32(request.data))
 
 
-class AioBlob(blob_pb2_grpc.BlobServicer):  # type: ignore[misc]
+class AioBlob(blob_pb2_grpc.BlobServicer):
     """The same service with async handlers."""
 
     async def Echo(self, request: Any, context: Any) -> Any:

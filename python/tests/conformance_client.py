@@ -10,8 +10,8 @@ import os
 import sys
 import zlib
 
-import blob_pb2  # type: ignore[import-not-found]
-import blob_pb2_grpc  # type: ignore[import-not-found]
+import blob_pb2
+import blob_pb2_grpc
 
 import shmgrpc
 import shmgrpc.aio

@@ -43,7 +43,7 @@ def stubs_dir() -> Iterator[str]:
     The demo service's ``blob_pb2`` / ``blob_pb2_grpc``, and the protocol's ``shmgrpc_pb2`` (for tests that craft
     references), generated with grpcio-tools (no system protoc).
     """
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as d:
         proto = ROOT / "crates" / "shmgrpc-demo" / "proto"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-import blob_pb2  # type: ignore[import-not-found]
-import blob_pb2_grpc  # type: ignore[import-not-found]
+import blob_pb2
+import blob_pb2_grpc
 
 import shmgrpc
 

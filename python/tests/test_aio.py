@@ -53,7 +53,7 @@ def test_aio_client_against_a_plain_server(rust_plain_server: Served, blob: Any,
             assert ch.fallback() == shmgrpc.Fallback.PEER_LACKS_SHMGRPC
             r = await blob_grpc.BlobStub(ch).Echo(payload(blob, MIB, 5))
             assert len(r.data) == MIB
-            assert ch.stats()["fallbacks"]["peer_lacks_shmgrpc"] == 1  # type: ignore[index]
+            assert ch.stats()["fallbacks"]["peer_lacks_shmgrpc"] == 1
 
     asyncio.run(main())
 

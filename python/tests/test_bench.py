@@ -29,7 +29,7 @@ def test_the_benchmark_runs_every_part_and_reports_every_lane(bin_path: str, tmp
         assert (small["size"], large["size"]) == (1024, 1 << 20)
         for row in (small, large):
             for lane in lanes:
-                assert row[lane]["median_ms"] > 0, (part, row)
+                assert row[lane]["median_ms"] > 0 and row[lane]["faults_median"] >= 0, (part, row)
             for lane in lanes[1:]:
                 assert row[f"speedup {lane}"] > 0, (part, row)
         # Below the threshold, what the headers alone cost (stock grpcio sending them) is measured beside.
@@ -37,6 +37,7 @@ def test_the_benchmark_runs_every_part_and_reports_every_lane(bin_path: str, tmp
     small, large = report["aio"]
     for row in (small, large):
         assert row["grpc.aio"]["median_ms"] > 0 and row["shmgrpc.aio"]["median_ms"] > 0, row
+        assert row["shmgrpc (blocking)"]["median_ms"] > 0, row
         assert row["speedup shmgrpc.aio"] > 0, row
     assert small["grpc.aio+headers"]["median_ms"] > 0 and "grpc.aio+headers" not in large
     assert report["array"]["speedup"] > 0

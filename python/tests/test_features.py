@@ -123,7 +123,7 @@ class Auth(grpc.ServerInterceptor):
         return self._deny
 
 
-class Token(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):  # type: ignore[misc]
+class Token(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
     """Adds ``authorization: secret`` to every call."""
 
     def _add(self, details: Any) -> Any:
@@ -137,7 +137,7 @@ class Token(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor)
         return continuation(self._add(details), requests)
 
 
-class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
+class _Details(grpc.ClientCallDetails):
     def __init__(self, d: Any, metadata: Any) -> None:
         self.method, self.timeout, self.metadata = d.method, d.timeout, metadata
         self.credentials, self.wait_for_ready, self.compression = d.credentials, d.wait_for_ready, d.compression
@@ -189,7 +189,7 @@ def test_arrays_point_into_the_mapping_and_outlive_their_view(rust_server: Serve
         stub = blob_grpc.BlobStub(ch)
         n = (256 * MIB) // 4
         loan = ch.loan(n * 4)
-        arr = np.ndarray((n,), np.float32, buffer=loan)
+        arr = np.ndarray((n,), np.float32, buffer=loan)  # type: ignore[arg-type]  # numpy's stubs: a buffer from Python 3.12
         arr[:] = 1.5
         assert arr.ctypes.data == loan.address
         del arr
@@ -353,7 +353,7 @@ def test_a_server_reads_requests_in_place_and_echoes_them_without_a_copy(
         with shmgrpc.insecure_channel(s.unix, views={echo: "data"}) as ch:
             stub = blob_grpc.BlobStub(ch)
             loan = ch.loan(20 * MIB)
-            np.ndarray((20 * MIB,), np.uint8, buffer=loan)[:] = 7
+            np.ndarray((20 * MIB,), np.uint8, buffer=loan)[:] = 7  # type: ignore[arg-type]  # numpy's stubs: a buffer from Python 3.12
             v = stub.Echo(shmgrpc.loaned(blob.Payload(crc32=1, note="n"), "data", loan))
             assert v.shared and v.message.note == "n" and len(v.data) == 20 * MIB and v.data[-1] == 7
             piece = v._piece
@@ -393,7 +393,7 @@ def slow_upload_stream_server(tmp_path: pathlib.Path, blob: Any, blob_grpc: Any)
     """A Python server whose UploadStream stops reading after the request with note "stop"."""
     from .blob_server import Blob
 
-    class Stopping(Blob):  # type: ignore[misc]
+    class Stopping(Blob):
         def UploadStream(self, requests: Any, context: Any) -> Any:
             digests = []
             for p in requests:

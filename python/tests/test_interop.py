@@ -46,7 +46,7 @@ def test_python_client_echoes_through_shared_memory(rust_server: Served, blob: A
         if big:
             # The server echoed our own buffer back (a `receiver` part): nothing is held once it was read.
             assert s["shm_received_bytes"] >= size
-        assert sum(s["fallbacks"].values()) == 0  # type: ignore[attr-defined]
+        assert sum(s["fallbacks"].values()) == 0
 
 
 def test_python_client_all_rpc_kinds(rust_server: Served, blob: Any, blob_grpc: Any) -> None:
@@ -88,7 +88,7 @@ def test_python_client_against_a_plain_tonic_server_goes_inline(
         check(r, MIB)
         s = ch.stats()
         assert (s["shm_sent"], s["inline_sent"], s["inline_received"]) == (0, 1, 1), s
-        assert s["fallbacks"]["peer_lacks_shmgrpc"] == 1  # type: ignore[index]
+        assert s["fallbacks"]["peer_lacks_shmgrpc"] == 1
 
 
 def test_shared_memory_off_is_a_plain_channel(rust_server: Served, blob: Any, blob_grpc: Any) -> None:

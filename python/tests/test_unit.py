@@ -36,7 +36,7 @@ def test_references_are_told_from_inline_messages(wire: Any) -> None:
 
 def test_a_loan_is_an_array_in_place_and_is_sent_once() -> None:
     loan = _core.heap_loan(4096)
-    a = np.ndarray((1024,), np.float32, buffer=loan)
+    a = np.ndarray((1024,), np.float32, buffer=loan)  # type: ignore[arg-type]  # numpy's stubs: a buffer from Python 3.12
     assert a.ctypes.data == loan.address, "the array is the loan's memory"
     a[:] = np.arange(1024, dtype=np.float32)
     assert np.frombuffer(loan.tobytes(), np.float32)[1023] == 1023.0
@@ -52,7 +52,7 @@ def test_a_loan_is_an_array_in_place_and_is_sent_once() -> None:
 def test_write_fills_a_loan_from_any_buffer_at_an_offset() -> None:
     loan = _core.heap_loan(64)
     assert loan.write(b"abcd") == 4 and loan.write(bytearray(b"ef"), 4) == 2
-    assert loan.write(np.arange(3, dtype=np.float32), 8) == 12, "an array is written as its bytes"
+    assert loan.write(np.arange(3, dtype=np.float32), 8) == 12, "an array is written as its bytes"  # type: ignore[arg-type]  # numpy's stubs: a buffer from Python 3.12
     assert loan.write(memoryview(b"xyz")[1:], 62) == 2, "up to the loan's last byte"
     out = loan.tobytes()
     assert out[:6] == b"abcdef" and np.array_equal(np.frombuffer(out[8:20], np.float32), [0, 1, 2])
@@ -64,7 +64,7 @@ def test_write_fills_a_loan_from_any_buffer_at_an_offset() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         loan.write(b"x", 64)
     with pytest.raises(BufferError, match="C-contiguous"):
-        loan.write(np.zeros((4, 4))[:, 1])
+        loan.write(np.zeros((4, 4))[:, 1])  # type: ignore[arg-type]  # numpy's stubs: a buffer from Python 3.12
     loan.take()
     with pytest.raises(ValueError, match="sent or released"):
         loan.write(b"late")
@@ -149,7 +149,7 @@ def test_a_channel_made_before_its_server_gets_shared_memory_once_it_is_up(
                     assert stub.Echo(blob.Payload(data=d, crc32=zlib.crc32(d)), timeout=10).data == d
                 except grpc.RpcError:
                     return False
-                return ch.stats()["shm_sent"] > 0  # type: ignore[operator]
+                return ch.stats()["shm_sent"] > 0
 
             eventually("the channel opens a session", echoed_through_shared_memory, timeout=30)
         finally:
@@ -286,3 +286,18 @@ def test_the_rust_call_objects_take_part_in_cycle_collection(tmp_path: Any) -> N
         assert gone() is None, "a cycle through a Rust call object was not collected"
     finally:
         ch.close()
+
+
+def test_the_stats_type_names_every_counter() -> None:
+    """``shmgrpc.Stats``, the type of every ``stats()``, has exactly the keys the core reports, and ``fallbacks``
+    one per :class:`shmgrpc.Fallback`."""
+    from typing import get_type_hints
+
+    counters = shmgrpc.stats()
+    assert set(get_type_hints(shmgrpc.Stats)) == set(counters)
+    assert set(counters["fallbacks"]) == {f.value for f in shmgrpc.Fallback}
+    channel = shmgrpc.insecure_channel("unix:/nonexistent/stats.sock", shared_memory=False)
+    try:
+        assert set(channel.stats()) == set(counters)
+    finally:
+        channel.close()

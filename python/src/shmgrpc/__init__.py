@@ -4,7 +4,7 @@ shmgrpc for grpcio: gRPC over shared memory between co-located peers, on the Rus
 - :func:`insecure_channel`: a drop-in for ``grpc.insecure_channel`` (generated stubs work unchanged).
 - :func:`server`: a drop-in for ``grpc.server``.
 - :mod:`shmgrpc.aio`: ``insecure_channel`` for ``grpc.aio`` (nothing blocks the event loop).
-- :func:`stats`: process-wide transfer counters; :class:`Fallback`: why a message went inline.
+- :func:`stats`: process-wide transfer counters (:class:`Stats`); :class:`Fallback`: why a message went inline.
 - :meth:`ShmChannel.loan` / :func:`loan` (in a handler) and :func:`loaned`: write a large ``bytes`` field in place
   (a :class:`Loan` supports the buffer protocol: ``np.ndarray(shape, dtype, buffer=loan)``) and send it without a
   copy; ``views=`` on :func:`insecure_channel` reads a large response field in place (:class:`View`).
@@ -21,7 +21,7 @@ from ._core import DEFAULT_THRESHOLD, SESSION_HEADER, Loan
 from ._core import PROTOCOL_VERSION as CORE_PROTOCOL_VERSION
 from .client import PROTOCOL_VERSION, PoolStats, ShmChannel, insecure_channel
 from .server import ShmServer, loan, server
-from .stats import Fallback, stats
+from .stats import Fallback, Stats, stats
 
 
 def loaned(message: Any, field: str, loan: Loan | View) -> Loaned:
@@ -47,6 +47,7 @@ __all__ = [
     "PoolStats",
     "ShmChannel",
     "ShmServer",
+    "Stats",
     "View",
     "insecure_channel",
     "loan",

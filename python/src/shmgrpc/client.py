@@ -26,7 +26,7 @@ import grpc
 from . import _codec, _core
 from ._codec import ViewOf
 from ._core import Loan, NoSession, Session, StatusError
-from .stats import Fallback
+from .stats import Fallback, Stats
 
 log = logging.getLogger("shmgrpc")
 
@@ -182,7 +182,7 @@ class _ChannelBase:
             return None if self._session.alive else Fallback.SESSION_CLOSED
         return self._fallback
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> Stats:
         """Transfer counters of this channel (see :func:`shmgrpc.stats`)."""
         return self._counters.snapshot()
 

@@ -21,6 +21,7 @@ import grpc
 from . import _codec, _core
 from ._core import Loan, Session, StatusError
 from .client import PROTOCOL_VERSION, PoolView
+from .stats import Stats
 
 log = logging.getLogger("shmgrpc")
 
@@ -99,7 +100,7 @@ class ServerBase:
         self.pool = PoolView(self._shm.pool_stats)
         inner.add_generic_rpc_handlers((hello(self._shm),))
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> Stats:
         """Transfer counters of this server (see :func:`shmgrpc.stats`)."""
         return self._counters.snapshot()
 
