@@ -5,11 +5,13 @@ that give their buffers back, arrays that point into shared memory, copies that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import subprocess
 import sys
 import zlib
+from collections.abc import AsyncIterator
 from concurrent import futures
 from typing import Any
 
@@ -236,36 +238,43 @@ def test_a_large_write_into_a_loan_leaves_other_threads_running(rust_server: Ser
         assert during > 0, "the other thread ran while the loans were written"
 
 
+@contextlib.asynccontextmanager
+async def aio_blob_server(blob_grpc: Any, target: str) -> AsyncIterator[tuple[Any, Any]]:
+    """An in-process ``shmgrpc.aio.server`` of the Blob service (``blob_server.AioBlob``) on ``target``, and an
+    asyncio channel to it with its session open; both stopped afterwards."""
+    from .blob_server import AioBlob
+
+    server = shmgrpc.aio.server()
+    blob_grpc.add_BlobServicer_to_server(AioBlob(), server)
+    server.add_insecure_port(target)
+    await server.start()
+    try:
+        async with shmgrpc.aio.insecure_channel(target) as ch:
+            assert ch.is_shared_memory(), ch.fallback()
+            yield server, ch
+    finally:
+        await server.stop(None)
+
+
 def test_the_asyncio_server_answers_small_unary_calls_on_its_rust_path(
     blob: Any, blob_grpc: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Small unary responses of async handlers are encoded, counted and numbered by ``Serializer.inline`` (the
     Python encoder is not used: it fails here); a large response still goes through shared memory."""
-    from .blob_server import AioBlob
-
-    target = f"unix:{tmp_path / 'aio-fast.sock'}"
 
     async def main() -> None:
-        server = shmgrpc.aio.server()
-        blob_grpc.add_BlobServicer_to_server(AioBlob(), server)
-        server.add_insecure_port(target)
-        await server.start()
-        try:
-            async with shmgrpc.aio.insecure_channel(target) as ch:
-                assert ch.is_shared_memory(), ch.fallback()
-                stub = blob_grpc.BlobStub(ch)
-                small = payload(blob, 1024)
-                with without_python_encoder(monkeypatch):
-                    for _ in range(10):
-                        assert (await stub.Echo(small)).data == small.data
-                stats = server.stats()
-                assert stats["inline_sent"] == 10 and stats["inline_received"] == 10, stats
-                big = payload(blob, 4 * MIB)
-                assert (await stub.Echo(big)).data == big.data
-                stats = server.stats()
-                assert stats["shm_sent"] == 1 and stats["inline_sent"] == 10, stats
-        finally:
-            await server.stop(None)
+        async with aio_blob_server(blob_grpc, f"unix:{tmp_path / 'aio-fast.sock'}") as (server, ch):
+            stub = blob_grpc.BlobStub(ch)
+            small = payload(blob, 1024)
+            with without_python_encoder(monkeypatch):
+                for _ in range(10):
+                    assert (await stub.Echo(small)).data == small.data
+            stats = server.stats()
+            assert stats["inline_sent"] == 10 and stats["inline_received"] == 10, stats
+            big = payload(blob, 4 * MIB)
+            assert (await stub.Echo(big)).data == big.data
+            stats = server.stats()
+            assert stats["shm_sent"] == 1 and stats["inline_sent"] == 10, stats
 
     asyncio.run(main())
 
@@ -281,9 +290,6 @@ def test_the_asyncio_client_and_server_read_a_large_field_once(
     """
     from shmgrpc import _codec
 
-    from .blob_server import AioBlob
-
-    target = f"unix:{tmp_path / 'aio-once.sock'}"
     split = _codec._split
     given: list[tuple[str, ...] | None] = []
 
@@ -294,18 +300,10 @@ def test_the_asyncio_client_and_server_read_a_large_field_once(
     monkeypatch.setattr(_codec, "_split", spy)
 
     async def main() -> None:
-        server = shmgrpc.aio.server()
-        blob_grpc.add_BlobServicer_to_server(AioBlob(), server)
-        server.add_insecure_port(target)
-        await server.start()
-        try:
-            async with shmgrpc.aio.insecure_channel(target) as ch:
-                assert ch.is_shared_memory(), ch.fallback()
-                big = payload(blob, 4 * MIB)
-                assert (await blob_grpc.BlobStub(ch).Echo(big)).data == big.data
-                assert ch.stats()["shm_sent"] == 1 and server.stats()["shm_sent"] == 1
-        finally:
-            await server.stop(None)
+        async with aio_blob_server(blob_grpc, f"unix:{tmp_path / 'aio-once.sock'}") as (server, ch):
+            big = payload(blob, 4 * MIB)
+            assert (await blob_grpc.BlobStub(ch).Echo(big)).data == big.data
+            assert ch.stats()["shm_sent"] == 1 and server.stats()["shm_sent"] == 1
 
     asyncio.run(main())
     # The request on the client, the response on the server: each split from the values read once.
