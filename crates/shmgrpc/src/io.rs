@@ -38,7 +38,7 @@ fn build() -> std::io::Result<Runtime> {
 ///
 /// The thread could not be started (the process is out of threads or memory).
 pub(crate) fn handle() -> std::io::Result<&'static Handle> {
-    let pid = std::process::id();
+    let pid = crate::pid::id();
     if let Some((owner, rt)) = RUNTIME.get()
         && *owner == pid
     {

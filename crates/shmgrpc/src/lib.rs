@@ -30,6 +30,7 @@ pub mod cgroup;
 pub mod copy;
 pub mod error;
 pub mod inventory;
+mod pid;
 pub mod pool;
 pub mod segment;
 mod sync;

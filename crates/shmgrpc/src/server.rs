@@ -111,7 +111,7 @@ impl ShmServer {
             None => {
                 let mut r = [0u8; 8];
                 getrandom::fill(&mut r).map_err(Error::randomness("a side-channel path"))?;
-                std::env::temp_dir().join(format!("shmgrpc-{}-{:016x}.sock", std::process::id(), u64::from_le_bytes(r)))
+                std::env::temp_dir().join(format!("shmgrpc-{}-{:016x}.sock", crate::pid::id(), u64::from_le_bytes(r)))
             }
         };
         let tickets = Tickets::new().map_err(Error::randomness("the ticket secret"))?;
@@ -134,7 +134,7 @@ impl ShmServer {
             params,
             tickets,
             max_version: config.protocol_version,
-            pid: std::process::id(),
+            pid: crate::pid::id(),
             sessions: Mutex::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             stop: AtomicBool::new(false),
@@ -193,7 +193,7 @@ impl Drop for ShmServer {
     /// Stops accepting, ends every session, and frees the pool's idle buffers, all before returning: a process
     /// that exits right after dropping its server leaves nothing behind (POSIX names included).
     fn drop(&mut self) {
-        if self.shared.pid != std::process::id() {
+        if self.shared.pid != crate::pid::id() {
             // A forked child's copy: the socket, the sessions and the pool are the parent's, and so is the accept
             // task (on the parent's runtime, which the child never runs).
             std::mem::forget(self.accept.take());

@@ -26,7 +26,7 @@ impl PosixName {
     pub(crate) fn generate() -> Result<PosixName> {
         let mut bytes = [0u8; 8];
         getrandom::fill(&mut bytes).map_err(Error::randomness("a segment name"))?;
-        let pid = std::process::id();
+        let pid = crate::pid::id();
         Ok(PosixName { name: format!("/{POSIX_PREFIX}{pid}-{:016x}", u64::from_le_bytes(bytes)), pid })
     }
 

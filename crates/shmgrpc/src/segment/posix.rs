@@ -31,7 +31,7 @@ impl Owned {
 
 impl Drop for Owned {
     fn drop(&mut self) {
-        if self.creator != std::process::id() {
+        if self.creator != crate::pid::id() {
             return; // a forked child's copy: the name is the parent's
         }
         if let Err(e) = shm::unlink(self.name.as_str()) {
@@ -53,7 +53,7 @@ pub(crate) fn create(len: usize) -> Result<(Owned, MapRw)> {
         }
     };
     // From here on the name exists: wrap it at once so every error path unlinks it.
-    let owned = Owned { name, _fd: fd, creator: std::process::id() };
+    let owned = Owned { name, _fd: fd, creator: crate::pid::id() };
     let fd = owned._fd.as_fd();
     // Liveness every pid namespace can see: the creator holds a shared lock on the file for as long as it keeps the
     // descriptor, and the kernel drops it when the process dies. `shmgrpc gc` removes a segment only when it can

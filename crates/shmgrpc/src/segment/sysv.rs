@@ -136,7 +136,7 @@ impl Drop for KeyFile {
 fn ftok_key(dir: &Path) -> Result<(KeyFile, libc::key_t)> {
     let mut rand = [0u8; 8];
     getrandom::fill(&mut rand).map_err(Error::randomness("a System V key"))?;
-    let path = dir.join(format!("shmgrpc-{}-{:016x}.key", std::process::id(), u64::from_le_bytes(rand)));
+    let path = dir.join(format!("shmgrpc-{}-{:016x}.key", crate::pid::id(), u64::from_le_bytes(rand)));
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

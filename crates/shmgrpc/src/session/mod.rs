@@ -217,7 +217,7 @@ impl Session {
             header: http::HeaderValue::from_str(&id.iter().map(|b| format!("{b:02x}")).collect::<String>())
                 .expect("hex is a valid header value"),
             alive: AtomicBool::new(true),
-            pid: std::process::id(),
+            pid: crate::pid::id(),
             socket: socket.clone(),
             receiver: Receiver::new(recorder, outbox.clone(), peer_pid),
             sender: Sender::new(params, outbox.clone()),
@@ -298,7 +298,7 @@ impl Session {
 
     /// Whether this is a forked child's copy of a session of its parent's.
     fn forked(&self) -> bool {
-        self.pid != std::process::id()
+        self.pid != crate::pid::id()
     }
 
     /// The protocol version agreed on (§2).
