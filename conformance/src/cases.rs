@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prost::Message;
 use shmgrpc::proto::v1::{self, part};
-use shmgrpc::protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use shmgrpc::protocol::{CALL_HEADER, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SESSION_HEADER};
 use shmgrpc::wire::{self, Kind};
 use shmgrpc_demo::Payload;
 
@@ -203,8 +203,16 @@ pub(crate) fn all() -> Vec<Case> {
         case!(
             "§6",
             "call.malformed-number",
-            "A call whose shmgrpc-call header is not a decimal number is served (as in version 2)",
+            "A call whose number is not a decimal number (in the session header from version 4, in shmgrpc-call in \
+             version 3) is served (as in version 2)",
             call_malformed_number
+        ),
+        case!(
+            "§6",
+            "call.number-in-session-header",
+            "From version 4, a call whose shmgrpc-session header is the session's id, a dot and a decimal number is \
+             the session's: its large response comes as a reference",
+            call_number_in_session_header
         ),
         case!(
             "§6",
@@ -610,12 +618,34 @@ async fn response_inline_without_header(t: Target) -> Result<(), String> {
 async fn call_malformed_number(t: Target) -> Result<(), String> {
     let (s, body) = with_payload(&t, 300_000).await?;
     let r = reference(&s.id, false, vec![sender(1, 1, 0, body.len() as u64)]);
-    let reply = t
-        .call_with(ECHO, r, Some(&s.id), &[(shmgrpc::protocol::CALL_HEADER, "+5")])
-        .await
-        .map_err(|st| format!("the call failed: {st}"))?;
+    let reply = if s.version >= 4 {
+        let header = format!("{}.+5", hex(&s.id));
+        t.call_with(ECHO, r, None, &[(SESSION_HEADER, &header)]).await
+    } else {
+        t.call_with(ECHO, r, Some(&s.id), &[(CALL_HEADER, "+5")]).await
+    }
+    .map_err(|st| format!("the call failed: {st}"))?;
     let got = resolve(&s, &reply, &body).await?;
     same_payload(&got, &body)
+}
+
+async fn call_number_in_session_header(t: Target) -> Result<(), String> {
+    let (s, body) = with_payload(&t, 300_000).await?;
+    if s.version < 4 {
+        return Ok(()); // version 3 numbers calls in shmgrpc-call (call.malformed-number covers it)
+    }
+    let r = reference(&s.id, false, vec![sender(1, 1, 0, body.len() as u64)]);
+    let header = format!("{}.7", hex(&s.id));
+    let reply = t.call_with(ECHO, r, None, &[(SESSION_HEADER, &header)]).await.map_err(|st| format!("{st}"))?;
+    ensure(wire::is_reference(&reply), || {
+        "the call was not taken as the session's: its large reply came inline".into()
+    })?;
+    let got = resolve(&s, &reply, &body).await?;
+    same_payload(&got, &body)
+}
+
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn register_answer(

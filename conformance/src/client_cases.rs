@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use shmgrpc::protocol::split_session_header;
+
 use crate::fake::{Fake, HandshakeMode, HelloMode, RegisterMode, ReplyMode, Script, Seen};
 
 /// A client case: the server's script and the check of what the client did (its exit status and what it sent).
@@ -36,6 +38,26 @@ fn inline_only(f: &Fake) -> Result<(), String> {
 
 fn hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks the headers of the first request that came as a reference, in a session of `version` (3 or 4): the
+/// session's id, and the call's number in the session header (version 4) or in `shmgrpc-call` (version 3).
+fn numbered_reference(s: &Seen, version: u32) -> Result<(), String> {
+    ensure(s.faults.is_empty(), || s.faults.join("; "))?;
+    let id = s.session.ok_or("no session was welcomed")?;
+    let r = s.requests.iter().find(|r| r.0).ok_or("no request came as a reference")?;
+    let value = r.1.as_deref().ok_or("the reference's call has no session header")?;
+    let (session, in_session) = split_session_header(value);
+    ensure(session == hex(&id), || format!("session header {value:?}"))?;
+    let number = if version >= 4 {
+        ensure(r.2.is_none(), || format!("a version 4 call with a shmgrpc-call header ({:?})", r.2))?;
+        in_session
+    } else {
+        ensure(in_session.is_none(), || format!("a version 3 session header with a call number: {value:?}"))?;
+        r.2.as_deref()
+    };
+    let n = number.ok_or("the call has no number")?;
+    ensure(!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()), || format!("call number {n:?} is not decimal"))
 }
 
 pub(crate) fn all() -> Vec<ClientCase> {
@@ -113,22 +135,22 @@ pub(crate) fn all() -> Vec<ClientCase> {
             id: "client.reference",
             section: "§6",
             rule: "With a session, a large request is a canonical reference, and its call carries the session's \
-                   header (32 lowercase hex digits) and, from version 3, a decimal call number",
+                   header: 32 lowercase hex digits, and from version 4 a dot and a decimal call number",
             script: d,
             check: |ok, f| {
                 succeeded(ok)?;
-                f.seen(|s: &Seen| {
-                    ensure(s.faults.is_empty(), || s.faults.join("; "))?;
-                    let id = s.session.ok_or("no session was welcomed")?;
-                    let r = s.requests.iter().find(|r| r.0).ok_or("no request came as a reference")?;
-                    ensure(r.1.as_deref() == Some(hex(&id).as_str()), || format!("session header {:?}", r.1))?;
-                    match &r.2 {
-                        Some(n) => ensure(!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()), || {
-                            format!("call header {n:?} is not a decimal number")
-                        }),
-                        None => Ok(()),
-                    }
-                })
+                f.seen(|s| numbered_reference(s, 4))
+            },
+        },
+        ClientCase {
+            id: "client.reference-v3",
+            section: "§6",
+            rule: "In a version 3 session, the call of a reference carries the session's header (32 lowercase hex \
+                   digits alone) and a decimal call number in shmgrpc-call",
+            script: Script { hello: HelloMode::Version(3), ..d },
+            check: |ok, f| {
+                succeeded(ok)?;
+                f.seen(|s| numbered_reference(s, 3))
             },
         },
         ClientCase {

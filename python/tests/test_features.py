@@ -408,17 +408,20 @@ def slow_upload_stream_server(tmp_path: pathlib.Path, blob: Any, blob_grpc: Any)
     return server, target
 
 
+@pytest.mark.parametrize("version", [4, 3])
 def test_streams_read_only_in_part_give_every_buffer_back_at_once(
-    tmp_path: pathlib.Path, blob: Any, blob_grpc: Any, rust_server: Served
+    tmp_path: pathlib.Path, blob: Any, blob_grpc: Any, rust_server: Served, monkeypatch: Any, version: int
 ) -> None:
     """
-    Protocol version 3 (`CallEnd`): a request stream the server stops reading, and a response stream the client
-    stops reading, give back the holds of the messages sent and never read, at once (not when the session ends).
+    Protocol version 3 and later (`CallEnd`): a request stream the server stops reading, and a response stream the
+    client stops reading, give back the holds of the messages sent and never read, at once (not when the session
+    ends). A version 3 client numbers its calls in a header of their own, a version 4 client in the session's.
     """
+    monkeypatch.setattr(shmgrpc.client, "PROTOCOL_VERSION", version)
     server, target = slow_upload_stream_server(tmp_path, blob, blob_grpc)
     try:
         with shmgrpc.insecure_channel(target) as ch:
-            assert ch._session is not None and ch._session.version == 3
+            assert ch._session is not None and ch._session.version == version
             stub = blob_grpc.BlobStub(ch)
             for _ in range(5):
                 frames = [payload(blob, 4 * MIB, i) for i in range(8)]
@@ -440,7 +443,7 @@ def test_streams_read_only_in_part_give_every_buffer_back_at_once(
         server.stop(None)
     # Against the Rust server too: its replies the Python client never read come back (the session stays usable).
     with shmgrpc.insecure_channel(rust_server.unix) as ch:
-        assert ch._session is not None and ch._session.version == 3
+        assert ch._session is not None and ch._session.version == version
         stub = blob_grpc.BlobStub(ch)
         for i in range(5):
             responses = stub.DownloadStream(blob.DownloadRequest(size=4 * MIB, seed=i, count=8))

@@ -19,8 +19,8 @@ from .conftest import encode_reference, serving
 
 
 def test_the_protocols_constants_come_from_the_rust_crate() -> None:
-    assert _core.PROTOCOL_VERSION == 3 and _core.MIN_PROTOCOL_VERSION == 2
-    assert shmgrpc.PROTOCOL_VERSION == 3, "the grpcio glue numbers calls: it speaks the core's version"
+    assert _core.PROTOCOL_VERSION == 4 and _core.MIN_PROTOCOL_VERSION == 2
+    assert shmgrpc.PROTOCOL_VERSION == 4, "the grpcio glue numbers calls: it speaks the core's version"
     assert _core.DEFAULT_THRESHOLD == shmgrpc.DEFAULT_THRESHOLD == 64 * 1024
     assert _core.SESSION_HEADER == "shmgrpc-session" and _core.HELLO_PATH == "/shmgrpc.v1.Session/Hello"
     assert _core.HANDSHAKE_TIMEOUT == 5.0
@@ -191,8 +191,11 @@ def test_blocking_unary_calls_made_in_rust_carry_the_callers_metadata_and_option
             assert reply == small and call.code() == grpc.StatusCode.OK
             echoes = [m for m in rec.seen if _core.SESSION_HEADER in m]
             assert [m.get("x-user") for m in echoes] == ["ann", "bob", None, "cy"], echoes
-            assert {m[_core.SESSION_HEADER] for m in echoes} == {ch._session.header}  # type: ignore[union-attr]
-            numbers = [int(m[_core.CALL_HEADER]) for m in echoes]
+            # Protocol version 4: one header, the session's id and the call's number (§6).
+            assert ch._session.version == 4 and all(_core.CALL_HEADER not in m for m in echoes)  # type: ignore[union-attr]
+            ids = {m[_core.SESSION_HEADER].partition(".")[0] for m in echoes}
+            assert ids == {ch._session.header}  # type: ignore[union-attr]
+            numbers = [int(m[_core.SESSION_HEADER].partition(".")[2]) for m in echoes]
             assert len(set(numbers)) == 4, numbers
             s = ch.stats()
             assert (s["inline_sent"], s["inline_received"], s["shm_sent"], s["shm_received"]) == (3, 3, 1, 1), s

@@ -794,8 +794,9 @@ async fn serve_with_auth(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_an_interceptor_rejects_give_their_buffers_back_at_once() {
-    // Version 3 (`CallEnd`) and version 2 (the server reads the rejected bodies to their end).
-    for version in [3, 2] {
+    // Versions 4 and 3 (`CallEnd`; the call's number in the session header, or in a header of its own) and version 2
+    // (the server reads the rejected bodies to their end).
+    for version in [4, 3, 2] {
         requests_an_interceptor_rejects_give_their_buffers_back(version).await;
     }
 }

@@ -363,8 +363,8 @@ impl Deserializer {
 }
 
 /// A blocking unary-unary call through a session (`multi_callable(request, timeout=..., metadata=...)`), the hot
-/// path of a client's small calls, made here rather than in Python: the session's header (and in protocol version 3
-/// the call's number) added to the metadata, the call entered on this thread for the serializer, the call's scope
+/// path of a client's small calls, made here rather than in Python: the session's header (carrying the call's
+/// number; two headers with a protocol version 3 server) added to the metadata, the call entered on this thread for the serializer, the call's scope
 /// closed once the response is read. Anything else (no live session, positional options, a loaned request, the
 /// `with_call` and `future` forms) is the Python multi-callable's (`client._Callable`), which does the same.
 #[pyclass(frozen, module = "shmgrpc._core")]
@@ -377,16 +377,15 @@ pub(crate) struct UnaryUnary {
     loaned: Py<PyType>,
     /// The grpcio multi-callable for calls without a session (its serializer sends inline).
     plain: Py<PyAny>,
-    /// The session the last call went through, the multi-callable made for it (its serializer bound to the
-    /// session), and the session's header.
+    /// The session the last call went through, and the multi-callable made for it (its serializer bound to the
+    /// session).
     bound: Mutex<Option<Made>>,
 }
 
-/// The grpcio multi-callable made for a session, and the session's header (see `UnaryUnary`).
+/// The grpcio multi-callable made for a session (see `UnaryUnary`).
 struct Made {
     session: Py<Session>,
     inner: Py<PyAny>,
-    header: Py<PyTuple>,
 }
 
 #[pymethods]
@@ -409,7 +408,6 @@ impl UnaryUnary {
         {
             visit.call(&m.session)?;
             visit.call(&m.inner)?;
-            visit.call(&m.header)?;
         }
         Ok(())
     }
@@ -438,45 +436,44 @@ impl UnaryUnary {
                 return self.plain.call(py, (request,), kwargs);
             }
         };
-        let (inner, header) = {
+        let inner = {
             let bound = lock(&self.bound);
             match bound.as_ref() {
-                Some(m) if m.session.is(&session) => (m.inner.clone_ref(py), m.header.clone_ref(py)),
+                Some(m) if m.session.is(&session) => m.inner.clone_ref(py),
                 _ => {
                     drop(bound);
                     let inner = self.slow.call_method1(py, pyo3::intern!(py, "_inner_for"), (&session,))?;
-                    let header = PyTuple::new(py, [SESSION_HEADER, session.get().0.header()])?.unbind();
-                    *lock(&self.bound) = Some(Made {
-                        session: session.clone().unbind(),
-                        inner: inner.clone_ref(py),
-                        header: header.clone_ref(py),
-                    });
-                    (inner, header)
+                    *lock(&self.bound) = Some(Made { session: session.clone().unbind(), inner: inner.clone_ref(py) });
+                    inner
                 }
             }
         };
         let call = session.get().0.call(None).map(|c| Py::new(py, Call(c))).transpose()?;
-        let kwargs = match kwargs {
-            Some(k) => k.copy()?,
-            None => PyDict::new(py),
-        };
         let key = pyo3::intern!(py, "metadata");
+        let kwargs = kwargs.filter(|k| !k.is_empty()).map(|k| k.copy()).transpose()?;
         let mut md: Vec<Bound<'_, PyAny>> = Vec::with_capacity(4);
-        if let Some(user) = kwargs.get_item(key)?
+        if let Some(user) = kwargs.as_ref().map(|k| k.get_item(key)).transpose()?.flatten()
             && !user.is_none()
         {
             for item in user.try_iter()? {
                 md.push(item?);
             }
         }
-        md.push(header.into_bound(py).into_any());
-        if let Some(c) = &call {
-            let number = c.get().0.number().to_string();
-            md.push(PyTuple::new(py, [CALL_HEADER, number.as_str()])?.into_any());
+        let (session_value, call_value) = session.get().0.call_headers(call.as_ref().map(|c| c.get().0.number()));
+        md.push(PyTuple::new(py, [pyo3::intern!(py, SESSION_HEADER), &PyString::new(py, &session_value)])?.into_any());
+        if let Some(value) = call_value {
+            md.push(PyTuple::new(py, [pyo3::intern!(py, CALL_HEADER), &PyString::new(py, &value)])?.into_any());
         }
-        kwargs.set_item(key, PyTuple::new(py, md)?)?;
+        let md = PyTuple::new(py, md)?;
         enter_call(call.as_ref().map(|c| c.clone_ref(py)), true);
-        let result = inner.call(py, (request,), Some(&kwargs));
+        let result = match kwargs {
+            Some(kwargs) => {
+                kwargs.set_item(key, md)?;
+                inner.call(py, (request,), Some(&kwargs))
+            }
+            // grpcio's multi-callables take `(request, timeout, metadata, ...)` by position too: no dict to make.
+            None => inner.call1(py, (request, py.None(), md)),
+        };
         leave_call(py);
         if let Some(c) = &call {
             match &result {

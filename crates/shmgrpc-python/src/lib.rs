@@ -22,7 +22,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyBufferError, PyException, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use shmgrpc::embed::{self, ClientCore, CoreSession, Resolution, Sending, ServerCore};
 use shmgrpc::protocol::{CALL_HEADER, SESSION_HEADER};
 use shmgrpc::{ClientConfig, Fallback, PoolConfig, ServerConfig, TransferStats};
@@ -306,14 +306,9 @@ impl Server {
         Ok(PyBytes::new(py, &answer))
     }
 
-    /// The live session a call's `shmgrpc-session` header names, or `None`.
-    fn session(&self, header: &str) -> PyResult<Option<Session>> {
-        Ok(self.with(|c| c.session(header))?.map(Session))
-    }
-
     /// A call's session and call from its metadata (grpcio's `(key, value)` pairs): the live session its
-    /// `shmgrpc-session` header names, and in a session that numbers calls (protocol version 3) the scope of the
-    /// call its `shmgrpc-call` header numbers (our responses are the call's numbered messages; end the scope when
+    /// `shmgrpc-session` header names, and in a session that numbers calls (protocol version 3 and later) the
+    /// scope of the call its headers number (our responses are the call's numbered messages; end the scope when
     /// the call ends). `(None, None)` for a plain call.
     fn session_of(&self, py: Python<'_>, metadata: &Bound<'_, PyAny>) -> PyResult<CallOf> {
         let mut header = None;
@@ -327,11 +322,12 @@ impl Server {
                 if key == SESSION_HEADER {
                     header = Some(text(&item.get_item(1)?)?);
                 } else if key == CALL_HEADER {
-                    number = embed::call_number(&text(&item.get_item(1)?)?);
+                    number = Some(text(&item.get_item(1)?)?);
                 }
             }
         }
-        let Some(session) = header.and_then(|h| self.with(|c| c.session(&h)).transpose()).transpose()? else {
+        let Some(header) = header else { return Ok((None, None)) };
+        let Some((session, number)) = self.with(|c| c.session(&header, number.as_deref()))? else {
             return Ok((None, None));
         };
         let call = number.and_then(|n| session.call(Some(n))).map(|c| Py::new(py, Call(c))).transpose()?;
@@ -405,10 +401,22 @@ struct Session(CoreSession);
 
 #[pymethods]
 impl Session {
-    /// The `shmgrpc-session` header value for this session's calls.
+    /// The session id in lowercase hex: the `shmgrpc-session` header value of a call that is not numbered.
     #[getter]
     fn header(&self) -> &str {
         self.0.header()
+    }
+
+    /// The metadata that puts a call numbered `number` (or an unnumbered one) in this session: one header from
+    /// protocol version 4 on, two in version 3 (see docs/protocol.md §6).
+    #[pyo3(signature = (number=None))]
+    fn headers<'py>(&self, py: Python<'py>, number: Option<u64>) -> PyResult<Bound<'py, PyTuple>> {
+        let (session, call) = self.0.call_headers(number);
+        let mut pairs = vec![PyTuple::new(py, [SESSION_HEADER, session.as_str()])?];
+        if let Some(call) = call {
+            pairs.push(PyTuple::new(py, [CALL_HEADER, call.as_str()])?);
+        }
+        PyTuple::new(py, pairs)
     }
 
     /// Whether the session is open.

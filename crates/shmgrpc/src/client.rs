@@ -312,11 +312,12 @@ impl tower_service::Service<http::Request<Body>> for ShmChannel {
             Some(s) if s.is_alive() => {
                 let call = s.new_call();
                 let mut req = req.map(|b| Body::new(SessionBody::new(b, s.0.clone(), call)));
-                req.headers_mut().insert(SESSION_HEADER, s.header().clone());
-                if let Some(call) = call {
-                    req.headers_mut().insert(CALL_HEADER, http::HeaderValue::from(call));
-                    numbered = Some((s.0.clone(), call));
+                let (session_header, call_header) = s.call_headers(call);
+                req.headers_mut().insert(SESSION_HEADER, session_header);
+                if let Some(value) = call_header {
+                    req.headers_mut().insert(CALL_HEADER, value);
                 }
+                numbered = call.map(|call| (s.0.clone(), call));
                 req
             }
             _ => {

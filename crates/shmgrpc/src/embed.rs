@@ -219,9 +219,12 @@ impl ServerCore {
         Ok(self.server.hello_response(request.version)?.encode_to_vec())
     }
 
-    /// The live session a call's `shmgrpc-session` header names, if it is one of this process's server sessions.
-    pub fn session(&self, header: &str) -> Option<CoreSession> {
-        Session::lookup_hex(header, Side::Server).map(|session| CoreSession { session, _owner: None })
+    /// The live session a call's `shmgrpc-session` header names, if it is one of this process's server sessions,
+    /// and the call's number (protocol §6): `session` is the header's value, `call` the `shmgrpc-call` header's,
+    /// which only a version 3 session reads (version 4 carries the number in the session header). `None` for a
+    /// number that is missing or not one: the call is served unnumbered.
+    pub fn session(&self, session: &str, call: Option<&str>) -> Option<(CoreSession, Option<u64>)> {
+        Session::of_call(session, call, Side::Server).map(|(session, n)| (CoreSession { session, _owner: None }, n))
     }
 
     /// This server's counters.
@@ -278,9 +281,19 @@ pub enum Sending {
 }
 
 impl CoreSession {
-    /// The `shmgrpc-session` header value for this session's calls.
+    /// The session id in lowercase hex: the `shmgrpc-session` header value of a call that is not numbered.
     pub fn header(&self) -> &str {
-        self.session.header().to_str().expect("hex")
+        self.session.header_text()
+    }
+
+    /// The values of the headers of a call of this session (protocol §6): the `shmgrpc-session` value, which from
+    /// version 4 on carries the call's `number` too, and in version 3 the `shmgrpc-call` value apart.
+    pub fn call_headers(&self, number: Option<u64>) -> (String, Option<String>) {
+        match number {
+            Some(n) if self.session.number_in_session_header() => (self.session.numbered_header(n), None),
+            Some(n) => (self.header().to_owned(), Some(n.to_string())),
+            None => (self.header().to_owned(), None),
+        }
     }
 
     /// Whether the session is open.
@@ -315,8 +328,8 @@ impl CoreSession {
     }
 
     /// The scope of one call in a session that numbers calls (protocol version 3, §6), `None` in one that does
-    /// not. A client passes `None` and gets a new number (send it in the `shmgrpc-call` header); a server passes
-    /// the number the call's header carries.
+    /// not. A client passes `None` and gets a new number (send it in the call's headers: [`Self::call_headers`]);
+    /// a server passes the number the call's headers carry ([`ServerCore::session`]).
     pub fn call(&self, number: Option<u64>) -> Option<CallScope> {
         if !self.session.numbers_calls() {
             return None;

@@ -44,30 +44,48 @@ impl Side {
 /// Highest protocol version this implementation speaks (§2). Version 2 registers segments without a round trip: a
 /// reference may name a segment whose `Register` the receiver has not read yet, and the receiver holds the
 /// message back until it has (§5, §6). Version 3 numbers calls (the [`CALL_HEADER`]) and adds `CallEnd`, so that
-/// the references of messages a cancelled stream discarded are given back (§7).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// the references of messages a cancelled stream discarded are given back (§7). Version 4 carries the call's
+/// number in the [`SESSION_HEADER`] itself (one header per call instead of two).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// First version with call numbers and `CallEnd` (§6, §7).
 pub(crate) const CALL_END_VERSION: u32 = 3;
+
+/// First version whose calls carry their number in the session header (§6).
+pub(crate) const NUMBER_IN_SESSION_HEADER_VERSION: u32 = 4;
 
 /// Oldest protocol version a server of this crate accepts (§2). Version 1 (wait for `Registered` before
 /// referring to a segment) is not spoken any more.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
 
-/// The header that names the session a call belongs to (§6): the session id as 32 lowercase hex digits.
+/// The header that names the session a call belongs to (§6): the session id as 32 lowercase hex digits, and from
+/// version 4 on the call's number after a [`CALL_SEPARATOR`] (`<id>.<n>`).
 pub const SESSION_HEADER: &str = "shmgrpc-session";
 
-/// The header that numbers a call within its session (§6, version 3 and later): a decimal `u64` the client
-/// chooses, distinct among the session's calls; `CallEnd` names the call by it.
+/// The header that numbers a call within its session in version 3 (§6): a decimal `u64` the client chooses,
+/// distinct among the session's calls; `CallEnd` names the call by it. Version 4 puts the number in the
+/// [`SESSION_HEADER`] instead, and ignores this header.
 pub const CALL_HEADER: &str = "shmgrpc-call";
 
-/// The number a [`CALL_HEADER`] value gives (§6): ASCII decimal digits whose value fits a `u64`. `None` for
+/// What separates the session id from the call's number in a version 4 [`SESSION_HEADER`] (§6).
+pub const CALL_SEPARATOR: char = '.';
+
+/// The number a call number's text gives (§6): ASCII decimal digits whose value fits a `u64`. `None` for
 /// anything else: the call is then served unnumbered, as in version 2.
 pub fn call_number(value: &str) -> Option<u64> {
     if !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     value.parse().ok()
+}
+
+/// A [`SESSION_HEADER`] value split into the session id's text and, when it carries one (version 4), the text of
+/// the call's number: `"<id>.<n>"` gives `("<id>", Some("<n>"))`, `"<id>"` gives `("<id>", None)`.
+pub fn split_session_header(value: &str) -> (&str, Option<&str>) {
+    match value.split_once(CALL_SEPARATOR) {
+        Some((id, number)) => (id, Some(number)),
+        None => (value, None),
+    }
 }
 
 /// The discovery method, answered by the server layer on the gRPC connection itself (§2).
@@ -146,7 +164,16 @@ pub const DEFAULT_WINDOW_WAIT: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
-    use super::call_number;
+    use super::{call_number, split_session_header};
+
+    #[test]
+    fn a_version_4_session_header_splits_at_the_first_dot() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(split_session_header(id), (id, None));
+        assert_eq!(split_session_header(&format!("{id}.42")), (id, Some("42")));
+        assert_eq!(split_session_header(&format!("{id}.")), (id, Some("")));
+        assert_eq!(split_session_header(&format!("{id}.4.2")), (id, Some("4.2")));
+    }
 
     #[test]
     fn a_call_number_is_decimal_digits_that_fit_a_u64() {

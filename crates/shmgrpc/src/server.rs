@@ -366,17 +366,14 @@ where
                 }
             });
         }
-        let session = req
-            .headers()
-            .get(SESSION_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|hex| Session::lookup_hex(hex, Side::Server));
-        // The call's number (protocol version 3): a header that is missing or not a decimal number leaves the call
-        // unnumbered, served as in version 2.
-        let call = session
-            .as_ref()
-            .filter(|s| s.numbers_calls())
-            .and_then(|_| crate::protocol::call_number(req.headers().get(CALL_HEADER)?.to_str().ok()?));
+        // The call's session and number (§6): a header that names no live session of ours leaves the call without
+        // one; a number that is missing or not a decimal number leaves it unnumbered, served as in version 2.
+        let text = |name| req.headers().get(name).and_then(|v: &http::HeaderValue| v.to_str().ok());
+        let (session, call) =
+            match text(SESSION_HEADER).and_then(|value| Session::of_call(value, text(CALL_HEADER), Side::Server)) {
+                Some((s, call)) => (Some(s), call),
+                None => (None, None),
+            };
         let mut req = req;
         if let Some(s) = &session {
             req.extensions_mut().insert(CallSession(s.clone()));

@@ -169,10 +169,8 @@ class _AioCallable:
         ch = self._ch
         ch._maybe_connect()
         s = ch._live()
-        call = s.call() if s is not None else None  # protocol version 3: the call's number tags its messages
-        header: tuple[tuple[str, str], ...] = ((_core.SESSION_HEADER, s.header),) if s is not None else ()
-        if call is not None:
-            header = (*header, (_core.CALL_HEADER, str(call.number)))
+        call = s.call() if s is not None else None  # protocol version 3 and later: the call's number tags its messages
+        header = s.headers(call.number if call is not None else None) if s is not None else ()
         md = (*(metadata or ()), *header) or None
         large = None
         if self._kind == "unary_unary" and not isinstance(request, _codec.Loaned):

@@ -420,10 +420,8 @@ class _Callable:
                 self._ch._retry()
             return self._plain, metadata, None, None
         inner = self._inner_for(s)
-        header: tuple[tuple[str, str], ...] = ((_core.SESSION_HEADER, s.header),)
-        call = s.call()  # protocol version 3: the call's number, which tags its messages
-        if call is not None:
-            header = (*header, (_core.CALL_HEADER, str(call.number)))
+        call = s.call()  # protocol version 3 and later: the call's number, which tags its messages
+        header = s.headers(call.number if call is not None else None)
         md = header if not metadata else (*metadata, *header)
         return inner, md, s, call
 

@@ -53,7 +53,10 @@ pub(crate) use sender::Outcome;
 
 use crate::config::SessionParams;
 use crate::proto::v1::{self, part};
-use crate::protocol::{CALL_END_VERSION, MAX_SESSION_PEER_BYTES, Side};
+use crate::protocol::{
+    CALL_END_VERSION, CALL_SEPARATOR, MAX_SESSION_PEER_BYTES, NUMBER_IN_SESSION_HEADER_VERSION, Side, call_number,
+    split_session_header,
+};
 use crate::side_channel::{self, FrameReader};
 use crate::stats::{Event, Fallback, Recorder};
 use crate::sync::lock;
@@ -174,7 +177,7 @@ pub(crate) struct Session {
     version: u32,
     /// The number of the client's next call (§6), from 1.
     next_call: AtomicU64,
-    /// The `shmgrpc-session` header value, made once.
+    /// The `shmgrpc-session` header value of an unnumbered call (the id in lowercase hex), made once.
     header: http::HeaderValue,
     alive: AtomicBool,
     /// The process the session belongs to: a child made by `fork` inherits the memory of the session, never the
@@ -251,20 +254,71 @@ impl Session {
         self.id
     }
 
-    /// The `shmgrpc-session` header value: the id in lowercase hex (made once per session, sent with every call).
-    pub(crate) fn header(&self) -> &http::HeaderValue {
-        &self.header
-    }
-
     /// Finds a live session of this process by id and side.
     pub(crate) fn lookup(id: &[u8], side: Side) -> Option<Arc<Session>> {
         let id: SessionId = id.try_into().ok()?;
         lock(&REGISTRY).get(&(id, side)).and_then(Weak::upgrade).filter(|s| s.is_alive())
     }
 
+    /// The headers of our call numbered `call` (§6): the `shmgrpc-session` value, and the `shmgrpc-call` value
+    /// when this session's version sends the number apart (version 3). From version 4 on, one header says both
+    /// (`<id>.<n>`): grpcio spends a few microseconds on each metadata entry of every call.
+    pub(crate) fn call_headers(&self, call: Option<u64>) -> (http::HeaderValue, Option<http::HeaderValue>) {
+        match call {
+            None => (self.header.clone(), None),
+            Some(n) if self.number_in_session_header() => {
+                let value = self.numbered_header(n);
+                (http::HeaderValue::try_from(value).expect("hex and digits are a valid header value"), None)
+            }
+            Some(n) => (self.header.clone(), Some(http::HeaderValue::from(n))),
+        }
+    }
+
+    /// Whether our calls carry their number in the session header (protocol version 4 and later, §6).
+    pub(crate) fn number_in_session_header(&self) -> bool {
+        self.version >= NUMBER_IN_SESSION_HEADER_VERSION
+    }
+
+    /// The version 4 `shmgrpc-session` value of call `call`: the id, a dot, the number.
+    pub(crate) fn numbered_header(&self, call: u64) -> String {
+        use std::fmt::Write as _;
+        let hex = self.header_text();
+        let mut value = String::with_capacity(hex.len() + 21);
+        value.push_str(hex);
+        value.push(CALL_SEPARATOR);
+        let _ = write!(value, "{call}");
+        value
+    }
+
+    /// The session id in lowercase hex (the `shmgrpc-session` value of an unnumbered call).
+    pub(crate) fn header_text(&self) -> &str {
+        self.header.to_str().expect("the header is lowercase hex")
+    }
+
+    /// The live session of this process (on `side`) a call's headers name, and the call's number (§6):
+    /// `session` is the call's `shmgrpc-session` value, `call` its `shmgrpc-call` value. A version 4 session
+    /// takes the number from the session header and ignores `shmgrpc-call`; a version 3 session takes it from
+    /// `shmgrpc-call`, and a session header with a number names no version 3 (or 2) session: there it must be the
+    /// 32 hex digits alone. A number that is not one (§6) leaves the call unnumbered.
+    pub(crate) fn of_call(session: &str, call: Option<&str>, side: Side) -> Option<(Arc<Session>, Option<u64>)> {
+        let (hex, suffix) = split_session_header(session);
+        let s = Session::lookup_hex(hex, side)?;
+        let number = if s.version >= NUMBER_IN_SESSION_HEADER_VERSION {
+            suffix.and_then(call_number)
+        } else if suffix.is_some() {
+            return None;
+        } else if s.numbers_calls() {
+            call.and_then(call_number)
+        } else {
+            None
+        };
+        Some((s, number))
+    }
+
     /// Finds a live session from the hex id of the `shmgrpc-session` header.
+    /// Only the form §6 gives names a session: 32 lowercase hex digits.
     pub(crate) fn lookup_hex(hex: &str, side: Side) -> Option<Arc<Session>> {
-        if hex.len() != 32 {
+        if hex.len() != 32 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return None;
         }
         let mut id = [0u8; 16];

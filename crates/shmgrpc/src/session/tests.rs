@@ -26,6 +26,11 @@ fn blob(len: usize) -> Blob {
 
 /// Client and server ends of one session, connected by a socketpair.
 fn pair() -> (Arc<Session>, Arc<Session>) {
+    pair_of(crate::protocol::PROTOCOL_VERSION)
+}
+
+/// [`pair`], speaking protocol `version`.
+fn pair_of(version: u32) -> (Arc<Session>, Arc<Session>) {
     let (a, b) = StdUnixStream::pair().unwrap();
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).unwrap();
@@ -34,7 +39,7 @@ fn pair() -> (Arc<Session>, Arc<Session>) {
         socket: adopt(socket).unwrap(),
         reader: FrameReader::default(),
         peer_pid: std::process::id(),
-        version: crate::protocol::PROTOCOL_VERSION,
+        version,
     };
     let client = Session::start(id, Side::Client, params(Side::Client), link(a)).unwrap();
     let server = Session::start(id, Side::Server, params(Side::Server), link(b)).unwrap();
@@ -184,4 +189,50 @@ fn a_call_end_drops_the_holds_of_the_messages_after_those_received_and_only_thos
     eventually("a later frame went through", || client.recorder().snapshot().bad_releases == 1);
     assert_eq!(client.stats().holds, 1);
     assert!(client.is_alive());
+}
+
+#[test]
+fn a_calls_headers_name_its_session_and_number_as_its_version_says() {
+    let of_call = |session: &str, call: Option<&str>| Session::of_call(session, call, Side::Server);
+    let text = |v: &http::HeaderValue| v.to_str().unwrap().to_owned();
+    for version in [4, 3, 2] {
+        let (client, server) = pair_of(version);
+        let hex = server.header_text().to_owned();
+        let number = (version >= 3).then_some(7);
+        // What the client sends, the server reads back: this session, and the call's number.
+        let (session, call) = client.call_headers(number);
+        let (found, n) = of_call(&text(&session), call.as_ref().map(text).as_deref()).expect("the session");
+        assert!(Arc::ptr_eq(&found, &server), "version {version}");
+        assert_eq!(n, number, "version {version}");
+        match version {
+            4 => {
+                // One header: the id, a dot, the number. A shmgrpc-call header is not read.
+                assert_eq!((text(&session), call), (format!("{hex}.7"), None));
+                assert_eq!(of_call(&hex, Some("7")).unwrap().1, None);
+                // A number that is not one leaves the call the session's, unnumbered.
+                for bad in ["+5", "", "7.8", "x"] {
+                    let (s, n) = of_call(&format!("{hex}.{bad}"), None).expect("still the session's");
+                    assert!(Arc::ptr_eq(&s, &server) && n.is_none(), "{bad:?}");
+                }
+            }
+            3 => {
+                assert_eq!((text(&session), call.as_ref().map(text)), (hex.clone(), Some("7".to_owned())));
+                assert_eq!(of_call(&hex, Some("+5")).unwrap().1, None);
+                // A version 3 session header is the 32 hex digits alone.
+                assert!(of_call(&format!("{hex}.7"), None).is_none());
+            }
+            _ => {
+                // Version 2 numbers no calls.
+                assert_eq!(client.call_headers(None), (session.clone(), None));
+                assert_eq!(of_call(&hex, Some("7")).unwrap().1, None);
+                assert!(of_call(&format!("{hex}.7"), None).is_none());
+            }
+        }
+        // Another side's, or nobody's, session is not found.
+        assert!(Session::of_call(&hex, None, Side::Client).is_some_and(|(s, _)| Arc::ptr_eq(&s, &client)));
+        assert!(of_call("0123456789abcdef0123456789abcdef", None).is_none());
+        if hex.bytes().any(|b| b.is_ascii_alphabetic()) {
+            assert!(of_call(&hex.to_uppercase(), None).is_none(), "only lowercase hex names a session");
+        }
+    }
 }
