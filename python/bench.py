@@ -3,9 +3,11 @@
     python bench.py [--bin target/release/shmgrpc] [--sizes 1KiB,1MiB,20MiB,100MiB] [--array 1GiB]
                     [--json ../docs/python-bench.json]
 
-Five parts, every reply checked outside the timed region, lanes alternating in blocks so that drifts of a shared
-machine hit all alike. In the echo parts every lane makes its request from the same ``bytes`` payload inside the
-timed call (a message with the field set, or the payload copied into a loan with ``Loan.write``):
+Five parts, every reply checked outside the timed region, lanes interleaved: each size in rounds (of at most 100
+calls per lane, at least 4 rounds; ``--blocks N`` for N rounds), every lane a block of calls per round in an order
+shuffled per round, so that drifts and bursts of a shared machine's noise hit all alike. In the echo parts every
+lane makes its request from the same ``bytes`` payload inside the timed call (a message with the field set, or the
+payload copied into a loan with ``Loan.write``):
 
 - ``rust``: a Python client against ``shmgrpc serve`` (Rust). Lanes: stock grpcio; shmgrpc with ordinary messages
   (the converted service: nothing else changed); with the request payload written into a loan
@@ -23,7 +25,9 @@ timed call (a message with the field set, or the payload copied into a loan with
 - ``latency``: p50/p99 of 1 KiB echoes on one channel while another thread of the same process echoes 256 MiB
   messages on another channel (transparent path), against the same without the large echoes.
 
-Medians and percentiles in milliseconds, and the ratios stock / shmgrpc, go to stdout and to ``--json``; the JSON
+Medians and percentiles in milliseconds, and the ratios stock / shmgrpc, go to stdout and to ``--json``: the ratio
+of the lanes' medians (``speedup <lane>``), and the paired ratio (``paired_speedup``: per round the stock lane's
+median over the lane's, the median over the rounds, which follows the machine's drifts better). The JSON
 also has each echo lane's median minor page faults per call (``faults_median``, the whole process's: every fresh
 4 KiB page a call touches is one, and large messages' cost depends much on them, see docs/python.md).
 """
@@ -37,6 +41,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -52,7 +57,6 @@ import grpc.aio
 import numpy as np
 
 import shmgrpc
-from shmgrpc import _core
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HERE = pathlib.Path(__file__).resolve().parent
@@ -135,33 +139,79 @@ class Servers:
             p.wait()
 
 
-def plan(lanes: dict[str, Callable[[], Any]], n: int, blocks: int) -> Iterator[tuple[str, Callable[[], Any]]]:
-    """The order of the timed calls: each lane's ``n`` calls in ``blocks`` blocks, the lanes alternating."""
-    per = max(1, n // blocks)
-    for _ in range(blocks):
-        for name, call in lanes.items():
+def rounds(n: int, blocks: int) -> int:
+    """How many rounds ``n`` calls per lane are made in: ``blocks``, or (0) rounds of at most 100 calls, at least 4."""
+    return blocks if blocks > 0 else max(4, -(-n // 100))
+
+
+def plan(lanes: dict[str, Callable[[], Any]], n: int, blocks: int) -> Iterator[tuple[int, str, Callable[[], Any]]]:
+    """
+    The order of the timed calls, as ``(round, lane, call)``: each lane's ``n`` calls in :func:`rounds` rounds, every
+    lane a block of calls in each round, in an order shuffled per round (seeded: the same in every run), so that a
+    drift or a burst of a shared machine's noise hits the lanes alike and no lane always follows the same one.
+    """
+    count = rounds(n, blocks)
+    per = max(1, n // count)
+    order = random.Random(0)
+    for r in range(count):
+        names = list(lanes)
+        order.shuffle(names)
+        for name in names:
             for _ in range(per):
-                yield name, call
+                yield r, name, lanes[name]
+
+
+def paired(times: dict[str, list[tuple[int, float]]], base: str) -> dict[str, float]:
+    """
+    Each lane's paired ratio to ``base``: per round, ``base``'s median time over the lane's median time, and the
+    median of those over the rounds. Within a round the lanes ran back to back, so this follows slow drifts of the
+    machine that a ratio of overall medians does not; both are reported.
+    """
+
+    def per_round(samples: list[tuple[int, float]]) -> dict[int, float]:
+        by: dict[int, list[float]] = {}
+        for r, t in samples:
+            by.setdefault(r, []).append(t)
+        return {r: statistics.median(ts) for r, ts in by.items()}
+
+    b = per_round(times[base])
+    out = {}
+    for lane, samples in times.items():
+        if lane != base:
+            mine = per_round(samples)
+            out[lane] = statistics.median(b[r] / t for r, t in mine.items() if r in b)
+    return out
 
 
 def run_lanes(
     lanes: dict[str, Callable[[], Any]], check: Callable[[str, Any], None], n: int, blocks: int
 ) -> dict[str, dict[str, float]]:
-    """Times each lane ``n`` times, in ``blocks`` interleaved blocks (:func:`plan`), after 3 warm-up calls each."""
+    """
+    Times each lane ``n`` times in interleaved rounds (:func:`plan`), after 3 warm-up calls each; with the paired
+    ratio of each lane to the first (``paired_speedup``, :func:`paired`).
+    """
     for name, call in lanes.items():
         for _ in range(3):
             check(name, call())
-    times: dict[str, list[float]] = {k: [] for k in lanes}
+    times: dict[str, list[tuple[int, float]]] = {k: [] for k in lanes}
     faults: dict[str, list[int]] = {k: [] for k in lanes}
-    for name, call in plan(lanes, n, blocks):
+    for r, name, call in plan(lanes, n, blocks):
         f = minor_faults()
         t = time.perf_counter()
-        r = call()
-        times[name].append(time.perf_counter() - t)
+        got = call()
+        times[name].append((r, time.perf_counter() - t))
         faults[name].append(minor_faults() - f)
-        check(name, r)
-        del r
-    return {k: summary(v, faults[k]) for k, v in times.items()}
+        check(name, got)
+        del got
+    return summarize(times, faults)
+
+
+def summarize(times: dict[str, list[tuple[int, float]]], faults: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Each lane's :func:`summary`, with its :func:`paired` ratio to the first lane (``paired_speedup``)."""
+    out = {k: summary([t for _, t in v], faults[k]) for k, v in times.items()}
+    for lane, ratio in paired(times, next(iter(times))).items():
+        out[lane]["paired_speedup"] = ratio
+    return out
 
 
 async def run_lanes_async(
@@ -171,17 +221,17 @@ async def run_lanes_async(
     for name, call in lanes.items():
         for _ in range(3):
             check(name, await call())
-    times: dict[str, list[float]] = {k: [] for k in lanes}
+    times: dict[str, list[tuple[int, float]]] = {k: [] for k in lanes}
     faults: dict[str, list[int]] = {k: [] for k in lanes}
-    for name, call in plan(lanes, n, blocks):
+    for r, name, call in plan(lanes, n, blocks):
         f = minor_faults()
         t = time.perf_counter()
-        r = await call()
-        times[name].append(time.perf_counter() - t)
+        got = await call()
+        times[name].append((r, time.perf_counter() - t))
         faults[name].append(minor_faults() - f)
-        check(name, r)
-        del r
-    return {k: summary(v, faults[k]) for k, v in times.items()}
+        check(name, got)
+        del got
+    return summarize(times, faults)
 
 
 def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: int) -> list[dict[str, Any]]:
@@ -201,7 +251,8 @@ def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: i
         s_stub, o_stub = blob_grpc.BlobStub(stock), blob_grpc.BlobStub(shm)
         b_stub = blob_grpc.BlobStub(blocking)
         calls = itertools.count(1 << 40)
-        header = (_core.SESSION_HEADER, shm._session.header)  # type: ignore[union-attr]
+        session = shm._session
+        assert session is not None
         rows = []
         for size in sizes:
             data = os.urandom(size)
@@ -211,7 +262,7 @@ def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: i
                     raise SystemExit(f"aio {name}: the reply differs from the request")
 
             def numbered() -> Any:
-                return (header, (_core.CALL_HEADER, str(next(calls))))
+                return session.headers(next(calls))
 
             def stock_echo(data: bytes = data) -> Any:
                 return s_stub.Echo(blob.Payload(data=data, crc32=0))
@@ -234,12 +285,14 @@ def aio_part(blob: Any, blob_grpc: Any, target: str, sizes: list[int], blocks: i
                 lanes["grpc.aio+headers"] = headed_echo
             res = await run_lanes_async(lanes, check, iterations(size), blocks)
             g = res["grpc.aio"]["median_ms"]
-            row: dict[str, Any] = {"size": size, "calls": iterations(size) // blocks * blocks, **res}
+            n = iterations(size)
+            row: dict[str, Any] = {"size": size, "calls": n // rounds(n, blocks) * rounds(n, blocks), **res}
             row["speedup shmgrpc.aio"] = g / res["shmgrpc.aio"]["median_ms"]
             rows.append(row)
             print(
                 f"   aio {size:>10} B  grpc.aio {g:9.3f}  shmgrpc.aio {res['shmgrpc.aio']['median_ms']:8.3f} "
-                f"(x{row['speedup shmgrpc.aio']:.1f})  blocking {res['shmgrpc (blocking)']['median_ms']:8.3f}"
+                f"(x{row['speedup shmgrpc.aio']:.2f}, paired x{res['shmgrpc.aio']['paired_speedup']:.2f})  "
+                f"blocking {res['shmgrpc (blocking)']['median_ms']:8.3f}"
                 + (
                     f"  grpc.aio+headers {res['grpc.aio+headers']['median_ms']:8.3f}"
                     if "grpc.aio+headers" in res
@@ -308,22 +361,27 @@ def echo_part(
             # What the headers cost without the client's glue: stock grpcio sending the session's headers (and
             # call numbers of its own, far from the channel's) to the converted server.
             calls = itertools.count(1 << 40)
-            header = (_core.SESSION_HEADER, shm._session.header)  # type: ignore[union-attr]
+            session = shm._session
+            assert session is not None
 
-            def headed_call(data: bytes = data, header: Any = header, calls: Any = calls) -> Any:
-                numbered = (header, (_core.CALL_HEADER, str(next(calls))))
+            def headed_call(data: bytes = data, session: Any = session, calls: Any = calls) -> Any:
+                numbered = session.headers(next(calls))  # what shmgrpc sends: one header from protocol version 4
                 return stubs_["headers"].Echo(blob.Payload(data=data, crc32=0), metadata=numbered)
 
             lanes["grpcio+headers"] = headed_call
         res = run_lanes(lanes, check, iterations(size), blocks)
-        row: dict[str, Any] = {"size": size, "calls": iterations(size) // blocks * blocks, **res}
+        n = iterations(size)
+        row: dict[str, Any] = {"size": size, "calls": n // rounds(n, blocks) * rounds(n, blocks), **res}
         g = res["grpcio"]["median_ms"]
         for lane in list(res)[1:]:
             row[f"speedup {lane}"] = g / res[lane]["median_ms"]
         rows.append(row)
         print(
             f"{title:>6} {size:>10} B  grpcio {g:9.3f}  "
-            + "  ".join(f"{k} {res[k]['median_ms']:8.3f} (x{row[f'speedup {k}']:.1f})" for k in list(res)[1:])
+            + "  ".join(
+                f"{k} {res[k]['median_ms']:8.3f} (x{row[f'speedup {k}']:.2f}, paired x{res[k]['paired_speedup']:.2f})"
+                for k in list(res)[1:]
+            )
             + f"  ms median; {row['calls']} calls",
             flush=True,
         )
@@ -446,7 +504,7 @@ def main() -> None:
     ap.add_argument("--latency-seconds", type=float, default=5.0)
     ap.add_argument("--parts", default="rust,python,aio,array,latency")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--blocks", type=int, default=0, help="rounds per size (0: rounds of at most 100 calls per lane)")
     a = ap.parse_args()
     if not os.path.exists(a.bin):
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "shmgrpc-cli"], cwd=ROOT, check=True)

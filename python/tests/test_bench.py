@@ -31,14 +31,14 @@ def test_the_benchmark_runs_every_part_and_reports_every_lane(bin_path: str, tmp
             for lane in lanes:
                 assert row[lane]["median_ms"] > 0 and row[lane]["faults_median"] >= 0, (part, row)
             for lane in lanes[1:]:
-                assert row[f"speedup {lane}"] > 0, (part, row)
+                assert row[f"speedup {lane}"] > 0 and row[lane]["paired_speedup"] > 0, (part, row)
         # Below the threshold, what the headers alone cost (stock grpcio sending them) is measured beside.
         assert small["grpcio+headers"]["median_ms"] > 0 and "grpcio+headers" not in large
     small, large = report["aio"]
     for row in (small, large):
         assert row["grpc.aio"]["median_ms"] > 0 and row["shmgrpc.aio"]["median_ms"] > 0, row
         assert row["shmgrpc (blocking)"]["median_ms"] > 0, row
-        assert row["speedup shmgrpc.aio"] > 0, row
+        assert row["speedup shmgrpc.aio"] > 0 and row["shmgrpc.aio"]["paired_speedup"] > 0, row
     assert small["grpc.aio+headers"]["median_ms"] > 0 and "grpc.aio+headers" not in large
     assert report["array"]["speedup"] > 0
     assert set(report["latency"]) == {"quiet", "while_256MiB_loan_view_echoes", "while_256MiB_transparent_echoes"}
