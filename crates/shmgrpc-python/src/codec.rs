@@ -25,7 +25,7 @@ use crate::{Call, Counters, Session, Waiting, lock, send_items};
 struct Current {
     /// The session of the call (a server's handler thread; a client's serializer has its session bound).
     session: Option<Py<Session>>,
-    /// The call's scope when its session numbers calls (protocol version 3).
+    /// The call's scope when its session numbers calls (protocol version 3 and later).
     call: Option<Py<Call>>,
     /// Whether a deserializer on this thread may wait for a registration (a client's blocking unary call).
     may_wait: bool,
@@ -364,9 +364,10 @@ impl Deserializer {
 
 /// A blocking unary-unary call through a session (`multi_callable(request, timeout=..., metadata=...)`), the hot
 /// path of a client's small calls, made here rather than in Python: the session's header (carrying the call's
-/// number; two headers with a protocol version 3 server) added to the metadata, the call entered on this thread for the serializer, the call's scope
-/// closed once the response is read. Anything else (no live session, positional options, a loaned request, the
-/// `with_call` and `future` forms) is the Python multi-callable's (`client._Callable`), which does the same.
+/// number; two headers with a protocol version 3 server) added to the metadata, the call entered on this thread
+/// for the serializer, the call's scope closed once the response is read. Anything else (no live session,
+/// positional options, a loaned request, the `with_call` and `future` forms) is the Python multi-callable's
+/// (`client._Callable`), which does the same.
 #[pyclass(frozen, module = "shmgrpc._core")]
 pub(crate) struct UnaryUnary {
     /// The Python multi-callable: the slow path, and `with_call`/`future`.
