@@ -8,25 +8,26 @@
 //! slow path the wrapper hands over (`python/src/shmgrpc/_codec.py`), which the fast path never second-guesses.
 
 use std::cell::RefCell;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 use shmgrpc::Fallback;
-use shmgrpc::embed;
+use shmgrpc::embed::{self, CoreSession};
 
 use shmgrpc::protocol::{CALL_HEADER, SESSION_HEADER};
 
-use crate::{Call, Counters, Session, Waiting, lock, send_items};
+use crate::{Call, Counters, Scope, Session, Waiting, lock, send_items};
 
 /// What this thread is serving: set by the wrapper around a call, read by the serializers grpcio runs on it.
 #[derive(Default)]
 struct Current {
-    /// The session of the call (a server's handler thread; a client's serializer has its session bound).
-    session: Option<Py<Session>>,
+    /// The session of the call (a server's handler thread; a client's serializer has its session bound). Rust
+    /// handles: a Python `Session` is made only when Python asks (`current`).
+    session: Option<CoreSession>,
     /// The call's scope when its session numbers calls (protocol version 3 and later).
-    call: Option<Py<Call>>,
+    call: Option<Scope>,
     /// Whether a deserializer on this thread may wait for a registration (a client's blocking unary call).
     may_wait: bool,
 }
@@ -39,12 +40,18 @@ thread_local! {
 /// call, whose request grpcio serializes on the caller's thread. `leave_call` undoes it.
 #[pyfunction]
 #[pyo3(signature = (call, may_wait))]
-pub(crate) fn enter_call(call: Option<Py<Call>>, may_wait: bool) {
-    CURRENT.with(|c| {
+pub(crate) fn enter_call(call: Option<&Bound<'_, Call>>, may_wait: bool) {
+    enter(call.map(|c| c.get().0.clone()), may_wait);
+}
+
+/// [`enter_call`] for a scope made in Rust (no Python object is made for it).
+fn enter(call: Option<Scope>, may_wait: bool) {
+    let old = CURRENT.with(|c| {
         let mut c = c.borrow_mut();
-        c.call = call;
         c.may_wait = may_wait;
+        std::mem::replace(&mut c.call, call)
     });
+    drop(old);
 }
 
 /// Forgets this thread's call (see `enter_call`); the session a server thread serves stays until the next call.
@@ -61,16 +68,16 @@ pub(crate) fn leave_call(py: Python<'_>) {
 
 /// This thread's `(session, call, may_wait)` (see `enter_call` and `Server.enter`).
 #[pyfunction]
-pub(crate) fn current(py: Python<'_>) -> (Option<Py<Session>>, Option<Py<Call>>, bool) {
+pub(crate) fn current() -> (Option<Session>, Option<Call>, bool) {
     CURRENT.with(|c| {
         let c = c.borrow();
-        (c.session.as_ref().map(|s| s.clone_ref(py)), c.call.as_ref().map(|s| s.clone_ref(py)), c.may_wait)
+        (c.session.clone().map(Session), c.call.clone().map(Call), c.may_wait)
     })
 }
 
 /// Makes a server call's session and call this thread's (its response serializer runs on it after the handler
 /// returns, and while a response iterator is consumed, so they stay until the next call on the thread).
-pub(crate) fn serve(session: Option<Py<Session>>, call: Option<Py<Call>>) {
+pub(crate) fn serve(session: Option<CoreSession>, call: Option<Scope>) {
     let old = CURRENT.with(|c| {
         let mut c = c.borrow_mut();
         let old = (c.session.take(), c.call.take());
@@ -182,25 +189,22 @@ impl Serializer {
         let n = bytes.as_bytes().len();
         let (session, call) = match &self.through {
             Through::Nothing => (None, None),
-            Through::Bound(s) => {
-                (Some(s.clone_ref(py)), CURRENT.with(|c| c.borrow().call.as_ref().map(|c| c.clone_ref(py))))
-            }
+            Through::Bound(s) => (Some(s.get().0.clone()), CURRENT.with(|c| c.borrow().call.clone())),
             Through::Thread => CURRENT.with(|c| {
                 let c = c.borrow();
-                (c.session.as_ref().map(|s| s.clone_ref(py)), c.call.as_ref().map(|c| c.clone_ref(py)))
+                (c.session.clone(), c.call.clone())
             }),
         };
         match &session {
-            Some(s) if s.get().0.is_alive() => {
-                let s = s.get();
-                if n < s.0.threshold() {
-                    send_inline(s, call.as_ref().map(|c| c.get()), bytes.as_bytes());
+            Some(s) if s.is_alive() => {
+                if n < s.threshold() {
+                    send_inline(s, call.as_deref(), bytes.as_bytes());
                     return Ok(bytes.into_any().unbind());
                 }
                 let items = vec![bytes.into_any()];
                 let out = match &call {
-                    Some(c) => send_items(py, items, s.0.threshold(), |slices| c.get().0.send(slices))?,
-                    None => send_items(py, items, s.0.threshold(), |slices| s.0.send(slices))?,
+                    Some(c) => send_items(py, items, s.threshold(), |slices| c.send(slices))?,
+                    None => send_items(py, items, s.threshold(), |slices| s.send(slices))?,
                 };
                 settle(py, out)
             }
@@ -243,16 +247,16 @@ impl Serializer {
         };
         let n = bytes.as_bytes().len();
         let through = match (session, &self.through) {
-            (Some(s), _) => Some(s.get()),
-            (None, Through::Bound(s)) => Some(s.get()),
+            (Some(s), _) => Some(&s.get().0),
+            (None, Through::Bound(s)) => Some(&s.get().0),
             (None, _) => None,
         };
         match through {
-            Some(s) if s.0.is_alive() => {
-                if n >= s.0.threshold() {
+            Some(s) if s.is_alive() => {
+                if n >= s.threshold() {
                     return Ok(None);
                 }
-                send_inline(s, call.map(|c| c.get()), bytes.as_bytes());
+                send_inline(s, call.map(|c| &*c.get().0), bytes.as_bytes());
             }
             _ if n >= self.threshold => return Ok(None),
             _ => self.counters.inline_sent(n, None),
@@ -273,11 +277,11 @@ enum Ordinary<'py> {
 
 /// Sends the bytes of an inline message through `session` (in `call`, numbered, when there is one): the session
 /// counts it; the bytes themselves are the message.
-fn send_inline(session: &Session, call: Option<&Call>, bytes: &[u8]) {
+fn send_inline(session: &CoreSession, call: Option<&embed::CallScope>, bytes: &[u8]) {
     let slices = [bytes];
     let sent = match call {
-        Some(c) => c.0.send(&slices),
-        None => session.0.send(&slices),
+        Some(c) => c.send(&slices),
+        None => session.send(&slices),
     };
     debug_assert!(matches!(sent, embed::Sending::Inline(_)));
 }
@@ -449,7 +453,8 @@ impl UnaryUnary {
                 }
             }
         };
-        let call = session.get().0.call(None).map(|c| Py::new(py, Call(c))).transpose()?;
+        // Its request is encoded before grpcio starts the call: a unary scope (see `CoreSession::unary_call`).
+        let call = session.get().0.unary_call().map(Arc::new);
         let key = pyo3::intern!(py, "metadata");
         let kwargs = kwargs.filter(|k| !k.is_empty()).map(|k| k.copy()).transpose()?;
         let mut md: Vec<Bound<'_, PyAny>> = Vec::with_capacity(4);
@@ -460,13 +465,13 @@ impl UnaryUnary {
                 md.push(item?);
             }
         }
-        let (session_value, call_value) = session.get().0.call_headers(call.as_ref().map(|c| c.get().0.number()));
+        let (session_value, call_value) = session.get().0.call_headers(call.as_ref().map(|c| c.number()));
         md.push(PyTuple::new(py, [pyo3::intern!(py, SESSION_HEADER), &PyString::new(py, &session_value)])?.into_any());
         if let Some(value) = call_value {
             md.push(PyTuple::new(py, [pyo3::intern!(py, CALL_HEADER), &PyString::new(py, &value)])?.into_any());
         }
         let md = PyTuple::new(py, md)?;
-        enter_call(call.as_ref().map(|c| c.clone_ref(py)), true);
+        enter(call.clone(), true);
         let result = match kwargs {
             Some(kwargs) => {
                 kwargs.set_item(key, md)?;
@@ -480,11 +485,11 @@ impl UnaryUnary {
             match &result {
                 // The response was read (decoded by the deserializer, on this thread).
                 Ok(_) => {
-                    c.get().0.received();
-                    c.get().0.complete();
+                    c.received();
+                    c.complete();
                 }
                 // No response was read: the server drops what it sent of it.
-                Err(_) => c.get().0.end(),
+                Err(_) => c.end(),
             }
         }
         result

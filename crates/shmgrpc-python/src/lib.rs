@@ -12,8 +12,8 @@ mod codec;
 
 use std::ffi::c_int;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -250,6 +250,10 @@ impl Client {
 /// A call's session and numbered call (see `Server.session_of`).
 type CallOf = (Option<Py<Session>>, Option<Py<Call>>);
 
+/// A call's scope, shared by its `Call` objects and the thread serving it (no Python object is made for the scope
+/// of a call made in Rust).
+pub(crate) type Scope = Arc<embed::CallScope>;
+
 #[pyclass(frozen, module = "shmgrpc._core")]
 struct Server {
     core: Mutex<Option<ServerCore>>,
@@ -260,6 +264,32 @@ struct Server {
 impl Server {
     fn with<R>(&self, f: impl FnOnce(&ServerCore) -> R) -> PyResult<R> {
         lock(&self.core).as_ref().map(f).ok_or_else(|| PyValueError::new_err("the shmgrpc server is closed"))
+    }
+
+    /// `session_of`, with the session and the call's scope as Rust handles (the thread serving the call shares
+    /// them; Python objects are made only when Python asks for them).
+    fn call_of(&self, metadata: &Bound<'_, PyAny>) -> PyResult<(Option<CoreSession>, Option<Scope>)> {
+        let mut header = None;
+        let mut number = None;
+        if !metadata.is_none() {
+            for item in metadata.try_iter()? {
+                let item = item?;
+                let key = item.get_item(0)?;
+                let Ok(key) = key.cast::<pyo3::types::PyString>() else { continue };
+                let key = key.to_cow()?;
+                if key == SESSION_HEADER {
+                    header = Some(text(&item.get_item(1)?)?);
+                } else if key == CALL_HEADER {
+                    number = Some(text(&item.get_item(1)?)?);
+                }
+            }
+        }
+        let Some(header) = header else { return Ok((None, None)) };
+        let Some((session, number)) = self.with(|c| c.session(&header, number.as_deref()))? else {
+            return Ok((None, None));
+        };
+        let call = number.and_then(|n| session.call(Some(n))).map(Arc::new);
+        Ok((Some(session), call))
     }
 }
 
@@ -311,27 +341,8 @@ impl Server {
     /// scope of the call its headers number (our responses are the call's numbered messages; end the scope when
     /// the call ends). `(None, None)` for a plain call.
     fn session_of(&self, py: Python<'_>, metadata: &Bound<'_, PyAny>) -> PyResult<CallOf> {
-        let mut header = None;
-        let mut number = None;
-        if !metadata.is_none() {
-            for item in metadata.try_iter()? {
-                let item = item?;
-                let key = item.get_item(0)?;
-                let Ok(key) = key.cast::<pyo3::types::PyString>() else { continue };
-                let key = key.to_cow()?;
-                if key == SESSION_HEADER {
-                    header = Some(text(&item.get_item(1)?)?);
-                } else if key == CALL_HEADER {
-                    number = Some(text(&item.get_item(1)?)?);
-                }
-            }
-        }
-        let Some(header) = header else { return Ok((None, None)) };
-        let Some((session, number)) = self.with(|c| c.session(&header, number.as_deref()))? else {
-            return Ok((None, None));
-        };
-        let call = number.and_then(|n| session.call(Some(n))).map(|c| Py::new(py, Call(c))).transpose()?;
-        Ok((Some(Py::new(py, Session(session))?), call))
+        let (session, call) = self.call_of(metadata)?;
+        Ok((session.map(|s| Py::new(py, Session(s))).transpose()?, call.map(|c| Py::new(py, Call(c))).transpose()?))
     }
 
     /// Enters a call on this thread (see `session_of`): its response serializer sends through the call's session
@@ -339,17 +350,17 @@ impl Server {
     /// stays this thread's until the next one). A unary request counts as read to its end, and `None` is returned;
     /// for a request stream, the call's scope, to end when the call ends (`None` for a call that is not numbered).
     fn enter(&self, py: Python<'_>, metadata: &Bound<'_, PyAny>, unary: bool) -> PyResult<Option<Py<Call>>> {
-        let (session, call) = self.session_of(py, metadata)?;
+        let (session, call) = self.call_of(metadata)?;
         if unary {
             if let Some(c) = &call {
-                c.get().0.received();
-                c.get().0.complete();
+                c.received();
+                c.complete();
             }
             codec::serve(session, call);
             return Ok(None);
         }
-        codec::serve(session, call.as_ref().map(|c| c.clone_ref(py)));
-        Ok(call)
+        codec::serve(session, call.clone());
+        call.map(|c| Py::new(py, Call(c))).transpose()
     }
 
     /// Resolves a request that is a reference (see `Client.receive`).
@@ -397,7 +408,7 @@ impl Server {
 
 /// One end of a session.
 #[pyclass(frozen, module = "shmgrpc._core")]
-struct Session(CoreSession);
+pub(crate) struct Session(pub(crate) CoreSession);
 
 #[pymethods]
 impl Session {
@@ -464,13 +475,13 @@ impl Session {
     /// no number (a new one is taken: send it in the `shmgrpc-call` header), a server the header's.
     #[pyo3(signature = (number=None))]
     fn call(&self, number: Option<u64>) -> Option<Call> {
-        self.0.call(number).map(Call)
+        self.0.call(number).map(|c| Call(Arc::new(c)))
     }
 }
 
 /// One call of a session that numbers calls: see `shmgrpc::embed::CallScope`.
 #[pyclass(frozen, module = "shmgrpc._core")]
-struct Call(embed::CallScope);
+pub(crate) struct Call(pub(crate) Scope);
 
 #[pymethods]
 impl Call {

@@ -339,14 +339,29 @@ impl CoreSession {
             None => self.session.new_call()?,
         };
         self.session.open_call(number);
-        Some(CallScope {
+        Some(self.scope(number, true))
+    }
+
+    /// The scope of a new unary call of a client (see [`Self::call`]) whose request is encoded before the call
+    /// starts, as grpcio's blocking unary calls do. Its one request is sent before the server can know the call,
+    /// so no `CallEnd` can come before it, and the scope stays out of the ledger of open calls (which exists for
+    /// messages sent after a `CallEnd`): one lock and map update fewer on each small call. A `CallEnd` after the
+    /// request still finds its holds.
+    pub fn unary_call(&self) -> Option<CallScope> {
+        let number = self.session.new_call()?;
+        Some(self.scope(number, false))
+    }
+
+    fn scope(&self, number: u64, opened: bool) -> CallScope {
+        CallScope {
             session: self.clone(),
             number,
+            opened,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             complete: AtomicBool::new(false),
             ended: AtomicBool::new(false),
-        })
+        }
     }
 
     /// Encodes the serialized message `slices` (concatenated) for the peer, if it is at least the threshold long.
@@ -414,6 +429,8 @@ impl CoreSession {
 pub struct CallScope {
     session: CoreSession,
     number: u64,
+    /// Whether the call is in the session's ledger of open calls (closed on drop).
+    opened: bool,
     sent: AtomicU64,
     received: AtomicU64,
     complete: AtomicBool,
@@ -459,7 +476,9 @@ impl CallScope {
 
 impl Drop for CallScope {
     fn drop(&mut self) {
-        self.session.session.close_call(self.number);
+        if self.opened {
+            self.session.session.close_call(self.number);
+        }
     }
 }
 

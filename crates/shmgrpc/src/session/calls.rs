@@ -117,6 +117,20 @@ mod tests {
     }
 
     #[test]
+    fn a_call_end_finds_the_request_of_a_unary_call_that_was_never_opened() {
+        // A client's unary call (`CoreSession::unary_call`) sends its one request before the peer knows the call,
+        // and stays out of the ledger of open calls: a `CallEnd` still finds what that request holds.
+        let mut calls = Calls::default();
+        let request = tag(9, 0);
+        assert!(calls.record(&request));
+        let lost = calls.end(9, 0);
+        assert_eq!(lost.len(), 1);
+        assert!(Arc::ptr_eq(&lost[0], &request));
+        calls.close(9);
+        assert_eq!(calls.tracked(), 0);
+    }
+
+    #[test]
     fn a_call_end_finds_the_messages_after_what_the_peer_received_and_only_those() {
         let mut calls = Calls::default();
         calls.open(7);
