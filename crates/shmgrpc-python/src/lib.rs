@@ -477,6 +477,13 @@ impl Session {
     fn call(&self, number: Option<u64>) -> Option<Call> {
         self.0.call(number).map(|c| Call(Arc::new(c)))
     }
+
+    /// The scope of a new call of a client whose one request is encoded before the call starts (grpcio's
+    /// unary-unary and unary-stream calls, blocking or asyncio), else `None` as `call`: it stays out of the
+    /// session's ledger of open calls (see `shmgrpc::embed::CoreSession::unary_call`).
+    fn unary_call(&self) -> Option<Call> {
+        self.0.unary_call().map(|c| Call(Arc::new(c)))
+    }
 }
 
 /// One call of a session that numbers calls: see `shmgrpc::embed::CallScope`.

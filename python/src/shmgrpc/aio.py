@@ -25,7 +25,7 @@ from . import _codec, _core
 from ._aio_server import AioShmServer, server
 from ._codec import ShmRpcError, ViewOf
 from ._core import StatusError
-from .client import _channel_options, _ChannelBase, _discovery_failed, _unix_path
+from .client import _UNARY_REQUEST, _channel_options, _ChannelBase, _discovery_failed, _unix_path
 
 __all__ = ["AioShmChannel", "AioShmServer", "ShmRpcError", "insecure_channel", "server"]
 
@@ -169,7 +169,9 @@ class _AioCallable:
         ch = self._ch
         ch._maybe_connect()
         s = ch._live()
-        call = s.call() if s is not None else None  # protocol version 3 and later: the call's number tags its messages
+        # Protocol version 3 and later: the call's number tags its messages. A unary request is encoded before the
+        # call starts (below): its scope needs no place in the ledger of open calls.
+        call = None if s is None else s.unary_call() if self._kind in _UNARY_REQUEST else s.call()
         header = s.headers(call.number if call is not None else None) if s is not None else ()
         md = (*(metadata or ()), *header) or None
         large = None

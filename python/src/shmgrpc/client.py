@@ -36,6 +36,9 @@ PROTOCOL_VERSION = _core.PROTOCOL_VERSION
 RETRY_INTERVAL = 1.0
 """Smallest pause, in seconds, between two attempts to open a session."""
 
+_UNARY_REQUEST = frozenset({"unary_unary", "unary_stream"})
+"""The kinds of call whose one request grpcio encodes before it starts the call (see ``Session.unary_call``)."""
+
 
 @dataclass
 class PoolStats:
@@ -420,7 +423,9 @@ class _Callable:
                 self._ch._retry()
             return self._plain, metadata, None, None
         inner = self._inner_for(s)
-        call = s.call()  # protocol version 3 and later: the call's number, which tags its messages
+        # Protocol version 3 and later: the call's number, which tags its messages. A unary request is encoded
+        # before grpcio starts the call: its scope needs no place in the ledger of open calls.
+        call = s.unary_call() if self._kind in _UNARY_REQUEST else s.call()
         header = s.headers(call.number if call is not None else None)
         md = header if not metadata else (*metadata, *header)
         return inner, md, s, call
