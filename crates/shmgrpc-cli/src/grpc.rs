@@ -106,7 +106,7 @@ impl Op {
 }
 
 /// The readiness line `serve` prints on stdout once every address accepts calls: one line of JSON, for example
-/// `{"event":"ready","pid":42,"listen":["unix:/tmp/g.sock","127.0.0.1:40123"],"side_channel":"/tmp/shmgrpc-42-….sock","shared_memory":true,"protocol_version":2}`.
+/// `{"event":"ready","pid":42,"listen":["unix:/tmp/g.sock","127.0.0.1:40123"],"side_channel":"/tmp/shmgrpc-42-….sock","shared_memory":true,"protocol_version":4}`.
 #[derive(serde::Serialize, Debug)]
 pub(crate) struct Ready {
     /// Always `"ready"`.
