@@ -187,15 +187,21 @@ impl Serializer {
             Ordinary::Encoded(bytes) => bytes,
         };
         let n = bytes.as_bytes().len();
+        // The bound session is borrowed; the thread's is cloned out of the thread's state (a handle: no Python object).
+        let served: Option<CoreSession>;
         let (session, call) = match &self.through {
             Through::Nothing => (None, None),
-            Through::Bound(s) => (Some(s.get().0.clone()), CURRENT.with(|c| c.borrow().call.clone())),
-            Through::Thread => CURRENT.with(|c| {
-                let c = c.borrow();
-                (c.session.clone(), c.call.clone())
-            }),
+            Through::Bound(s) => (Some(&s.get().0), CURRENT.with(|c| c.borrow().call.clone())),
+            Through::Thread => {
+                let call;
+                (served, call) = CURRENT.with(|c| {
+                    let c = c.borrow();
+                    (c.session.clone(), c.call.clone())
+                });
+                (served.as_ref(), call)
+            }
         };
-        match &session {
+        match session {
             Some(s) if s.is_alive() => {
                 if n < s.threshold() {
                     send_inline(s, call.as_deref(), bytes.as_bytes());
@@ -263,6 +269,23 @@ impl Serializer {
         }
         Ok(Some(bytes.into_any().unbind()))
     }
+}
+
+/// Appends to `metadata` the items that put a call numbered `number` (or an unnumbered one) in `session` (protocol
+/// §6): one header from version 4 on, two in version 3. Names are interned: every call sends the same ones.
+pub(crate) fn push_call_headers<'py>(
+    py: Python<'py>,
+    session: &CoreSession,
+    number: Option<u64>,
+    metadata: &mut Vec<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    let (session_value, call_value) = session.call_headers(number);
+    let item = |name: &Bound<'py, PyString>, value: &str| PyTuple::new(py, [name, &PyString::new(py, value)]);
+    metadata.push(item(pyo3::intern!(py, SESSION_HEADER), &session_value)?.into_any());
+    if let Some(value) = call_value {
+        metadata.push(item(pyo3::intern!(py, CALL_HEADER), &value)?.into_any());
+    }
+    Ok(())
 }
 
 /// What [`Serializer::encode_ordinary`] made of a message.
@@ -465,11 +488,7 @@ impl UnaryUnary {
                 md.push(item?);
             }
         }
-        let (session_value, call_value) = session.get().0.call_headers(call.as_ref().map(|c| c.number()));
-        md.push(PyTuple::new(py, [pyo3::intern!(py, SESSION_HEADER), &PyString::new(py, &session_value)])?.into_any());
-        if let Some(value) = call_value {
-            md.push(PyTuple::new(py, [pyo3::intern!(py, CALL_HEADER), &PyString::new(py, &value)])?.into_any());
-        }
+        push_call_headers(py, &session.get().0, call.as_ref().map(|c| c.number()), &mut md)?;
         let md = PyTuple::new(py, md)?;
         enter(call.clone(), true);
         let result = match kwargs {

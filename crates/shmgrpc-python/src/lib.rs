@@ -422,12 +422,9 @@ impl Session {
     /// protocol version 4 on, two in version 3 (see docs/protocol.md §6).
     #[pyo3(signature = (number=None))]
     fn headers<'py>(&self, py: Python<'py>, number: Option<u64>) -> PyResult<Bound<'py, PyTuple>> {
-        let (session, call) = self.0.call_headers(number);
-        let mut pairs = vec![PyTuple::new(py, [SESSION_HEADER, session.as_str()])?];
-        if let Some(call) = call {
-            pairs.push(PyTuple::new(py, [CALL_HEADER, call.as_str()])?);
-        }
-        PyTuple::new(py, pairs)
+        let mut items = Vec::with_capacity(2);
+        codec::push_call_headers(py, &self.0, number, &mut items)?;
+        PyTuple::new(py, items)
     }
 
     /// Whether the session is open.

@@ -342,8 +342,8 @@ impl CoreSession {
         Some(self.scope(number, true))
     }
 
-    /// The scope of a new unary call of a client (see [`Self::call`]) whose request is encoded before the call
-    /// starts, as grpcio's blocking unary calls do. Its one request is sent before the server can know the call,
+    /// The scope of a new call of a client (see [`Self::call`]) whose one request is encoded before the call
+    /// starts, as grpcio does for unary-unary and unary-stream calls (blocking and asyncio). Its one request is sent before the server can know the call,
     /// so no `CallEnd` can come before it, and the scope stays out of the ledger of open calls (which exists for
     /// messages sent after a `CallEnd`): one lock and map update fewer on each small call. A `CallEnd` after the
     /// request still finds its holds.

@@ -303,7 +303,7 @@ impl Session {
     pub(crate) fn of_call(session: &str, call: Option<&str>, side: Side) -> Option<(Arc<Session>, Option<u64>)> {
         let (hex, suffix) = split_session_header(session);
         let s = Session::lookup_hex(hex, side)?;
-        let number = if s.version >= NUMBER_IN_SESSION_HEADER_VERSION {
+        let number = if s.number_in_session_header() {
             suffix.and_then(call_number)
         } else if suffix.is_some() {
             return None;
