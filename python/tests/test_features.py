@@ -459,3 +459,83 @@ def test_streams_read_only_in_part_give_every_buffer_back_at_once(
         d = payload(blob, 2 * MIB)
         assert stub.Echo(d).data == d.data
         assert ch.stats()["shm_sent"] >= 1
+
+
+def test_small_unary_calls_leave_the_header_off_once_learned_and_large_messages_bring_it_back(
+    blob: Any, blob_grpc: Any, tmp_path: pathlib.Path
+) -> None:
+    # Which calls the server saw in a session, and the metadata the application sent.
+    seen: list[tuple[str, bool, str | None]] = []
+
+    from .blob_server import Blob
+
+    class Recording(Blob):
+        def Echo(self, request: Any, context: Any) -> Any:
+            seen.append(("echo", shmgrpc._core.current()[0] is not None, dict(context.invocation_metadata()).get("k")))
+            return request
+
+        def Download(self, request: Any, context: Any) -> Any:
+            seen.append(("download", shmgrpc._core.current()[0] is not None, None))
+            return super().Download(request, context)
+
+    target = f"unix:{tmp_path / 'learn.sock'}"
+    server = shmgrpc.server(futures.ThreadPoolExecutor(2))
+    blob_grpc.add_BlobServicer_to_server(Recording(), server)
+    server.add_insecure_port(target)
+    server.start()
+    learning = shmgrpc._core.LEARNING_CALLS
+    try:
+        with shmgrpc.insecure_channel(target) as ch:
+            assert ch.is_shared_memory(), ch.fallback()
+            stub = blob_grpc.BlobStub(ch)
+            small = blob.Payload(data=b"x" * 1024, crc32=1)
+            for i in range(learning + 8):
+                # Metadata and a timeout pass through on both paths (by keyword: the Rust wrapper's fast path).
+                assert stub.Echo(small, metadata=(("k", str(i)),), timeout=10).data == small.data
+            assert [s for _, s, _ in seen] == [True] * learning + [False] * 8, "the learning calls carry the header"
+            assert [k for _, _, k in seen] == [str(i) for i in range(learning + 8)]
+            # A large request goes through shared memory (the header is back), and so does every later call.
+            seen.clear()
+            before = ch.stats()
+            big = payload(blob, 2 * MIB)
+            assert stub.Echo(big).data == big.data
+            assert stub.Echo(small).data == small.data
+            after = ch.stats()
+            assert after["shm_sent"] == before["shm_sent"] + 1, (before, after)
+            assert after["shm_received"] == before["shm_received"] + 1, (before, after)
+            assert [s for _, s, _ in seen] == [True, True]
+
+            # A method with small responses only, until a large one: that one comes inline (the server had no
+            # session for the call), and the next comes through shared memory.
+            seen.clear()
+            for _ in range(learning + 4):
+                assert len(stub.Download(blob.DownloadRequest(size=100, seed=1, count=1)).data) == 100
+            assert [s for _, s, _ in seen] == [True] * learning + [False] * 4
+            before = ch.stats()
+            for _ in range(2):
+                d = stub.Download(blob.DownloadRequest(size=2 * MIB, seed=3, count=1))
+                assert len(d.data) == 2 * MIB and zlib.crc32(d.data) == d.crc32
+            after = ch.stats()
+            assert seen[-2:] == [("download", False, None), ("download", True, None)]
+            assert after["inline_received"] == before["inline_received"] + 1, (before, after)
+            assert after["shm_received"] == before["shm_received"] + 1, (before, after)
+            assert sum(after["fallbacks"].values()) == sum(before["fallbacks"].values())
+
+        async def aio() -> None:
+            async with shmgrpc.aio.insecure_channel(target) as ch:
+                assert ch.is_shared_memory(), ch.fallback()
+                stub = blob_grpc.BlobStub(ch)
+                for i in range(learning + 4):
+                    assert (await stub.Echo(small, metadata=(("k", str(i)),))).data == small.data
+                big = payload(blob, 2 * MIB)
+                before = ch.stats()
+                assert (await stub.Echo(big)).data == big.data
+                assert (await stub.Echo(small)).data == small.data
+                assert ch.stats()["shm_sent"] == before["shm_sent"] + 1
+
+        seen.clear()
+        asyncio.run(aio())
+        assert [s for _, s, _ in seen] == [True] * learning + [False] * 4 + [True, True], "asyncio: the same"
+        assert [k for _, _, k in seen[: learning + 4]] == [str(i) for i in range(learning + 4)]
+    finally:
+        server.stop(None)

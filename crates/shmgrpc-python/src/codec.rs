@@ -352,6 +352,35 @@ fn settle(py: Python<'_>, out: Py<PyAny>) -> PyResult<Py<PyAny>> {
     Ok(data.into_any().unbind())
 }
 
+/// What a client's channel has seen of one unary method's message sizes (see `shmgrpc::embed::SizeHint`): its
+/// calls leave the session's header off once its first calls showed only small messages.
+#[pyclass(frozen, module = "shmgrpc._core")]
+pub(crate) struct SizeHint(Arc<embed::SizeHint>);
+
+#[pymethods]
+impl SizeHint {
+    /// A method not seen yet, on a channel whose threshold is `threshold`.
+    #[new]
+    fn new(threshold: usize) -> Self {
+        SizeHint(Arc::new(embed::SizeHint::new(threshold)))
+    }
+
+    /// Whether the next call should carry the session's header whatever its request.
+    fn wants_session(&self) -> bool {
+        self.0.wants_session()
+    }
+
+    /// A message of the method, `n` bytes long.
+    fn saw(&self, n: usize) {
+        self.0.saw(n);
+    }
+
+    /// A message of the method that travels through shared memory (a large request, a reference received).
+    fn saw_large(&self) {
+        self.0.saw_large();
+    }
+}
+
 /// grpcio's response or request deserializer for one method: an inline message parsed by the method's own
 /// deserializer and counted; anything else (a reference, a view, a message that does not parse) goes to `slow`.
 #[pyclass(frozen, module = "shmgrpc._core")]
@@ -359,14 +388,18 @@ pub(crate) struct Deserializer {
     parse: Option<Py<PyAny>>,
     slow: Py<PyAny>,
     counters: embed::Counters,
+    /// A client's unary method: what its responses' sizes say of the next call (see `SizeHint`).
+    hint: Option<Arc<embed::SizeHint>>,
 }
 
 #[pymethods]
 impl Deserializer {
     /// See the type; `parse` is `None` when the slow path takes every message (a view of a field, raw bytes).
+    /// `hint` learns from every message the sizes of the method's responses.
     #[new]
-    fn new(parse: Option<Py<PyAny>>, slow: Py<PyAny>, counters: &Counters) -> Self {
-        Deserializer { parse, slow, counters: counters.0.clone() }
+    #[pyo3(signature = (parse, slow, counters, hint=None))]
+    fn new(parse: Option<Py<PyAny>>, slow: Py<PyAny>, counters: &Counters, hint: Option<&SizeHint>) -> Self {
+        Deserializer { parse, slow, counters: counters.0.clone(), hint: hint.map(|h| h.0.clone()) }
     }
 
     /// The objects it holds, for Python's cycle collector.
@@ -376,6 +409,10 @@ impl Deserializer {
     }
 
     fn __call__(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        if let (Some(hint), Ok(bytes)) = (&self.hint, data.cast::<PyBytes>()) {
+            let b = bytes.as_bytes();
+            if embed::is_reference(b) { hint.saw_large() } else { hint.saw(b.len()) }
+        }
         if let (Some(parse), Ok(bytes)) = (&self.parse, data.cast::<PyBytes>()) {
             let b = bytes.as_bytes();
             if !embed::is_reference(b)
@@ -408,6 +445,12 @@ pub(crate) struct UnaryUnary {
     /// The session the last call went through, and the multi-callable made for it (its serializer bound to the
     /// session).
     bound: Mutex<Option<Made>>,
+    /// What the method's sizes say of the next call's header (see `SizeHint`).
+    hint: Option<Arc<embed::SizeHint>>,
+    /// The grpcio multi-callable for requests already serialized (no serializer): a call without the header.
+    raw: Py<PyAny>,
+    /// The serializer of `plain`: serializes a request to send without the header, and counts it.
+    plain_serializer: Py<Serializer>,
 }
 
 /// The grpcio multi-callable made for a session (see `UnaryUnary`).
@@ -422,7 +465,11 @@ impl UnaryUnary {
     #[new]
     fn new(py: Python<'_>, slow: Py<PyAny>, channel: Py<PyAny>, loaned: Py<PyType>) -> PyResult<Self> {
         let plain = slow.getattr(py, pyo3::intern!(py, "_plain"))?;
-        Ok(UnaryUnary { slow, channel, loaned, plain, bound: Mutex::new(None) })
+        let hint: Option<Bound<'_, SizeHint>> = slow.getattr(py, pyo3::intern!(py, "_hint"))?.extract(py)?;
+        let raw = slow.getattr(py, pyo3::intern!(py, "_raw"))?;
+        let plain_serializer = slow.getattr(py, pyo3::intern!(py, "_plain_serializer"))?.extract(py)?;
+        let hint = hint.map(|h| h.get().0.clone());
+        Ok(UnaryUnary { slow, channel, loaned, plain, bound: Mutex::new(None), hint, raw, plain_serializer })
     }
 
     /// The objects it holds, for Python's cycle collector (see `Serializer.__traverse__`).
@@ -431,6 +478,8 @@ impl UnaryUnary {
         visit.call(&self.channel)?;
         visit.call(&self.loaned)?;
         visit.call(&self.plain)?;
+        visit.call(&self.raw)?;
+        visit.call(&self.plain_serializer)?;
         if let Ok(bound) = self.bound.try_lock()
             && let Some(m) = bound.as_ref()
         {
@@ -464,6 +513,25 @@ impl UnaryUnary {
                 return self.plain.call(py, (request,), kwargs);
             }
         };
+        if let Some(hint) = &self.hint
+            && !hint.wants_session()
+        {
+            // Every message of the method so far was small: a small request goes without the header.
+            let serializer = self.plain_serializer.get();
+            match serializer.encode_ordinary(py, request)? {
+                Ordinary::Encoded(bytes) if bytes.as_bytes().len() < session.get().0.threshold() => {
+                    serializer.counters.inline_sent(bytes.as_bytes().len(), None);
+                    return match kwargs.filter(|k| !k.is_empty()) {
+                        Some(kwargs) => self.raw.call(py, (bytes,), Some(kwargs)),
+                        None => self.raw.call1(py, (bytes,)),
+                    };
+                }
+                // A type the session path takes as it is (a loan is not one: it went to `slow` above).
+                Ordinary::Slow => {}
+                // A large request: this and every later call go through the session (encoded again there).
+                Ordinary::Encoded(_) | Ordinary::Large(_) => hint.saw_large(),
+            }
+        }
         let inner = {
             let bound = lock(&self.bound);
             match bound.as_ref() {

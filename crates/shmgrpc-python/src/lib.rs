@@ -1013,6 +1013,7 @@ fn constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SESSION_HEADER", p::SESSION_HEADER)?;
     m.add("CALL_HEADER", p::CALL_HEADER)?;
     m.add("LARGE_FIELD", codec::LARGE_FIELD)?;
+    m.add("LEARNING_CALLS", shmgrpc::embed::SizeHint::LEARNING_CALLS)?;
     m.add("HELLO_PATH", p::HELLO_PATH)?;
     m.add("HANDSHAKE_TIMEOUT", p::HANDSHAKE_TIMEOUT.as_secs_f64())?;
     m.add("DEFAULT_BUDGET", shmgrpc::pool::default_budget())?;
@@ -1067,6 +1068,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(join, m)?)?;
     m.add_class::<codec::Serializer>()?;
     m.add_class::<codec::Deserializer>()?;
+    m.add_class::<codec::SizeHint>()?;
     m.add_class::<codec::UnaryUnary>()?;
     m.add_class::<codec::UnaryHandler>()?;
     m.add_function(wrap_pyfunction!(codec::enter_call, m)?)?;

@@ -25,7 +25,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
@@ -646,6 +646,57 @@ impl Received {
     }
 }
 
+/// What a client has seen of one unary method's message sizes, which says whether its next call needs the
+/// session's header (protocol §6: a call without one is plain gRPC).
+///
+/// The header costs a small call a few percent (grpcio's handling of one more metadata entry, the server's
+/// lookup of the session), and a call whose request and response both stay below the threshold gains nothing
+/// from a session. So the first [`SizeHint::LEARNING_CALLS`] calls of a method carry the header; after them, a
+/// call whose request is below the threshold is sent without it while every message of the method seen so far
+/// was below the threshold. The first message at or above it (a request the client is about to send, or a
+/// response, which then came inline: the server had no session for it) makes every later call carry the header.
+/// The cost of the guess: one large response of a method that had only small ones for its first calls travels
+/// inline, once.
+#[derive(Debug)]
+pub struct SizeHint {
+    threshold: usize,
+    /// Responses below the threshold seen, up to [`SizeHint::LEARNING_CALLS`].
+    small: AtomicU32,
+    /// Whether a message at or above the threshold was seen (for good).
+    large: AtomicBool,
+}
+
+impl SizeHint {
+    /// The calls of a method that carry the header whatever their sizes, before its sizes are trusted.
+    pub const LEARNING_CALLS: u32 = 16;
+
+    /// A method not seen yet, whose messages of `threshold` bytes and more travel through shared memory.
+    pub fn new(threshold: usize) -> SizeHint {
+        SizeHint { threshold, small: AtomicU32::new(0), large: AtomicBool::new(false) }
+    }
+
+    /// Whether the next call should carry the session's header whatever its request (see the type).
+    pub fn wants_session(&self) -> bool {
+        self.large.load(Ordering::Relaxed) || self.small.load(Ordering::Relaxed) < Self::LEARNING_CALLS
+    }
+
+    /// A message of the method, `len` bytes long (a response, or a request about to be sent).
+    pub fn saw(&self, len: usize) {
+        if len >= self.threshold {
+            self.saw_large();
+        } else if self.small.load(Ordering::Relaxed) < Self::LEARNING_CALLS {
+            // Racing calls may count past the limit by a few: harmless.
+            self.small.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A message of the method that travels (or would have travelled) through shared memory: a reference
+    /// received, a request at or above the threshold.
+    pub fn saw_large(&self) {
+        self.large.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A loan of ordinary memory, for a binding's channel without a session: the same code then sends the message
 /// inline.
 pub fn heap_loan(len: usize) -> Loan {
@@ -870,6 +921,29 @@ fn range_bytes(parts: &[Bytes], start: usize, end: usize) -> Vec<u8> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_size_hint_leaves_the_header_off_only_after_its_learning_calls_saw_small_messages() {
+        let hint = SizeHint::new(1000);
+        for _ in 0..SizeHint::LEARNING_CALLS {
+            assert!(hint.wants_session(), "the learning calls carry the header");
+            hint.saw(999);
+        }
+        assert!(!hint.wants_session(), "every message was small");
+        hint.saw(1000);
+        assert!(hint.wants_session(), "a message at the threshold");
+        for _ in 0..100 {
+            hint.saw(1);
+        }
+        assert!(hint.wants_session(), "a large message is remembered for good");
+
+        let hint = SizeHint::new(1000);
+        hint.saw_large();
+        for _ in 0..100 {
+            hint.saw(1);
+        }
+        assert!(hint.wants_session(), "a large request before any response");
+    }
 
     fn key(number: u32, wire: u32) -> Vec<u8> {
         let mut v = Vec::new();

@@ -10,6 +10,7 @@ from .stats import Stats
 PROTOCOL_VERSION: int
 MIN_PROTOCOL_VERSION: int
 DEFAULT_THRESHOLD: int
+LEARNING_CALLS: int
 SESSION_HEADER: str
 CALL_HEADER: str
 LARGE_FIELD: int
@@ -49,9 +50,19 @@ class Serializer:
         self, message: Any, call: Call | None = None, session: Session | None = None
     ) -> bytes | dict[str, bytes] | None: ...
 
+class SizeHint:
+    def __init__(self, threshold: int) -> None: ...
+    def wants_session(self) -> bool: ...
+    def saw(self, n: int) -> None: ...
+    def saw_large(self) -> None: ...
+
 class Deserializer:
     def __init__(
-        self, parse: Callable[[bytes], Any] | None, slow: Callable[[bytes], Any], counters: Counters
+        self,
+        parse: Callable[[bytes], Any] | None,
+        slow: Callable[[bytes], Any],
+        counters: Counters,
+        hint: SizeHint | None = None,
     ) -> None: ...
     def __call__(self, data: bytes) -> Any: ...
 

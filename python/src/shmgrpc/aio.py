@@ -145,8 +145,11 @@ class _AioCallable:
         # The Rust fast paths: a small request encoded and counted in one call (`_core.Serializer.inline`, made per
         # session), an inline response parsed and counted (`_core.Deserializer`); the rest is the code below.
         plain = de if de is not None and not isinstance(self._parse, ViewOf) else None
-        self._de = _core.Deserializer(plain, self._decode_now, ch._counters)
+        # A unary method's sizes decide whether its calls need the session's header (see `_core.SizeHint`).
+        self._hint = _core.SizeHint(ch.threshold) if kind == "unary_unary" else None
+        self._de = _core.Deserializer(plain, self._decode_now, ch._counters, self._hint)
         self._fast: tuple[Any, Any] | None = None
+        self._plain: Any = None
 
     def _serializer_for(self, s: Any) -> Any:
         """The Rust serializer for requests through session ``s`` (or none), made once per session."""
@@ -160,6 +163,14 @@ class _AioCallable:
             )
         return fast[1]
 
+    def _plain_serializer(self) -> Any:
+        """The Rust serializer for requests sent inline without the header (made once)."""
+        if self._plain is None:
+            fields = functools.partial(_codec.large_fields, serialize=self._ser)
+            ch = self._ch
+            self._plain = _core.Serializer(self._ser, _codec.inline_only, fields, ch._counters, ch.threshold)
+        return self._plain
+
     def _decode_now(self, data: bytes) -> Any:
         """A response the Rust deserializer does not take (a reference, a view), decoded without waiting."""
         return _codec.decode(data, self._parse, lambda d: self._ch._shm.receive(d, False), self._ch._counters)
@@ -169,13 +180,24 @@ class _AioCallable:
         ch = self._ch
         ch._maybe_connect()
         s = ch._live()
+        large = None
+        hint = self._hint
+        if hint is not None and s is not None and not hint.wants_session() and not isinstance(request, _codec.Loaned):
+            # Every message of the method so far was small: a small request goes without the header.
+            try:
+                data = self._plain_serializer().inline(request)
+            except Exception:
+                data = None  # the path below raises it again, when the call is awaited (as grpc.aio does)
+            if isinstance(data, bytes):
+                return self._unary(data, metadata or None, kw, None)
+            hint.saw_large()  # a large request: this and every later call go through the session
+            large = data  # the large fields' values (or None), read once: sent from these
         # Protocol version 3 and later: the call's number tags its messages. A unary request is encoded before the
         # call starts (below): its scope needs no place in the ledger of open calls.
         call = None if s is None else s.unary_call() if self._kind in _UNARY_REQUEST else s.call()
         header = s.headers(call.number if call is not None else None) if s is not None else ()
         md = (*(metadata or ()), *header) or None
-        large = None
-        if self._kind == "unary_unary" and not isinstance(request, _codec.Loaned):
+        if self._kind == "unary_unary" and large is None and not isinstance(request, _codec.Loaned):
             try:
                 data = self._serializer_for(s).inline(request, call)
             except Exception:
@@ -194,6 +216,8 @@ class _AioCallable:
     async def _read(self, data: bytes) -> Any:
         """One response: a reference that overtook its registration is awaited off the loop, the rest decoded now."""
         if _core.is_reference(data) and self._ch._shm.needs_wait(data):
+            if self._hint is not None:
+                self._hint.saw_large()
             return await self._ch._decode_held_back(data, self._parse)
         try:
             return self._de(data)

@@ -370,8 +370,11 @@ class ShmChannel(_ChannelBase, grpc.Channel):
         fields = functools.partial(_codec.large_fields, serialize=ser)
         return _core.Serializer(ser, serialize, fields, self._counters, self.threshold, reason=reason, session=session)
 
-    def _deserializer(self, de: Any) -> Callable[[bytes], Any]:
-        """The response deserializer: the Rust fast path for inline messages, this slow path for the rest."""
+    def _deserializer(self, de: Any, hint: _core.SizeHint | None = None) -> Callable[[bytes], Any]:
+        """
+        The response deserializer: the Rust fast path for inline messages, this slow path for the rest; ``hint``
+        learns the sizes of the responses.
+        """
 
         def deserialize(data: bytes) -> Any:
             # grpcio deserializes on the caller's thread for blocking unary calls, and on the channel's one polling
@@ -387,7 +390,7 @@ class ShmChannel(_ChannelBase, grpc.Channel):
                 raise ValueError(f"{_codec.status_code(e).name}: {e.args[1]}") from None
 
         plain = de if de is not None and not isinstance(de, ViewOf) else None
-        return _core.Deserializer(plain, deserialize, self._counters)
+        return _core.Deserializer(plain, deserialize, self._counters, hint)
 
     def _resolve(self, item: Any) -> Any:
         """A response as read by the caller: a deferred reference is resolved here, waiting (at most 2 s)."""
@@ -410,8 +413,13 @@ class _Callable:
         field = ch._views.get(method)
         if field is not None and de is not None:
             de = ViewOf(de, field)
-        self._de = ch._deserializer(de)
-        self._plain = getattr(ch._channel, kind)(method, ch._serializer(None, ser), self._de, **kw)
+        # A unary method's sizes decide whether its blocking calls need the session's header (`_core.UnaryUnary`):
+        # once its first calls showed only small messages, a small request goes without it, as plain gRPC.
+        self._hint = _core.SizeHint(ch.threshold) if kind == "unary_unary" else None
+        self._de = ch._deserializer(de, self._hint)
+        self._plain_serializer = ch._serializer(None, ser)
+        self._plain = getattr(ch._channel, kind)(method, self._plain_serializer, self._de, **kw)
+        self._raw = getattr(ch._channel, kind)(method, None, self._de, **kw) if self._hint is not None else None
         self._bound: tuple[Session, Any] | None = None
 
     def _for_call(
