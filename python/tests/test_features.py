@@ -494,6 +494,13 @@ def test_small_unary_calls_leave_the_header_off_once_learned_and_large_messages_
                 assert stub.Echo(small, metadata=(("k", str(i)),), timeout=10).data == small.data
             assert [s for _, s, _ in seen] == [True] * learning + [False] * 8, "the learning calls carry the header"
             assert [k for _, _, k in seen] == [str(i) for i in range(learning + 8)]
+            # A request its serializer refuses fails the call as with stock grpcio, and says nothing of sizes.
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Echo(object())
+            assert e.value.code() == grpc.StatusCode.INTERNAL
+            seen.clear()
+            assert stub.Echo(small).data == small.data
+            assert seen == [("echo", False, None)], "still without the header"
             # A large request goes through shared memory (the header is back), and so does every later call.
             seen.clear()
             before = ch.stats()
@@ -527,6 +534,9 @@ def test_small_unary_calls_leave_the_header_off_once_learned_and_large_messages_
                 stub = blob_grpc.BlobStub(ch)
                 for i in range(learning + 4):
                     assert (await stub.Echo(small, metadata=(("k", str(i)),))).data == small.data
+                with pytest.raises(Exception):  # noqa: B017 (grpc.aio fails it as it fails any bad request)
+                    await stub.Echo(object())
+                assert (await stub.Echo(small)).data == small.data  # still without the header
                 big = payload(blob, 2 * MIB)
                 before = ch.stats()
                 assert (await stub.Echo(big)).data == big.data
@@ -535,7 +545,8 @@ def test_small_unary_calls_leave_the_header_off_once_learned_and_large_messages_
 
         seen.clear()
         asyncio.run(aio())
-        assert [s for _, s, _ in seen] == [True] * learning + [False] * 4 + [True, True], "asyncio: the same"
+        # The refused request reached no server, and left the method without the header.
+        assert [s for _, s, _ in seen] == [True] * learning + [False] * 5 + [True, True], "asyncio: the same"
         assert [k for _, _, k in seen[: learning + 4]] == [str(i) for i in range(learning + 4)]
     finally:
         server.stop(None)

@@ -370,11 +370,6 @@ impl SizeHint {
         self.0.wants_session()
     }
 
-    /// A message of the method, `n` bytes long.
-    fn saw(&self, n: usize) {
-        self.0.saw(n);
-    }
-
     /// A message of the method that travels through shared memory (a large request, a reference received).
     fn saw_large(&self) {
         self.0.saw_large();
@@ -409,13 +404,14 @@ impl Deserializer {
     }
 
     fn __call__(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        if let (Some(hint), Ok(bytes)) = (&self.hint, data.cast::<PyBytes>()) {
+        if let Ok(bytes) = data.cast::<PyBytes>() {
             let b = bytes.as_bytes();
-            if embed::is_reference(b) { hint.saw_large() } else { hint.saw(b.len()) }
-        }
-        if let (Some(parse), Ok(bytes)) = (&self.parse, data.cast::<PyBytes>()) {
-            let b = bytes.as_bytes();
-            if !embed::is_reference(b)
+            let reference = embed::is_reference(b);
+            if let Some(hint) = &self.hint {
+                if reference { hint.saw_large() } else { hint.saw(b.len()) }
+            }
+            if let Some(parse) = &self.parse
+                && !reference
                 && let Ok(message) = parse.call1(py, (data,))
             {
                 self.counters.inline_received(b.len());
@@ -518,7 +514,11 @@ impl UnaryUnary {
         {
             // Every message of the method so far was small: a small request goes without the header.
             let serializer = self.plain_serializer.get();
-            match serializer.encode_ordinary(py, request)? {
+            let Ok(encoded) = serializer.encode_ordinary(py, request) else {
+                // grpcio's multi-callable serializes it again and fails the call as stock grpcio does.
+                return self.plain.call(py, (request,), kwargs);
+            };
+            match encoded {
                 Ordinary::Encoded(bytes) if bytes.as_bytes().len() < session.get().0.threshold() => {
                     serializer.counters.inline_sent(bytes.as_bytes().len(), None);
                     return match kwargs.filter(|k| !k.is_empty()) {

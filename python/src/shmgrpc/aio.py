@@ -187,11 +187,13 @@ class _AioCallable:
             try:
                 data = self._plain_serializer().inline(request)
             except Exception:
-                data = None  # the path below raises it again, when the call is awaited (as grpc.aio does)
+                # Not a sign of size: the path below raises it again, when the call is awaited (as grpc.aio does).
+                data = ()
             if isinstance(data, bytes):
                 return self._unary(data, metadata or None, kw, None)
-            hint.saw_large()  # a large request: this and every later call go through the session
-            large = data  # the large fields' values (or None), read once: sent from these
+            if data != ():
+                hint.saw_large()  # a large request: this and every later call go through the session
+                large = data  # the large fields' values (or None), read once: sent from these
         # Protocol version 3 and later: the call's number tags its messages. A unary request is encoded before the
         # call starts (below): its scope needs no place in the ledger of open calls.
         call = None if s is None else s.unary_call() if self._kind in _UNARY_REQUEST else s.call()
