@@ -550,3 +550,54 @@ def test_small_unary_calls_leave_the_header_off_once_learned_and_large_messages_
         assert [k for _, _, k in seen[: learning + 4]] == [str(i) for i in range(learning + 4)]
     finally:
         server.stop(None)
+
+
+def test_a_server_with_a_lower_threshold_than_the_clients_still_gets_its_responses_through_shared_memory(
+    blob: Any, blob_grpc: Any, tmp_path: pathlib.Path
+) -> None:
+    # The client judges a method's responses by the smaller threshold, its own or the one the server's `Welcome`
+    # named: a response between the two would come through the server's shared memory, so the header comes back.
+    from .blob_server import Blob
+
+    target = f"unix:{tmp_path / 'low.sock'}"
+    server = shmgrpc.server(futures.ThreadPoolExecutor(2), threshold=16 * 1024)
+    blob_grpc.add_BlobServicer_to_server(Blob(), server)
+    server.add_insecure_port(target)
+    server.start()
+    learning = shmgrpc._core.LEARNING_CALLS
+    between = 32 * 1024
+    assert 16 * 1024 < between < shmgrpc._core.DEFAULT_THRESHOLD  # the client's
+    small = blob.DownloadRequest(size=100, seed=1, count=1)
+    medium = blob.DownloadRequest(size=between, seed=3, count=1)
+    try:
+        with shmgrpc.insecure_channel(target) as ch:
+            assert ch.is_shared_memory(), ch.fallback()
+            stub = blob_grpc.BlobStub(ch)
+            for _ in range(learning + 2):
+                assert len(stub.Download(small).data) == 100
+            before = ch.stats()
+            for _ in range(3):
+                d = stub.Download(medium)
+                assert len(d.data) == between and zlib.crc32(d.data) == d.crc32
+            after = ch.stats()
+            # The first came inline (the call had no header); the others through shared memory.
+            assert after["inline_received"] == before["inline_received"] + 1, (before, after)
+            assert after["shm_received"] == before["shm_received"] + 2, (before, after)
+
+        async def aio() -> None:
+            async with shmgrpc.aio.insecure_channel(target) as ch:
+                assert ch.is_shared_memory(), ch.fallback()
+                stub = blob_grpc.BlobStub(ch)
+                for _ in range(learning + 2):
+                    assert len((await stub.Download(small)).data) == 100
+                before = ch.stats()
+                for _ in range(3):
+                    d = await stub.Download(medium)
+                    assert len(d.data) == between and zlib.crc32(d.data) == d.crc32
+                after = ch.stats()
+                assert after["inline_received"] == before["inline_received"] + 1, (before, after)
+                assert after["shm_received"] == before["shm_received"] + 2, (before, after)
+
+        asyncio.run(aio())
+    finally:
+        server.stop(None)

@@ -365,9 +365,14 @@ impl SizeHint {
         SizeHint(Arc::new(embed::SizeHint::new(threshold)))
     }
 
-    /// Whether the next call should carry the session's header whatever its request.
-    fn wants_session(&self) -> bool {
-        self.0.wants_session()
+    /// Whether the next call should carry the session's header whatever its request; with `session`, the call's
+    /// session, whose server's threshold then judges the responses too if it is the lower one.
+    #[pyo3(signature = (session=None))]
+    fn wants_session(&self, session: Option<&Session>) -> bool {
+        match session {
+            Some(s) => self.0.wants_session_in(&s.0),
+            None => self.0.wants_session(),
+        }
     }
 
     /// A message of the method that travels through shared memory (a large request, a reference received).
@@ -510,7 +515,7 @@ impl UnaryUnary {
             }
         };
         if let Some(hint) = &self.hint
-            && !hint.wants_session()
+            && !hint.wants_session_in(&session.get().0)
         {
             // Every message of the method so far was small: a small request goes without the header.
             let serializer = self.plain_serializer.get();

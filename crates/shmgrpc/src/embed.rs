@@ -25,7 +25,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
@@ -325,6 +325,12 @@ impl CoreSession {
     /// Messages from this size up are meant for shared memory.
     pub fn threshold(&self) -> usize {
         self.session.threshold()
+    }
+
+    /// The threshold the server named when the session was set up (protocol §4, `Welcome`): the server sends
+    /// its messages from this size up through shared memory. `None` in a server's session.
+    pub fn peer_threshold(&self) -> Option<usize> {
+        self.session.peer_threshold()
     }
 
     /// The scope of one call in a session that numbers calls (protocol version 3, §6), `None` in one that does
@@ -657,9 +663,14 @@ impl Received {
 /// response, which then came inline: the server had no session for it) makes every later call carry the header.
 /// The cost of the guess: one large response of a method that had only small ones for its first calls travels
 /// inline, once.
+///
+/// A response is judged by the smaller of the two thresholds, the client's and the one the server named in its
+/// `Welcome` ([`SizeHint::wants_session_in`] learns it): a server whose threshold is lower would have sent it
+/// through shared memory.
 #[derive(Debug)]
 pub struct SizeHint {
-    threshold: usize,
+    /// The smaller of the client's threshold and the server's (once a session told it).
+    threshold: AtomicUsize,
     /// Responses below the threshold seen, up to [`SizeHint::LEARNING_CALLS`].
     small: AtomicU32,
     /// Whether a message at or above the threshold was seen (for good).
@@ -672,7 +683,7 @@ impl SizeHint {
 
     /// A method not seen yet, whose messages of `threshold` bytes and more travel through shared memory.
     pub fn new(threshold: usize) -> SizeHint {
-        SizeHint { threshold, small: AtomicU32::new(0), large: AtomicBool::new(false) }
+        SizeHint { threshold: AtomicUsize::new(threshold), small: AtomicU32::new(0), large: AtomicBool::new(false) }
     }
 
     /// Whether the next call should carry the session's header whatever its request (see the type).
@@ -680,9 +691,25 @@ impl SizeHint {
         self.large.load(Ordering::Relaxed) || self.small.load(Ordering::Relaxed) < Self::LEARNING_CALLS
     }
 
+    /// [`Self::wants_session`] for a call in `session`, whose server's threshold (protocol §4, `Welcome`) then
+    /// judges the responses too, if it is the lower one.
+    pub fn wants_session_in(&self, session: &CoreSession) -> bool {
+        if let Some(t) = session.peer_threshold() {
+            self.lower_threshold(t);
+        }
+        self.wants_session()
+    }
+
+    /// Judges messages by `threshold` from now on if it is lower than the one used so far.
+    pub fn lower_threshold(&self, threshold: usize) {
+        if threshold < self.threshold.load(Ordering::Relaxed) {
+            self.threshold.fetch_min(threshold, Ordering::Relaxed);
+        }
+    }
+
     /// A message of the method, `len` bytes long (a response, or a request about to be sent).
     pub fn saw(&self, len: usize) {
-        if len >= self.threshold {
+        if len >= self.threshold.load(Ordering::Relaxed) {
             self.saw_large();
         } else if self.small.load(Ordering::Relaxed) < Self::LEARNING_CALLS {
             // Racing calls may count past the limit by a few: harmless.
@@ -943,6 +970,19 @@ mod tests {
             hint.saw(1);
         }
         assert!(hint.wants_session(), "a large request before any response");
+    }
+
+    #[test]
+    fn a_size_hint_judges_responses_by_the_servers_threshold_when_it_is_lower() {
+        let hint = SizeHint::new(1000);
+        hint.lower_threshold(2000);
+        for _ in 0..SizeHint::LEARNING_CALLS {
+            hint.saw(999);
+        }
+        assert!(!hint.wants_session(), "a higher threshold of the server's changes nothing");
+        hint.lower_threshold(500);
+        hint.saw(600);
+        assert!(hint.wants_session(), "600 bytes would have come through the server's shared memory");
     }
 
     fn key(number: u32, wire: u32) -> Vec<u8> {

@@ -178,7 +178,7 @@ pub(crate) async fn accept(
     };
     let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await.unwrap_or(Err("handshake timed out"));
     match result {
-        Ok((peer_pid, version)) => Ok(Link { socket, reader, peer_pid, version }),
+        Ok((peer_pid, version)) => Ok(Link { socket, reader, peer_pid, version, peer_threshold: None }),
         Err(why) => {
             let refused = write_frame(&socket, Kind::Refused(v1::Refused { reason: why.into() }), None);
             let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, refused).await;
@@ -252,11 +252,13 @@ pub(crate) async fn join(candidates: Vec<PathBuf>, ticket: Bytes, version: u32) 
             _ => return Err(failed("expected welcome")),
         };
         let id: SessionId = welcome.session.as_ref().try_into().map_err(|_| failed("bad session id"))?;
-        Ok((id, cred.pid))
+        // Any value is harmless: it only says which of the server's messages to expect by reference.
+        let threshold = usize::try_from(welcome.threshold).unwrap_or(usize::MAX);
+        Ok((id, cred.pid, threshold))
     };
-    let (id, peer_pid) =
+    let (id, peer_pid, threshold) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await.unwrap_or_else(|_| Err(failed("timed out")))?;
-    Ok(Joined { id, link: Link { socket, reader, peer_pid, version } })
+    Ok(Joined { id, link: Link { socket, reader, peer_pid, version, peer_threshold: Some(threshold) } })
 }
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ class _AioCallable:
         s = ch._live()
         large = None
         hint = self._hint
-        if hint is not None and s is not None and not hint.wants_session() and not isinstance(request, _codec.Loaned):
+        if hint is not None and s is not None and not hint.wants_session(s) and not isinstance(request, _codec.Loaned):
             # Every message of the method so far was small: a small request goes without the header.
             try:
                 data = self._plain_serializer().inline(request)

@@ -144,6 +144,9 @@ pub(crate) struct Link {
     pub(crate) peer_pid: u32,
     /// The protocol version the two agreed on (§2).
     pub(crate) version: u32,
+    /// The threshold the peer's `Welcome` named (§4): from this size up the server sends its messages through
+    /// shared memory. Known to a client only.
+    pub(crate) peer_threshold: Option<usize>,
 }
 
 /// Takes the entries of `map` that belong to the message `tag` names (one per part that `pick` names a region for,
@@ -175,6 +178,8 @@ pub(crate) struct Session {
     peer_pid: u32,
     /// The protocol version agreed on (§2): from 3 on, calls are numbered and `CallEnd` is spoken.
     version: u32,
+    /// The server's threshold, as its `Welcome` named it (a client's session only).
+    peer_threshold: Option<usize>,
     /// The number of the client's next call (§6), from 1.
     next_call: AtomicU64,
     /// The `shmgrpc-session` header value of an unnumbered call (the id in lowercase hex), made once.
@@ -208,7 +213,7 @@ impl Session {
     ///
     /// The I/O runtime could not be started.
     pub(crate) fn start(id: SessionId, side: Side, params: SessionParams, link: Link) -> std::io::Result<Arc<Session>> {
-        let Link { socket, reader, peer_pid, version } = link;
+        let Link { socket, reader, peer_pid, version, peer_threshold } = link;
         let (outbox, drain) = Outbox::new(Some(socket.clone()));
         let recorder = params.recorder.clone();
         let session = Arc::new(Session {
@@ -216,6 +221,7 @@ impl Session {
             side,
             peer_pid,
             version,
+            peer_threshold,
             next_call: AtomicU64::new(1),
             header: http::HeaderValue::from_str(&id.iter().map(|b| format!("{b:02x}")).collect::<String>())
                 .expect("hex is a valid header value"),
@@ -392,6 +398,12 @@ impl Session {
 
     pub(crate) fn threshold(&self) -> usize {
         self.sender.params().threshold
+    }
+
+    /// The threshold the server named in its `Welcome`: its messages from this size up come through shared
+    /// memory. `None` on the server's side, which is not told the client's.
+    pub(crate) fn peer_threshold(&self) -> Option<usize> {
+        self.peer_threshold
     }
 
     /// Whether `data` lies inside one of the peer's segments we have mapped or one of our pool's buffers.

@@ -40,6 +40,7 @@ fn pair_of(version: u32) -> (Arc<Session>, Arc<Session>) {
         reader: FrameReader::default(),
         peer_pid: std::process::id(),
         version,
+        peer_threshold: None,
     };
     let client = Session::start(id, Side::Client, params(Side::Client), link(a)).unwrap();
     let server = Session::start(id, Side::Server, params(Side::Server), link(b)).unwrap();
