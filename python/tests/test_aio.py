@@ -85,3 +85,50 @@ def test_aio_small_calls_take_the_rust_path_and_count_like_the_rest(
             assert ch.stats()["inline_sent"] == 20, "nothing was counted for it"
 
     asyncio.run(main())
+
+
+def test_aio_calls_hold_the_callers_request_until_the_reply_as_grpc_aio_does(
+    rust_server: Served, blob: Any, blob_grpc: Any
+) -> None:
+    """
+    A request passed as a temporary stays alive until its call's reply is read, as stock ``grpc.aio`` keeps it:
+    freed as soon as it was encoded, a large message's blocks went back to the system while the reply was awaited,
+    and the reply's parse paid fresh pages for them (docs/python.md, Benchmark).
+    """
+    import weakref
+
+    class Request:
+        """A message of its own (weak references work on it), encoding as a ``Payload``."""
+
+        def __init__(self, size: int) -> None:
+            self.encoded = payload(blob, size, 7).SerializeToString()
+
+    alive: list[bool] = []
+
+    async def main() -> None:
+        async with shmgrpc.aio.insecure_channel(rust_server.unix) as ch:
+            assert ch.is_shared_memory(), ch.fallback()
+            for size in (2 * MIB, 1024):  # through shared memory, and inline
+                ref: list[Any] = []
+
+                def parse(data: Any, ref: list[Any] = ref) -> Any:
+                    alive.append(ref[0]() is not None)
+                    return blob.Payload.FromString(bytes(data))
+
+                echo = ch.unary_unary(
+                    "/shmgrpc.demo.v1.Blob/Echo",
+                    request_serializer=lambda r: r.encoded,
+                    response_deserializer=parse,
+                )
+
+                def start(size: int = size, ref: list[Any] = ref, echo: Any = echo) -> Any:
+                    request = Request(size)
+                    ref.append(weakref.ref(request))
+                    return echo(request)  # the caller keeps no reference
+
+                reply = await start()
+                assert len(reply.data) == size
+                assert ref[0]() is None, "let go of once the call ended"
+
+    asyncio.run(main())
+    assert alive == [True, True], "the request lives until its reply is parsed"

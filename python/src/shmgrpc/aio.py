@@ -190,7 +190,7 @@ class _AioCallable:
                 # Not a sign of size: the path below raises it again, when the call is awaited (as grpc.aio does).
                 data = ()
             if isinstance(data, bytes):
-                return self._unary(data, metadata or None, kw, None)
+                return self._unary(data, metadata or None, kw, None, request)
             if data != ():
                 hint.saw_large()  # a large request: this and every later call go through the session
                 large = data  # the large fields' values (or None), read once: sent from these
@@ -205,15 +205,15 @@ class _AioCallable:
             except Exception:
                 data = None  # the path below raises it again, when the call is awaited (as grpc.aio does)
             if isinstance(data, bytes):
-                return self._unary(data, md, kw, call)
+                return self._unary(data, md, kw, call, request)
             large = data  # the large fields' values, read once (a read copies): sent from these
         if self._kind in ("unary_unary", "unary_stream"):
             requests: Any = self._one(s, request, call, large)
         else:
             requests = self._many(s, request, call)
         if self._kind in ("unary_unary", "stream_unary"):
-            return self._unary(requests, md, kw, call)
-        return self._stream(requests, md, kw, call)
+            return self._unary(requests, md, kw, call, request)
+        return self._stream(requests, md, kw, call, request)
 
     async def _read(self, data: bytes) -> Any:
         """One response: a reference that overtook its registration is awaited off the loop, the rest decoded now."""
@@ -237,7 +237,10 @@ class _AioCallable:
             for r in requests:
                 yield await self._ch._encode_async(s, self._ser, r, call)
 
-    async def _unary(self, requests: Any, md: Any, kw: dict[str, Any], call: Any) -> Any:
+    async def _unary(self, requests: Any, md: Any, kw: dict[str, Any], call: Any, keep: Any) -> Any:
+        # `keep` is the caller's request, held until the call ends as stock `grpc.aio` holds it. Let go of as soon
+        # as it is encoded, a large message's blocks were freed while the reply was awaited, and glibc returned
+        # them to the system, so the reply's parse found fresh pages (tests/test_aio.py).
         try:
             if isinstance(requests, bytes) or self._kind != "unary_unary":
                 request = requests  # encoded already, or a stream of requests
@@ -253,7 +256,8 @@ class _AioCallable:
             call.complete()
         return reply
 
-    async def _stream(self, requests: Any, md: Any, kw: dict[str, Any], call: Any) -> AsyncIterator[Any]:
+    async def _stream(self, requests: Any, md: Any, kw: dict[str, Any], call: Any, keep: Any) -> AsyncIterator[Any]:
+        # `keep`: the caller's request, held until the call ends (see `_unary`).
         try:
             request = await requests if self._kind == "unary_stream" else requests
             async for data in self._inner(request, metadata=md, **kw):
